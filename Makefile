@@ -1,0 +1,72 @@
+# Front door. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+GENERATED := stt/v1/.generated
+SYSDEPS := $(VENV)/.sysdeps
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+help: ## list targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(INSTALLED): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==25.3
+	$(BIN)/pip install --quiet -e '.[all,dev]'
+	touch $@
+
+venv: $(INSTALLED) ## create .venv and install pinned dependencies
+
+$(GENERATED): $(INSTALLED) $(wildcard protos/stt/v1/*.proto) scripts/gen_protos.sh
+	bash scripts/gen_protos.sh $(BIN)/python
+	touch $@
+
+protos: $(GENERATED) ## generate stt.v1 Python stubs (with type stubs) from protos/
+
+$(SYSDEPS): scripts/install-system-deps.sh
+	bash scripts/install-system-deps.sh
+	@mkdir -p $(VENV) && touch $@
+
+sysdeps: $(SYSDEPS) ## install the Debian packages the tests use (espeak-ng, sox)
+
+setup: $(GENERATED) ## venv + protos: everything `stt` needs
+
+run: setup ## run the whole stack embedded (gateway + transcriber + jobstore) on localhost:50051
+	$(BIN)/stt up $(RUN_ARGS)
+
+cluster: setup ## run a local multi-process cluster (see README)
+	$(BIN)/python -m services.cluster $(CLUSTER_ARGS)
+
+test: setup $(SYSDEPS) ## run the whole test suite (unit, service, system)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup $(SYSDEPS) ## tests without the system tests
+	$(BIN)/python -m pytest -m "not system" $(PYTEST_ARGS)
+
+lint: setup ## ruff + mypy on our code
+	$(BIN)/ruff check stt services tests bench
+	$(BIN)/ruff format --check stt services tests bench
+	$(BIN)/mypy
+
+fmt: setup ## format the code with ruff
+	$(BIN)/ruff format stt services tests bench
+	$(BIN)/ruff check --fix stt services tests bench
+
+bench: setup $(SYSDEPS) ## full benchmark run (writes bench/results/)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-quick: setup $(SYSDEPS) ## quick benchmark run (a few minutes)
+	$(BIN)/python -m bench --quick $(BENCH_ARGS)
+
+clean: ## remove generated code and caches (keeps .venv)
+	rm -rf stt/v1 .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +
+
+distclean: clean ## also remove .venv
+	rm -rf $(VENV)
+
+.PHONY: help venv protos sysdeps setup run cluster test test-fast lint fmt bench bench-quick clean distclean

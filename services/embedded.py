@@ -1,0 +1,85 @@
+"""The whole stack in one process on loopback: `stt up` (and `make run`).
+
+Each service runs its real gRPC server (on a loopback port) exactly as it does in its own process
+or pod; only the addresses are wired here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from services.gateway.config import GatewaySettings
+from services.gateway.server import Gateway
+from services.gateway.server import create_server as create_gateway
+from services.shared.server import RunningServer, run_until_signalled
+from services.transcriber.config import TranscriberSettings
+from services.transcriber.server import Transcriber
+from services.transcriber.server import create_server as create_transcriber
+
+log = logging.getLogger("stt.up")
+
+
+@dataclass
+class Stack:
+    gateway: Gateway
+    transcriber: Transcriber
+    data_dir: str | None = None
+    _stopped: bool = field(default=False)
+
+    @property
+    def port(self) -> int:
+        return self.gateway.port
+
+    @property
+    def servers(self) -> list[RunningServer]:
+        """In stop order: the public surface first, the model last."""
+        return [self.gateway.running, self.transcriber.running]
+
+    async def wait_ready(self, timeout: float = 120.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (self.transcriber.engine.ready and self.gateway.pool.serving_count):
+            if loop.time() > deadline:
+                raise TimeoutError("the stack did not become ready")
+            await asyncio.sleep(0.05)
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        for server in self.servers:
+            await server.stop(grace)
+
+
+async def start_stack(
+    *,
+    port: int = 50051,
+    host: str = "127.0.0.1",
+    data_dir: str | None = None,
+    gateway_settings: GatewaySettings | None = None,
+    transcriber_settings: TranscriberSettings | None = None,
+) -> Stack:
+    tset = transcriber_settings or TranscriberSettings()
+    transcriber = await create_transcriber(tset, host="127.0.0.1", port=0)
+    gset = (gateway_settings or GatewaySettings()).model_copy(
+        update={"transcriber_address": f"127.0.0.1:{transcriber.port}"}
+    )
+    gateway = await create_gateway(gset, host=host, port=port)
+    return Stack(gateway, transcriber, data_dir)
+
+
+async def run(port: int, data_dir: str | None, host: str = "127.0.0.1") -> None:
+    stack = await start_stack(port=port, host=host, data_dir=data_dir)
+    try:
+        await stack.wait_ready()
+        log.info(
+            "ready: gateway on %s:%d (try: stt transcribe FILE --server localhost:%d)",
+            host,
+            stack.port,
+            stack.port,
+        )
+    except TimeoutError:
+        log.error("model did not load; see the errors above")
+    await run_until_signalled(stack.servers)

@@ -1,0 +1,336 @@
+"""Audio decoding with hard limits. No grpc here.
+
+Everything becomes 16 kHz mono float32. Limits are enforced before and *while* decoding: a
+format allow-list, a maximum input size, and a maximum decoded duration counted frame by frame, so
+a small file that expands to hours of audio is refused after decoding at most the limit.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import av
+import av.error
+import numpy as np
+
+from services.shared.domain import SAMPLE_RATE
+from services.shared.errors import InvalidInput, LimitExceeded
+
+log = logging.getLogger("gateway.audio")
+
+# ffmpeg demuxer names we accept, with the encodings they stand for.
+CONTAINERS: dict[str, str] = {
+    "wav": "WAV",
+    "flac": "FLAC",
+    "mp3": "MP3",
+    "ogg": "OGG",
+    "matroska,webm": "WEBM",
+    "mov,mp4,m4a,3gp,3g2,mj2": "MP4",
+    "aac": "AAC",
+}
+CODECS = {
+    "pcm_s16le", "pcm_s16be", "pcm_s24le", "pcm_s32le", "pcm_f32le", "pcm_f64le", "pcm_u8",
+    "pcm_mulaw", "pcm_alaw", "flac", "mp3", "mp3float", "opus", "vorbis", "aac", "alac",
+}  # fmt: skip
+# Formats whose header states the true length, so a shortfall means the file was cut off.
+HEADER_DURATION = {"wav", "flac", "mov,mp4,m4a,3gp,3g2,mj2"}
+# Declared encoding -> the demuxers that may carry it.
+ENCODING_CONTAINERS: dict[str, set[str]] = {
+    "WAV": {"wav"},
+    "FLAC": {"flac", "ogg"},
+    "MP3": {"mp3"},
+    "OGG_OPUS": {"ogg"},
+    "OGG_VORBIS": {"ogg"},
+    "WEBM_OPUS": {"matroska,webm"},
+    "MP4_AAC": {"mov,mp4,m4a,3gp,3g2,mj2", "aac"},
+}
+SUPPORTED_TEXT = (
+    "WAV, FLAC, MP3, OGG (Opus/Vorbis/FLAC), WebM/Matroska (Opus/Vorbis), M4A/MP4 (AAC/ALAC), AAC"
+)
+BLOCK_SECONDS = 1.0  # LINEAR16 is resampled in blocks of this size
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_bytes: int
+    max_seconds: float
+
+
+@dataclass(slots=True)
+class AudioInfo:
+    """What the decoder learned about the source."""
+
+    container: str = "raw"
+    codec: str = "pcm_s16le"
+    sample_rate: int = 0
+    channels: int = 0
+    declared_seconds: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class DecodedAudio:
+    samples: np.ndarray  # float32, mono, 16 kHz
+    info: AudioInfo
+
+    @property
+    def duration(self) -> float:
+        return self.samples.shape[0] / SAMPLE_RATE
+
+
+def _fmt_seconds(s: float) -> str:
+    return f"{s:.0f}s" if s >= 10 else f"{s:.1f}s"
+
+
+def _too_long(seconds: float, limits: Limits, *, declared: bool) -> LimitExceeded:
+    what = "is" if declared else "decodes to more than"
+    return LimitExceeded(
+        f"audio {what} {_fmt_seconds(seconds)}; the limit is {_fmt_seconds(limits.max_seconds)}",
+        reason="AUDIO_TOO_LONG",
+        field="content",
+        metadata={"limit_seconds": f"{limits.max_seconds:g}"},
+    )
+
+
+def check_size(size: int, limits: Limits) -> None:
+    if size == 0:
+        raise InvalidInput("audio is empty", reason="EMPTY_AUDIO", field="content")
+    if size > limits.max_bytes:
+        raise LimitExceeded(
+            f"audio is {size} bytes; the limit is {limits.max_bytes} bytes",
+            reason="AUDIO_TOO_LARGE",
+            field="content",
+            metadata={"limit_bytes": str(limits.max_bytes)},
+        )
+
+
+class _Resampler:
+    """Any frames -> 16 kHz mono float32 ndarrays, counting samples against the limit."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.max_samples = int(limits.max_seconds * SAMPLE_RATE)
+        self.samples = 0
+        self._resampler: av.AudioResampler | None = None
+
+    def _new(self) -> av.AudioResampler:
+        return av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+
+    def push(self, frame: av.AudioFrame | None) -> Iterator[np.ndarray]:
+        if self._resampler is None:
+            if frame is None:
+                return
+            self._resampler = self._new()
+        try:
+            out = self._resampler.resample(frame)
+        except ValueError:
+            # The input changed format mid-stream: flush and start a new resampler.
+            out = self._resampler.resample(None)
+            self._resampler = self._new()
+            out += self._resampler.resample(frame)
+        for f in out:
+            arr = f.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+            self.samples += arr.shape[0]
+            if self.samples > self.max_samples:
+                raise _too_long(self.samples / SAMPLE_RATE, self.limits, declared=False)
+            yield arr
+
+
+def iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: str | None = None,
+                   info: AudioInfo | None = None) -> Iterator[np.ndarray]:  # fmt: skip
+    """Decode a container file (bytes or a path), yielding 16 kHz mono float32 blocks."""
+    info = info if info is not None else AudioInfo()
+    fileobj = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        container = av.open(fileobj, mode="r", metadata_errors="ignore")
+    except (av.error.FFmpegError, ValueError, OSError) as exc:
+        raise InvalidInput(
+            f"could not read the audio: not a supported audio file or it is corrupt ({_av_msg(exc)}); "
+            f"supported: {SUPPORTED_TEXT}, or raw LINEAR16 with a sample rate",
+            reason="UNDECODABLE_AUDIO",
+            field="content",
+        ) from None
+    with container:
+        fmt = container.format.name
+        info.container = fmt
+        if fmt not in CONTAINERS:
+            raise InvalidInput(
+                f"unsupported audio format {fmt!r}; supported: {SUPPORTED_TEXT}",
+                reason="UNSUPPORTED_FORMAT",
+                field="content",
+            )
+        if encoding and encoding in ENCODING_CONTAINERS and fmt not in ENCODING_CONTAINERS[encoding]:
+            raise InvalidInput(
+                f"config.encoding is {encoding} but the content is {CONTAINERS[fmt]} ({fmt})",
+                reason="ENCODING_MISMATCH",
+                field="config.encoding",
+            )
+        if not container.streams.audio:
+            raise InvalidInput("the file has no audio stream", reason="NO_AUDIO_STREAM", field="content")
+        stream = container.streams.audio[0]
+        codec = stream.codec_context.name
+        info.codec, info.sample_rate, info.channels = codec, stream.rate or 0, stream.channels or 0
+        if codec not in CODECS:
+            raise InvalidInput(
+                f"unsupported audio codec {codec!r} in {fmt}", reason="UNSUPPORTED_CODEC", field="content"
+            )
+        declared = _declared_seconds(container, stream)
+        info.declared_seconds = declared
+        if declared is not None and declared > limits.max_seconds + 1.0:
+            raise _too_long(declared, limits, declared=True)
+        resampler = _Resampler(limits)
+        errors = packets = 0
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue
+            packets += 1
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as exc:
+                errors += 1
+                log.debug("skipping undecodable packet: %s", _av_msg(exc))
+                continue
+            for frame in frames:
+                yield from resampler.push(frame)
+        yield from resampler.push(None)
+        info.seconds = resampler.samples / SAMPLE_RATE
+        if resampler.samples == 0:
+            raise InvalidInput(
+                "no audio could be decoded: the file is truncated or corrupt",
+                reason="UNDECODABLE_AUDIO",
+                field="content",
+            )
+        if errors and errors > max(2, packets // 20):
+            raise InvalidInput(
+                f"the audio stream is corrupt: {errors} of {packets} packets could not be decoded",
+                reason="CORRUPT_AUDIO",
+                field="content",
+            )
+        if (
+            declared is not None
+            and fmt in HEADER_DURATION
+            and info.seconds < declared - max(0.5, 0.02 * declared)
+        ):
+            raise InvalidInput(
+                f"the file is truncated: its header says {declared:.1f}s of audio but only "
+                f"{info.seconds:.1f}s could be decoded",
+                reason="TRUNCATED_AUDIO",
+                field="content",
+            )
+
+
+def _declared_seconds(container: av.container.InputContainer, stream: av.AudioStream) -> float | None:
+    if stream.duration is not None and stream.time_base is not None and stream.duration > 0:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None and container.duration > 0:
+        return container.duration / 1_000_000
+    return None
+
+
+def _av_msg(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def iter_linear16(data: bytes, sample_rate: int, channels: int, limits: Limits) -> Iterator[np.ndarray]:
+    """Raw little-endian int16 PCM, interleaved channels -> 16 kHz mono float32 blocks."""
+    validate_linear16(sample_rate, channels)
+    frame_bytes = 2 * channels
+    if len(data) % frame_bytes:
+        raise InvalidInput(
+            f"LINEAR16 content is {len(data)} bytes, not a whole number of {channels}-channel 16-bit "
+            f"frames ({frame_bytes} bytes each)",
+            reason="PARTIAL_FRAME",
+            field="content",
+        )
+    total = len(data) // frame_bytes
+    if total / sample_rate > limits.max_seconds:
+        raise _too_long(total / sample_rate, limits, declared=True)
+    yield from Linear16Decoder(sample_rate, channels, limits).push(data)
+
+
+class Linear16Decoder:
+    """Incremental LINEAR16 -> 16 kHz mono float32 (for uploads and live streams)."""
+
+    def __init__(self, sample_rate: int, channels: int, limits: Limits) -> None:
+        validate_linear16(sample_rate, channels)
+        self.sample_rate = sample_rate
+        self.channels = channels
+        self._resampler = _Resampler(limits)
+        self._carry = b""
+        self._layout = "mono" if channels == 1 else ("stereo" if channels == 2 else f"{channels}c")
+        self._block = max(1, int(sample_rate * BLOCK_SECONDS)) * 2 * channels
+        self._pts = 0
+
+    def push(self, data: bytes) -> Iterator[np.ndarray]:
+        data = self._carry + data
+        usable = len(data) - len(data) % (2 * self.channels)
+        self._carry = data[usable:]
+        for off in range(0, usable, self._block):
+            chunk = data[off : min(off + self._block, usable)]
+            yield from self._resampler.push(self._frame(chunk))
+
+    def flush(self) -> Iterator[np.ndarray]:
+        yield from self._resampler.push(None)
+
+    def _frame(self, chunk: bytes) -> av.AudioFrame:
+        n = len(chunk) // (2 * self.channels)
+        pcm = np.frombuffer(chunk, dtype="<i2")
+        if self.channels > 2:
+            # Mix down here: ffmpeg has no default layout name for every channel count.
+            mono = pcm.reshape(n, self.channels).astype(np.int32).mean(axis=1).astype("<i2")
+            frame = av.AudioFrame.from_ndarray(mono.reshape(1, -1), format="s16", layout="mono")
+        else:
+            frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout=self._layout)
+        frame.sample_rate = self.sample_rate
+        frame.pts = self._pts
+        self._pts += n
+        return frame
+
+
+def validate_linear16(sample_rate: int, channels: int) -> None:
+    if sample_rate <= 0:
+        raise InvalidInput(
+            "LINEAR16 audio needs config.sample_rate_hz (e.g. 16000)",
+            reason="MISSING_SAMPLE_RATE",
+            field="config.sample_rate_hz",
+        )
+    if not 4000 <= sample_rate <= 192_000:
+        raise InvalidInput(
+            f"sample_rate_hz {sample_rate} is out of range (4000..192000)",
+            reason="BAD_SAMPLE_RATE",
+            field="config.sample_rate_hz",
+        )
+    if not 1 <= channels <= 8:
+        raise InvalidInput(
+            f"audio_channel_count {channels} is out of range (1..8)",
+            reason="BAD_CHANNEL_COUNT",
+            field="config.audio_channel_count",
+        )
+
+
+def decode(
+    source: bytes | str,
+    *,
+    limits: Limits,
+    encoding: str = "",
+    sample_rate: int = 0,
+    channels: int = 0,
+) -> DecodedAudio:
+    """Decode a whole recording (bytes or a file path) into memory, within the limits."""
+    size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
+    check_size(size, limits)
+    info = AudioInfo()
+    if encoding == "LINEAR16":
+        data = source if isinstance(source, bytes) else open(source, "rb").read()  # noqa: SIM115
+        blocks = list(iter_linear16(data, sample_rate, channels or 1, limits))
+        info.sample_rate, info.channels = sample_rate, channels or 1
+    else:
+        blocks = list(iter_container(source, limits, encoding or None, info))
+    samples = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+    info.seconds = samples.shape[0] / SAMPLE_RATE
+    return DecodedAudio(samples, info)

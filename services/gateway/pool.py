@@ -1,0 +1,284 @@
+"""Client side of the transcriber pool: readiness-aware, least-loaded, per-call balancing.
+
+`STT_TRANSCRIBER_ADDRESS` is a comma-separated list of entries:
+- `host:port` with an IP or a DNS name; names are re-resolved every few seconds and every address
+  becomes an endpoint (a Kubernetes headless Service gives one per pod), so new replicas get work
+  within seconds and removed ones stop getting it;
+- `file:/path` a file listing one `host:port` per line, re-read on the same schedule.
+Each endpoint's grpc.health.v1 status is watched: windows only go to SERVING replicas (never to
+one still loading its model), to the one with the fewest calls in flight. A call that fails with
+UNAVAILABLE moves to another replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import logging
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.shared import convert
+from services.shared.context import REQUEST_ID_HEADER, request_id_var
+from services.shared.domain import DecodeOptions, WindowResult, WorkClass
+from services.shared.errors import InvalidInput, LimitExceeded, ServiceError, Unavailable
+from stt.channel import insecure_channel
+from stt.v1 import transcriber_pb2, transcriber_pb2_grpc
+
+log = logging.getLogger("gateway.pool")
+
+TRANSCRIBER_SERVICE = "stt.v1.Transcriber"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+MAX_WINDOW_BYTES = 30 * 16000 * 2 + 64 * 1024
+
+
+@dataclass
+class Endpoint:
+    address: str
+    channel: grpc.aio.Channel
+    stub: transcriber_pb2_grpc.TranscriberStub
+    serving: bool = False
+    outstanding: int = 0
+    cooldown_until: float = 0.0
+    calls: int = 0
+    watch: asyncio.Task[None] | None = None
+
+    def available(self, now: float) -> bool:
+        return self.serving and now >= self.cooldown_until
+
+
+@dataclass
+class PoolStats:
+    served_by: Counter[str] = field(default_factory=Counter)
+
+
+def to_pcm16(audio: np.ndarray) -> bytes:
+    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+
+
+class TranscriberPool:
+    def __init__(self, spec: str, *, refresh_seconds: float = 5.0, call_timeout: float = 120.0) -> None:
+        self.spec = spec
+        self.refresh_seconds = refresh_seconds
+        self.call_timeout = call_timeout
+        self.endpoints: dict[str, Endpoint] = {}
+        self.stats = PoolStats()
+        self._changed = asyncio.Event()
+        self._rr = itertools.count()
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self._refresh()
+        self._refresher = asyncio.create_task(self._refresh_loop(), name="pool-refresh")
+
+    async def close(self) -> None:
+        if self._refresher:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        for address in list(self.endpoints):
+            await self._remove(address)
+
+    @property
+    def serving_count(self) -> int:
+        return sum(1 for e in self.endpoints.values() if e.serving)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(e.outstanding for e in self.endpoints.values())
+
+    # -- membership ---------------------------------------------------------------------------
+
+    async def _resolve(self) -> set[str]:
+        out: set[str] = set()
+        for entry in (e.strip() for e in self.spec.split(",")):
+            if not entry:
+                continue
+            if entry.startswith("file:"):
+                out |= _read_address_file(entry[5:])
+                continue
+            out |= await _resolve_entry(entry)
+        return out
+
+    async def _refresh(self) -> None:
+        try:
+            wanted = await self._resolve()
+        except Exception as exc:  # keep what we have if DNS hiccups
+            log.warning("could not resolve transcribers %r: %s", self.spec, exc)
+            return
+        for address in wanted - set(self.endpoints):
+            self._add(address)
+        for address in set(self.endpoints) - wanted:
+            await self._remove(address)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_seconds)
+            await self._refresh()
+
+    def _add(self, address: str) -> None:
+        channel = insecure_channel(
+            address,
+            [TRANSCRIBER_SERVICE],
+            load_balancing=None,
+            max_message_bytes=MAX_WINDOW_BYTES,
+            max_attempts=1,
+        )
+        ep = Endpoint(address, channel, transcriber_pb2_grpc.TranscriberStub(channel))
+        ep.watch = asyncio.create_task(self._watch(ep), name=f"watch-{address}")
+        self.endpoints[address] = ep
+        log.info("transcriber endpoint added: %s", address)
+
+    async def _remove(self, address: str) -> None:
+        ep = self.endpoints.pop(address, None)
+        if ep is None:
+            return
+        if ep.watch:
+            ep.watch.cancel()
+            await asyncio.gather(ep.watch, return_exceptions=True)
+        await ep.channel.close(grace=None)
+        log.info("transcriber endpoint removed: %s", address)
+
+    async def _watch(self, ep: Endpoint) -> None:
+        """Follow the endpoint's health; reconnect with backoff when the stream breaks."""
+        stub = health_pb2_grpc.HealthStub(ep.channel)
+        backoff = 0.2
+        while True:
+            try:
+                call = stub.Watch(health_pb2.HealthCheckRequest(service=TRANSCRIBER_SERVICE))
+                async for resp in call:
+                    self._set_serving(ep, resp.status == SERVING)
+                    backoff = 0.2
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError:
+                pass
+            self._set_serving(ep, False)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _set_serving(self, ep: Endpoint, serving: bool) -> None:
+        if ep.serving != serving:
+            log.info("transcriber %s is %s", ep.address, "SERVING" if serving else "NOT_SERVING")
+        ep.serving = serving
+        if serving:
+            ep.cooldown_until = 0.0
+        self._changed.set()
+
+    # -- calls --------------------------------------------------------------------------------
+
+    def _pick(self, exclude: set[str]) -> Endpoint | None:
+        now = time.monotonic()
+        candidates = [e for e in self.endpoints.values() if e.available(now) and e.address not in exclude]
+        if not candidates:
+            candidates = [e for e in self.endpoints.values() if e.available(now)]
+        if not candidates:
+            return None
+        low = min(e.outstanding for e in candidates)
+        best = [e for e in candidates if e.outstanding == low]
+        return best[next(self._rr) % len(best)]
+
+    async def _wait_for_endpoint(self, exclude: set[str], deadline: float) -> Endpoint:
+        while True:
+            ep = self._pick(exclude)
+            if ep is not None:
+                return ep
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(
+                    f"no transcriber is ready ({len(self.endpoints)} known, {self.serving_count} serving); "
+                    "retry shortly",
+                    reason="NO_TRANSCRIBER",
+                    retry_after_seconds=1.0,
+                )
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 0.25))
+
+    async def transcribe(
+        self,
+        audio: np.ndarray,
+        options: DecodeOptions,
+        work_class: WorkClass,
+        *,
+        timeout: float | None = None,
+        ready_wait: float = 5.0,
+    ) -> WindowResult:
+        request = transcriber_pb2.TranscribeRequest(
+            pcm=to_pcm16(audio),
+            options=convert.options_to_proto(options),
+            work_class=convert.work_class_to_proto(work_class),
+        )
+        metadata = ((REQUEST_ID_HEADER, request_id_var.get() or "-"),)
+        tried: set[str] = set()
+        attempts = max(3, len(self.endpoints) + 1)
+        last: grpc.aio.AioRpcError | None = None
+        for _ in range(attempts):
+            ep = await self._wait_for_endpoint(tried, time.monotonic() + ready_wait)
+            tried.add(ep.address)
+            ep.outstanding += 1
+            try:
+                resp = await ep.stub.Transcribe(
+                    request, timeout=timeout or self.call_timeout, metadata=metadata
+                )
+            except grpc.aio.AioRpcError as exc:
+                last = exc
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    ep.cooldown_until = time.monotonic() + 1.0
+                    continue
+                raise _map_error(exc) from None
+            finally:
+                ep.outstanding -= 1
+            ep.calls += 1
+            result = convert.window_result_from_proto(resp)
+            self.stats.served_by[result.served_by] += 1
+            return result
+        raise Unavailable(
+            f"transcribers unavailable after {attempts} attempts: {last.details() if last else 'none ready'}",
+            reason="TRANSCRIBER_UNAVAILABLE",
+            retry_after_seconds=1.0,
+        )
+
+
+def _map_error(exc: grpc.aio.AioRpcError) -> ServiceError:
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field = "config.language_code" if "language" in details else None
+        return InvalidInput(details, reason="TRANSCRIBER_REJECTED", field=field)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return LimitExceeded(details, reason="TRANSCRIBER_EXHAUSTED")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Unavailable(f"transcriber timed out: {details}", reason="TRANSCRIBER_TIMEOUT")
+    return Unavailable(f"transcriber failed: {code.name}: {details}", reason="TRANSCRIBER_ERROR")
+
+
+def _read_address_file(path: str) -> set[str]:
+    try:
+        with open(path) as fh:
+            return {ln.strip() for ln in fh if ln.strip() and not ln.lstrip().startswith("#")}
+    except FileNotFoundError:
+        return set()
+
+
+async def _resolve_entry(entry: str) -> set[str]:
+    host, _, port = entry.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise ValueError(f"transcriber address {entry!r} is not host:port")
+    try:
+        ipaddress.ip_address(host)
+        return {entry}
+    except ValueError:
+        pass
+    infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    ips = {str(info[4][0]) for info in infos}
+    if all(ipaddress.ip_address(ip).is_loopback for ip in ips):
+        return {entry}  # localhost: one server, whatever families it resolves to
+    return {f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips}

@@ -1,0 +1,79 @@
+"""Builds the gateway: transcriber pool + public Speech (and Jobs) servicers on one gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from services.gateway.config import GatewaySettings
+from services.gateway.jobs_servicer import JobsServicer
+from services.gateway.pool import TranscriberPool
+from services.gateway.speech_servicer import SpeechServicer
+from services.shared.server import NOT_SERVING, SERVING, RunningServer, Service, start_server
+from stt.v1 import jobs_pb2, jobs_pb2_grpc, speech_pb2, speech_pb2_grpc
+
+log = logging.getLogger("gateway")
+
+SPEECH = speech_pb2.DESCRIPTOR.services_by_name["Speech"].full_name
+JOBS = jobs_pb2.DESCRIPTOR.services_by_name["Jobs"].full_name
+# Health entries that report the gateway's view of its dependencies (for `stt health`).
+DEP_TRANSCRIBERS = "dependency/transcribers"
+
+
+@dataclass
+class Gateway:
+    running: RunningServer
+    pool: TranscriberPool
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.running.stop(grace)
+
+
+async def create_server(
+    settings: GatewaySettings, *, port: int | None = None, host: str | None = None
+) -> Gateway:
+    pool = TranscriberPool(
+        settings.transcriber_address,
+        refresh_seconds=settings.transcriber_refresh_seconds,
+        call_timeout=settings.transcriber_timeout_seconds,
+    )
+    await pool.start()
+    decode_slots = asyncio.Semaphore(settings.max_concurrent_decodes)
+    speech = SpeechServicer(settings, pool, decode_slots)
+    jobs = JobsServicer()
+    running = await start_server(
+        [
+            Service(SPEECH, lambda s: speech_pb2_grpc.add_SpeechServicer_to_server(speech, s)),
+            Service(JOBS, lambda s: jobs_pb2_grpc.add_JobsServicer_to_server(jobs, s)),
+        ],
+        settings=settings,
+        host=host if host is not None else settings.host,
+        port=settings.gateway_port if port is None else port,
+        max_message_bytes=settings.max_recognize_bytes + 64 * 1024,
+    )
+    monitor = asyncio.create_task(_monitor_dependencies(running, pool), name="dependency-monitor")
+
+    async def stop_monitor() -> None:
+        monitor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await monitor
+
+    running.on_stop(pool.close)
+    running.on_stop(stop_monitor)
+    return Gateway(running, pool)
+
+
+async def _monitor_dependencies(running: RunningServer, pool: TranscriberPool) -> None:
+    last = None
+    while True:
+        status = SERVING if pool.serving_count else NOT_SERVING
+        if status != last:
+            await running.health.set(DEP_TRANSCRIBERS, status)
+            last = status
+        await asyncio.sleep(0.5)

@@ -1,0 +1,1 @@
+"""What every service needs: settings base, logging, server builder, interceptors, errors."""

@@ -1,0 +1,58 @@
+"""Settings base: environment variables with the STT_ prefix and an optional .env file."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Literal
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SECRET_HINTS = ("password", "secret", "token", "key")
+
+
+class CommonSettings(BaseSettings):
+    """Settings every service shares. Each service subclasses this with its own fields."""
+
+    model_config = SettingsConfigDict(env_prefix="STT_", env_file=".env", extra="ignore")
+
+    host: str = "0.0.0.0"
+    log_level: str = "INFO"
+    log_format: Literal["console", "json"] = "console"
+    # Seconds a SIGTERM'd server waits for in-flight calls before cancelling them.
+    shutdown_grace_seconds: float = 10.0
+    # Port for Prometheus metrics over HTTP; 0 disables the endpoint.
+    metrics_port: int = 0
+    # Server-side keepalive and connection ageing (so new pods behind a Service get traffic).
+    keepalive_time_seconds: float = 30.0
+    keepalive_timeout_seconds: float = 10.0
+    max_connection_age_seconds: float = 300.0
+    max_connection_age_grace_seconds: float = 30.0
+
+    def effective(self) -> dict[str, Any]:
+        """The settings as printed at start, secrets masked."""
+        out: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(getattr(self, name), SecretStr) or (
+                any(h in name for h in SECRET_HINTS) and value not in (None, "")
+            ):
+                out[name] = "***"
+            elif isinstance(value, str) and "://" in value and "@" in value:
+                out[name] = _mask_url(value)
+            else:
+                out[name] = value
+        return out
+
+    def log_effective(self, service: str) -> None:
+        logging.getLogger(service).info(
+            "effective config", extra={"config": json.loads(json.dumps(self.effective(), default=str))}
+        )
+
+
+def _mask_url(url: str) -> str:
+    """postgresql://user:pass@host/db -> postgresql://user:***@host/db"""
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

@@ -1,0 +1,107 @@
+"""Domain types shared by the services. Plain dataclasses: no grpc, no protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+SAMPLE_RATE = 16_000
+MAX_WINDOW_SECONDS = 30.0
+
+
+class WorkClass(IntEnum):
+    """Who a transcription window is for. Higher values are served first."""
+
+    BATCH = 0
+    INTERACTIVE = 1
+    LIVE = 2
+
+
+@dataclass(slots=True)
+class Word:
+    word: str
+    start: float
+    end: float
+    probability: float = 0.0
+
+    def shifted(self, offset: float) -> Word:
+        return Word(self.word, round(self.start + offset, 3), round(self.end + offset, 3), self.probability)
+
+
+@dataclass(slots=True)
+class Segment:
+    start: float
+    end: float
+    text: str
+    words: list[Word] = field(default_factory=list)
+    avg_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+    compression_ratio: float = 0.0
+
+    def shifted(self, offset: float) -> Segment:
+        return Segment(
+            round(self.start + offset, 3),
+            round(self.end + offset, 3),
+            self.text,
+            [w.shifted(offset) for w in self.words],
+            self.avg_logprob,
+            self.no_speech_prob,
+            self.compression_ratio,
+        )
+
+    @property
+    def confidence(self) -> float:
+        if not self.words:
+            return 0.0
+        return sum(w.probability for w in self.words) / len(self.words)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "start": self.start,
+            "end": self.end,
+            "text": self.text,
+            "words": [
+                {"word": w.word, "start": w.start, "end": w.end, "probability": round(w.probability, 4)}
+                for w in self.words
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Segment:
+        return cls(
+            start=float(d["start"]),
+            end=float(d["end"]),
+            text=str(d["text"]),
+            words=[
+                Word(w["word"], float(w["start"]), float(w["end"]), float(w.get("probability", 0.0)))
+                for w in d.get("words", [])
+            ],
+        )
+
+
+@dataclass(slots=True)
+class DecodeOptions:
+    language: str | None = None
+    beam_size: int = 0  # 0: the transcriber's default
+    initial_prompt: str | None = None
+    word_timestamps: bool = True
+    temperature: float = 0.0
+    temperature_fallback: bool = True
+    prefix: str | None = None
+
+
+@dataclass(slots=True)
+class WindowResult:
+    """What the transcriber returns for one window; times relative to the window start."""
+
+    segments: list[Segment]
+    language: str
+    language_probability: float = 1.0
+    duration: float = 0.0
+    served_by: str = ""
+    batch_size: int = 1
+
+
+def join_text(segments: list[Segment]) -> str:
+    return " ".join(s.text.strip() for s in segments if s.text.strip())

@@ -1,0 +1,144 @@
+"""Server interceptors: request ids, access logs, metrics, and domain errors -> rich status.
+
+Servicers raise `services.shared.errors.ServiceError`; this layer turns it into the canonical
+status with details, so no servicer repeats that code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from services.shared import errors, metrics
+from services.shared.context import REQUEST_ID_HEADER, new_request_id, request_id_var
+from services.shared.status import abort, code_for
+
+log = logging.getLogger("access")
+
+_QUIET = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= 128:
+            return value
+    return new_request_id()
+
+
+class _Call:
+    """Bookkeeping for one RPC: request id, timing, final code, access log and metrics."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.method = method
+        self.context = context
+        self.rid = _request_id(context)
+        self.token = request_id_var.set(self.rid)
+        self.start = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+        self.error = ""
+        metrics.RPC_IN_FLIGHT.labels(method).inc()
+
+    async def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, errors.ServiceError):
+            self.code, self.error = code_for(exc), exc.message
+            await abort(self.context, exc)
+        if isinstance(exc, asyncio.CancelledError):
+            self.code = grpc.StatusCode.CANCELLED
+            raise exc
+        code = self.context.code()
+        if code is not None and code != grpc.StatusCode.OK:
+            # context.abort() raised: keep the code it set.
+            self.code = code
+            self.error = self.context.details() or ""
+            raise exc
+        self.code = grpc.StatusCode.INTERNAL
+        self.error = f"{type(exc).__name__}: {exc}"
+        log.exception("unhandled error in %s", self.method)
+        await self.context.abort(grpc.StatusCode.INTERNAL, "internal error; see server logs")
+
+    def done(self) -> None:
+        code = self.context.code()
+        if self.code == grpc.StatusCode.OK and code is not None:
+            self.code = code
+        elapsed = time.perf_counter() - self.start
+        name = self.code.name if isinstance(self.code, grpc.StatusCode) else str(self.code)
+        metrics.RPC_IN_FLIGHT.labels(self.method).dec()
+        metrics.RPC_TOTAL.labels(self.method, name).inc()
+        metrics.RPC_SECONDS.labels(self.method).observe(elapsed)
+        quiet = self.method.startswith(_QUIET) and name == "OK"
+        level = logging.DEBUG if quiet else (logging.INFO if name == "OK" else logging.WARNING)
+        log.log(
+            level,
+            "%s %s %.1fms",
+            self.method,
+            name,
+            elapsed * 1000,
+            extra={"peer": self.context.peer(), "error": self.error},
+        )
+        request_id_var.reset(self.token)
+
+
+def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = _Call(method, context)
+        try:
+            return await behavior(request, context)
+        except BaseException as exc:
+            await call.fail(exc)
+        finally:
+            call.done()
+
+    return wrapper
+
+
+def _wrap_stream(
+    method: str, behavior: Callable[..., AsyncIterator[Any]]
+) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = _Call(method, context)
+        try:
+            result = behavior(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            else:  # a handler that writes with context.write() (e.g. the health Watch)
+                await result
+        except BaseException as exc:
+            await call.fail(exc)
+        finally:
+            call.done()
+
+    return wrapper
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, handler.unary_unary), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_wrap_unary(method, handler.stream_unary), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(method, handler.unary_stream), **kwargs)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(method, handler.stream_stream), **kwargs
+            )
+        return handler

@@ -1,0 +1,86 @@
+"""Map domain errors onto canonical gRPC status codes with google.rpc rich details."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from services.shared import errors
+
+DOMAIN = "stt.v1"
+
+_CODES: list[tuple[type[errors.ServiceError], grpc.StatusCode]] = [
+    (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.WrongState, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Aborted, grpc.StatusCode.ABORTED),
+]
+
+
+def code_for(err: errors.ServiceError) -> grpc.StatusCode:
+    for cls, code in _CODES:
+        if isinstance(err, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _pack(msg: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(msg)  # type: ignore[arg-type]
+    return packed
+
+
+class _Status(grpc.Status):
+    def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
+def to_status(err: errors.ServiceError) -> grpc.Status:
+    """A grpc.Status carrying ErrorInfo, BadRequest (when a field is named) and RetryInfo."""
+    code = code_for(err)
+    proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=err.message)
+    proto.details.append(
+        _pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
+    )
+    if err.field:
+        bad = error_details_pb2.BadRequest()
+        bad.field_violations.add(field=err.field, description=err.message)
+        proto.details.append(_pack(bad))
+    extra: tuple = ()
+    if isinstance(err, errors.Unavailable):
+        delay = max(err.retry_after_seconds, 0.0)
+        retry = error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=int(delay), nanos=int((delay % 1) * 1e9))
+        )
+        proto.details.append(_pack(retry))
+        # Honoured by the gRPC retry policy of clients that enable it.
+        extra = (("grpc-retry-pushback-ms", str(int(delay * 1000))),)
+    status = rpc_status.to_status(proto)
+    return _Status(status.code, status.details, tuple(status.trailing_metadata) + extra)
+
+
+async def abort(context: grpc.aio.ServicerContext, err: errors.ServiceError) -> NoReturn:
+    await context.abort_with_status(to_status(err))
+    raise AssertionError("unreachable")  # abort_with_status always raises
+
+
+def error_info(exc: grpc.RpcError) -> tuple[str, dict[str, str]]:
+    """Client side: the ErrorInfo reason and metadata of a failed call, if any."""
+    status = rpc_status.from_call(exc)
+    if status is None:
+        return "", {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info.reason, dict(info.metadata)
+    return "", {}

@@ -1,0 +1,160 @@
+"""Gathers concurrent windows into batched model calls; live windows go first.
+
+Callers `await submit(...)`. Worker tasks wait for work, give stragglers `window_ms` to arrive, take
+up to `max_batch` windows in priority order (LIVE > INTERACTIVE > BATCH, then arrival) and run one
+model call in a thread. A caller that goes away before its window is picked costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.shared.domain import SAMPLE_RATE, WindowResult, WorkClass
+from services.shared.errors import Unavailable
+from services.transcriber.engine import WindowRequest
+
+log = logging.getLogger("transcriber.batcher")
+
+BATCH_SIZE = Histogram(
+    "stt_transcriber_batch_size", "Windows per model call", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+)
+QUEUE_DEPTH = Gauge("stt_transcriber_queue_depth", "Windows waiting for the model", ["work_class"])
+RTF = Histogram(
+    "stt_transcriber_real_time_factor",
+    "Model seconds per audio second, per model call",
+    buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5),
+)
+AUDIO_SECONDS = Counter("stt_transcriber_audio_seconds_total", "Audio seconds transcribed", ["work_class"])
+WAIT_SECONDS = Histogram(
+    "stt_transcriber_queue_wait_seconds",
+    "Time a window waited before its model call",
+    ["work_class"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+@dataclass(order=True)
+class _Item:
+    sort_key: tuple[int, int]
+    req: WindowRequest = field(compare=False)
+    work_class: WorkClass = field(compare=False)
+    future: asyncio.Future[WindowResult] = field(compare=False)
+    enqueued: float = field(compare=False, default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(
+        self,
+        run_batch: Callable[[list[WindowRequest]], list[WindowResult | BaseException]],
+        *,
+        window_ms: float,
+        max_batch: int,
+        max_queue: int,
+        workers: int = 1,
+    ) -> None:
+        self._run_batch = run_batch
+        self._window = max(window_ms, 0.0) / 1000.0
+        self._max_batch = max(1, max_batch)
+        self._max_queue = max_queue
+        self._heap: list[_Item] = []
+        self._seq = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._workers = max(1, workers)
+        self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="model")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self.busy = 0  # model calls running now
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._worker(i), name=f"batcher-{i}") for i in range(self._workers)
+        ]
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for item in self._heap:
+            if not item.future.done():
+                item.future.set_exception(Unavailable("transcriber is shutting down", reason="SHUTTING_DOWN"))
+        self._heap.clear()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    @property
+    def pending(self) -> int:
+        return len(self._heap)
+
+    async def submit(self, req: WindowRequest, work_class: WorkClass) -> WindowResult:
+        if self._closed:
+            raise Unavailable("transcriber is shutting down", reason="SHUTTING_DOWN")
+        if len(self._heap) >= self._max_queue:
+            raise Unavailable(
+                f"transcriber queue is full ({self._max_queue} windows waiting)",
+                reason="QUEUE_FULL",
+                retry_after_seconds=0.5,
+            )
+        fut: asyncio.Future[WindowResult] = asyncio.get_running_loop().create_future()
+        item = _Item((-int(work_class), next(self._seq)), req, work_class, fut)
+        heapq.heappush(self._heap, item)
+        QUEUE_DEPTH.labels(work_class.name).inc()
+        self._wakeup.set()
+        try:
+            return await fut
+        finally:
+            if not fut.done():
+                fut.cancel()  # the caller went away: the worker skips this window
+
+    def _take(self) -> list[_Item]:
+        batch: list[_Item] = []
+        while self._heap and len(batch) < self._max_batch:
+            item = heapq.heappop(self._heap)
+            QUEUE_DEPTH.labels(item.work_class.name).dec()
+            if not item.future.done():
+                batch.append(item)
+        return batch
+
+    async def _worker(self, index: int) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._heap:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if len(self._heap) < self._max_batch and self._window > 0:
+                # Give concurrent callers a moment to join this model call.
+                await asyncio.sleep(self._window)
+            batch = self._take()
+            if not batch:
+                continue
+            now = time.perf_counter()
+            for item in batch:
+                WAIT_SECONDS.labels(item.work_class.name).observe(now - item.enqueued)
+            BATCH_SIZE.observe(len(batch))
+            self.busy += 1
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch, [i.req for i in batch])
+            except Exception as exc:  # the whole call failed
+                results = [exc] * len(batch)
+            finally:
+                self.busy -= 1
+            elapsed = time.perf_counter() - now
+            audio = sum(i.req.audio.shape[0] for i in batch) / SAMPLE_RATE
+            if audio > 0:
+                RTF.observe(elapsed / audio)
+            for item, res in zip(batch, results, strict=True):
+                AUDIO_SECONDS.labels(item.work_class.name).inc(item.req.audio.shape[0] / SAMPLE_RATE)
+                if item.future.done():
+                    continue
+                if isinstance(res, BaseException):
+                    item.future.set_exception(res)
+                else:
+                    item.future.set_result(res)
