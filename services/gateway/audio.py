@@ -180,6 +180,8 @@ def iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: str
                 f"unsupported audio codec {codec!r} in {fmt}", reason="UNSUPPORTED_CODEC", field="content"
             )
         declared = _declared_seconds(container, stream)
+        if fmt == "wav":
+            declared = _wav_data_seconds(fileobj, stream) or declared
         info.declared_seconds = declared
         if declared is not None and declared > limits.max_seconds + 1.0:
             raise _too_long(declared, limits, declared=True)
@@ -232,6 +234,33 @@ def _declared_seconds(container: av.container.InputContainer, stream: av.AudioSt
     return None
 
 
+def _wav_data_seconds(fileobj: str | BinaryIO, stream: av.AudioStream) -> float | None:
+    """Seconds the RIFF `data` chunk header claims (ffmpeg clamps it to the file, hiding truncation)."""
+    if isinstance(fileobj, str):
+        with open(fileobj, "rb") as fh:
+            head = fh.read(65536)
+    else:
+        pos = fileobj.tell()
+        fileobj.seek(0)
+        head = fileobj.read(65536)
+        fileobj.seek(pos)
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    off = 12
+    block_align = rate = 0
+    while off + 8 <= len(head):
+        chunk, size = head[off : off + 4], int.from_bytes(head[off + 4 : off + 8], "little")
+        if chunk == b"fmt " and size >= 16:
+            block_align = int.from_bytes(head[off + 20 : off + 22], "little")
+            rate = int.from_bytes(head[off + 12 : off + 16], "little")
+        if chunk == b"data":
+            if size in (0, 0xFFFFFFFF) or not block_align or not rate:
+                return None  # streamed WAV: length unknown
+            return size / block_align / rate
+        off += 8 + size + (size & 1)
+    return None
+
+
 def _av_msg(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
@@ -250,7 +279,9 @@ def iter_linear16(data: bytes, sample_rate: int, channels: int, limits: Limits) 
     total = len(data) // frame_bytes
     if total / sample_rate > limits.max_seconds:
         raise _too_long(total / sample_rate, limits, declared=True)
-    yield from Linear16Decoder(sample_rate, channels, limits).push(data)
+    decoder = Linear16Decoder(sample_rate, channels, limits)
+    yield from decoder.push(data)
+    yield from decoder.flush()
 
 
 class Linear16Decoder:

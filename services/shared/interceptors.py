@@ -71,8 +71,8 @@ class _Call:
         metrics.RPC_IN_FLIGHT.labels(self.method).dec()
         metrics.RPC_TOTAL.labels(self.method, name).inc()
         metrics.RPC_SECONDS.labels(self.method).observe(elapsed)
-        quiet = self.method.startswith(_QUIET) and name == "OK"
-        level = logging.DEBUG if quiet else (logging.INFO if name == "OK" else logging.WARNING)
+        quiet = self.method.startswith(_QUIET) and name in ("OK", "CANCELLED")
+        level = logging.DEBUG if quiet else (logging.INFO if name in ("OK", "CANCELLED") else logging.WARNING)
         log.log(
             level,
             "%s %s %.1fms",

@@ -1,0 +1,135 @@
+"""Decoding with limits (unit level: no grpc)."""
+
+import io
+import resource
+
+import av
+import numpy as np
+import pytest
+
+from services.gateway.audio import Limits, Linear16Decoder, decode
+from services.shared.errors import InvalidInput, LimitExceeded
+from tests.support import audio
+
+LIMITS = Limits(max_bytes=50 * 1024 * 1024, max_seconds=120.0)
+
+
+@pytest.fixture(scope="module")
+def speech() -> np.ndarray:
+    return audio.speak("Testing one two three, the decoder should handle every format.")
+
+
+def _envelope(x: np.ndarray) -> np.ndarray:
+    n = x.shape[0] // 400
+    return np.sqrt(np.square(x[: n * 400].reshape(n, 400)).mean(axis=1))  # 25 ms frames
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "ogg", "webm", "m4a"])
+def test_containers_decode_to_16k_mono(speech, fmt):
+    out = decode(audio.encode(speech, fmt), limits=LIMITS)
+    assert out.samples.dtype == np.float32
+    # Lossy codecs add up to a few frames of encoder delay.
+    assert abs(out.duration - speech.shape[0] / 16000) < (0.01 if fmt in ("wav", "flac") else 0.2)
+    # The loudness envelope survives (best over small codec delays).
+    a, b = _envelope(speech), _envelope(out.samples)
+    n = min(a.shape[0], b.shape[0]) - 8
+    best = max(np.corrcoef(a[:n], b[k : k + n])[0, 1] for k in range(8))
+    assert best > 0.9
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(16000, 1), (8000, 1), (44100, 2), (48000, 6)])
+def test_linear16_any_rate_and_channels(speech, rate, channels):
+    raw = audio.encode(speech, "raw", rate=rate, channels=channels)
+    out = decode(raw, limits=LIMITS, encoding="LINEAR16", sample_rate=rate, channels=channels)
+    assert abs(out.duration - speech.shape[0] / 16000) < 0.01
+
+
+def test_linear16_incremental_equals_whole(speech):
+    raw = audio.encode(speech, "raw", rate=22050)
+    dec = Linear16Decoder(22050, 1, LIMITS)
+    parts = []
+    for i in range(0, len(raw), 777):  # odd sizes: half samples carry over
+        parts += list(dec.push(raw[i : i + 777]))
+    parts += list(dec.flush())
+    whole = decode(raw, limits=LIMITS, encoding="LINEAR16", sample_rate=22050, channels=1).samples
+    got = np.concatenate(parts)
+    assert abs(got.shape[0] - whole.shape[0]) <= 2
+    assert np.allclose(got[:1000], whole[:1000], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("data", "kw", "exc", "match"),
+    [
+        (b"", {}, InvalidInput, "empty"),
+        (bytes(np.random.default_rng(1).integers(0, 256, 40000, dtype=np.uint8)), {}, InvalidInput, "could not read"),
+        (b"hello, this is plain text and not audio at all" * 10, {}, InvalidInput, "could not read"),
+        (b"\x00\x01" * 100, {"encoding": "LINEAR16"}, InvalidInput, "sample_rate_hz"),
+        (b"\x00\x01" * 100, {"encoding": "LINEAR16", "sample_rate": 16000, "channels": 12}, InvalidInput, "1..8"),
+        (b"\x00\x01\x02", {"encoding": "LINEAR16", "sample_rate": 16000}, InvalidInput, "whole number"),
+    ],
+)
+def test_bad_input(data, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        decode(data, limits=LIMITS, **kw)
+
+
+def test_unsupported_container(speech):
+    with pytest.raises(InvalidInput, match="unsupported audio format 'aiff'"):
+        decode(audio.encode(speech, "aiff"), limits=LIMITS)
+
+
+def test_declared_encoding_must_match(speech):
+    with pytest.raises(InvalidInput, match="config.encoding is FLAC but the content is MP3"):
+        decode(audio.encode(speech, "mp3"), limits=LIMITS, encoding="FLAC")
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "m4a"])
+def test_truncated_files_are_refused(speech, fmt):
+    data = audio.encode(np.concatenate([speech, speech]), fmt)
+    with pytest.raises(InvalidInput, match="truncated|could not"):
+        decode(data[: len(data) // 2], limits=LIMITS)
+
+
+def test_truncated_header_is_refused(speech):
+    with pytest.raises(InvalidInput):
+        decode(audio.encode(speech, "flac")[:30], limits=LIMITS)
+
+
+def test_size_limit(speech):
+    with pytest.raises(LimitExceeded, match="limit is 1000 bytes"):
+        decode(audio.encode(speech, "wav"), limits=Limits(1000, 60))
+
+
+def test_declared_duration_over_limit_is_refused_before_decoding():
+    data = audio.encode(audio.silence(200), "flac")
+    with pytest.raises(LimitExceeded, match="audio is 200s; the limit is 120s"):
+        decode(data, limits=LIMITS)
+
+
+def _flac_without_length(seconds: float) -> bytes:
+    """A FLAC of silence whose header does not say how long it is."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="flac") as out:
+        st = out.add_stream("flac", rate=16000, layout="mono")
+        zeros = np.zeros((1, 16000), dtype="<i2")
+        for i in range(int(seconds)):
+            f = av.AudioFrame.from_ndarray(zeros, format="s16", layout="mono")
+            f.sample_rate, f.pts = 16000, i * 16000
+            for p in st.encode(f):
+                out.mux(p)
+        for p in st.encode(None):
+            out.mux(p)
+    b = bytearray(buf.getvalue())
+    b[8 + 13] &= 0xF0  # STREAMINFO total samples := 0 (unknown)
+    b[8 + 14 : 8 + 18] = b"\0\0\0\0"
+    return bytes(b)
+
+
+def test_decompression_bomb_stops_at_the_limit_with_bounded_memory():
+    bomb = _flac_without_length(2 * 3600)  # two hours of audio in a few hundred KB
+    assert len(bomb) < 2_000_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(LimitExceeded, match="decodes to more than 120s"):
+        decode(bomb, limits=LIMITS)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 100  # two hours of float32 would be 460 MB

@@ -1,0 +1,78 @@
+"""Unit tests for window planning and merging (no model, no grpc)."""
+
+import numpy as np
+
+from services.gateway.chunking import VadSettings, Window, merge, plan_windows, speech_regions
+from services.shared.domain import SAMPLE_RATE, Segment, Word
+from tests.support import audio
+
+SR = SAMPLE_RATE
+
+
+def _regions(spans):
+    return [(int(a * SR), int(b * SR)) for a, b in spans]
+
+
+def test_short_audio_is_one_window():
+    a = np.zeros(10 * SR, dtype=np.float32)
+    w = plan_windows(a, _regions([(1, 3), (5, 8)]))
+    assert len(w) == 1
+    assert w[0].start <= 1 * SR and w[0].end >= 8 * SR
+
+
+def test_windows_at_most_30s_and_cut_in_pauses():
+    a = np.zeros(100 * SR, dtype=np.float32)
+    spans = [(i * 5 + 0.5, i * 5 + 4.0) for i in range(20)]  # 3.5 s of speech every 5 s
+    ws = plan_windows(a, _regions(spans))
+    assert len(ws) >= 4
+    for w in ws:
+        assert w.seconds <= 30.0 + 1e-6
+    for prev, nxt in zip(ws, ws[1:]):
+        assert prev.end <= nxt.start  # disjoint
+    # No speech region is split between two windows.
+    for a_, b_ in spans:
+        inside = [w for w in ws if w.start <= a_ * SR and b_ * SR <= w.end]
+        assert len(inside) == 1, (a_, b_)
+
+
+def test_long_speech_is_split_at_its_quietest_point():
+    rng = np.random.default_rng(0)
+    a = (rng.standard_normal(70 * SR) * 0.3).astype(np.float32)
+    a[40 * SR : 40 * SR + SR // 5] = 0.0  # a short quiet moment at 40 s
+    ws = plan_windows(a, _regions([(0, 70)]))
+    assert all(w.seconds <= 30.0 + 1e-6 for w in ws)
+    assert ws[0].start == 0 and ws[-1].end == 70 * SR
+    cuts = [w.end / SR for w in ws[:-1]]
+    assert any(abs(c - 40.1) < 0.2 for c in cuts), cuts
+
+
+def test_silence_gives_no_windows():
+    a = audio.silence(20)
+    assert plan_windows(a, speech_regions(a, VadSettings())) == []
+
+
+def test_vad_finds_spoken_sentences():
+    clip = audio.conversation(audio.SENTENCES[:3], pause=1.5, lead=2.0)
+    regions = speech_regions(clip.samples, VadSettings())
+    assert regions, "no speech found"
+    for start, end, _ in clip.spans:
+        covered = [r for r in regions if r[0] / SR <= start + 0.3 and r[1] / SR >= end - 0.3]
+        assert covered, (start, end, [(a / SR, b / SR) for a, b in regions])
+
+
+def test_merge_shifts_and_keeps_times_monotonic():
+    windows = [Window(0, 10 * SR), Window(10 * SR, 25 * SR)]
+    first = [Segment(0.5, 3.0, "a b", [Word("a", 0.5, 1.0), Word("b", 1.0, 3.0)])]
+    # The model may put a word slightly past the window end, or out of order.
+    second = [
+        Segment(0.2, 16.0, "c d", [Word("c", 0.2, 0.9), Word("d", 0.1, 16.0)]),
+    ]
+    merged = merge(windows, [first, second])
+    assert [s.text for s in merged] == ["a b", "c d"]
+    words = [w for s in merged for w in s.words]
+    assert [w.word for w in words] == ["a", "b", "c", "d"]
+    assert words[2].start == 10.2
+    starts = [w.start for w in words]
+    assert starts == sorted(starts)
+    assert all(w.end <= 25.0 and w.start <= w.end for w in words)
+    assert merged[1].end <= 25.0

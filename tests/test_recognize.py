@@ -1,0 +1,138 @@
+"""Speech.Recognize through real gRPC servers on port 0 (in-process transcriber + gateway)."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from stt.client import AsyncClient
+from stt.errors import SttError
+from services.shared import metrics
+from tests.support import audio
+from tests.support.text import normalize, wer
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "mp3", "ogg", "webm", "m4a"])
+async def test_spoken_clip_in_every_container(client: AsyncClient, short_clip, fmt):
+    resp = await client.recognize(audio.encode(short_clip.samples, fmt), word_timestamps=True)
+    assert wer(short_clip.text, resp.transcript) <= 0.15, resp.transcript
+    assert resp.language_code == "en"
+    assert resp.metadata.window_count == 1
+    assert abs(resp.metadata.audio_duration_seconds - short_clip.seconds) < 0.2
+    words = [w for r in resp.results for w in r.words]
+    assert words and all(0 <= w.start_seconds <= w.end_seconds <= short_clip.seconds + 0.05 for w in words)
+    assert all(r.is_final for r in resp.results)
+
+
+# 8 kHz is telephone bandwidth: the tiny model loses some words there.
+@pytest.mark.parametrize(("rate", "channels", "max_wer"), [(16000, 1, 0.15), (44100, 2, 0.15), (8000, 1, 0.4)])
+async def test_raw_linear16(client: AsyncClient, short_clip, rate, channels, max_wer):
+    raw = audio.encode(short_clip.samples, "raw", rate=rate, channels=channels)
+    resp = await client.recognize(raw, encoding="LINEAR16", sample_rate=rate, channels=channels)
+    assert wer(short_clip.text, resp.transcript) <= max_wer, resp.transcript
+
+
+async def test_long_clip_is_chunked_and_merged_with_correct_times(client: AsyncClient, long_clip):
+    assert long_clip.seconds > 60
+    resp = await client.recognize(audio.encode(long_clip.samples, "flac"), word_timestamps=True)
+    assert resp.metadata.window_count >= 3
+    assert wer(long_clip.text, resp.transcript) <= 0.15, resp.transcript
+    words = [w for r in resp.results for w in r.words]
+    starts = [w.start_seconds for w in words]
+    assert starts == sorted(starts), "word times must be monotonic"
+    assert all(w.start_seconds <= w.end_seconds <= long_clip.seconds for w in words)
+    seg_starts = [r.start_seconds for r in resp.results]
+    assert seg_starts == sorted(seg_starts)
+    # Every word lands in the sentence that was spoken at that time (times are whole-file times).
+    for start, end, sentence in long_clip.spans:
+        said = " ".join(w.word for w in words if start - 0.4 <= (w.start_seconds + w.end_seconds) / 2 <= end + 0.4)
+        assert wer(sentence, said) <= 0.35, (start, sentence, said)
+
+
+async def test_silence_gives_no_words(client: AsyncClient):
+    resp = await client.recognize(audio.encode(audio.silence(20), "wav"))
+    assert resp.transcript == "" and not resp.results
+
+
+async def test_noise_only_gives_no_words(client: AsyncClient):
+    rng = np.random.default_rng(7)
+    noise = (rng.standard_normal(16000 * 10) * 0.01).astype(np.float32)
+    resp = await client.recognize(audio.encode(noise, "wav"))
+    assert normalize(resp.transcript) == ""
+
+
+async def test_unknown_or_unsupported_language(client: AsyncClient, short_clip):
+    data = audio.encode(short_clip.samples, "wav")
+    with pytest.raises(SttError) as err:
+        await client.recognize(data, language="xx")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "unknown language" in err.value.message
+    with pytest.raises(SttError) as err:
+        await client.recognize(data, language="de")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and "English-only" in err.value.message
+    assert "config.language_code" in err.value.fields
+
+
+# -- bad input: each gets a clear status and message, and the server keeps serving -------------
+
+def _flac_without_length(seconds: int) -> bytes:
+    from tests.test_audio import _flac_without_length as make
+
+    return make(seconds)
+
+
+def _bad_inputs(short_clip) -> list[tuple[str, bytes, dict, grpc.StatusCode, str]]:
+    wav = audio.encode(short_clip.samples, "wav")
+    flac = audio.encode(short_clip.samples, "flac")
+    rng = np.random.default_rng(3)
+    return [
+        ("empty", b"", {}, grpc.StatusCode.INVALID_ARGUMENT, "audio is empty"),
+        ("random", rng.bytes(100_000), {}, grpc.StatusCode.INVALID_ARGUMENT, "could not read the audio"),
+        ("truncated wav", wav[: len(wav) // 2], {}, grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
+        ("truncated flac", flac[: len(flac) // 2], {}, grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
+        ("header only", flac[:40], {}, grpc.StatusCode.INVALID_ARGUMENT, "could not"),
+        ("aiff", audio.encode(short_clip.samples, "aiff"), {}, grpc.StatusCode.INVALID_ARGUMENT,
+         "unsupported audio format 'aiff'"),
+        ("linear16 without rate", wav[44:], {"encoding": "LINEAR16"}, grpc.StatusCode.INVALID_ARGUMENT,
+         "sample_rate_hz"),
+        ("too long", audio.encode(audio.silence(130), "wav"), {}, grpc.StatusCode.RESOURCE_EXHAUSTED,
+         "the limit is 120s"),
+        ("bomb", _flac_without_length(3 * 3600), {}, grpc.StatusCode.RESOURCE_EXHAUSTED,
+         "decodes to more than 120s"),
+        ("over message size", b"\0" * (9 * 1024 * 1024), {}, grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+    ]  # fmt: skip
+
+
+async def test_bad_input_gets_clear_status_and_server_keeps_serving(client: AsyncClient, short_clip):
+    for name, data, kw, code, message in _bad_inputs(short_clip):
+        with pytest.raises(SttError) as err:
+            await client.recognize(data, timeout=30, **kw)
+        assert err.value.code == code, (name, err.value)
+        assert message in err.value.message, (name, err.value.message)
+    resp = await client.recognize(audio.encode(short_clip.samples, "wav"))
+    assert wer(short_clip.text, resp.transcript) <= 0.15
+
+
+async def test_rich_error_details(client: AsyncClient):
+    with pytest.raises(SttError) as err:
+        await client.recognize(b"\0\0" * 100, encoding="LINEAR16")
+    assert err.value.reason == "MISSING_SAMPLE_RATE"
+    assert "config.sample_rate_hz" in err.value.fields
+
+
+async def test_access_metrics_count_errors(client: AsyncClient):
+    before = metrics.RPC_TOTAL.labels("/stt.v1.Speech/Recognize", "INVALID_ARGUMENT")._value.get()
+    with pytest.raises(SttError):
+        await client.recognize(b"")
+    after = metrics.RPC_TOTAL.labels("/stt.v1.Speech/Recognize", "INVALID_ARGUMENT")._value.get()
+    assert after == before + 1
+
+
+async def test_unimplemented_rpcs_say_so(client: AsyncClient):
+    from stt.v1 import jobs_pb2
+
+    try:
+        await client.jobs.GetQueueStats(jobs_pb2.GetQueueStatsRequest(), timeout=5)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            assert "not implemented" in (exc.details() or "")
