@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from stt.client import AsyncClient
 from services.gateway.config import GatewaySettings
 from services.gateway.server import Gateway
 from services.gateway.server import create_server as create_gateway
@@ -15,6 +14,7 @@ from services.shared.logging import setup_logging
 from services.transcriber.config import TranscriberSettings
 from services.transcriber.server import Transcriber
 from services.transcriber.server import create_server as create_transcriber
+from stt.client import AsyncClient
 from tests.support import audio
 
 os.environ.setdefault("STT_LOG_LEVEL", "WARNING")

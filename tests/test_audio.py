@@ -61,10 +61,20 @@ def test_linear16_incremental_equals_whole(speech):
     ("data", "kw", "exc", "match"),
     [
         (b"", {}, InvalidInput, "empty"),
-        (bytes(np.random.default_rng(1).integers(0, 256, 40000, dtype=np.uint8)), {}, InvalidInput, "could not read"),
+        (
+            bytes(np.random.default_rng(1).integers(0, 256, 40000, dtype=np.uint8)),
+            {},
+            InvalidInput,
+            "could not read",
+        ),
         (b"hello, this is plain text and not audio at all" * 10, {}, InvalidInput, "could not read"),
         (b"\x00\x01" * 100, {"encoding": "LINEAR16"}, InvalidInput, "sample_rate_hz"),
-        (b"\x00\x01" * 100, {"encoding": "LINEAR16", "sample_rate": 16000, "channels": 12}, InvalidInput, "1..8"),
+        (
+            b"\x00\x01" * 100,
+            {"encoding": "LINEAR16", "sample_rate": 16000, "channels": 12},
+            InvalidInput,
+            "1..8",
+        ),
         (b"\x00\x01\x02", {"encoding": "LINEAR16", "sample_rate": 16000}, InvalidInput, "whole number"),
     ],
 )

@@ -1,5 +1,7 @@
 """Unit tests for window planning and merging (no model, no grpc)."""
 
+import itertools
+
 import numpy as np
 
 from services.gateway.chunking import VadSettings, Window, merge, plan_windows, speech_regions
@@ -27,7 +29,7 @@ def test_windows_at_most_30s_and_cut_in_pauses():
     assert len(ws) >= 4
     for w in ws:
         assert w.seconds <= 30.0 + 1e-6
-    for prev, nxt in zip(ws, ws[1:]):
+    for prev, nxt in itertools.pairwise(ws):
         assert prev.end <= nxt.start  # disjoint
     # No speech region is split between two windows.
     for a_, b_ in spans:

@@ -5,7 +5,12 @@ import pytest
 from stt import formats
 
 SEGS = [
-    {"start": 0.0, "end": 1.5, "text": " Hello there.", "words": [{"word": "Hello", "start": 0.0, "end": 0.5}]},
+    {
+        "start": 0.0,
+        "end": 1.5,
+        "text": " Hello there.",
+        "words": [{"word": "Hello", "start": 0.0, "end": 0.5}],
+    },
     {"start": 61.25, "end": 3725.004, "text": "Second line", "words": []},
     {"start": 3726.0, "end": 3727.0, "text": "  ", "words": []},
 ]
@@ -17,7 +22,9 @@ def test_text_joins_segments():
 
 def test_srt_numbering_and_clock():
     out = formats.render(SEGS, "srt")
-    assert out.startswith("1\n00:00:00,000 --> 00:00:01,500\nHello there.\n\n2\n00:01:01,250 --> 01:02:05,004\n")
+    assert out.startswith(
+        "1\n00:00:00,000 --> 00:00:01,500\nHello there.\n\n2\n00:01:01,250 --> 01:02:05,004\n"
+    )
     assert "3\n" not in out  # empty segments make no cue
 
 

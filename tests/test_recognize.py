@@ -6,9 +6,9 @@ import grpc
 import numpy as np
 import pytest
 
+from services.shared import metrics
 from stt.client import AsyncClient
 from stt.errors import SttError
-from services.shared import metrics
 from tests.support import audio
 from tests.support.text import normalize, wer
 
@@ -26,7 +26,9 @@ async def test_spoken_clip_in_every_container(client: AsyncClient, short_clip, f
 
 
 # 8 kHz is telephone bandwidth: the tiny model loses some words there.
-@pytest.mark.parametrize(("rate", "channels", "max_wer"), [(16000, 1, 0.15), (44100, 2, 0.15), (8000, 1, 0.4)])
+@pytest.mark.parametrize(
+    ("rate", "channels", "max_wer"), [(16000, 1, 0.15), (44100, 2, 0.15), (8000, 1, 0.4)]
+)
 async def test_raw_linear16(client: AsyncClient, short_clip, rate, channels, max_wer):
     raw = audio.encode(short_clip.samples, "raw", rate=rate, channels=channels)
     resp = await client.recognize(raw, encoding="LINEAR16", sample_rate=rate, channels=channels)
@@ -46,7 +48,9 @@ async def test_long_clip_is_chunked_and_merged_with_correct_times(client: AsyncC
     assert seg_starts == sorted(seg_starts)
     # Every word lands in the sentence that was spoken at that time (times are whole-file times).
     for start, end, sentence in long_clip.spans:
-        said = " ".join(w.word for w in words if start - 0.4 <= (w.start_seconds + w.end_seconds) / 2 <= end + 0.4)
+        said = " ".join(
+            w.word for w in words if start - 0.4 <= (w.start_seconds + w.end_seconds) / 2 <= end + 0.4
+        )
         assert wer(sentence, said) <= 0.35, (start, sentence, said)
 
 
@@ -74,6 +78,7 @@ async def test_unknown_or_unsupported_language(client: AsyncClient, short_clip):
 
 
 # -- bad input: each gets a clear status and message, and the server keeps serving -------------
+
 
 def _flac_without_length(seconds: int) -> bytes:
     from tests.test_audio import _flac_without_length as make

@@ -71,7 +71,7 @@ class TranscriberPool:
         self.call_timeout = call_timeout
         self.endpoints: dict[str, Endpoint] = {}
         self.stats = PoolStats()
-        self._changed = asyncio.Event()
+        self._change: asyncio.Future[None] | None = None
         self._rr = itertools.count()
         self._refresher: asyncio.Task[None] | None = None
 
@@ -85,6 +85,16 @@ class TranscriberPool:
             await asyncio.gather(self._refresher, return_exceptions=True)
         for address in list(self.endpoints):
             await self._remove(address)
+
+    def changed(self) -> asyncio.Future[None]:
+        """A future that resolves at the next change of any endpoint's readiness."""
+        if self._change is None or self._change.done():
+            self._change = asyncio.get_running_loop().create_future()
+        return self._change
+
+    def _notify(self) -> None:
+        if self._change is not None and not self._change.done():
+            self._change.set_result(None)
 
     @property
     def serving_count(self) -> int:
@@ -140,6 +150,7 @@ class TranscriberPool:
         ep = self.endpoints.pop(address, None)
         if ep is None:
             return
+        self._notify()
         if ep.watch:
             ep.watch.cancel()
             await asyncio.gather(ep.watch, return_exceptions=True)
@@ -170,7 +181,7 @@ class TranscriberPool:
         ep.serving = serving
         if serving:
             ep.cooldown_until = 0.0
-        self._changed.set()
+        self._notify()
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -198,9 +209,8 @@ class TranscriberPool:
                     reason="NO_TRANSCRIBER",
                     retry_after_seconds=1.0,
                 )
-            self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 0.25))
+                await asyncio.wait_for(asyncio.shield(self.changed()), timeout=min(remaining, 0.25))
 
     async def transcribe(
         self,

@@ -70,10 +70,7 @@ async def create_server(
 
 
 async def _monitor_dependencies(running: RunningServer, pool: TranscriberPool) -> None:
-    last = None
     while True:
-        status = SERVING if pool.serving_count else NOT_SERVING
-        if status != last:
-            await running.health.set(DEP_TRANSCRIBERS, status)
-            last = status
-        await asyncio.sleep(0.5)
+        changed = pool.changed()
+        await running.health.set(DEP_TRANSCRIBERS, SERVING if pool.serving_count else NOT_SERVING)
+        await changed

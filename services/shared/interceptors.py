@@ -108,7 +108,7 @@ def _wrap_stream(
                 async for item in result:
                     yield item
             else:  # a handler that writes with context.write() (e.g. the health Watch)
-                await result
+                await result  # type: ignore[misc]
         except BaseException as exc:
             await call.fail(exc)
         finally:

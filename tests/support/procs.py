@@ -25,7 +25,9 @@ def free_port() -> int:
 class ServiceProcess:
     """`python -m services.<name>` in its own process group, output captured to a log file."""
 
-    def __init__(self, name: str, env: dict[str, str] | None = None, port: int = 0, args: list[str] | None = None):
+    def __init__(
+        self, name: str, env: dict[str, str] | None = None, port: int = 0, args: list[str] | None = None
+    ):
         self.name = name
         self.dir = Path(tempfile.mkdtemp(prefix=f"stt-{name}-"))
         self.port_file = self.dir / "port"

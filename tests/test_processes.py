@@ -1,0 +1,108 @@
+"""System tests with real service processes on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+
+import pytest
+
+from services.gateway.server import create_server as create_gateway
+from stt.client import AsyncClient
+from tests.conftest import gateway_settings
+from tests.support import audio
+from tests.support.procs import ROOT, ServiceProcess, free_port
+from tests.support.text import wer
+
+pytestmark = pytest.mark.system
+
+TRANSCRIBER_ENV = {"STT_CPU_THREADS": "1"}
+
+
+async def test_two_transcriber_processes_behind_one_gateway_both_get_work(long_clip):
+    procs = [ServiceProcess("transcriber", env=TRANSCRIBER_ENV) for _ in range(2)]
+    gw = None
+    try:
+        for p in procs:
+            await p.wait_port()
+        gw = await create_gateway(gateway_settings(",".join(p.address for p in procs)), port=0)
+        while gw.pool.serving_count < 2:
+            await asyncio.sleep(0.05)
+        async with AsyncClient(f"127.0.0.1:{gw.port}") as client:
+            resp = await client.recognize(audio.encode(long_clip.samples, "flac"), timeout=120)
+        assert wer(long_clip.text, resp.transcript) <= 0.15
+        served = gw.pool.stats.served_by
+        assert len(served) == 2, served  # both processes transcribed windows
+        assert sum(served.values()) == resp.metadata.window_count
+        for p in procs:
+            assert "/stt.v1.Transcriber/Transcribe OK" in p.log()
+    finally:
+        if gw:
+            await gw.stop(0)
+        for p in procs:
+            await p.stop()
+
+
+async def _run(
+    *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "stt.cli", *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(stdin), timeout=120)
+    return proc.returncode or 0, out.decode(), err.decode()
+
+
+async def test_cli_transcribe_formats_and_health(gateway, short_clip, tmp_path):
+    wav = tmp_path / "some.wav"
+    wav.write_bytes(audio.encode(short_clip.samples, "wav"))
+    server = f"127.0.0.1:{gateway.port}"
+    code, out, err = await _run("--server", server, "transcribe", str(wav))
+    assert code == 0, err
+    assert wer(short_clip.text, out) <= 0.15
+    code, out, _ = await _run("transcribe", str(wav), "--format", "srt", env={"STT_SERVER": server})
+    assert code == 0 and out.startswith("1\n00:00:0") and " --> " in out
+    code, out, _ = await _run(
+        "--server", server, "transcribe", "-", "--format", "vtt", stdin=wav.read_bytes()
+    )
+    assert code == 0 and out.startswith("WEBVTT")
+    code, out, _ = await _run("--server", server, "transcribe", str(wav), "--format", "json")
+    assert code == 0 and '"words"' in out and '"language": "en"' in out
+    code, out, _ = await _run("--server", server, "health")
+    assert code == 0 and "stt.v1.Speech" in out and "dependency/transcribers" in out
+    code, _, err = await _run("--server", server, "transcribe", str(ROOT / "pyproject.toml"))
+    assert code == 2 and "INVALID_ARGUMENT" in err and "supported: WAV, FLAC" in err
+    code, _, err = await _run("--server", server, "transcribe", str(tmp_path / "missing.wav"))
+    assert code == 2 and "No such file" in err
+
+
+async def test_stt_up_runs_the_stack_and_stops_cleanly_on_ctrl_c(short_clip, tmp_path):
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "stt.cli", "up", "--port", str(port), "--data-dir", str(tmp_path / "data"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
+        env={**os.environ, "STT_LOG_LEVEL": "INFO", "STT_CPU_THREADS": "2"},
+    )  # fmt: skip
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}") as client:
+            for _ in range(600):
+                try:
+                    if (await client.health(timeout=1)).get("dependency/transcribers") == "SERVING":
+                        break
+                except Exception:
+                    pass
+                await asyncio.sleep(0.1)
+            resp = await client.recognize(audio.encode(short_clip.samples, "mp3"), timeout=60)
+        assert wer(short_clip.text, resp.transcript) <= 0.15
+        proc.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
+        assert proc.returncode == 0, out.decode()[-2000:]
+        assert b"stopped" in out
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,132 @@
+"""The transcriber service on its own: loading, validation, draining on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.gateway.pool import to_pcm16
+from services.gateway.server import create_server as create_gateway
+from services.shared import metrics
+from services.transcriber.server import Transcriber
+from services.transcriber.server import create_server as create_transcriber
+from stt.client import AsyncClient
+from stt.errors import SttError
+from stt.v1 import transcriber_pb2, transcriber_pb2_grpc
+from tests.conftest import gateway_settings, transcriber_settings
+from tests.support import audio
+from tests.support.procs import ServiceProcess, free_port
+from tests.support.text import wer
+
+
+def _request(samples: np.ndarray, **opts: object) -> transcriber_pb2.TranscribeRequest:
+    return transcriber_pb2.TranscribeRequest(
+        pcm=to_pcm16(samples), options=transcriber_pb2.DecodeOptions(**opts), work_class=transcriber_pb2.BATCH
+    )
+
+
+async def test_transcribe_one_window(transcriber: Transcriber, short_clip):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{transcriber.port}") as ch:
+        resp = await transcriber_pb2_grpc.TranscriberStub(ch).Transcribe(
+            _request(short_clip.samples, word_timestamps=True), timeout=60
+        )
+    assert wer(short_clip.text, " ".join(s.text for s in resp.segments)) <= 0.15
+    seg = resp.segments[0]
+    assert seg.words and seg.avg_logprob < 0 and 0 <= seg.no_speech_prob <= 1 and seg.compression_ratio > 0
+    assert resp.model.startswith("tiny.en") and resp.served_by and resp.window_seconds > 9
+
+
+@pytest.mark.parametrize(
+    ("pcm", "match"),
+    [(b"", "empty"), (b"\0\0\0", "even number"), (b"\0\0" * (16000 * 31), "maximum is 30s")],
+)
+async def test_bad_windows_are_refused(transcriber: Transcriber, pcm: bytes, match: str):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{transcriber.port}") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await transcriber_pb2_grpc.TranscriberStub(ch).Transcribe(
+                transcriber_pb2.TranscribeRequest(pcm=pcm), timeout=10
+            )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert match in (err.value.details() or "")
+
+
+async def test_not_serving_and_unavailable_until_the_model_is_loaded():
+    app = await create_transcriber(transcriber_settings(), port=0, load=False)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            stub = transcriber_pb2_grpc.TranscriberStub(ch)
+            resp = await health.Check(health_pb2.HealthCheckRequest(service="stt.v1.Transcriber"), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Transcribe(_request(audio.silence(1)), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "loading" in (err.value.details() or "")
+            await app.load()
+            resp = await health.Check(health_pb2.HealthCheckRequest(service="stt.v1.Transcriber"), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+            await stub.Transcribe(_request(audio.silence(1)), timeout=30)
+    finally:
+        await app.stop(0)
+
+
+async def test_client_retries_while_no_transcriber_is_ready(short_clip):
+    """The gateway answers UNAVAILABLE while its transcriber loads; the SDK retries and succeeds."""
+    port = free_port()
+    gw = await create_gateway(gateway_settings(f"127.0.0.1:{port}"), port=0)
+    app: Transcriber | None = None
+    unavailable = metrics.RPC_TOTAL.labels("/stt.v1.Speech/Recognize", "UNAVAILABLE")
+    before = unavailable._value.get()
+    try:
+        async with AsyncClient(f"127.0.0.1:{gw.port}") as client:
+            call = asyncio.create_task(client.recognize(audio.encode(short_clip.samples, "wav"), timeout=90))
+            await asyncio.sleep(6.0)  # longer than the gateway waits for a ready transcriber
+            assert not call.done()
+            app = await create_transcriber(transcriber_settings(), port=port, load=False)
+            await app.load()
+            resp = await call
+        assert wer(short_clip.text, resp.transcript) <= 0.15
+        assert unavailable._value.get() > before  # the first attempt(s) were refused, then retried
+    finally:
+        await gw.stop(0)
+        if app:
+            await app.stop(0)
+
+
+async def test_sigterm_drains_in_flight_calls(short_clip):
+    proc = ServiceProcess("transcriber", env={"STT_CPU_THREADS": "2", "STT_SHUTDOWN_GRACE_SECONDS": "30"})
+    try:
+        await proc.wait_port()
+        async with grpc.aio.insecure_channel(proc.address) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            while (
+                await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            ).status != health_pb2.HealthCheckResponse.SERVING:
+                await asyncio.sleep(0.1)
+            stub = transcriber_pb2_grpc.TranscriberStub(ch)
+            long_window = np.concatenate([short_clip.samples, short_clip.samples, short_clip.samples])[
+                : 16000 * 29
+            ]
+            calls = [
+                asyncio.ensure_future(stub.Transcribe(_request(long_window), timeout=60)) for _ in range(3)
+            ]
+            await asyncio.sleep(0.3)
+            proc.signal(signal.SIGTERM)
+            results = await asyncio.gather(*calls)
+            assert all(r.segments for r in results)  # every in-flight call finished
+        assert await proc.wait_exit(30) == 0
+        assert "draining" in proc.log()
+    finally:
+        await proc.stop()
+
+
+async def test_sdk_error_for_unreachable_server():
+    async with AsyncClient(f"127.0.0.1:{free_port()}") as client:
+        with pytest.raises(SttError) as err:
+            await client.recognize(b"x", timeout=3)
+    assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
