@@ -1,0 +1,110 @@
+"""Audio blob storage behind a small interface. The default keeps files in a directory on the
+jobstore's volume; an object store can implement the same four methods."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+
+from services.shared.errors import LimitExceeded
+
+PIECE = 256 * 1024
+
+
+class BlobStore(ABC):
+    @abstractmethod
+    async def write(self, key: str, pieces: AsyncIterator[bytes], *, max_bytes: int | None = None) -> int:
+        """Store the pieces under key (atomically: all or nothing). Returns the size."""
+
+    @abstractmethod
+    def read(self, key: str, piece_size: int = PIECE) -> AsyncIterator[bytes]:
+        """The blob in pieces. Raises FileNotFoundError if missing."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove the blob (no error if missing)."""
+
+    @abstractmethod
+    async def keys_older_than(self, seconds: float) -> list[str]:
+        """Keys of blobs written more than `seconds` ago (for orphan sweeps)."""
+
+
+class FileBlobStore(BlobStore):
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.tmp = os.path.join(root, ".tmp")
+        os.makedirs(self.tmp, exist_ok=True)
+
+    def path(self, key: str) -> str:
+        if not key or "/" in key or key.startswith("."):
+            raise ValueError(f"bad blob key {key!r}")
+        return os.path.join(self.root, key[:2], key)
+
+    async def write(self, key: str, pieces: AsyncIterator[bytes], *, max_bytes: int | None = None) -> int:
+        final = self.path(key)
+        tmp = os.path.join(self.tmp, f"{key}.{uuid.uuid4().hex}")
+        size = 0
+        fh = await asyncio.to_thread(open, tmp, "wb")
+        try:
+            async for piece in pieces:
+                size += len(piece)
+                if max_bytes is not None and size > max_bytes:
+                    raise LimitExceeded(
+                        f"upload is over the {max_bytes} byte limit",
+                        reason="UPLOAD_TOO_LARGE",
+                        field="audio_chunk",
+                    )
+                await asyncio.to_thread(fh.write, piece)
+            await asyncio.to_thread(_flush_and_sync, fh)
+            fh.close()
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(tmp, final)
+            return size
+        except BaseException:
+            fh.close()
+            _unlink(tmp)
+            raise
+
+    async def read(self, key: str, piece_size: int = PIECE) -> AsyncIterator[bytes]:  # type: ignore[override]
+        fh = await asyncio.to_thread(open, self.path(key), "rb")
+        try:
+            while piece := await asyncio.to_thread(fh.read, piece_size):
+                yield piece
+        finally:
+            fh.close()
+
+    async def delete(self, key: str) -> None:
+        _unlink(self.path(key))
+
+    async def keys_older_than(self, seconds: float) -> list[str]:
+        cutoff = time.time() - seconds
+
+        def scan() -> list[str]:
+            out = []
+            for sub in os.scandir(self.root):
+                if not sub.is_dir() or sub.name.startswith("."):
+                    continue
+                out += [f.name for f in os.scandir(sub.path) if f.is_file() and f.stat().st_mtime < cutoff]
+            # Interrupted uploads left in .tmp
+            for f in os.scandir(self.tmp):
+                if f.stat().st_mtime < cutoff:
+                    _unlink(f.path)
+            return out
+
+        return await asyncio.to_thread(scan)
+
+
+def _flush_and_sync(fh: object) -> None:
+    fh.flush()  # type: ignore[attr-defined]
+    os.fsync(fh.fileno())  # type: ignore[attr-defined]
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,40 @@
+"""Jobstore settings (env STT_*)."""
+
+from __future__ import annotations
+
+import os
+
+from services.shared.config import CommonSettings
+
+
+class JobstoreSettings(CommonSettings):
+    jobstore_port: int = 50053
+    # Where SQLite (the default database) and audio blobs live.
+    data_dir: str = "./data"
+    # SQLAlchemy async URL; default: SQLite in data_dir. PostgreSQL: postgresql+asyncpg://user:pw@host/db
+    database_url: str | None = None
+    # Run Alembic migrations at start (turn off when a migration Job does it).
+    db_migrate: bool = True
+    db_pool_size: int = 10
+    # Optional Redis for cross-replica wake-ups and job events; SQL stays the truth.
+    redis_url: str | None = None
+    # Key/channel prefix, so several deployments (or test runs) can share one Redis.
+    redis_prefix: str = "stt"
+    # How often waiting claims and watchers re-check SQL in case a Redis message was lost.
+    reconcile_seconds: float = 2.0
+    # Leases: default length, and how often expired ones are returned to the queue.
+    lease_seconds: float = 30.0
+    reap_interval_seconds: float = 1.0
+    max_attempts: int = 3
+    # Retention of finished jobs (results and audio).
+    result_ttl_seconds: float = 86_400.0
+    failed_ttl_seconds: float = 7 * 86_400.0
+    sweep_interval_seconds: float = 60.0
+
+    def db_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{os.path.abspath(os.path.join(self.data_dir, 'jobs.db'))}"
+
+    def blob_dir(self) -> str:
+        return os.path.abspath(os.path.join(self.data_dir, "blobs"))

@@ -1,0 +1,141 @@
+"""Wake-ups for waiting claims and change notices for job watchers.
+
+In-process notification always; with Redis, notices also cross replicas over pub/sub. Redis only
+speeds things up: waiters re-check SQL every `reconcile_seconds`, so a lost message (Redis
+restarted or flushed) costs at most that delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+
+log = logging.getLogger("jobstore.events")
+
+
+class Notifier:
+    """Futures that resolve at the next notice for a key."""
+
+    def __init__(self) -> None:
+        self._futures: dict[str, asyncio.Future[None]] = {}
+
+    def future(self, key: str) -> asyncio.Future[None]:
+        fut = self._futures.get(key)
+        if fut is None or fut.done():
+            fut = asyncio.get_running_loop().create_future()
+            self._futures[key] = fut
+        return fut
+
+    def notify(self, key: str) -> None:
+        fut = self._futures.pop(key, None)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+
+async def wait(fut: asyncio.Future[None], timeout: float) -> bool:
+    """True if notified within timeout."""
+    try:
+        await asyncio.wait_for(asyncio.shield(fut), timeout=max(timeout, 0.0))
+        return True
+    except TimeoutError:
+        return False
+
+
+WAKE = "__wake__"
+
+
+class EventBus:
+    """publish_job / publish_wake; job_future / wake_future to wait for them."""
+
+    def __init__(self, redis_url: str | None = None, prefix: str = "stt") -> None:
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self._local = Notifier()
+        self._redis = None
+        self._listener: asyncio.Task[None] | None = None
+        self.published = defaultdict(int)  # type: ignore[var-annotated]
+        self.connected = asyncio.Event()
+
+    @property
+    def _events(self) -> str:
+        return f"{self.prefix}:jobs:events"
+
+    @property
+    def _wake(self) -> str:
+        return f"{self.prefix}:jobs:wake"
+
+    async def start(self) -> None:
+        if not self.redis_url:
+            return
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.from_url(
+            self.redis_url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=10
+        )
+        self._listener = asyncio.create_task(self._listen(), name="redis-listener")
+
+    async def close(self) -> None:
+        if self._listener:
+            self._listener.cancel()
+            await asyncio.gather(self._listener, return_exceptions=True)
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    def job_future(self, job_id: str) -> asyncio.Future[None]:
+        return self._local.future(job_id)
+
+    def wake_future(self) -> asyncio.Future[None]:
+        return self._local.future(WAKE)
+
+    async def publish_job(self, job_id: str) -> None:
+        self._local.notify(job_id)
+        await self._publish(self._events, job_id)
+
+    async def publish_wake(self) -> None:
+        self._local.notify(WAKE)
+        await self._publish(self._wake, "1")
+
+    async def _publish(self, channel: str, message: str) -> None:
+        if self._redis is None:
+            return
+        try:
+            await self._redis.publish(channel, message)
+            self.published[channel] += 1
+        except Exception as exc:  # Redis down: SQL is the truth, reconcile covers it
+            log.warning("redis publish failed (%s); watchers fall back to polling", exc)
+
+    async def _listen(self) -> None:
+        backoff = 0.2
+        while True:
+            pubsub = None
+            try:
+                assert self._redis is not None
+                pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(self._events, self._wake)
+                self.connected.set()
+                backoff = 0.2
+                log.info("subscribed to redis job events")
+                async for msg in pubsub.listen():
+                    data = msg.get("data")
+                    channel = msg.get("channel")
+                    if isinstance(channel, bytes):
+                        channel = channel.decode()
+                    if channel == self._wake:
+                        self._local.notify(WAKE)
+                    elif isinstance(data, bytes):
+                        self._local.notify(data.decode())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.connected.clear()
+                log.warning("redis subscription lost (%s); retrying in %.1fs", exc, backoff)
+                # Anything may have changed while we were deaf: wake every waiter to re-check SQL.
+                self._local.notify(WAKE)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()

@@ -1,0 +1,103 @@
+"""Builds the jobstore: database (migrated), blob store, event bus, Store, gRPC server, and the
+background reaper (expired leases) and sweeper (expired results)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from services.jobstore import db, migrate
+from services.jobstore.blobs import FileBlobStore
+from services.jobstore.config import JobstoreSettings
+from services.jobstore.events import EventBus
+from services.jobstore.servicer import JobStoreServicer
+from services.jobstore.store import Store
+from services.shared.server import RunningServer, Service, start_server
+from stt.v1 import jobstore_pb2, jobstore_pb2_grpc
+
+log = logging.getLogger("jobstore")
+
+SERVICE_NAME = jobstore_pb2.DESCRIPTOR.services_by_name["JobStore"].full_name
+
+
+@dataclass
+class JobstoreApp:
+    running: RunningServer
+    store: Store
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.running.stop(grace)
+
+
+async def build_store(settings: JobstoreSettings) -> tuple[Store, Callable[[], Awaitable[None]]]:
+    """The Store with its engine and bus; returns it with a close function."""
+    engine = db.create_engine(settings.db_url(), pool_size=settings.db_pool_size)
+    if settings.db_migrate:
+        await migrate.upgrade(engine)
+    bus = EventBus(settings.redis_url, settings.redis_prefix)
+    await bus.start()
+    store = Store(
+        db.sessionmaker(engine),
+        FileBlobStore(settings.blob_dir()),
+        bus,
+        lease_seconds=settings.lease_seconds,
+        max_attempts=settings.max_attempts,
+        result_ttl=settings.result_ttl_seconds,
+        failed_ttl=settings.failed_ttl_seconds,
+        reconcile_seconds=settings.reconcile_seconds,
+    )
+
+    async def close() -> None:
+        await bus.close()
+        await engine.dispose()
+
+    return store, close
+
+
+async def _every(seconds: float, fn: Callable[[], Awaitable[object]], name: str) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await fn()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # database briefly unavailable: try again next round
+            log.warning("%s failed: %s", name, exc)
+
+
+async def create_server(
+    settings: JobstoreSettings, *, port: int | None = None, host: str | None = None
+) -> JobstoreApp:
+    store, close_store = await build_store(settings)
+    servicer = JobStoreServicer(store)
+    running = await start_server(
+        [Service(SERVICE_NAME, lambda s: jobstore_pb2_grpc.add_JobStoreServicer_to_server(servicer, s))],
+        settings=settings,
+        host=host if host is not None else settings.host,
+        port=settings.jobstore_port if port is None else port,
+        max_message_bytes=16 * 1024 * 1024,
+    )
+    tasks = [
+        asyncio.create_task(
+            _every(settings.reap_interval_seconds, store.reap_expired, "reaper"), name="reaper"
+        ),
+        asyncio.create_task(_every(settings.sweep_interval_seconds, store.sweep, "sweeper"), name="sweeper"),
+    ]
+
+    async def stop_tasks() -> None:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    running.on_stop(close_store)
+    running.on_stop(stop_tasks)
+    return JobstoreApp(running, store)

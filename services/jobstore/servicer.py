@@ -1,0 +1,191 @@
+"""stt.v1.JobStore servicer: requests -> Store calls -> messages. No logic of its own."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import empty_pb2
+
+from services.jobstore import convert
+from services.jobstore.convert import STATUS_NAMES, chunk_to_proto, stored_job, ts
+from services.jobstore.store import Lease, NewJob, Span, Store
+from services.shared.convert import segment_from_proto
+from services.shared.errors import InvalidInput
+from stt.v1 import jobs_pb2, jobstore_pb2, jobstore_pb2_grpc
+
+
+def _lease(msg: jobstore_pb2.LeaseRequest) -> Lease:
+    if not msg.job_id or not msg.worker_id:
+        raise InvalidInput("lease needs job_id and worker_id", field="lease")
+    return Lease(msg.job_id, msg.worker_id, msg.lease_epoch, msg.lease_seconds)
+
+
+def _tenant(value: str) -> str | None:
+    return value or None
+
+
+class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def CreateJob(
+        self,
+        request_iterator: AsyncIterator[jobstore_pb2.StoreCreateJobRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> jobstore_pb2.StoreCreateJobResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("metadata"):
+            raise InvalidInput("the first CreateJob message must carry metadata", field="metadata")
+        meta = first.metadata
+
+        async def pieces() -> AsyncIterator[bytes]:
+            async for msg in request_iterator:
+                if msg.HasField("metadata"):
+                    raise InvalidInput("metadata may only be sent once, first", field="metadata")
+                yield msg.audio_chunk
+
+        new = NewJob(
+            tenant=meta.tenant or "default",
+            request_id=meta.request_id or None,
+            filename=meta.filename,
+            priority=meta.priority or jobs_pb2.NORMAL,
+            language=meta.config.language_code or None,
+            config=convert.config_to_json(meta.config),
+            audio_duration=meta.audio_duration_seconds,
+            max_attempts=meta.max_attempts,
+        )
+        job, created = await self.store.create_job(new, pieces())
+        return jobstore_pb2.StoreCreateJobResponse(job=stored_job(job), created=created)
+
+    async def GetJob(
+        self, request: jobstore_pb2.StoreGetJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.StoredJob:
+        if request.request_id and not request.job_id:
+            job = await self.store.find_by_request_id(request.tenant or "default", request.request_id)
+            if job is None:
+                return jobstore_pb2.StoredJob()
+            return stored_job(job)
+        return stored_job(
+            await self.store.get_job(request.job_id, _tenant(request.tenant)), with_transcript=True
+        )
+
+    async def ListJobs(
+        self, request: jobstore_pb2.StoreListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.StoreListJobsResponse:
+        jobs, token = await self.store.list_jobs(
+            request.tenant or "default",
+            status=STATUS_NAMES.get(request.status),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return jobstore_pb2.StoreListJobsResponse(jobs=[stored_job(j) for j in jobs], next_page_token=token)
+
+    async def CancelJob(
+        self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.StoredJob:
+        return stored_job(await self.store.cancel(request.job_id, _tenant(request.tenant)))
+
+    async def DeleteJob(
+        self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        await self.store.delete(request.job_id, _tenant(request.tenant))
+        return empty_pb2.Empty()
+
+    async def GetQueueStats(
+        self, request: jobs_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.QueueStats:
+        stats = await self.store.queue_stats()
+        return jobs_pb2.QueueStats(
+            priorities=[
+                jobs_pb2.PriorityStats(
+                    priority=p.priority,  # type: ignore[arg-type]
+                    pending=p.pending,
+                    running=p.running,
+                    oldest_wait_seconds=round(p.oldest_wait, 3),
+                    workers=p.workers,
+                )
+                for p in stats.priorities
+            ],
+            workers=stats.workers,
+        )
+
+    async def WatchJob(
+        self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.JobEvent]:
+        async for job, partial in self.store.watch(request.job_id, _tenant(request.tenant)):
+            yield jobs_pb2.JobEvent(job=convert.job_to_proto(job), partial_transcript=partial)
+
+    async def GetChunks(
+        self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.ChunkList:
+        chunks = await self.store.chunks(request.job_id, _tenant(request.tenant))
+        return jobstore_pb2.ChunkList(chunks=[chunk_to_proto(c) for c in chunks])
+
+    async def ReadAudio(
+        self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobstore_pb2.AudioPiece]:
+        async for piece in self.store.read_audio(request.job_id, _tenant(request.tenant)):
+            yield jobstore_pb2.AudioPiece(data=piece)
+
+    async def ClaimJob(
+        self, request: jobstore_pb2.ClaimJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.ClaimJobResponse:
+        remaining = context.time_remaining()
+        limit = 60.0 if remaining is None else max(remaining - 1.0, 0.0)  # answer before the deadline
+        wait = min(max(request.wait_seconds, 0.0), limit)
+        job = await self.store.claim(request.worker_id, request.lease_seconds, wait)
+        return jobstore_pb2.ClaimJobResponse(job=stored_job(job) if job else None)
+
+    async def Heartbeat(
+        self, request: jobstore_pb2.LeaseRequest, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.HeartbeatResponse:
+        expires, cancelled = await self.store.heartbeat(_lease(request))
+        return jobstore_pb2.HeartbeatResponse(lease_expire_time=ts(expires), cancelled=cancelled)
+
+    async def SetChunkPlan(
+        self, request: jobstore_pb2.SetChunkPlanRequest, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.ChunkList:
+        spans = [Span(c.index, c.start_seconds, c.end_seconds) for c in request.chunks]
+        chunks = await self.store.set_plan(_lease(request.lease), spans)
+        return jobstore_pb2.ChunkList(chunks=[chunk_to_proto(c) for c in chunks])
+
+    async def CompleteChunk(
+        self, request: jobstore_pb2.CompleteChunkRequest, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.ChunkUpdateResponse:
+        up = await self.store.complete_chunk(
+            _lease(request.lease),
+            request.index,
+            [segment_from_proto(s) for s in request.segments],
+            request.language_code or None,
+        )
+        return jobstore_pb2.ChunkUpdateResponse(
+            chunks_completed=up.chunks_completed, chunks_total=up.chunks_total
+        )
+
+    async def FailChunk(
+        self, request: jobstore_pb2.FailChunkRequest, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.ChunkUpdateResponse:
+        up = await self.store.fail_chunk(_lease(request.lease), request.index, request.error_message)
+        return jobstore_pb2.ChunkUpdateResponse(
+            chunks_completed=up.chunks_completed, chunks_total=up.chunks_total, job_failed=up.job_failed,
+            attempts=up.attempts,
+        )  # fmt: skip
+
+    async def CompleteJob(
+        self, request: jobstore_pb2.CompleteJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.StoredJob:
+        job = await self.store.complete_job(
+            _lease(request.lease), request.transcript, request.language_code or None
+        )
+        return stored_job(job)
+
+    async def FailJob(
+        self, request: jobstore_pb2.FailJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.StoredJob:
+        return stored_job(await self.store.fail_job(_lease(request.lease), request.error_message))
+
+    async def ReleaseJob(
+        self, request: jobstore_pb2.LeaseRequest, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.StoredJob:
+        return stored_job(await self.store.release(_lease(request)))

@@ -1,0 +1,655 @@
+"""Job state, the priority queue, leases with fencing, chunk checkpoints. No grpc here.
+
+SQL is the truth. Every write by a job's holder is a conditional UPDATE on (id, lease_epoch,
+status=RUNNING) made first in its transaction, so it holds the job row (PostgreSQL) or the write
+lock (SQLite) until commit: a holder whose lease expired or was taken over gets `Aborted` and
+changes nothing. Claims on PostgreSQL use `FOR UPDATE SKIP LOCKED`; on SQLite the conditional
+UPDATE alone makes them exclusive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import and_, delete, func, literal, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.jobstore.blobs import BlobStore
+from services.jobstore.events import EventBus, wait
+from services.jobstore.models import Chunk, ChunkState, Job, Priority, Status, UTCDateTime
+from services.shared.domain import Segment
+from services.shared.errors import Aborted, InvalidInput, NotFound, WrongState
+
+log = logging.getLogger("jobstore")
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 50
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(slots=True)
+class NewJob:
+    tenant: str
+    request_id: str | None
+    filename: str
+    priority: int
+    language: str | None
+    config: dict[str, Any]
+    audio_duration: float
+    max_attempts: int
+
+
+@dataclass(slots=True)
+class Lease:
+    job_id: str
+    worker_id: str
+    epoch: int
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class Span:
+    index: int
+    start: float
+    end: float
+
+
+@dataclass(slots=True)
+class ChunkUpdate:
+    chunks_completed: int
+    chunks_total: int
+    attempts: int = 0
+    job_failed: bool = False
+
+
+@dataclass(slots=True)
+class PriorityStat:
+    priority: int
+    pending: int = 0
+    running: int = 0
+    oldest_wait: float = 0.0
+    workers: int = 0
+
+
+@dataclass(slots=True)
+class QueueStats:
+    priorities: list[PriorityStat] = field(default_factory=list)
+    workers: int = 0
+
+
+def chunk_segments(chunk: Chunk) -> list[Segment]:
+    if not chunk.segments_json:
+        return []
+    return [Segment.from_dict(d) for d in json.loads(chunk.segments_json)]
+
+
+class Store:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        blobs: BlobStore,
+        bus: EventBus,
+        *,
+        lease_seconds: float = 30.0,
+        max_attempts: int = 3,
+        result_ttl: float = 86_400.0,
+        failed_ttl: float = 7 * 86_400.0,
+        reconcile_seconds: float = 2.0,
+        max_blob_bytes: int | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.blobs = blobs
+        self.bus = bus
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.result_ttl = result_ttl
+        self.failed_ttl = failed_ttl
+        self.reconcile_seconds = reconcile_seconds
+        self.max_blob_bytes = max_blob_bytes
+        self._seen_workers: dict[str, float] = {}
+
+    # -- creating and reading ---------------------------------------------------------------------
+
+    async def find_by_request_id(self, tenant: str, request_id: str) -> Job | None:
+        async with self.sessions() as s:
+            return (
+                await s.execute(select(Job).where(Job.tenant == tenant, Job.request_id == request_id))
+            ).scalar_one_or_none()
+
+    async def create_job(self, new: NewJob, audio: AsyncIterator[bytes]) -> tuple[Job, bool]:
+        """Store the audio, then the row. A repeated (tenant, request_id) returns the first job."""
+        if new.request_id:
+            existing = await self.find_by_request_id(new.tenant, new.request_id)
+            if existing is not None:
+                return existing, False
+        job_id = uuid.uuid4().hex
+        size = await self.blobs.write(job_id, audio, max_bytes=self.max_blob_bytes)
+        if size == 0:
+            await self.blobs.delete(job_id)
+            raise InvalidInput("the upload carried no audio", reason="EMPTY_AUDIO", field="audio_chunk")
+        now = utcnow()
+        job = Job(
+            id=job_id,
+            tenant=new.tenant,
+            request_id=new.request_id or None,
+            status=Status.QUEUED,
+            priority=int(new.priority),
+            language=new.language,
+            config_json=json.dumps(new.config, sort_keys=True),
+            filename=new.filename,
+            size_bytes=size,
+            audio_duration=new.audio_duration,
+            blob_key=job_id,
+            lease_epoch=0,
+            retry_count=0,
+            max_attempts=new.max_attempts or self.max_attempts,
+            chunks_total=0,
+            chunks_completed=0,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            async with self.sessions.begin() as s:
+                s.add(job)
+        except IntegrityError:
+            await self.blobs.delete(job_id)
+            if new.request_id:
+                existing = await self.find_by_request_id(new.tenant, new.request_id)
+                if existing is not None:
+                    return existing, False
+            raise
+        log.info("job created", extra={"job_id": job_id, "tenant": new.tenant, "priority": job.priority})
+        await self.bus.publish_wake()
+        await self.bus.publish_job(job_id)
+        return job, True
+
+    async def get_job(self, job_id: str, tenant: str | None = None) -> Job:
+        async with self.sessions() as s:
+            job = await s.get(Job, job_id)
+        if job is None or (tenant is not None and job.tenant != tenant):
+            raise NotFound(f"job {job_id!r} not found", reason="JOB_NOT_FOUND", field="job_id")
+        return job
+
+    async def list_jobs(
+        self, tenant: str, *, status: str | None = None, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[Job], str]:
+        if page_size < 0:
+            raise InvalidInput("page_size must not be negative", field="page_size")
+        size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
+        q = select(Job).where(Job.tenant == tenant)
+        if status:
+            q = q.where(Job.status == status)
+        if page_token:
+            created, last_id = _decode_token(page_token)
+            q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
+        q = q.order_by(Job.created_at.desc(), Job.id.desc()).limit(size + 1)
+        async with self.sessions() as s:
+            jobs = list((await s.execute(q)).scalars())
+        token = ""
+        if len(jobs) > size:
+            jobs = jobs[:size]
+            token = _encode_token(jobs[-1].created_at, jobs[-1].id)
+        return jobs, token
+
+    async def chunks(self, job_id: str, tenant: str | None = None) -> list[Chunk]:
+        await self.get_job(job_id, tenant)
+        async with self.sessions() as s:
+            return list(
+                (await s.execute(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.idx))).scalars()
+            )
+
+    async def partial_text(self, job_id: str) -> str:
+        async with self.sessions() as s:
+            texts = (
+                await s.execute(
+                    select(Chunk.text)
+                    .where(Chunk.job_id == job_id, Chunk.status == ChunkState.COMPLETED)
+                    .order_by(Chunk.idx)
+                )
+            ).scalars()
+            return " ".join(t.strip() for t in texts if t and t.strip())
+
+    async def read_audio(self, job_id: str, tenant: str | None = None) -> AsyncIterator[bytes]:
+        job = await self.get_job(job_id, tenant)
+        async for piece in self.blobs.read(job.blob_key):
+            yield piece
+
+    async def watch(self, job_id: str, tenant: str | None = None) -> AsyncIterator[tuple[Job, str]]:
+        """Current state first, then each change, until terminal. Re-checks SQL every reconcile
+        interval in case a notice was lost."""
+        last: tuple[Any, ...] | None = None
+        while True:
+            notice = self.bus.job_future(job_id)  # registered before reading: no change slips by
+            job = await self.get_job(job_id, tenant)
+            state = (job.status, job.chunks_completed, job.chunks_total, job.retry_count, job.updated_at)
+            if state != last:
+                last = state
+                yield job, await self.partial_text(job_id)
+            if Status(job.status).terminal:
+                return
+            await wait(notice, self.reconcile_seconds)
+
+    # -- user actions -------------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, tenant: str | None = None) -> Job:
+        job = await self.get_job(job_id, tenant)
+        now = utcnow()
+        async with self.sessions.begin() as s:
+            res = await s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_([Status.QUEUED, Status.RUNNING]))
+                .values(
+                    status=Status.CANCELLED,
+                    completed_at=now,
+                    updated_at=now,
+                    expires_at=now + dt.timedelta(seconds=self.result_ttl),
+                    lease_expires_at=None,
+                    error_message="cancelled by request",
+                )
+            )
+        if res.rowcount == 0:  # type: ignore[attr-defined]
+            job = await self.get_job(job_id, tenant)
+            if job.status != Status.CANCELLED:
+                raise WrongState(
+                    f"job {job_id} is already {job.status}; only QUEUED or RUNNING jobs can be cancelled",
+                    reason="JOB_FINISHED",
+                )
+            return job
+        log.info("job cancelled", extra={"job_id": job_id})
+        await self.bus.publish_job(job_id)
+        return await self.get_job(job_id, tenant)
+
+    async def delete(self, job_id: str, tenant: str | None = None) -> None:
+        job = await self.get_job(job_id, tenant)
+        async with self.sessions.begin() as s:
+            await s.execute(delete(Job).where(Job.id == job_id))
+        await self.blobs.delete(job.blob_key)
+        log.info("job deleted", extra={"job_id": job_id})
+        await self.bus.publish_job(job_id)
+
+    async def queue_stats(self) -> QueueStats:
+        now = utcnow()
+        stats = {p: PriorityStat(int(p)) for p in sorted(Priority, reverse=True)}
+        async with self.sessions() as s:
+            rows = await s.execute(
+                select(
+                    Job.priority,
+                    Job.status,
+                    func.count(),
+                    func.min(Job.created_at),
+                    func.count(Job.worker_id.distinct()),
+                )
+                .where(Job.status.in_([Status.QUEUED, Status.RUNNING]))
+                .group_by(Job.priority, Job.status)
+            )
+            workers = (
+                await s.execute(
+                    select(func.count(Job.worker_id.distinct())).where(Job.status == Status.RUNNING)
+                )
+            ).scalar_one()
+        for priority, status, count, oldest, holders in rows:
+            st = stats.setdefault(Priority(priority), PriorityStat(priority))
+            if status == Status.QUEUED:
+                st.pending = count
+                st.oldest_wait = max(0.0, (now - _aware(oldest)).total_seconds()) if oldest else 0.0
+            else:
+                st.running = count
+                st.workers = holders
+        recent = sum(1 for t in self._seen_workers.values() if asyncio.get_running_loop().time() - t < 30)
+        return QueueStats(list(stats.values()), max(workers, recent))
+
+    # -- the holder's side: claims, heartbeats, checkpoints -----------------------------------------
+
+    async def claim(
+        self, worker_id: str, lease_seconds: float = 0.0, wait_seconds: float = 0.0
+    ) -> Job | None:
+        """The highest-priority, oldest queued job, under a new lease epoch; waits for one."""
+        if not worker_id:
+            raise InvalidInput("worker_id is required", field="worker_id")
+        loop = asyncio.get_running_loop()
+        self._seen_workers[worker_id] = loop.time()
+        deadline = loop.time() + max(wait_seconds, 0.0)
+        while True:
+            wake = self.bus.wake_future()
+            job = await self._claim_once(worker_id, lease_seconds or self.lease_seconds)
+            if job is not None:
+                return job
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            await wait(wake, min(remaining, self.reconcile_seconds))
+
+    async def _claim_once(self, worker_id: str, lease_seconds: float) -> Job | None:
+        for _ in range(5):
+            now = utcnow()
+            async with self.sessions.begin() as s:
+                candidate = (
+                    await s.execute(
+                        select(Job.id)
+                        .where(Job.status == Status.QUEUED)
+                        .order_by(Job.priority.desc(), Job.created_at, Job.id)
+                        .limit(1)
+                        .with_for_update(skip_locked=True)
+                    )
+                ).scalar_one_or_none()
+                if candidate is None:
+                    return None
+                res = await s.execute(
+                    update(Job)
+                    .where(Job.id == candidate, Job.status == Status.QUEUED)
+                    .values(
+                        status=Status.RUNNING,
+                        worker_id=worker_id,
+                        lease_epoch=Job.lease_epoch + 1,
+                        lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                        started_at=func.coalesce(Job.started_at, literal(now, UTCDateTime())),
+                        updated_at=now,
+                    )
+                )
+                if res.rowcount != 1:  # type: ignore[attr-defined]
+                    continue  # someone else took it: try the next one
+            job = await self.get_job(candidate)
+            log.info(
+                "job claimed",
+                extra={
+                    "job_id": job.id,
+                    "worker": worker_id,
+                    "epoch": job.lease_epoch,
+                    "retry": job.retry_count,
+                },
+            )
+            await self.bus.publish_job(job.id)
+            return job
+        return None
+
+    async def _fence(self, s: AsyncSession, lease: Lease, **values: Any) -> None:
+        """The first statement of every holder write: refuse unless the lease is current."""
+        now = utcnow()
+        values.setdefault("updated_at", now)
+        res = await s.execute(
+            update(Job)
+            .where(Job.id == lease.job_id, Job.lease_epoch == lease.epoch, Job.status == Status.RUNNING)
+            .values(**values)
+        )
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            return
+        job = await s.get(Job, lease.job_id)
+        if job is None:
+            raise NotFound(f"job {lease.job_id!r} not found", reason="JOB_NOT_FOUND")
+        if job.status == Status.CANCELLED:
+            raise Aborted(f"job {lease.job_id} was cancelled", reason="JOB_CANCELLED")
+        raise Aborted(
+            f"stale lease on job {lease.job_id}: epoch {lease.epoch}, current {job.lease_epoch} ({job.status})",
+            reason="STALE_LEASE",
+            metadata={"current_epoch": str(job.lease_epoch)},
+        )
+
+    async def heartbeat(self, lease: Lease) -> tuple[dt.datetime | None, bool]:
+        """Extend the lease. Returns (new expiry, cancelled)."""
+        self._seen_workers[lease.worker_id] = asyncio.get_running_loop().time()
+        expires = utcnow() + dt.timedelta(seconds=lease.seconds or self.lease_seconds)
+        try:
+            async with self.sessions.begin() as s:
+                await self._fence(s, lease, lease_expires_at=expires)
+        except Aborted as exc:
+            if exc.reason == "JOB_CANCELLED":
+                return None, True
+            raise
+        return expires, False
+
+    async def set_plan(self, lease: Lease, spans: Sequence[Span]) -> list[Chunk]:
+        """Record the chunk plan once; later calls (a resumed job) get the recorded plan back."""
+        if not spans:
+            raise InvalidInput("a chunk plan needs at least one chunk", field="chunks")
+        for i, sp in enumerate(sorted(spans, key=lambda x: x.index)):
+            if sp.index != i or sp.end < sp.start:
+                raise InvalidInput("chunks must be numbered 0..n-1 with end >= start", field="chunks")
+        async with self.sessions.begin() as s:
+            await self._fence(s, lease)
+            existing = (
+                await s.execute(select(func.count()).where(Chunk.job_id == lease.job_id))
+            ).scalar_one()
+            if existing == 0:
+                s.add_all(
+                    Chunk(job_id=lease.job_id, idx=sp.index, start_time=sp.start, end_time=sp.end,
+                          status=ChunkState.PENDING, attempts=0)
+                    for sp in spans
+                )  # fmt: skip
+                await s.execute(update(Job).where(Job.id == lease.job_id).values(chunks_total=len(spans)))
+        await self.bus.publish_job(lease.job_id)
+        return await self.chunks(lease.job_id)
+
+    async def complete_chunk(
+        self, lease: Lease, index: int, segments: Sequence[Segment], language: str | None
+    ) -> ChunkUpdate:
+        """Checkpoint one chunk. The first recorded result of a chunk stands."""
+        now = utcnow()
+        text = " ".join(seg.text.strip() for seg in segments if seg.text.strip())
+        async with self.sessions.begin() as s:
+            await self._fence(s, lease)
+            chunk = await s.get(Chunk, (lease.job_id, index))
+            if chunk is None:
+                raise InvalidInput(f"job {lease.job_id} has no chunk {index}", field="index")
+            if chunk.status != ChunkState.COMPLETED:
+                await s.execute(
+                    update(Chunk)
+                    .where(
+                        Chunk.job_id == lease.job_id, Chunk.idx == index, Chunk.status != ChunkState.COMPLETED
+                    )
+                    .values(
+                        status=ChunkState.COMPLETED,
+                        text=text,
+                        segments_json=json.dumps([seg.to_dict() for seg in segments]),
+                        language=language,
+                        processed_at=now,
+                        attempts=Chunk.attempts + 1,
+                        error=None,
+                        lease_epoch=lease.epoch,
+                    )
+                )
+            done, total = await self._recount(s, lease.job_id)
+        await self.bus.publish_job(lease.job_id)
+        return ChunkUpdate(done, total)
+
+    async def _recount(self, s: AsyncSession, job_id: str) -> tuple[int, int]:
+        done = (
+            await s.execute(
+                select(func.count()).where(Chunk.job_id == job_id, Chunk.status == ChunkState.COMPLETED)
+            )
+        ).scalar_one()
+        total = (await s.execute(select(func.count()).where(Chunk.job_id == job_id))).scalar_one()
+        await s.execute(update(Job).where(Job.id == job_id).values(chunks_completed=done))
+        return int(done), int(total)
+
+    async def fail_chunk(self, lease: Lease, index: int, error: str) -> ChunkUpdate:
+        """Count a failed attempt; past max attempts the job FAILS with the chunk's reason."""
+        now = utcnow()
+        async with self.sessions.begin() as s:
+            await self._fence(s, lease)
+            chunk = await s.get(Chunk, (lease.job_id, index))
+            job = await s.get(Job, lease.job_id)
+            if chunk is None or job is None:
+                raise InvalidInput(f"job {lease.job_id} has no chunk {index}", field="index")
+            if chunk.status == ChunkState.COMPLETED:
+                done, total = await self._recount(s, lease.job_id)
+                return ChunkUpdate(done, total, chunk.attempts)
+            attempts = chunk.attempts + 1
+            failed = attempts >= job.max_attempts
+            await s.execute(
+                update(Chunk)
+                .where(Chunk.job_id == lease.job_id, Chunk.idx == index)
+                .values(
+                    attempts=attempts,
+                    error=error[:2000],
+                    status=ChunkState.FAILED if failed else ChunkState.PENDING,
+                    processed_at=now,
+                )
+            )
+            done, total = await self._recount(s, lease.job_id)
+            if failed:
+                reason = f"chunk {index} ({chunk.start_time:.1f}-{chunk.end_time:.1f}s) failed {attempts} times: {error}"
+                await s.execute(
+                    update(Job).where(Job.id == lease.job_id).values(**self._failed_values(reason))
+                )
+        if failed:
+            log.warning("job failed", extra={"job_id": lease.job_id, "error": reason})
+        await self.bus.publish_job(lease.job_id)
+        return ChunkUpdate(done, total, attempts, failed)
+
+    def _failed_values(self, reason: str) -> dict[str, Any]:
+        now = utcnow()
+        return {
+            "status": Status.FAILED,
+            "error_message": reason[:4000],
+            "completed_at": now,
+            "updated_at": now,
+            "lease_expires_at": None,
+            "expires_at": now + dt.timedelta(seconds=self.failed_ttl),
+        }
+
+    async def complete_job(self, lease: Lease, transcript: str, language: str | None) -> Job:
+        now = utcnow()
+        async with self.sessions.begin() as s:
+            await self._fence(s, lease)
+            missing = (
+                await s.execute(
+                    select(func.count()).where(
+                        Chunk.job_id == lease.job_id, Chunk.status != ChunkState.COMPLETED
+                    )
+                )
+            ).scalar_one()
+            if missing:
+                raise WrongState(
+                    f"{missing} chunks of job {lease.job_id} are not completed", reason="CHUNKS_MISSING"
+                )
+            await s.execute(
+                update(Job)
+                .where(Job.id == lease.job_id)
+                .values(
+                    status=Status.COMPLETED,
+                    transcript=transcript,
+                    detected_language=language,
+                    completed_at=now,
+                    lease_expires_at=None,
+                    error_message=None,
+                    expires_at=now + dt.timedelta(seconds=self.result_ttl),
+                )
+            )
+        log.info("job completed", extra={"job_id": lease.job_id})
+        await self.bus.publish_job(lease.job_id)
+        return await self.get_job(lease.job_id)
+
+    async def fail_job(self, lease: Lease, error: str) -> Job:
+        async with self.sessions.begin() as s:
+            await self._fence(s, lease, **self._failed_values(error))
+        log.warning("job failed", extra={"job_id": lease.job_id, "error": error})
+        await self.bus.publish_job(lease.job_id)
+        return await self.get_job(lease.job_id)
+
+    async def release(self, lease: Lease) -> Job:
+        """Hand the job back to the queue (graceful shutdown); no attempt is counted."""
+        async with self.sessions.begin() as s:
+            await self._fence(s, lease, status=Status.QUEUED, worker_id=None, lease_expires_at=None)
+        log.info("job released", extra={"job_id": lease.job_id})
+        await self.bus.publish_wake()
+        await self.bus.publish_job(lease.job_id)
+        return await self.get_job(lease.job_id)
+
+    # -- housekeeping -------------------------------------------------------------------------------
+
+    async def reap_expired(self) -> list[str]:
+        """Expired leases go back to the queue with retry_count + 1, or FAIL past max attempts."""
+        now = utcnow()
+        expired = and_(Job.status == Status.RUNNING, Job.lease_expires_at < now)
+        async with self.sessions.begin() as s:
+            requeued = list(
+                (
+                    await s.execute(
+                        update(Job)
+                        .where(expired, Job.retry_count + 1 < Job.max_attempts)
+                        .values(
+                            status=Status.QUEUED,
+                            retry_count=Job.retry_count + 1,
+                            worker_id=None,
+                            lease_expires_at=None,
+                            updated_at=now,
+                            error_message="lease expired: the worker stopped responding; retrying",
+                        )
+                        .returning(Job.id)
+                    )
+                ).scalars()
+            )
+            failed = list(
+                (
+                    await s.execute(
+                        update(Job)
+                        .where(expired, Job.retry_count + 1 >= Job.max_attempts)
+                        .values(
+                            retry_count=Job.retry_count + 1,
+                            **self._failed_values(
+                                "lease expired on the last allowed attempt: the worker stopped responding"
+                            ),
+                        )
+                        .returning(Job.id)
+                    )
+                ).scalars()
+            )
+        for job_id in requeued:
+            log.warning("lease expired; job requeued", extra={"job_id": job_id})
+        for job_id in failed:
+            log.warning("lease expired; job failed after max attempts", extra={"job_id": job_id})
+        if requeued:
+            await self.bus.publish_wake()
+        for job_id in requeued + failed:
+            await self.bus.publish_job(job_id)
+        return requeued + failed
+
+    async def sweep(self, orphan_age: float = 3600.0) -> int:
+        """Remove expired jobs (rows, chunks, audio) and audio blobs that belong to no job."""
+        now = utcnow()
+        async with self.sessions.begin() as s:
+            keys = list(
+                (await s.execute(delete(Job).where(Job.expires_at < now).returning(Job.blob_key))).scalars()
+            )
+        for key in keys:
+            await self.blobs.delete(key)
+        old = await self.blobs.keys_older_than(orphan_age)
+        if old:
+            async with self.sessions() as s:
+                known = set((await s.execute(select(Job.blob_key).where(Job.blob_key.in_(old)))).scalars())
+            for key in set(old) - known:
+                await self.blobs.delete(key)
+                keys.append(key)
+        if keys:
+            log.info("swept %d expired jobs or orphaned blobs", len(keys))
+        return len(keys)
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+def _encode_token(created: dt.datetime, job_id: str) -> str:
+    raw = json.dumps([created.isoformat(), job_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str) -> tuple[dt.datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        created, job_id = json.loads(raw)
+        return dt.datetime.fromisoformat(created), str(job_id)
+    except Exception:
+        raise InvalidInput("page_token is not valid", reason="BAD_PAGE_TOKEN", field="page_token") from None
