@@ -4,6 +4,7 @@ jobstore's volume; an object store can implement the same four methods."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -104,7 +105,5 @@ def _flush_and_sync(fh: object) -> None:
 
 
 def _unlink(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

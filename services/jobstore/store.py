@@ -391,7 +391,8 @@ class Store:
         if job.status == Status.CANCELLED:
             raise Aborted(f"job {lease.job_id} was cancelled", reason="JOB_CANCELLED")
         raise Aborted(
-            f"stale lease on job {lease.job_id}: epoch {lease.epoch}, current {job.lease_epoch} ({job.status})",
+            f"stale lease on job {lease.job_id}: epoch {lease.epoch}, "
+            f"current {job.lease_epoch} ({job.status})",
             reason="STALE_LEASE",
             metadata={"current_epoch": str(job.lease_epoch)},
         )
@@ -499,7 +500,8 @@ class Store:
             )
             done, total = await self._recount(s, lease.job_id)
             if failed:
-                reason = f"chunk {index} ({chunk.start_time:.1f}-{chunk.end_time:.1f}s) failed {attempts} times: {error}"
+                span = f"{chunk.start_time:.1f}-{chunk.end_time:.1f}s"
+                reason = f"chunk {index} ({span}) failed {attempts} times: {error}"
                 await s.execute(
                     update(Job).where(Job.id == lease.job_id).values(**self._failed_values(reason))
                 )
