@@ -1,7 +1,8 @@
 """The whole stack in one process on loopback: `stt up` (and `make run`).
 
 Each service runs its real gRPC server (on a loopback port) exactly as it does in its own process
-or pod; only the addresses are wired here.
+or pod; only the addresses are wired here. Jobs and audio live in the data directory (SQLite and
+files), so a restart resumes queued and running jobs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from dataclasses import dataclass, field
 from services.gateway.config import GatewaySettings
 from services.gateway.server import Gateway
 from services.gateway.server import create_server as create_gateway
+from services.jobstore.config import JobstoreSettings
+from services.jobstore.server import JobstoreApp
+from services.jobstore.server import create_server as create_jobstore
 from services.shared.server import RunningServer, run_until_signalled
 from services.transcriber.config import TranscriberSettings
 from services.transcriber.server import Transcriber
@@ -25,7 +29,7 @@ log = logging.getLogger("stt.up")
 class Stack:
     gateway: Gateway
     transcriber: Transcriber
-    data_dir: str | None = None
+    jobstore: JobstoreApp
     _stopped: bool = field(default=False)
 
     @property
@@ -34,8 +38,8 @@ class Stack:
 
     @property
     def servers(self) -> list[RunningServer]:
-        """In stop order: the public surface first, the model last."""
-        return [self.gateway.running, self.transcriber.running]
+        """In stop order: the public surface first, then the state, the model last."""
+        return [self.gateway.running, self.jobstore.running, self.transcriber.running]
 
     async def wait_ready(self, timeout: float = 120.0) -> None:
         loop = asyncio.get_running_loop()
@@ -57,27 +61,36 @@ async def start_stack(
     *,
     port: int = 50051,
     host: str = "127.0.0.1",
-    data_dir: str | None = None,
+    data_dir: str = "./data",
     gateway_settings: GatewaySettings | None = None,
     transcriber_settings: TranscriberSettings | None = None,
+    jobstore_settings: JobstoreSettings | None = None,
 ) -> Stack:
     tset = transcriber_settings or TranscriberSettings()
     transcriber = await create_transcriber(tset, host="127.0.0.1", port=0)
+    jset = (jobstore_settings or JobstoreSettings()).model_copy(
+        update={"data_dir": data_dir, "requeue_running_on_start": True}
+    )
+    jobstore = await create_jobstore(jset, host="127.0.0.1", port=0)
     gset = (gateway_settings or GatewaySettings()).model_copy(
-        update={"transcriber_address": f"127.0.0.1:{transcriber.port}"}
+        update={
+            "transcriber_address": f"127.0.0.1:{transcriber.port}",
+            "jobstore_address": f"127.0.0.1:{jobstore.port}",
+        }
     )
     gateway = await create_gateway(gset, host=host, port=port)
-    return Stack(gateway, transcriber, data_dir)
+    return Stack(gateway, transcriber, jobstore)
 
 
-async def run(port: int, data_dir: str | None, host: str = "127.0.0.1") -> None:
+async def run(port: int, data_dir: str, host: str = "127.0.0.1") -> None:
     stack = await start_stack(port=port, host=host, data_dir=data_dir)
     try:
         await stack.wait_ready()
         log.info(
-            "ready: gateway on %s:%d (try: stt transcribe FILE --server localhost:%d)",
+            "ready: gateway on %s:%d, data in %s (try: stt transcribe FILE --server localhost:%d)",
             host,
             stack.port,
+            data_dir,
             stack.port,
         )
     except TimeoutError:

@@ -8,6 +8,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from stt import formats
 from stt.errors import SttError
@@ -83,6 +84,152 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if statuses.get("", "SERVING") == "SERVING" else 1
 
 
+def _ts(t: Any) -> str:
+    return t.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if t.seconds else "-"
+
+
+def _job_line(job: Any) -> str:
+    from stt.v1 import jobs_pb2
+
+    status = jobs_pb2.JobStatus.Name(job.status)
+    prio = jobs_pb2.Priority.Name(job.priority) if job.priority else "NORMAL"
+    progress = f"{job.chunks_completed}/{job.chunks_total}" if job.chunks_total else "-"
+    return (
+        f"{job.job_id}  {status:<9} {prio:<6} {progress:>7}  {job.audio_duration_seconds:8.1f}s  "
+        f"{_ts(job.create_time)}  {job.filename}"
+    )
+
+
+def _job_detail(job: Any) -> str:
+    from google.protobuf import json_format
+
+    return json.dumps(json_format.MessageToDict(job, preserving_proto_field_name=True), indent=2)
+
+
+class _Progress:
+    """A one-line progress bar on stderr fed by WatchJob events."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.last = ""
+
+    def update(self, event: Any) -> None:
+        from stt.v1 import jobs_pb2
+
+        job = event.job
+        total, done = job.chunks_total, job.chunks_completed
+        width = 30
+        filled = int(width * done / total) if total else 0
+        bar = "#" * filled + "-" * (width - filled)
+        retry = f"  retry {job.retry_count}" if job.retry_count else ""
+        line = f"[{bar}] {done}/{total or '?'} chunks  {jobs_pb2.JobStatus.Name(job.status)}{retry}"
+        if line == self.last:
+            return
+        self.last = line
+        sys.stderr.write(("\r" + line) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.tty and self.last:
+            sys.stderr.write("\n")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from stt.client import Client
+    from stt.v1 import jobs_pb2
+
+    data = _read_input(args.file)
+    with Client(args.server, timeout=args.timeout) as client:
+        job = client.submit(
+            data,
+            filename=args.file if args.file != "-" else "stdin",
+            priority=args.priority,
+            request_id=args.request_id,
+            language=args.language,
+            encoding=args.encoding,
+            sample_rate=args.sample_rate,
+            channels=args.channels,
+            beam_size=args.beam_size,
+            prompt=args.prompt,
+            word_timestamps=True,
+        )
+        if not args.wait:
+            print(job.job_id)
+            return 0
+        print(f"job {job.job_id}", file=sys.stderr)
+        progress = _Progress()
+        for event in client.watch_job(job.job_id):
+            progress.update(event)
+            job = event.job
+        progress.done()
+        if job.status != jobs_pb2.COMPLETED:
+            print(
+                f"job {job.job_id} {jobs_pb2.JobStatus.Name(job.status)}: {job.error_message}",
+                file=sys.stderr,
+            )
+            return 1
+        sys.stdout.write(client.transcript(job.job_id, args.format).content)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from stt.client import Client
+
+    with Client(args.server, timeout=args.timeout) as client:
+        if args.action == "list":
+            token, shown = "", 0
+            while shown < args.limit:
+                resp = client.list_jobs(
+                    status=args.status, page_size=min(100, args.limit - shown), page_token=token
+                )
+                for job in resp.jobs:
+                    print(_job_line(job))
+                shown += len(resp.jobs)
+                token = resp.next_page_token
+                if not token:
+                    break
+            return 0
+        if not args.job_id:
+            raise SystemExit(f"stt jobs {args.action}: a JOB_ID is required")
+        if args.action == "get":
+            print(_job_detail(client.get_job(args.job_id)))
+        elif args.action == "watch":
+            progress = _Progress()
+            for event in client.watch_job(args.job_id):
+                progress.update(event)
+            progress.done()
+        elif args.action == "cancel":
+            print(_job_line(client.cancel_job(args.job_id)))
+        elif args.action == "delete":
+            client.delete_job(args.job_id)
+            print(f"deleted {args.job_id}")
+    return 0
+
+
+def cmd_transcript(args: argparse.Namespace) -> int:
+    from stt.client import Client
+
+    with Client(args.server, timeout=args.timeout) as client:
+        sys.stdout.write(client.transcript(args.job_id, args.format).content)
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from stt.client import Client
+    from stt.v1 import jobs_pb2
+
+    with Client(args.server, timeout=args.timeout) as client:
+        stats = client.queue_stats()
+    print(f"{'priority':<10}{'pending':>8}{'running':>9}{'workers':>9}{'oldest wait':>13}")
+    for p in stats.priorities:
+        print(
+            f"{jobs_pb2.Priority.Name(p.priority):<10}{p.pending:>8}{p.running:>9}{p.workers:>9}"
+            f"{p.oldest_wait_seconds:>12.1f}s"
+        )
+    print(f"workers: {stats.workers}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stt", description="Speech-to-text over gRPC.")
     parser.add_argument(
@@ -94,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="run the whole stack embedded on this machine")
     p.add_argument("--port", type=int, default=50051, help="gateway port (default 50051)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-    p.add_argument("--data-dir", default=None, help="keep jobs and audio here (default ./data)")
+    p.add_argument("--data-dir", default="./data", help="keep jobs and audio here (default ./data)")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("transcribe", help="transcribe a file and print the transcript")
@@ -102,6 +249,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", "-f", choices=formats.FORMATS, default="text")
     _add_config_args(p)
     p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("submit", help="upload a file as a durable job")
+    p.add_argument("file", help="audio file, or - for stdin")
+    p.add_argument("--priority", "-p", choices=["high", "normal", "low"], default="normal")
+    p.add_argument("--request-id", default=None, help="idempotency key (default: a new UUID)")
+    p.add_argument("--wait", "-w", action="store_true", help="show progress, then print the transcript")
+    p.add_argument(
+        "--format", "-f", choices=formats.FORMATS, default="text", help="transcript format with --wait"
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list, inspect, watch, cancel or delete jobs")
+    p.add_argument("action", choices=["list", "get", "watch", "cancel", "delete"])
+    p.add_argument("job_id", nargs="?", default=None)
+    p.add_argument(
+        "--status", choices=["queued", "running", "completed", "failed", "cancelled"], default=None
+    )
+    p.add_argument("--limit", type=int, default=50, help="list at most this many (newest first)")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("transcript", help="print a completed job's transcript")
+    p.add_argument("job_id")
+    p.add_argument("--format", "-f", choices=formats.FORMATS, default="text")
+    p.set_defaults(func=cmd_transcript)
+
+    p = sub.add_parser("queue", help="queue statistics per priority")
+    p.set_defaults(func=cmd_queue)
 
     p = sub.add_parser("health", help="report the status of each service")
     p.add_argument("--json", action="store_true")

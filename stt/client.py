@@ -10,9 +10,12 @@ server's retry push-back); other failures raise `stt.errors.SttError`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
-from collections.abc import Awaitable, Callable
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -68,6 +71,56 @@ def recognition_config(
     )
 
 
+PRIORITIES = {"low": jobs_pb2.LOW, "normal": jobs_pb2.NORMAL, "high": jobs_pb2.HIGH}
+STATUSES = {"queued": jobs_pb2.QUEUED, "running": jobs_pb2.RUNNING, "completed": jobs_pb2.COMPLETED,
+            "failed": jobs_pb2.FAILED, "cancelled": jobs_pb2.CANCELLED}  # fmt: skip
+TRANSCRIPT_FORMATS = {
+    "text": common_pb2.TEXT,
+    "json": common_pb2.JSON,
+    "srt": common_pb2.SRT,
+    "vtt": common_pb2.VTT,
+}
+UPLOAD_PIECE = 256 * 1024
+TERMINAL = (jobs_pb2.COMPLETED, jobs_pb2.FAILED, jobs_pb2.CANCELLED)
+
+
+def _priority(value: str | int) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return PRIORITIES[value.lower()]
+    except KeyError:
+        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}") from None
+
+
+def upload_requests(
+    data: bytes,
+    *,
+    filename: str,
+    priority: str | int,
+    request_id: str | None,
+    config: common_pb2.RecognitionConfig,
+) -> list[jobs_pb2.CreateJobRequest]:
+    """CreateJob's client stream: metadata first, then the audio in pieces."""
+    meta = jobs_pb2.JobMetadata(
+        request_id=request_id or uuid.uuid4().hex,
+        filename=filename,
+        priority=_priority(priority),  # type: ignore[arg-type]
+        config=config,
+        size_bytes=len(data),
+    )
+    pieces = [data[i : i + UPLOAD_PIECE] for i in range(0, len(data), UPLOAD_PIECE)]
+    return [jobs_pb2.CreateJobRequest(metadata=meta)] + [
+        jobs_pb2.CreateJobRequest(audio_chunk=p) for p in pieces
+    ]
+
+
+def _filename(audio: Audio, filename: str | None) -> str:
+    if filename:
+        return filename
+    return "" if isinstance(audio, bytes) else os.path.basename(os.fspath(audio))
+
+
 def segments_of(results: Any) -> list[dict[str, Any]]:
     """Recognition results (or Segment messages) as plain dicts for `stt.formats.render`."""
     out = []
@@ -121,12 +174,22 @@ def _health_statuses(resp: health_pb2.HealthListResponse) -> dict[str, str]:
     }
 
 
-class AsyncClient:
-    """asyncio client. Use as `async with AsyncClient(server) as client: ...`."""
+def _auth(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    key = api_key if api_key is not None else os.environ.get("STT_API_KEY", "")
+    return (("authorization", f"Bearer {key}"),) if key else ()
 
-    def __init__(self, server: str | None = None, *, timeout: float = 600.0) -> None:
+
+class AsyncClient:
+    """asyncio client. Use as `async with AsyncClient(server) as client: ...`.
+
+    `api_key` (or env STT_API_KEY) is sent as `authorization: Bearer <key>` on every call."""
+
+    def __init__(
+        self, server: str | None = None, *, timeout: float = 600.0, api_key: str | None = None
+    ) -> None:
         self.server = server or default_server()
         self.timeout = timeout
+        self.metadata = _auth(api_key)
         self.channel = insecure_channel(self.server, PUBLIC_SERVICES)
         self.speech = speech_pb2_grpc.SpeechStub(self.channel)
         self.jobs = jobs_pb2_grpc.JobsStub(self.channel)
@@ -155,7 +218,96 @@ class AsyncClient:
         request = speech_pb2.RecognizeRequest(
             config=config or recognition_config(**config_kwargs), content=read_audio(audio)
         )
-        return await self.speech.Recognize(request, timeout=timeout or self.timeout)
+        return await self.speech.Recognize(request, timeout=timeout or self.timeout, metadata=self.metadata)
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    @_wrap_async
+    async def submit(
+        self,
+        audio: Audio,
+        *,
+        priority: str | int = "normal",
+        request_id: str | None = None,
+        filename: str | None = None,
+        config: common_pb2.RecognitionConfig | None = None,
+        timeout: float | None = None,
+        **config_kwargs: Any,
+    ) -> jobs_pb2.Job:
+        """Upload a recording as a job. The request_id (a new UUID unless given) makes retries safe."""
+        reqs = upload_requests(
+            read_audio(audio),
+            filename=_filename(audio, filename),
+            priority=priority,
+            request_id=request_id,
+            config=config or recognition_config(**config_kwargs),
+        )
+        return await self.jobs.CreateJob(iter(reqs), timeout=timeout or self.timeout, metadata=self.metadata)
+
+    @_wrap_async
+    async def get_job(self, job_id: str) -> jobs_pb2.Job:
+        return await self.jobs.GetJob(
+            jobs_pb2.GetJobRequest(job_id=job_id), timeout=30, metadata=self.metadata
+        )
+
+    @_wrap_async
+    async def list_jobs(
+        self, *, status: str | int | None = None, page_size: int = 0, page_token: str = ""
+    ) -> jobs_pb2.ListJobsResponse:
+        st = STATUSES[status.lower()] if isinstance(status, str) else (status or 0)
+        req = jobs_pb2.ListJobsRequest(status=st, page_size=page_size, page_token=page_token)  # type: ignore[arg-type]
+        return await self.jobs.ListJobs(req, timeout=30, metadata=self.metadata)
+
+    async def watch_job(self, job_id: str) -> AsyncIterator[jobs_pb2.JobEvent]:
+        """The job's state now, then every change until it ends. Reconnects if the stream breaks
+        (each new stream starts with the current state, so nothing needed is missed)."""
+        backoff = 0.2
+        while True:
+            try:
+                async for event in self.jobs.WatchJob(
+                    jobs_pb2.WatchJobRequest(job_id=job_id), metadata=self.metadata
+                ):
+                    backoff = 0.2
+                    yield event
+                    if event.job.status in TERMINAL:
+                        return
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise SttError.from_rpc_error(exc) from None
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def wait(self, job_id: str) -> jobs_pb2.Job:
+        """Block until the job is COMPLETED, FAILED or CANCELLED."""
+        job = None
+        async for event in self.watch_job(job_id):
+            job = event.job
+        assert job is not None
+        return job
+
+    @_wrap_async
+    async def cancel_job(self, job_id: str) -> jobs_pb2.Job:
+        return await self.jobs.CancelJob(
+            jobs_pb2.CancelJobRequest(job_id=job_id), timeout=30, metadata=self.metadata
+        )
+
+    @_wrap_async
+    async def delete_job(self, job_id: str) -> None:
+        await self.jobs.DeleteJob(
+            jobs_pb2.DeleteJobRequest(job_id=job_id), timeout=30, metadata=self.metadata
+        )
+
+    @_wrap_async
+    async def transcript(self, job_id: str, format: str = "text") -> jobs_pb2.Transcript:
+        req = jobs_pb2.GetTranscriptRequest(job_id=job_id, format=TRANSCRIPT_FORMATS[format])
+        return await self.jobs.GetTranscript(req, timeout=60, metadata=self.metadata)
+
+    @_wrap_async
+    async def queue_stats(self) -> jobs_pb2.QueueStats:
+        return await self.jobs.GetQueueStats(
+            jobs_pb2.GetQueueStatsRequest(), timeout=30, metadata=self.metadata
+        )
 
     @_wrap_async
     async def health(self, timeout: float = 5.0) -> dict[str, str]:
@@ -180,9 +332,12 @@ class AsyncClient:
 class Client:
     """Blocking client with the same methods as AsyncClient."""
 
-    def __init__(self, server: str | None = None, *, timeout: float = 600.0) -> None:
+    def __init__(
+        self, server: str | None = None, *, timeout: float = 600.0, api_key: str | None = None
+    ) -> None:
         self.server = server or default_server()
         self.timeout = timeout
+        self.metadata = _auth(api_key)
         self.channel = insecure_sync_channel(self.server, PUBLIC_SERVICES)
         self.speech = speech_pb2_grpc.SpeechStub(self.channel)
         self.jobs = jobs_pb2_grpc.JobsStub(self.channel)
@@ -209,7 +364,84 @@ class Client:
         request = speech_pb2.RecognizeRequest(
             config=config or recognition_config(**config_kwargs), content=read_audio(audio)
         )
-        return self.speech.Recognize(request, timeout=timeout or self.timeout)
+        return self.speech.Recognize(request, timeout=timeout or self.timeout, metadata=self.metadata)
+
+    @_wrap_sync
+    def submit(
+        self,
+        audio: Audio,
+        *,
+        priority: str | int = "normal",
+        request_id: str | None = None,
+        filename: str | None = None,
+        config: common_pb2.RecognitionConfig | None = None,
+        timeout: float | None = None,
+        **config_kwargs: Any,
+    ) -> jobs_pb2.Job:
+        reqs = upload_requests(
+            read_audio(audio),
+            filename=_filename(audio, filename),
+            priority=priority,
+            request_id=request_id,
+            config=config or recognition_config(**config_kwargs),
+        )
+        return self.jobs.CreateJob(iter(reqs), timeout=timeout or self.timeout, metadata=self.metadata)
+
+    @_wrap_sync
+    def get_job(self, job_id: str) -> jobs_pb2.Job:
+        return self.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=30, metadata=self.metadata)
+
+    @_wrap_sync
+    def list_jobs(
+        self, *, status: str | int | None = None, page_size: int = 0, page_token: str = ""
+    ) -> jobs_pb2.ListJobsResponse:
+        st = STATUSES[status.lower()] if isinstance(status, str) else (status or 0)
+        req = jobs_pb2.ListJobsRequest(status=st, page_size=page_size, page_token=page_token)  # type: ignore[arg-type]
+        return self.jobs.ListJobs(req, timeout=30, metadata=self.metadata)
+
+    def watch_job(self, job_id: str) -> Iterator[jobs_pb2.JobEvent]:
+        backoff = 0.2
+        while True:
+            try:
+                for event in self.jobs.WatchJob(
+                    jobs_pb2.WatchJobRequest(job_id=job_id), metadata=self.metadata
+                ):
+                    backoff = 0.2
+                    yield event
+                    if event.job.status in TERMINAL:
+                        return
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise SttError.from_rpc_error(exc) from None
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    def wait(self, job_id: str) -> jobs_pb2.Job:
+        job = None
+        for event in self.watch_job(job_id):
+            job = event.job
+        assert job is not None
+        return job
+
+    @_wrap_sync
+    def cancel_job(self, job_id: str) -> jobs_pb2.Job:
+        return self.jobs.CancelJob(
+            jobs_pb2.CancelJobRequest(job_id=job_id), timeout=30, metadata=self.metadata
+        )
+
+    @_wrap_sync
+    def delete_job(self, job_id: str) -> None:
+        self.jobs.DeleteJob(jobs_pb2.DeleteJobRequest(job_id=job_id), timeout=30, metadata=self.metadata)
+
+    @_wrap_sync
+    def transcript(self, job_id: str, format: str = "text") -> jobs_pb2.Transcript:
+        req = jobs_pb2.GetTranscriptRequest(job_id=job_id, format=TRANSCRIPT_FORMATS[format])
+        return self.jobs.GetTranscript(req, timeout=60, metadata=self.metadata)
+
+    @_wrap_sync
+    def queue_stats(self) -> jobs_pb2.QueueStats:
+        return self.jobs.GetQueueStats(jobs_pb2.GetQueueStatsRequest(), timeout=30, metadata=self.metadata)
 
     @_wrap_sync
     def health(self, timeout: float = 5.0) -> dict[str, str]:

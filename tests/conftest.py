@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 
@@ -10,6 +11,9 @@ import pytest
 from services.gateway.config import GatewaySettings
 from services.gateway.server import Gateway
 from services.gateway.server import create_server as create_gateway
+from services.jobstore.config import JobstoreSettings
+from services.jobstore.server import JobstoreApp
+from services.jobstore.server import create_server as create_jobstore
 from services.shared.logging import setup_logging
 from services.transcriber.config import TranscriberSettings
 from services.transcriber.server import Transcriber
@@ -28,6 +32,12 @@ def transcriber_settings(**kw: object) -> TranscriberSettings:
     return TranscriberSettings(host="127.0.0.1", cpu_threads=2, **kw)  # type: ignore[arg-type]
 
 
+def jobstore_settings(data_dir: str, **kw: object) -> JobstoreSettings:
+    return JobstoreSettings(
+        host="127.0.0.1", data_dir=data_dir, reap_interval_seconds=0.2, reconcile_seconds=0.5, **kw
+    )  # type: ignore[arg-type]
+
+
 def gateway_settings(transcribers: str, **kw: object) -> GatewaySettings:
     return GatewaySettings(host="127.0.0.1", transcriber_address=transcribers, **{**GATEWAY_LIMITS, **kw})  # type: ignore[arg-type]
 
@@ -41,14 +51,26 @@ async def transcriber() -> AsyncIterator[Transcriber]:
 
 
 @pytest.fixture(scope="session")
-async def gateway(transcriber: Transcriber) -> AsyncIterator[Gateway]:
-    gw = await create_gateway(gateway_settings(f"127.0.0.1:{transcriber.port}"), port=0)
-    while not gw.pool.serving_count:
-        import asyncio
+async def jobstore(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[JobstoreApp]:
+    app = await create_jobstore(jobstore_settings(str(tmp_path_factory.mktemp("jobstore"))), port=0)
+    yield app
+    await app.stop(0)
 
-        await asyncio.sleep(0.02)
+
+@pytest.fixture(scope="session")
+async def gateway(transcriber: Transcriber, jobstore: JobstoreApp) -> AsyncIterator[Gateway]:
+    gw = await create_gateway(
+        gateway_settings(f"127.0.0.1:{transcriber.port}", jobstore_address=f"127.0.0.1:{jobstore.port}"),
+        port=0,
+    )
+    await wait_serving(gw)
     yield gw
     await gw.stop(0)
+
+
+async def wait_serving(gw: Gateway, count: int = 1) -> None:
+    while gw.pool.serving_count < count:
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture(scope="session")

@@ -268,20 +268,24 @@ def _av_msg(exc: BaseException) -> str:
 def iter_linear16(data: bytes, sample_rate: int, channels: int, limits: Limits) -> Iterator[np.ndarray]:
     """Raw little-endian int16 PCM, interleaved channels -> 16 kHz mono float32 blocks."""
     validate_linear16(sample_rate, channels)
-    frame_bytes = 2 * channels
-    if len(data) % frame_bytes:
-        raise InvalidInput(
-            f"LINEAR16 content is {len(data)} bytes, not a whole number of {channels}-channel 16-bit "
-            f"frames ({frame_bytes} bytes each)",
-            reason="PARTIAL_FRAME",
-            field="content",
-        )
-    total = len(data) // frame_bytes
+    _check_whole_frames(len(data), channels)
+    total = len(data) // (2 * channels)
     if total / sample_rate > limits.max_seconds:
         raise _too_long(total / sample_rate, limits, declared=True)
     decoder = Linear16Decoder(sample_rate, channels, limits)
     yield from decoder.push(data)
     yield from decoder.flush()
+
+
+def _check_whole_frames(size: int, channels: int) -> None:
+    frame_bytes = 2 * channels
+    if size % frame_bytes:
+        raise InvalidInput(
+            f"LINEAR16 content is {size} bytes, not a whole number of {channels}-channel 16-bit "
+            f"frames ({frame_bytes} bytes each)",
+            reason="PARTIAL_FRAME",
+            field="content",
+        )
 
 
 class Linear16Decoder:
@@ -344,6 +348,36 @@ def validate_linear16(sample_rate: int, channels: int) -> None:
         )
 
 
+def iter_source(
+    source: bytes | str,
+    *,
+    limits: Limits,
+    encoding: str = "",
+    sample_rate: int = 0,
+    channels: int = 0,
+    info: AudioInfo | None = None,
+) -> Iterator[np.ndarray]:
+    """Any recording (bytes or a file path) as 16 kHz mono float32 blocks, within the limits."""
+    info = info if info is not None else AudioInfo()
+    size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
+    check_size(size, limits)
+    if encoding != "LINEAR16":
+        yield from iter_container(source, limits, encoding or None, info)
+        return
+    channels = channels or 1
+    info.sample_rate, info.channels = sample_rate, channels
+    if isinstance(source, bytes):
+        yield from iter_linear16(source, sample_rate, channels, limits)
+        return
+    validate_linear16(sample_rate, channels)
+    _check_whole_frames(size, channels)
+    decoder = Linear16Decoder(sample_rate, channels, limits)
+    with open(source, "rb") as fh:
+        while block := fh.read(1 << 20):
+            yield from decoder.push(block)
+    yield from decoder.flush()
+
+
 def decode(
     source: bytes | str,
     *,
@@ -353,15 +387,37 @@ def decode(
     channels: int = 0,
 ) -> DecodedAudio:
     """Decode a whole recording (bytes or a file path) into memory, within the limits."""
-    size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
-    check_size(size, limits)
     info = AudioInfo()
-    if encoding == "LINEAR16":
-        data = source if isinstance(source, bytes) else open(source, "rb").read()  # noqa: SIM115
-        blocks = list(iter_linear16(data, sample_rate, channels or 1, limits))
-        info.sample_rate, info.channels = sample_rate, channels or 1
-    else:
-        blocks = list(iter_container(source, limits, encoding or None, info))
+    blocks = list(
+        iter_source(
+            source, limits=limits, encoding=encoding, sample_rate=sample_rate, channels=channels, info=info
+        )
+    )
     samples = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
     info.seconds = samples.shape[0] / SAMPLE_RATE
     return DecodedAudio(samples, info)
+
+
+def decode_to_file(
+    source: str,
+    dest: str | None,
+    *,
+    limits: Limits,
+    encoding: str = "",
+    sample_rate: int = 0,
+    channels: int = 0,
+) -> AudioInfo:
+    """Decode a recording into raw 16 kHz mono int16 at `dest` (None: only validate and measure),
+    holding one block at a time in memory."""
+    info = AudioInfo()
+    out = open(dest, "wb") if dest else None  # noqa: SIM115
+    try:
+        for block in iter_source(
+            source, limits=limits, encoding=encoding, sample_rate=sample_rate, channels=channels, info=info
+        ):
+            if out is not None:
+                out.write((np.clip(block, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
+    finally:
+        if out is not None:
+            out.close()
+    return info

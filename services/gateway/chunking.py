@@ -58,12 +58,30 @@ def speech_regions(audio: np.ndarray, vad: VadSettings) -> list[tuple[int, int]]
     return [(int(s["start"]), int(s["end"])) for s in stamps]
 
 
+def speech_regions_long(
+    pcm: np.ndarray, vad: VadSettings, *, block_seconds: float = 600.0
+) -> list[tuple[int, int]]:
+    """Speech regions of long int16 audio (e.g. a memory-mapped file), one block at a time so
+    memory stays bounded; regions that meet at a block boundary are joined."""
+    block = int(block_seconds * SAMPLE_RATE)
+    out: list[tuple[int, int]] = []
+    for offset in range(0, pcm.shape[0], block):
+        audio = np.asarray(pcm[offset : offset + block], dtype=np.float32) / 32768.0
+        for start, end in speech_regions(audio, vad):
+            start, end = start + offset, end + offset
+            if out and start - out[-1][1] <= SAMPLE_RATE // 10 and start - offset <= SAMPLE_RATE // 2:
+                out[-1] = (out[-1][0], end)
+            else:
+                out.append((start, end))
+    return out
+
+
 def _quietest_cut(audio: np.ndarray, lo: int, hi: int) -> int:
     """Sample index of the quietest 50 ms frame between lo and hi."""
     frame = SAMPLE_RATE // 20
     if hi - lo <= frame:
         return hi
-    seg = audio[lo:hi]
+    seg = np.asarray(audio[lo:hi], dtype=np.float32)
     n = seg.shape[0] // frame
     energy = np.square(seg[: n * frame].reshape(n, frame)).mean(axis=1)
     return lo + int(np.argmin(energy)) * frame + frame // 2

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pydantic import SecretStr
+
+from services.gateway.chunking import VadSettings
 from services.shared.config import CommonSettings
 
 
@@ -13,6 +16,8 @@ class GatewaySettings(CommonSettings):
     transcriber_refresh_seconds: float = 5.0
     # Deadline for one window at a transcriber (includes waiting in its queue).
     transcriber_timeout_seconds: float = 120.0
+    # How long a call waits for a SERVING transcriber before answering UNAVAILABLE.
+    transcriber_ready_wait_seconds: float = 5.0
     # Recognize limits: bytes in one request, decoded audio duration.
     max_recognize_bytes: int = 32 * 1024 * 1024
     max_recognize_seconds: float = 900.0
@@ -24,3 +29,38 @@ class GatewaySettings(CommonSettings):
     vad_threshold: float = 0.35
     vad_min_silence_ms: int = 300
     vad_speech_pad_ms: int = 200
+
+    # Jobs: where the jobstore is, and this gateway's dispatcher.
+    jobstore_address: str = "127.0.0.1:50053"
+    jobstore_timeout_seconds: float = 30.0
+    # Jobs this gateway transcribes at once (0: this gateway only serves the API, no dispatching).
+    dispatch_concurrency: int = 2
+    # Lease on a claimed job, and how often it is renewed (also how fast a cancel is noticed).
+    job_lease_seconds: float = 30.0
+    job_heartbeat_seconds: float = 2.0
+    # Upload limits for jobs (checked while receiving and while decoding, before a job exists).
+    max_job_bytes: int = 1024 * 1024 * 1024
+    max_job_seconds: float = 4 * 3600.0
+    max_job_attempts: int = 3
+    # Where uploads and decoded audio are spooled (default: the system temp directory).
+    spool_dir: str | None = None
+    # Identity of this dispatcher in leases (default host:pid).
+    worker_id: str | None = None
+    # API keys: "key1:tenantA,key2:tenantB". Empty: no authentication, every caller is tenant "default".
+    api_keys: SecretStr | None = None
+
+    def vad(self) -> VadSettings:
+        return VadSettings(
+            threshold=self.vad_threshold,
+            min_silence_ms=self.vad_min_silence_ms,
+            speech_pad_ms=self.vad_speech_pad_ms,
+        )
+
+    def tenants_by_key(self) -> dict[str, str]:
+        raw = self.api_keys.get_secret_value() if self.api_keys else ""
+        out: dict[str, str] = {}
+        for item in raw.split(","):
+            key, _, tenant = item.strip().partition(":")
+            if key:
+                out[key] = tenant or "default"
+        return out

@@ -29,7 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.shared import convert
 from services.shared.context import REQUEST_ID_HEADER, request_id_var
 from services.shared.domain import DecodeOptions, WindowResult, WorkClass
-from services.shared.errors import InvalidInput, LimitExceeded, ServiceError, Unavailable
+from services.shared.errors import Unavailable
+from services.shared.status import error_from_rpc
 from stt.channel import insecure_channel
 from stt.v1 import transcriber_pb2, transcriber_pb2_grpc
 
@@ -65,8 +66,11 @@ def to_pcm16(audio: np.ndarray) -> bytes:
 
 
 class TranscriberPool:
-    def __init__(self, spec: str, *, refresh_seconds: float = 5.0, call_timeout: float = 120.0) -> None:
+    def __init__(
+        self, spec: str, *, refresh_seconds: float = 5.0, call_timeout: float = 120.0, ready_wait: float = 5.0
+    ) -> None:
         self.spec = spec
+        self.ready_wait = ready_wait
         self.refresh_seconds = refresh_seconds
         self.call_timeout = call_timeout
         self.endpoints: dict[str, Endpoint] = {}
@@ -219,7 +223,6 @@ class TranscriberPool:
         work_class: WorkClass,
         *,
         timeout: float | None = None,
-        ready_wait: float = 5.0,
     ) -> WindowResult:
         request = transcriber_pb2.TranscribeRequest(
             pcm=to_pcm16(audio),
@@ -231,7 +234,7 @@ class TranscriberPool:
         attempts = max(3, len(self.endpoints) + 1)
         last: grpc.aio.AioRpcError | None = None
         for _ in range(attempts):
-            ep = await self._wait_for_endpoint(tried, time.monotonic() + ready_wait)
+            ep = await self._wait_for_endpoint(tried, time.monotonic() + self.ready_wait)
             tried.add(ep.address)
             ep.outstanding += 1
             try:
@@ -243,7 +246,7 @@ class TranscriberPool:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     ep.cooldown_until = time.monotonic() + 1.0
                     continue
-                raise _map_error(exc) from None
+                raise error_from_rpc(exc, prefix="transcriber: ") from None
             finally:
                 ep.outstanding -= 1
             ep.calls += 1
@@ -255,18 +258,6 @@ class TranscriberPool:
             reason="TRANSCRIBER_UNAVAILABLE",
             retry_after_seconds=1.0,
         )
-
-
-def _map_error(exc: grpc.aio.AioRpcError) -> ServiceError:
-    code, details = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        field = "config.language_code" if "language" in details else None
-        return InvalidInput(details, reason="TRANSCRIBER_REJECTED", field=field)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return LimitExceeded(details, reason="TRANSCRIBER_EXHAUSTED")
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return Unavailable(f"transcriber timed out: {details}", reason="TRANSCRIBER_TIMEOUT")
-    return Unavailable(f"transcriber failed: {code.name}: {details}", reason="TRANSCRIBER_ERROR")
 
 
 def _read_address_file(path: str) -> set[str]:

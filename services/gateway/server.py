@@ -1,4 +1,5 @@
-"""Builds the gateway: transcriber pool + public Speech (and Jobs) servicers on one gRPC server."""
+"""Builds the gateway: transcriber pool, jobstore client, public Speech and Jobs servicers, and the
+job dispatcher, on one gRPC server."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+from services.gateway.audio import Limits
+from services.gateway.auth import AuthInterceptor
 from services.gateway.config import GatewaySettings
+from services.gateway.dispatcher import Dispatcher, DispatcherConfig, default_worker_id
 from services.gateway.jobs_servicer import JobsServicer
+from services.gateway.jobstore_client import JobstoreClient
 from services.gateway.pool import TranscriberPool
 from services.gateway.speech_servicer import SpeechServicer
 from services.shared.server import NOT_SERVING, SERVING, RunningServer, Service, start_server
@@ -26,6 +31,8 @@ DEP_TRANSCRIBERS = "dependency/transcribers"
 class Gateway:
     running: RunningServer
     pool: TranscriberPool
+    jobstore: JobstoreClient
+    dispatcher: Dispatcher | None
 
     @property
     def port(self) -> int:
@@ -42,11 +49,14 @@ async def create_server(
         settings.transcriber_address,
         refresh_seconds=settings.transcriber_refresh_seconds,
         call_timeout=settings.transcriber_timeout_seconds,
+        ready_wait=settings.transcriber_ready_wait_seconds,
     )
     await pool.start()
+    jobstore = JobstoreClient(settings.jobstore_address, timeout=settings.jobstore_timeout_seconds)
     decode_slots = asyncio.Semaphore(settings.max_concurrent_decodes)
     speech = SpeechServicer(settings, pool, decode_slots)
-    jobs = JobsServicer()
+    jobs = JobsServicer(settings, jobstore, decode_slots)
+    keys = settings.tenants_by_key()
     running = await start_server(
         [
             Service(SPEECH, lambda s: speech_pb2_grpc.add_SpeechServicer_to_server(speech, s)),
@@ -56,7 +66,27 @@ async def create_server(
         host=host if host is not None else settings.host,
         port=settings.gateway_port if port is None else port,
         max_message_bytes=settings.max_recognize_bytes + 64 * 1024,
+        interceptors=[AuthInterceptor(keys)] if keys else [],
     )
+    dispatcher = None
+    if settings.dispatch_concurrency > 0:
+        dispatcher = Dispatcher(
+            jobstore,
+            pool.transcribe,
+            DispatcherConfig(
+                worker_id=settings.worker_id or default_worker_id(),
+                concurrency=settings.dispatch_concurrency,
+                lease_seconds=settings.job_lease_seconds,
+                heartbeat_seconds=settings.job_heartbeat_seconds,
+                max_parallel_chunks=settings.max_parallel_windows,
+                limits=Limits(settings.max_job_bytes, settings.max_job_seconds),
+                vad=settings.vad(),
+                spool_dir=settings.spool_dir,
+            ),
+        )
+        dispatcher.start()
+        # On SIGTERM: stop claiming and hand held jobs back first, then drain the API calls.
+        running.on_drain(dispatcher.stop)
     monitor = asyncio.create_task(_monitor_dependencies(running, pool), name="dependency-monitor")
 
     async def stop_monitor() -> None:
@@ -65,8 +95,9 @@ async def create_server(
             await monitor
 
     running.on_stop(pool.close)
+    running.on_stop(jobstore.close)
     running.on_stop(stop_monitor)
-    return Gateway(running, pool)
+    return Gateway(running, pool, jobstore, dispatcher)
 
 
 async def _monitor_dependencies(running: RunningServer, pool: TranscriberPool) -> None:

@@ -8,7 +8,6 @@ import time
 import grpc
 
 from services.gateway import audio as audio_mod
-from services.gateway.chunking import VadSettings
 from services.gateway.config import GatewaySettings
 from services.gateway.pool import TranscriberPool
 from services.gateway.recognize import recognize
@@ -26,11 +25,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
         self.pool = pool
         self.decode_slots = decode_slots
         self.limits = audio_mod.Limits(settings.max_recognize_bytes, settings.max_recognize_seconds)
-        self.vad = VadSettings(
-            threshold=settings.vad_threshold,
-            min_silence_ms=settings.vad_min_silence_ms,
-            speech_pad_ms=settings.vad_speech_pad_ms,
-        )
+        self.vad = settings.vad()
 
     async def Recognize(
         self, request: speech_pb2.RecognizeRequest, context: grpc.aio.ServicerContext

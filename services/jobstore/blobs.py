@@ -70,7 +70,7 @@ class FileBlobStore(BlobStore):
             _unlink(tmp)
             raise
 
-    async def read(self, key: str, piece_size: int = PIECE) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def read(self, key: str, piece_size: int = PIECE) -> AsyncIterator[bytes]:
         fh = await asyncio.to_thread(open, self.path(key), "rb")
         try:
             while piece := await asyncio.to_thread(fh.read, piece_size):

@@ -26,6 +26,10 @@ class JobstoreSettings(CommonSettings):
     lease_seconds: float = 30.0
     reap_interval_seconds: float = 1.0
     max_attempts: int = 3
+    # At start, put RUNNING jobs straight back in the queue (counting a retry) instead of waiting for
+    # their leases to expire. Only safe when this process's own dispatcher is the only worker, as in
+    # the embedded `stt up`.
+    requeue_running_on_start: bool = False
     # Retention of finished jobs (results and audio).
     result_ttl_seconds: float = 86_400.0
     failed_ttl_seconds: float = 7 * 86_400.0

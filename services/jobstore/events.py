@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from typing import Any
 
 log = logging.getLogger("jobstore.events")
 
@@ -53,7 +54,7 @@ class EventBus:
         self.redis_url = redis_url
         self.prefix = prefix
         self._local = Notifier()
-        self._redis = None
+        self._redis: Any = None
         self._listener: asyncio.Task[None] | None = None
         self.published = defaultdict(int)  # type: ignore[var-annotated]
         self.connected = asyncio.Event()

@@ -76,6 +76,10 @@ async def create_server(
     settings: JobstoreSettings, *, port: int | None = None, host: str | None = None
 ) -> JobstoreApp:
     store, close_store = await build_store(settings)
+    if settings.requeue_running_on_start:
+        requeued = await store.reap_expired(all_running=True)
+        if requeued:
+            log.info("requeued %d jobs left running by the previous run", len(requeued))
     servicer = JobStoreServicer(store)
     running = await start_server(
         [Service(SERVICE_NAME, lambda s: jobstore_pb2_grpc.add_JobStoreServicer_to_server(servicer, s))],

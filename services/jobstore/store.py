@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, delete, func, literal, or_, select, update
+from sqlalchemy import and_, delete, func, literal, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -571,10 +571,11 @@ class Store:
 
     # -- housekeeping -------------------------------------------------------------------------------
 
-    async def reap_expired(self) -> list[str]:
-        """Expired leases go back to the queue with retry_count + 1, or FAIL past max attempts."""
+    async def reap_expired(self, *, all_running: bool = False) -> list[str]:
+        """Expired leases go back to the queue with retry_count + 1, or FAIL past max attempts.
+        all_running: treat every lease as expired (a single-process restart)."""
         now = utcnow()
-        expired = and_(Job.status == Status.RUNNING, Job.lease_expires_at < now)
+        expired = (Job.status == Status.RUNNING) & (true() if all_running else Job.lease_expires_at < now)
         async with self.sessions.begin() as s:
             requeued = list(
                 (

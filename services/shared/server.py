@@ -71,6 +71,7 @@ class RunningServer:
     services: list[str]
     grace: float
     _on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    _on_drain: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def set_serving(self, serving: bool, services: Iterable[str] | None = None) -> None:
         status = SERVING if serving else NOT_SERVING
@@ -81,9 +82,19 @@ class RunningServer:
         """Run `fn` after the server has drained (close pools, engines, connections)."""
         self._on_stop.append(fn)
 
+    def on_drain(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run `fn` when shutdown starts, before in-flight calls are drained (stop background work)."""
+        self._on_drain.append(fn)
+
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: report NOT_SERVING, refuse new calls, let in-flight ones finish within grace."""
         await self.health.enter_graceful_shutdown()
+        for fn in self._on_drain:
+            try:
+                await fn()
+            except Exception:
+                log.exception("error while draining")
+        self._on_drain.clear()
         await self.server.stop(self.grace if grace is None else grace)
         for fn in reversed(self._on_stop):
             try:
@@ -101,9 +112,11 @@ async def start_server(
     port: int,
     max_message_bytes: int = 4 * 1024 * 1024,
     serving: bool = True,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
     server = grpc.aio.server(
-        interceptors=[ServiceInterceptor()],
+        # Ours first, so rejected calls (e.g. by auth) are logged and counted too.
+        interceptors=[ServiceInterceptor(), *interceptors],
         options=server_options(settings, max_message_bytes),
         # Calls beyond this many at once are refused with RESOURCE_EXHAUSTED instead of piling up.
         maximum_concurrent_rpcs=10_000,

@@ -84,3 +84,38 @@ def error_info(exc: grpc.RpcError) -> tuple[str, dict[str, str]]:
             detail.Unpack(info)
             return info.reason, dict(info.metadata)
     return "", {}
+
+
+_FROM_CODE: dict[grpc.StatusCode, type[errors.ServiceError]] = {code: cls for cls, code in _CODES}
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError, *, prefix: str = "") -> errors.ServiceError:
+    """A downstream call's failure as a domain error (same code, message, reason and field), so it
+    reaches our own caller unchanged. Codes without a domain class become Unavailable."""
+    code = exc.code()
+    message = f"{prefix}{exc.details() or code.name}"
+    reason, field_name, retry = "", None, 1.0
+    try:
+        status = rpc_status.from_call(exc)
+    except ValueError:
+        status = None
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            if bad.field_violations:
+                field_name = bad.field_violations[0].field
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info_r = error_details_pb2.RetryInfo()
+            detail.Unpack(info_r)
+            retry = info_r.retry_delay.seconds + info_r.retry_delay.nanos / 1e9
+    cls = _FROM_CODE.get(code)
+    if cls is None or cls is errors.Unavailable:
+        return errors.Unavailable(
+            message, reason=reason or code.name, field=field_name, retry_after_seconds=retry
+        )
+    return cls(message, reason=reason or code.name, field=field_name)

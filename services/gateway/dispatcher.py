@@ -1,0 +1,272 @@
+"""The job dispatcher: claims jobs under a lease, cuts them into chunks at pauses, transcribes the
+chunks that are not yet recorded through the transcriber pool, checkpoints each one, completes the
+job. No grpc here: the jobstore is a JobQueue, the pool a transcribe callable.
+
+Crash safety: every finished chunk is recorded at once (fenced by the lease epoch), so whoever holds
+the job next transcribes only what is missing. The chunk plan is recorded once and reused, so a
+resumed job produces the same chunks and hence the same transcript.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from prometheus_client import Counter as PCounter
+from prometheus_client import Gauge, Histogram
+
+from services.gateway.audio import Limits, decode_to_file
+from services.gateway.chunking import VadSettings, Window, merge, plan_windows, speech_regions_long
+from services.gateway.jobqueue import ChunkInfo, ClaimedJob, JobQueue, Lease
+from services.gateway.recognize import first_leaf
+from services.shared.context import job_id_var
+from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, WorkClass
+from services.shared.errors import Aborted, InvalidInput, LimitExceeded, NotFound, ServiceError
+
+log = logging.getLogger("gateway.dispatcher")
+
+TranscribeFn = Callable[[np.ndarray, DecodeOptions, WorkClass], Awaitable[WindowResult]]
+
+JOBS = PCounter("stt_dispatcher_jobs_total", "Jobs finished by this dispatcher", ["outcome"])
+JOB_SECONDS = Histogram(
+    "stt_dispatcher_job_seconds",
+    "Wall time from claim to the job's end",
+    buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200),
+)
+CHUNKS = PCounter("stt_dispatcher_chunks_total", "Chunks transcribed", ["outcome"])
+RUNNING = Gauge("stt_dispatcher_running_jobs", "Jobs this dispatcher holds")
+
+
+class JobStopped(Exception):
+    """The job was cancelled, its lease lost, or this dispatcher is shutting down."""
+
+
+@dataclass
+class DispatcherConfig:
+    worker_id: str
+    concurrency: int = 2
+    lease_seconds: float = 30.0
+    heartbeat_seconds: float = 2.0
+    claim_wait_seconds: float = 10.0
+    max_parallel_chunks: int = 16
+    chunk_retry_seconds: float = 1.0
+    limits: Limits = field(default_factory=lambda: Limits(1 << 30, 4 * 3600.0))
+    vad: VadSettings = field(default_factory=VadSettings)
+    spool_dir: str | None = None
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class Dispatcher:
+    def __init__(self, queue: JobQueue, transcribe: TranscribeFn, config: DispatcherConfig) -> None:
+        self.queue = queue
+        self.transcribe = transcribe
+        self.config = config
+        self._slots: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self.active: dict[str, asyncio.Task[str]] = {}
+        self._leases: dict[str, Lease] = {}
+
+    def start(self) -> None:
+        self._slots = [
+            asyncio.create_task(self._slot(i), name=f"dispatch-{i}") for i in range(self.config.concurrency)
+        ]
+        log.info("dispatcher %s started with %d slots", self.config.worker_id, self.config.concurrency)
+
+    async def stop(self) -> None:
+        """Stop claiming; hand running jobs back to the queue (their finished chunks are kept)."""
+        self._stopping = True
+        for task in self._slots:
+            task.cancel()
+        await asyncio.gather(*self._slots, return_exceptions=True)
+        self._slots = []
+
+    async def _slot(self, index: int) -> None:
+        backoff = 0.2
+        while not self._stopping:
+            try:
+                job = await self.queue.claim(
+                    self.config.worker_id, self.config.lease_seconds, self.config.claim_wait_seconds
+                )
+                backoff = 0.2
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # jobstore unreachable: keep trying
+                log.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            if job is not None:
+                await self._process(job)
+
+    async def _process(self, job: ClaimedJob) -> None:
+        lease = Lease(job.job_id, self.config.worker_id, job.epoch, self.config.lease_seconds)
+        token = job_id_var.set(job.job_id)
+        started = time.monotonic()
+        work = asyncio.create_task(self._work(job, lease), name=f"job-{job.job_id}")
+        self.active[job.job_id] = work
+        self._leases[job.job_id] = lease
+        heartbeat = asyncio.create_task(self._heartbeat(lease, work), name=f"heartbeat-{job.job_id}")
+        RUNNING.inc()
+        outcome = "error"
+        try:
+            outcome = await work
+        except asyncio.CancelledError:
+            if self._stopping:
+                outcome = "released"
+                with contextlib.suppress(Exception):
+                    await self.queue.release(lease)
+                log.info("job handed back on shutdown")
+            elif not work.cancelled():
+                raise
+            else:
+                outcome = "stopped"
+        except JobStopped as exc:
+            outcome = "stopped"
+            log.info("job stopped: %s", exc)
+        except Exception:
+            log.exception("job processing failed; the lease will expire and the job be retried")
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            self.active.pop(job.job_id, None)
+            self._leases.pop(job.job_id, None)
+            RUNNING.dec()
+            JOBS.labels(outcome).inc()
+            JOB_SECONDS.observe(time.monotonic() - started)
+            job_id_var.reset(token)
+
+    async def _heartbeat(self, lease: Lease, work: asyncio.Task[str]) -> None:
+        """Renew the lease; stop the work when the job is cancelled or the lease is lost."""
+        last_ok = time.monotonic()
+        while not work.done():
+            await asyncio.sleep(self.config.heartbeat_seconds)
+            try:
+                if await self.queue.heartbeat(lease):
+                    log.info("job was cancelled: stopping its work")
+                    work.cancel()
+                    return
+                last_ok = time.monotonic()
+            except (Aborted, NotFound) as exc:
+                log.warning("lease lost (%s): stopping work", exc)
+                work.cancel()
+                return
+            except Exception as exc:
+                if time.monotonic() - last_ok > lease.seconds:
+                    log.warning("could not renew the lease for %.0fs (%s): stopping work", lease.seconds, exc)
+                    work.cancel()
+                    return
+
+    async def _work(self, job: ClaimedJob, lease: Lease) -> str:
+        spool = tempfile.mkdtemp(prefix=f"stt-job-{job.job_id}-", dir=self.config.spool_dir)
+        try:
+            return await self._run(job, lease, spool)
+        finally:
+            shutil.rmtree(spool, ignore_errors=True)
+
+    async def _run(self, job: ClaimedJob, lease: Lease, spool: str) -> str:
+        source = os.path.join(spool, "source")
+        fh = await asyncio.to_thread(open, source, "wb")
+        try:
+            async for piece in self.queue.read_audio(job.job_id):
+                await asyncio.to_thread(fh.write, piece)
+        finally:
+            fh.close()
+        pcm_path = os.path.join(spool, "pcm")
+        try:
+            info = await asyncio.to_thread(
+                decode_to_file,
+                source,
+                pcm_path,
+                limits=self.config.limits,
+                encoding=job.encoding,
+                sample_rate=job.sample_rate,
+                channels=job.channels,
+            )
+        except (InvalidInput, LimitExceeded) as exc:
+            await self.queue.fail_job(lease, f"audio could not be decoded: {exc.message}")
+            return "failed"
+        pcm = np.memmap(pcm_path, dtype="<i2", mode="r") if info.seconds > 0 else np.zeros(0, dtype="<i2")
+        chunks = await self._plan(job, lease, pcm)
+        if not chunks:  # no speech at all
+            await self.queue.complete_job(lease, "", job.options.language or "")
+            return "completed"
+        pending = [c for c in chunks if not c.completed]
+        log.info(
+            "transcribing %d of %d chunks%s",
+            len(pending),
+            len(chunks),
+            f" (resumed, attempt {job.retry_count + 1})" if len(pending) < len(chunks) else "",
+        )
+        sem = asyncio.Semaphore(self.config.max_parallel_chunks)
+        failed = asyncio.Event()
+
+        async def one(chunk: ChunkInfo) -> None:
+            async with sem:
+                await self._chunk(job, lease, pcm, chunk, failed)
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for chunk in pending:
+                    tg.create_task(one(chunk))
+        except BaseExceptionGroup as group:
+            raise first_leaf(group) from None
+        if failed.is_set():
+            return "failed"
+        final = await self.queue.chunks(job.job_id)
+        segments = [s for c in final for s in c.segments]
+        languages = Counter(c.language for c in final if c.language)
+        language = languages.most_common(1)[0][0] if languages else (job.options.language or "")
+        transcript = " ".join(s.text.strip() for s in segments if s.text.strip())
+        await self.queue.complete_job(lease, transcript, language)
+        return "completed"
+
+    async def _plan(self, job: ClaimedJob, lease: Lease, pcm: np.ndarray) -> list[ChunkInfo]:
+        if job.chunks_total:
+            return await self.queue.chunks(job.job_id)  # resume: the recorded plan
+        regions = await asyncio.to_thread(speech_regions_long, pcm, self.config.vad)
+        windows = plan_windows(pcm, regions)
+        if not windows:
+            return []
+        return await self.queue.set_plan(lease, [(w.start_seconds, w.end_seconds) for w in windows])
+
+    async def _chunk(
+        self, job: ClaimedJob, lease: Lease, pcm: np.ndarray, chunk: ChunkInfo, failed: asyncio.Event
+    ) -> None:
+        start = round(chunk.start * SAMPLE_RATE)
+        end = round(chunk.end * SAMPLE_RATE)
+        audio = np.asarray(pcm[start:end], dtype=np.float32) / 32768.0
+        window = Window(start, end)
+        while not failed.is_set():
+            try:
+                result = await self.transcribe(audio, job.options, WorkClass.BATCH)
+            except InvalidInput as exc:
+                # The request itself is wrong (e.g. a language the model cannot do): no retry helps.
+                failed.set()
+                await self.queue.fail_job(lease, f"chunk {chunk.index}: {exc.message}")
+                CHUNKS.labels("invalid").inc()
+                return
+            except ServiceError as exc:
+                CHUNKS.labels("error").inc()
+                log.warning("chunk %d failed: %s", chunk.index, exc.message)
+                if await self.queue.fail_chunk(lease, chunk.index, exc.message):
+                    failed.set()
+                    return
+                await asyncio.sleep(self.config.chunk_retry_seconds)
+                continue
+            segments: list[Segment] = merge([window], [result.segments])
+            await self.queue.complete_chunk(lease, chunk.index, segments, result.language)
+            CHUNKS.labels("ok").inc()
+            return

@@ -1,0 +1,162 @@
+"""gRPC client of the jobstore: the JobQueue for the dispatcher, and plain stubs for the Jobs API.
+
+Downstream failures come back as domain errors (same code, message, reason) via error_from_rpc.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+
+from services.gateway.jobqueue import ChunkInfo, ClaimedJob, Lease
+from services.gateway.requests import decode_options, encoding_name
+from services.shared.context import REQUEST_ID_HEADER, request_id_var
+from services.shared.convert import segment_from_proto, segment_to_proto
+from services.shared.domain import Segment
+from services.shared.status import error_from_rpc
+from stt.channel import insecure_channel
+from stt.v1 import jobs_pb2, jobstore_pb2, jobstore_pb2_grpc
+
+SERVICE = "stt.v1.JobStore"
+
+
+def _lease(lease: Lease) -> jobstore_pb2.LeaseRequest:
+    return jobstore_pb2.LeaseRequest(
+        job_id=lease.job_id, worker_id=lease.worker_id, lease_epoch=lease.epoch, lease_seconds=lease.seconds
+    )
+
+
+def _chunk(c: jobstore_pb2.Chunk) -> ChunkInfo:
+    return ChunkInfo(
+        index=c.index,
+        start=c.start_seconds,
+        end=c.end_seconds,
+        completed=c.status == jobstore_pb2.CHUNK_COMPLETED,
+        segments=[segment_from_proto(s) for s in c.segments],
+        language=c.language_code,
+    )
+
+
+class JobstoreClient:
+    def __init__(self, address: str, *, timeout: float = 30.0) -> None:
+        # 5 attempts with backoff on UNAVAILABLE (a restarting jobstore or database).
+        self.channel = insecure_channel(address, [SERVICE], max_message_bytes=16 * 1024 * 1024)
+        self.stub = jobstore_pb2_grpc.JobStoreStub(self.channel)
+        self.timeout = timeout
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((REQUEST_ID_HEADER, request_id_var.get() or "-"),)
+
+    async def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
+        """A unary call with the client's deadline and request id; errors become domain errors."""
+        try:
+            return await getattr(self.stub, method)(
+                request, timeout=timeout or self.timeout, metadata=self.metadata()
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    def stream(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
+        return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata())
+
+    async def create_job(
+        self, requests: AsyncIterator[jobstore_pb2.StoreCreateJobRequest]
+    ) -> jobstore_pb2.StoreCreateJobResponse:
+        try:
+            return await self.stub.CreateJob(requests, timeout=600, metadata=self.metadata())
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    # -- JobQueue ----------------------------------------------------------------------------------
+
+    async def claim(self, worker_id: str, lease_seconds: float, wait_seconds: float) -> ClaimedJob | None:
+        resp = await self.call(
+            "ClaimJob",
+            jobstore_pb2.ClaimJobRequest(
+                worker_id=worker_id, lease_seconds=lease_seconds, wait_seconds=wait_seconds
+            ),
+            timeout=wait_seconds + self.timeout,
+        )
+        if not resp.HasField("job"):
+            return None
+        job = resp.job.job
+        options = decode_options(job.config)
+        options.word_timestamps = True  # job transcripts always carry word timings (JSON format)
+        return ClaimedJob(
+            job_id=job.job_id,
+            epoch=resp.job.lease_epoch,
+            options=options,
+            encoding=encoding_name(job.config),
+            sample_rate=job.config.sample_rate_hz,
+            channels=job.config.audio_channel_count,
+            chunks_total=job.chunks_total,
+            retry_count=job.retry_count,
+            filename=job.filename,
+        )
+
+    async def heartbeat(self, lease: Lease) -> bool:
+        resp = await self.call(
+            "Heartbeat", _lease(lease), timeout=min(self.timeout, max(lease.seconds / 3, 1.0))
+        )
+        return bool(resp.cancelled)
+
+    async def read_audio(self, job_id: str) -> AsyncIterator[bytes]:
+        try:
+            async for piece in self.stream("ReadAudio", jobstore_pb2.StoreJobRef(job_id=job_id), timeout=600):
+                yield piece.data
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    async def set_plan(self, lease: Lease, spans: Sequence[tuple[float, float]]) -> list[ChunkInfo]:
+        req = jobstore_pb2.SetChunkPlanRequest(
+            lease=_lease(lease),
+            chunks=[
+                jobstore_pb2.ChunkSpan(index=i, start_seconds=a, end_seconds=b)
+                for i, (a, b) in enumerate(spans)
+            ],
+        )
+        return [_chunk(c) for c in (await self.call("SetChunkPlan", req)).chunks]
+
+    async def chunks(self, job_id: str) -> list[ChunkInfo]:
+        return [
+            _chunk(c) for c in (await self.call("GetChunks", jobstore_pb2.StoreJobRef(job_id=job_id))).chunks
+        ]
+
+    async def complete_chunk(self, lease: Lease, index: int, segments: list[Segment], language: str) -> None:
+        await self.call(
+            "CompleteChunk",
+            jobstore_pb2.CompleteChunkRequest(
+                lease=_lease(lease),
+                index=index,
+                segments=[segment_to_proto(s) for s in segments],
+                language_code=language,
+            ),
+        )
+
+    async def fail_chunk(self, lease: Lease, index: int, error: str) -> bool:
+        resp = await self.call(
+            "FailChunk", jobstore_pb2.FailChunkRequest(lease=_lease(lease), index=index, error_message=error)
+        )
+        return bool(resp.job_failed)
+
+    async def complete_job(self, lease: Lease, transcript: str, language: str) -> None:
+        await self.call(
+            "CompleteJob",
+            jobstore_pb2.CompleteJobRequest(
+                lease=_lease(lease), transcript=transcript, language_code=language
+            ),
+        )
+
+    async def fail_job(self, lease: Lease, error: str) -> None:
+        await self.call("FailJob", jobstore_pb2.FailJobRequest(lease=_lease(lease), error_message=error))
+
+    async def release(self, lease: Lease) -> None:
+        await self.call("ReleaseJob", _lease(lease))
+
+    async def queue_stats(self) -> jobs_pb2.QueueStats:
+        return await self.call("GetQueueStats", jobs_pb2.GetQueueStatsRequest())

@@ -1,0 +1,305 @@
+"""The Jobs API end to end through real gRPC: gateway (with dispatcher) + jobstore + transcriber."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+
+from services.gateway.server import Gateway
+from services.gateway.server import create_server as create_gateway
+from services.jobstore.server import JobstoreApp
+from services.jobstore.server import create_server as create_jobstore
+from services.shared.errors import Unavailable
+from services.transcriber.server import Transcriber
+from stt.client import AsyncClient, upload_requests
+from stt.errors import SttError
+from stt.v1 import jobs_pb2
+from tests.conftest import gateway_settings, jobstore_settings, wait_serving
+from tests.support import audio
+from tests.support.text import wer
+
+
+async def _stack(transcriber: Transcriber, data_dir: str, **gw: object) -> tuple[JobstoreApp, Gateway]:
+    js = await create_jobstore(jobstore_settings(data_dir), port=0)
+    g = await create_gateway(
+        gateway_settings(f"127.0.0.1:{transcriber.port}", jobstore_address=f"127.0.0.1:{js.port}", **gw),
+        port=0,
+    )
+    await wait_serving(g)
+    return js, g
+
+
+@pytest.fixture
+async def one_slot(transcriber, tmp_path) -> AsyncIterator[tuple[AsyncClient, Gateway, JobstoreApp]]:
+    """A stack whose dispatcher runs one job at a time."""
+    js, g = await _stack(transcriber, str(tmp_path), dispatch_concurrency=1, max_parallel_windows=2)
+    async with AsyncClient(f"127.0.0.1:{g.port}") as c:
+        yield c, g, js
+    await g.stop(0)
+    await js.stop(0)
+
+
+async def test_submit_watch_and_transcripts(client: AsyncClient, long_clip):
+    job = await client.submit(audio.encode(long_clip.samples, "flac"), filename="talk.flac", language="en")
+    assert job.status == jobs_pb2.QUEUED and job.filename == "talk.flac"
+    assert abs(job.audio_duration_seconds - long_clip.seconds) < 0.2
+    events = [e async for e in client.watch_job(job.job_id)]
+    assert events[-1].job.status == jobs_pb2.COMPLETED
+    done = [e.job.chunks_completed for e in events]
+    assert done == sorted(done) and events[-1].job.chunks_total >= 3
+    partials = [
+        e.partial_transcript for e in events if e.job.status == jobs_pb2.RUNNING and e.partial_transcript
+    ]
+    assert partials, "watchers see partial text while the job runs"
+    text = await client.transcript(job.job_id)
+    assert wer(long_clip.text, text.content) <= 0.15
+    doc = json.loads((await client.transcript(job.job_id, "json")).content)
+    words = [w for seg in doc["segments"] for w in seg["words"]]
+    assert words and [w["start"] for w in words] == sorted(w["start"] for w in words)
+    assert words[-1]["end"] <= long_clip.seconds + 0.05
+    srt = (await client.transcript(job.job_id, "srt")).content
+    assert srt.startswith("1\n00:00:0")
+    vtt = (await client.transcript(job.job_id, "vtt")).content
+    assert vtt.startswith("WEBVTT")
+    got = await client.get_job(job.job_id)
+    assert got.status == jobs_pb2.COMPLETED and got.complete_time.seconds and got.expire_time.seconds
+
+
+async def test_same_request_id_makes_one_job(client: AsyncClient, short_clip):
+    data = audio.encode(short_clip.samples, "wav")
+    first = await client.submit(data, request_id="idem-42")
+    second = await client.submit(data, request_id="idem-42")
+    assert first.job_id == second.job_id
+    listed = (await client.list_jobs(page_size=1000)).jobs
+    assert sum(1 for j in listed if j.request_id == "idem-42") == 1
+
+
+async def _count_jobs(client: AsyncClient) -> int:
+    return len((await client.list_jobs(page_size=1000)).jobs)
+
+
+def _blobs(js: JobstoreApp) -> int:
+    root = js.store.blobs.root  # type: ignore[attr-defined]
+    return sum(len(files) for d, _, files in os.walk(root) if ".tmp" not in d)
+
+
+async def test_bad_uploads_leave_no_job(client: AsyncClient, jobstore: JobstoreApp, short_clip):
+    before, blobs = await _count_jobs(client), _blobs(jobstore)
+    wav = audio.encode(short_clip.samples, "wav")
+    cases = [
+        (wav[: len(wav) // 2], {}, grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
+        (b"\x00garbage" * 1000, {}, grpc.StatusCode.INVALID_ARGUMENT, "could not read the audio"),
+        (b"", {}, grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+        (wav, {"language": "xx"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown language"),
+        (wav, {"encoding": "LINEAR16"}, grpc.StatusCode.INVALID_ARGUMENT, "sample_rate_hz"),
+    ]
+    for data, kw, code, msg in cases:
+        with pytest.raises(SttError) as err:
+            await client.submit(data, **kw)
+        assert err.value.code == code and msg in err.value.message, (msg, err.value)
+    # No metadata first.
+    with pytest.raises(grpc.aio.AioRpcError) as rpc:
+        await client.jobs.CreateJob(iter([jobs_pb2.CreateJobRequest(audio_chunk=b"abc")]), timeout=10)
+    assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "metadata" in (rpc.value.details() or "")
+    assert await _count_jobs(client) == before and _blobs(jobstore) == blobs
+
+
+async def test_upload_over_the_size_limit_and_cut_off_uploads_leave_nothing(
+    transcriber, tmp_path, short_clip
+):
+    js, g = await _stack(transcriber, str(tmp_path), max_job_bytes=200_000)
+    try:
+        async with AsyncClient(f"127.0.0.1:{g.port}") as c:
+            with pytest.raises(SttError) as err:
+                await c.submit(audio.encode(audio.silence(10), "wav"))  # 320 KB
+            assert (
+                err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                and "200000 byte limit" in err.value.message
+            )
+
+            # A client that disappears half-way through its upload.
+            reqs = upload_requests(
+                audio.encode(short_clip.samples[: 16000 * 3], "wav"), filename="x.wav", priority="normal",
+                request_id="cut-off", config=jobs_pb2.JobMetadata().config,
+            )  # fmt: skip
+
+            async def slow() -> AsyncIterator[jobs_pb2.CreateJobRequest]:
+                for r in reqs[:2]:
+                    yield r
+                await asyncio.sleep(30)
+
+            call = c.jobs.CreateJob(slow(), timeout=60)
+            await asyncio.sleep(0.5)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+            await asyncio.sleep(0.3)
+            assert await _count_jobs(c) == 0
+        assert _blobs(js) == 0
+        assert not [f for f in os.listdir(tmp_path) if f.startswith("stt-upload")]
+    finally:
+        await g.stop(0)
+        await js.stop(0)
+
+
+async def test_transcript_of_unfinished_or_unknown_job(one_slot, long_clip):
+    c, _, _ = one_slot
+    job = await c.submit(audio.encode(long_clip.samples, "flac"))
+    with pytest.raises(SttError) as err:
+        await c.transcript(job.job_id)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION and "COMPLETED" in err.value.message
+    for call in (c.get_job("nope"), c.transcript("nope"), c.cancel_job("nope"), c.delete_job("nope")):
+        with pytest.raises(SttError) as err:
+            await call
+        assert err.value.code == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(SttError) as err:
+        await c.get_job("")
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    await c.wait(job.job_id)
+
+
+async def test_high_priority_starts_before_earlier_low_jobs(one_slot, long_clip, short_clip):
+    c, _, _ = one_slot
+    busy = await c.submit(audio.encode(long_clip.samples, "flac"))
+    while (await c.get_job(busy.job_id)).status != jobs_pb2.RUNNING:
+        await asyncio.sleep(0.05)
+    data = audio.encode(short_clip.samples, "wav")
+    lows = [await c.submit(data, priority="low") for _ in range(2)]
+    high = await c.submit(data, priority="high")
+    stats = await c.queue_stats()
+    by = {p.priority: p for p in stats.priorities}
+    assert (by[jobs_pb2.LOW].pending, by[jobs_pb2.HIGH].pending) == (2, 1)
+    assert by[jobs_pb2.NORMAL].running == 1 and stats.workers >= 1
+    assert by[jobs_pb2.LOW].oldest_wait_seconds > 0
+    for j in [busy, *lows, high]:
+        await c.wait(j.job_id)
+    starts = {j.job_id: (await c.get_job(j.job_id)).start_time.ToDatetime() for j in [*lows, high]}
+    assert starts[high.job_id] < min(starts[lo.job_id] for lo in lows)
+
+
+async def test_cancel_running_job_frees_the_transcribers(one_slot, transcriber: Transcriber, long_clip):
+    c, g, _ = one_slot
+    job = await c.submit(audio.encode(np.tile(long_clip.samples, 3), "flac"))
+    async for event in c.watch_job(job.job_id):
+        if event.job.chunks_completed >= 1:
+            break
+    cancelled = await c.cancel_job(job.job_id)
+    assert cancelled.status == jobs_pb2.CANCELLED
+    for _ in range(100):  # the dispatcher notices within a heartbeat; in-flight calls are cancelled
+        if not g.dispatcher.active and transcriber.batcher.pending == 0 and transcriber.batcher.busy == 0:  # type: ignore[union-attr]
+            break
+        await asyncio.sleep(0.1)
+    assert not g.dispatcher.active  # type: ignore[union-attr]
+    assert transcriber.batcher.pending == 0 and transcriber.batcher.busy == 0
+    final = await c.get_job(job.job_id)
+    assert final.status == jobs_pb2.CANCELLED and final.chunks_completed < final.chunks_total
+    with pytest.raises(SttError) as err:
+        await c.cancel_job(job.job_id)  # already cancelled: still fine
+        await c.transcript(job.job_id)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_delete_removes_job_and_audio(one_slot, short_clip):
+    c, _, js = one_slot
+    job = await c.submit(audio.encode(short_clip.samples, "wav"))
+    await c.wait(job.job_id)
+    assert _blobs(js) == 1
+    await c.delete_job(job.job_id)
+    with pytest.raises(SttError) as err:
+        await c.get_job(job.job_id)
+    assert err.value.code == grpc.StatusCode.NOT_FOUND
+    assert _blobs(js) == 0
+
+
+async def test_list_filters_and_pages(one_slot, short_clip):
+    c, _, _ = one_slot
+    data = audio.encode(short_clip.samples, "wav")
+    ids = [(await c.submit(data)).job_id for _ in range(5)]
+    for i in ids:
+        await c.wait(i)
+    seen, token = [], ""
+    while True:
+        page = await c.list_jobs(page_size=2, page_token=token)
+        seen += [j.job_id for j in page.jobs]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == list(reversed(ids))
+    completed = await c.list_jobs(status="completed")
+    assert len(completed.jobs) == 5
+    assert not (await c.list_jobs(status="failed")).jobs
+
+
+async def test_a_chunk_that_keeps_failing_fails_its_job_only(transcriber, tmp_path, long_clip, short_clip):
+    """Failure injected in front of the real pool for one job's audio; other jobs carry on."""
+    js, g = await _stack(transcriber, str(tmp_path), dispatch_concurrency=2)
+    real = g.pool.transcribe
+    bad_len = None
+
+    async def flaky(samples, options, work_class):  # type: ignore[no-untyped-def]
+        if bad_len is not None and samples.shape[0] == bad_len:
+            raise Unavailable("injected transcriber failure", reason="INJECTED")
+        return await real(samples, options, work_class)
+
+    g.dispatcher.transcribe = flaky  # type: ignore[union-attr]
+    g.dispatcher.config.chunk_retry_seconds = 0.05  # type: ignore[union-attr]
+    try:
+        async with AsyncClient(f"127.0.0.1:{g.port}") as c:
+            short = audio.encode(short_clip.samples, "wav")
+            from services.gateway.audio import Limits, decode
+            from services.gateway.chunking import VadSettings, plan_windows, speech_regions
+
+            decoded = decode(short, limits=Limits(10**8, 600)).samples
+            w = plan_windows(decoded, speech_regions(decoded, VadSettings()))
+            bad_len = w[0].end - w[0].start
+            bad = await c.submit(short)
+            good = await c.submit(audio.encode(long_clip.samples, "flac"))
+            bad_done, good_done = await c.wait(bad.job_id), await c.wait(good.job_id)
+        assert bad_done.status == jobs_pb2.FAILED
+        assert "chunk 0" in bad_done.error_message and "failed 3 times" in bad_done.error_message
+        assert "injected transcriber failure" in bad_done.error_message
+        assert good_done.status == jobs_pb2.COMPLETED
+    finally:
+        await g.stop(0)
+        await js.stop(0)
+
+
+async def test_api_keys_and_tenants(transcriber, tmp_path, short_clip):
+    js, g = await _stack(transcriber, str(tmp_path), api_keys="alice-key:alice,bob-key:bob")
+    server = f"127.0.0.1:{g.port}"
+    data = audio.encode(short_clip.samples, "wav")
+    try:
+        async with AsyncClient(server, api_key="") as anon:
+            with pytest.raises(SttError) as err:
+                await anon.recognize(data)
+            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert (await anon.health())[""] == "SERVING"  # health stays open
+        async with AsyncClient(server, api_key="wrong") as bad:
+            with pytest.raises(SttError) as err:
+                await bad.list_jobs()
+            assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+        async with (
+            AsyncClient(server, api_key="alice-key") as alice,
+            AsyncClient(server, api_key="bob-key") as bob,
+        ):
+            job = await alice.submit(data, request_id="shared-id")
+            other = await bob.submit(data, request_id="shared-id")  # keys are per tenant
+            assert other.job_id != job.job_id
+            with pytest.raises(SttError) as err:
+                await bob.get_job(job.job_id)
+            assert err.value.code == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(SttError) as err:
+                await bob.cancel_job(job.job_id)
+            assert err.value.code == grpc.StatusCode.NOT_FOUND
+            assert [j.job_id for j in (await bob.list_jobs()).jobs] == [other.job_id]
+            await alice.wait(job.job_id)
+            assert (await alice.recognize(data)).transcript
+    finally:
+        await g.stop(0)
+        await js.stop(0)
