@@ -47,6 +47,14 @@ test: setup $(SYSDEPS) ## run the whole test suite (unit, service, system)
 test-fast: setup $(SYSDEPS) ## tests without the system tests
 	$(BIN)/python -m pytest -m "not system" $(PYTEST_ARGS)
 
+deploy-check: setup ## validate the Dockerfiles and k8s manifests statically (no Docker or cluster needed)
+	$(BIN)/python -m pytest tests/test_deploy.py $(PYTEST_ARGS)
+
+hadolint: $(INSTALLED) ## lint the Dockerfiles with hadolint
+	$(BIN)/hadolint services/*/Dockerfile*
+
+.PHONY: deploy-check hadolint
+
 lint: setup ## ruff + mypy on our code
 	$(BIN)/ruff check stt services tests bench
 	$(BIN)/ruff format --check stt services tests bench

@@ -11,6 +11,7 @@ provides everything the service's code imports).
 from __future__ import annotations
 
 import ast
+import copy
 import functools
 import importlib.metadata as md
 import json
@@ -30,6 +31,12 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from pydantic_settings import BaseSettings
+
+from services.gateway.config import GatewaySettings
+from services.jobstore.config import JobstoreSettings
+from services.shared.config import CommonSettings
+from services.transcriber.config import TranscriberSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
@@ -45,7 +52,12 @@ GRPC_SERVICES = {
     "jobstore": ("STT_JOBSTORE_PORT", 50053),
 }
 METRICS_PORT = 9090
-DEFAULT_DRAIN_SECONDS = 10.0  # CommonSettings.shutdown_grace_seconds
+DEFAULT_DRAIN_SECONDS = float(CommonSettings.model_fields["shutdown_grace_seconds"].default)
+SETTINGS: dict[str, type[BaseSettings]] = {
+    "gateway": GatewaySettings,
+    "transcriber": TranscriberSettings,
+    "jobstore": JobstoreSettings,
+}
 DEFAULT_TERMINATION_GRACE = 30  # Kubernetes' default terminationGracePeriodSeconds
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 # Secrets the manifests may reference; they are created by hand (README), never committed.
@@ -257,7 +269,7 @@ def test_objects_match_kubernetes_schema(target: str) -> None:
 
 def test_schema_validation_rejects_a_typo() -> None:
     """The validator is strict: an unknown field (a misspelt probe) is an error, not ignored."""
-    deployment = json.loads(json.dumps(find(render("base"), "Deployment", "gateway")))
+    deployment = copy.deepcopy(find(render("base"), "Deployment", "gateway"))
     pod_template(deployment)["spec"]["containers"][0]["readinesProbe"] = {"grpc": {"port": 50051}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, KUBE_VERSION, strict=True)
@@ -470,6 +482,30 @@ def test_common_settings_and_metrics(target: str, app: str) -> None:
     assert annotations.get("prometheus.io/scrape") == "true"
     assert annotations.get("prometheus.io/port") == str(METRICS_PORT)
     assert annotations.get("prometheus.io/path") == "/metrics"
+
+
+def _setting_names(cls: type[BaseSettings]) -> set[str]:
+    prefix = cls.model_config.get("env_prefix", "")
+    return {f"{prefix}{name}".upper() for name in cls.model_fields}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("app", sorted(GRPC_SERVICES))
+def test_env_names_are_real_settings(target: str, app: str) -> None:
+    """Settings ignore unknown variables, so a misspelt STT_* name would silently do nothing."""
+    objs = render(target)
+    pod = pod_template(find(objs, "Deployment", app))["spec"]
+    known = _setting_names(SETTINGS[app])
+    for c in all_containers(pod):
+        for item in c.get("env", []):
+            name = item["name"]
+            if name.startswith("STT_"):
+                assert name in known, f"{app}/{c['name']}: {name} is not a {SETTINGS[app].__name__} field"
+        for src in c.get("envFrom", []):
+            data = find(objs, "ConfigMap", src["configMapRef"]["name"]).get("data", {})
+            everyone = set().union(*(_setting_names(cls) for cls in SETTINGS.values()))
+            unknown = {k for k in data if k.startswith("STT_")} - everyone
+            assert not unknown, f"ConfigMap {src['configMapRef']['name']}: no service reads {sorted(unknown)}"
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -973,14 +1009,7 @@ def _closure(extra: str) -> set[str]:
 # pyproject.toml does not list faster-whisper, so the gateway image fails on its first Recognize.
 # Fix: add "faster-whisper==1.2.1" to the gateway extra, then drop this mark (strict: it fails
 # as soon as the gap is closed, so the mark cannot outlive the bug).
-GATEWAY_EXTRA_GAP = pytest.mark.xfail(
-    strict=True, reason="the gateway extra lacks faster-whisper, which services/gateway imports for VAD"
-)
-
-
-@pytest.mark.parametrize(
-    "service", [pytest.param(e, marks=GATEWAY_EXTRA_GAP) if e == "gateway" else e for e in EXTRAS]
-)
+@pytest.mark.parametrize("service", EXTRAS)
 def test_image_extra_provides_every_import(service: str) -> None:
     """An image with only `.[service]` installed can import everything the service's code imports."""
     providers = md.packages_distributions()

@@ -109,6 +109,9 @@ def _wrap_stream(
                     yield item
             else:  # a handler that writes with context.write() (e.g. the health Watch)
                 await result  # type: ignore[misc]
+        except GeneratorExit:  # the stream was closed from our side of the call (client gone)
+            call.code = grpc.StatusCode.CANCELLED
+            raise
         except BaseException as exc:
             await call.fail(exc)
         finally:
