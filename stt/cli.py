@@ -230,6 +230,54 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stream(args: argparse.Namespace) -> int:
+    return asyncio.run(_stream(args))
+
+
+async def _stream(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    from stt.client import AsyncClient
+    from stt.streaming import load_pcm, pcm_chunks
+    from stt.v1 import speech_pb2
+
+    audio = load_pcm(args.file if args.file != "-" else sys.stdin.buffer.read())
+    tty = sys.stdout.isatty() and not args.json
+    pending = ""
+    async with AsyncClient(args.server) as client:
+        responses = client.stream(
+            pcm_chunks(audio, realtime=args.realtime),
+            interim=args.interim,
+            encoding="LINEAR16",
+            sample_rate=audio.sample_rate,
+            channels=audio.channels,
+            language=args.language,
+            word_timestamps=True,
+        )
+        async for resp in responses:
+            if args.json:
+                print(
+                    json.dumps(json_format.MessageToDict(resp, preserving_proto_field_name=True)), flush=True
+                )
+                continue
+            for r in resp.results:
+                if r.is_final:
+                    line = f"[{r.start_seconds:7.2f}-{r.end_seconds:7.2f}] {r.transcript}"
+                    sys.stdout.write(("\r\033[K" if tty and pending else "") + line + "\n")
+                    pending = ""
+                elif tty:
+                    pending = r.transcript
+                    sys.stdout.write("\r\033[K  \033[2m" + pending[-150:] + "\033[0m")
+                else:
+                    print(f"  ... {r.transcript}")
+            if resp.speech_event_type == speech_pb2.END_OF_SINGLE_UTTERANCE and not args.json:
+                print("(end of utterance)")
+            sys.stdout.flush()
+    if pending:
+        sys.stdout.write("\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stt", description="Speech-to-text over gRPC.")
     parser.add_argument(
@@ -249,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", "-f", choices=formats.FORMATS, default="text")
     _add_config_args(p)
     p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser("stream", help="stream a file for live recognition (interim and final results)")
+    p.add_argument("file", help="audio file (WAV streams as-is; other formats are decoded first), or -")
+    p.add_argument("--realtime", action="store_true", help="send at the pace of speech, like a microphone")
+    p.add_argument("--interim", action="store_true", help="show interim results, updated in place")
+    p.add_argument("--json", action="store_true", help="print every response as one JSON object per line")
+    p.add_argument("--language", "-l", default=None)
+    p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser("submit", help="upload a file as a durable job")
     p.add_argument("file", help="audio file, or - for stdin")
@@ -299,6 +355,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. piped into head
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import functools
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -308,6 +308,51 @@ class AsyncClient:
         return await self.jobs.GetQueueStats(
             jobs_pb2.GetQueueStatsRequest(), timeout=30, metadata=self.metadata
         )
+
+    async def stream(
+        self,
+        audio: AsyncIterable[bytes] | Iterable[bytes],
+        *,
+        interim: bool = True,
+        single_utterance: bool = False,
+        max_seconds: float = 0.0,
+        config: common_pb2.RecognitionConfig | None = None,
+        timeout: float | None = None,
+        **config_kwargs: Any,
+    ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
+        """Live recognition: `audio` yields chunks (LINEAR16 by default at 16 kHz, or set encoding);
+        responses carry interim and final results and speech events as they happen."""
+        if config is None:
+            config_kwargs.setdefault("encoding", "LINEAR16")
+            config_kwargs.setdefault("sample_rate", 16000)
+            config_kwargs.setdefault("word_timestamps", True)
+            config = recognition_config(**config_kwargs)
+        first = speech_pb2.StreamingRecognizeRequest(
+            streaming_config=speech_pb2.StreamingRecognitionConfig(
+                config=config,
+                interim_results=interim,
+                single_utterance=single_utterance,
+                max_stream_seconds=max_seconds,
+            )
+        )
+
+        async def requests() -> AsyncIterator[speech_pb2.StreamingRecognizeRequest]:
+            yield first
+            if isinstance(audio, AsyncIterable):
+                async for chunk in audio:
+                    yield speech_pb2.StreamingRecognizeRequest(audio_content=chunk)
+            else:
+                for chunk in audio:
+                    yield speech_pb2.StreamingRecognizeRequest(audio_content=chunk)
+
+        call = self.speech.StreamingRecognize(requests(), timeout=timeout, metadata=self.metadata)
+        try:
+            async for resp in call:
+                yield resp
+        except grpc.aio.AioRpcError as exc:
+            raise SttError.from_rpc_error(exc) from None
+        finally:
+            call.cancel()
 
     @_wrap_async
     async def health(self, timeout: float = 5.0) -> dict[str, str]:

@@ -109,7 +109,7 @@ def check_size(size: int, limits: Limits) -> None:
         )
 
 
-class _Resampler:
+class Resampler:
     """Any frames -> 16 kHz mono float32 ndarrays, counting samples against the limit."""
 
     def __init__(self, limits: Limits) -> None:
@@ -185,7 +185,7 @@ def iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: str
         info.declared_seconds = declared
         if declared is not None and declared > limits.max_seconds + 1.0:
             raise _too_long(declared, limits, declared=True)
-        resampler = _Resampler(limits)
+        resampler = Resampler(limits)
         errors = packets = 0
         for packet in container.demux(stream):
             if packet.size == 0:
@@ -295,7 +295,7 @@ class Linear16Decoder:
         validate_linear16(sample_rate, channels)
         self.sample_rate = sample_rate
         self.channels = channels
-        self._resampler = _Resampler(limits)
+        self._resampler = Resampler(limits)
         self._carry = b""
         self._layout = "mono" if channels == 1 else ("stereo" if channels == 2 else f"{channels}c")
         self._block = max(1, int(sample_rate * BLOCK_SECONDS)) * 2 * channels
@@ -310,6 +310,8 @@ class Linear16Decoder:
             yield from self._resampler.push(self._frame(chunk))
 
     def flush(self) -> Iterator[np.ndarray]:
+        if self._carry:
+            _check_whole_frames(len(self._carry), self.channels)
         yield from self._resampler.push(None)
 
     def _frame(self, chunk: bytes) -> av.AudioFrame:

@@ -30,6 +30,18 @@ class GatewaySettings(CommonSettings):
     vad_min_silence_ms: int = 300
     vad_speech_pad_ms: int = 200
 
+    # Live streams: the longest stream, re-transcription step, window cap, endpointing, buffer bound.
+    max_stream_seconds: float = 4 * 3600.0
+    stream_step_seconds: float = 0.3
+    stream_max_window_seconds: float = 15.0
+    stream_endpoint_silence_seconds: float = 0.5
+    stream_max_buffer_seconds: float = 60.0
+    # LocalAgreement: hypotheses that must agree before a word is final, and audio that must follow it.
+    stream_agreement: int = 3
+    stream_hold_seconds: float = 0.2
+    # Beam size for live hypotheses (0: the transcriber's default); smaller is faster.
+    stream_beam_size: int = 5
+
     # Jobs: where the jobstore is, and this gateway's dispatcher.
     jobstore_address: str = "127.0.0.1:50053"
     jobstore_timeout_seconds: float = 30.0

@@ -60,6 +60,7 @@ def options_to_proto(opts: DecodeOptions) -> transcriber_pb2.DecodeOptions:
         temperature=opts.temperature,
         temperature_fallback=opts.temperature_fallback,
         prefix=opts.prefix or "",
+        dynamic_context=opts.dynamic_context,
     )
 
 
@@ -72,6 +73,7 @@ def options_from_proto(msg: transcriber_pb2.DecodeOptions) -> DecodeOptions:
         temperature=msg.temperature,
         temperature_fallback=msg.temperature_fallback,
         prefix=msg.prefix or None,
+        dynamic_context=msg.dynamic_context,
     )
 
 

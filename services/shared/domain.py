@@ -89,6 +89,7 @@ class DecodeOptions:
     temperature: float = 0.0
     temperature_fallback: bool = True
     prefix: str | None = None
+    dynamic_context: bool = False
 
 
 @dataclass(slots=True)

@@ -73,6 +73,7 @@ class Batcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self.busy = 0  # model calls running now
+        self.calls = 0  # model calls made
 
     def start(self) -> None:
         self._tasks = [
@@ -140,6 +141,7 @@ class Batcher:
                 WAIT_SECONDS.labels(item.work_class.name).observe(now - item.enqueued)
             BATCH_SIZE.observe(len(batch))
             self.busy += 1
+            self.calls += 1
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, [i.req for i in batch])
             except Exception as exc:  # the whole call failed

@@ -1,4 +1,13 @@
-"""faster-whisper behind a small, blocking API. No grpc here; callers run it off the event loop."""
+"""faster-whisper behind a small, blocking, batched API. No grpc here; callers run it off the event loop.
+
+Every window (at most 30 s) is decoded in one pass, the way faster-whisper's BatchedInferencePipeline
+decodes its chunks, but with a prompt per window, so windows from different callers (streams with
+their own previous text, jobs with their own vocabulary) share one encoder call and one `generate`
+call. A window whose result fails the quality checks (too repetitive, too improbable) is decoded
+again at rising temperatures, as `WhisperModel.transcribe` does. The same code serves a batch of one,
+so results do not depend on how calls happened to be grouped (up to floating-point differences of
+batched matrix products).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +16,9 @@ import os
 import socket
 import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +36,25 @@ from services.transcriber.config import TranscriberSettings, model_label, resolv
 log = logging.getLogger("transcriber.engine")
 
 FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+COMPRESSION_RATIO_THRESHOLD = 2.4
+LOG_PROB_THRESHOLD = -1.0
+NO_SPEECH_THRESHOLD = 0.6
+BEST_OF = 5
+MAX_PASSES = 4  # decoding passes per window (a pass may stop before the window's end)
+MIN_PASS_FRAMES = 10  # 0.1 s: shorter remainders are not decoded
+TOKENS_PER_SECOND = 12  # generous: fast speech is ~5 text tokens per second, plus timestamps
+FULL_CONTEXT = 3000  # 30 s of 10 ms feature frames: what Whisper was trained on
+CONTEXT_STEP = 500  # dynamic context is rounded up to 5 s
+CONTEXT_MARGIN = 100  # and keeps at least 1 s of padding after the audio
+
+
+def _context_frames(samples: int) -> int:
+    frames = samples // 160 + CONTEXT_MARGIN
+    return min(FULL_CONTEXT, -(-frames // CONTEXT_STEP) * CONTEXT_STEP)
+
+
+PREPEND_PUNCTUATIONS = "\"'“¿([{-"
+APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"  # noqa: RUF001  (faster-whisper's defaults)
 
 
 @dataclass(slots=True)
@@ -33,16 +63,26 @@ class WindowRequest:
     options: DecodeOptions
 
 
+@dataclass(slots=True)
+class _Decoded:
+    tokens: list[int]
+    avg_logprob: float
+    no_speech_prob: float
+    compression_ratio: float
+
+
 class Engine:
-    """Loads the model once; transcribes windows of at most 30 s."""
+    """Loads the model once; transcribes batches of windows of at most 30 s."""
 
     def __init__(self, settings: TranscriberSettings) -> None:
         self.settings = settings
         self.model_name = model_label(settings.model)
         self.served_by = f"{socket.gethostname()}:{os.getpid()}"
-        self._model: object | None = None
+        self._model: Any = None
         self._loaded = threading.Event()
         self.load_seconds = 0.0
+        self._tokenizers: dict[str | None, Any] = {}
+        self._suppress: dict[str | None, Any] = {}
 
     @property
     def ready(self) -> bool:
@@ -100,65 +140,255 @@ class Engine:
             raise InvalidInput("temperature must be between 0 and 1", field="config.temperature")
 
     def transcribe(self, req: WindowRequest) -> WindowResult:
-        """One window. Blocking: call it from a worker thread."""
-        model = self._model
-        if model is None:
+        """One window. Blocking."""
+        res = self.transcribe_batch([req])[0]
+        if isinstance(res, BaseException):
+            raise res
+        return res
+
+    def transcribe_batch(self, reqs: list[WindowRequest]) -> list[WindowResult | BaseException]:
+        """Several windows; compatible ones share model calls. A failing window fails alone."""
+        if self._model is None:
             raise RuntimeError("model not loaded")
-        opts = req.options
-        audio = req.audio
-        if audio.shape[0] > int((MAX_WINDOW_SECONDS + 0.5) * SAMPLE_RATE):
-            raise InvalidInput(f"window is {audio.shape[0] / SAMPLE_RATE:.1f}s; the maximum is 30s")
-        if opts.temperature_fallback and opts.temperature == 0.0:
-            temperature: float | tuple[float, ...] = FALLBACK_TEMPERATURES
-        else:
-            temperature = opts.temperature
-        language = opts.language or ("en" if not self.multilingual else None)
-        segments_iter, info = model.transcribe(  # type: ignore[attr-defined]
-            audio,
-            language=language,
-            beam_size=opts.beam_size or self.settings.beam_size,
-            temperature=temperature,
-            initial_prompt=opts.initial_prompt or None,
-            prefix=opts.prefix or None,
-            word_timestamps=opts.word_timestamps,
-            condition_on_previous_text=False,
-            vad_filter=False,
-            without_timestamps=False,
-        )
-        segments = [
-            Segment(
-                start=round(float(s.start), 3),
-                end=round(float(s.end), 3),
-                text=s.text.strip(),
-                words=[
-                    Word(
-                        w.word.strip(), round(float(w.start), 3), round(float(w.end), 3), float(w.probability)
+        out: list[WindowResult | BaseException | None] = [None] * len(reqs)
+        groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for i, req in enumerate(reqs):
+            try:
+                if req.audio.shape[0] > int((MAX_WINDOW_SECONDS + 0.5) * SAMPLE_RATE):
+                    raise InvalidInput(
+                        f"window is {req.audio.shape[0] / SAMPLE_RATE:.1f}s; the maximum is 30s"
                     )
-                    for w in (s.words or [])
-                ],
-                avg_logprob=float(s.avg_logprob),
-                no_speech_prob=float(s.no_speech_prob),
-                compression_ratio=float(s.compression_ratio),
-            )
-            for s in segments_iter
-            if s.text.strip()
+                o = req.options
+                language = o.language or (None if self.multilingual else "en")
+                if language is None:
+                    language = self._detect_language(req.audio)
+                frames = _context_frames(req.audio.shape[0]) if o.dynamic_context else FULL_CONTEXT
+                key = (language, o.beam_size or self.settings.beam_size, o.word_timestamps, o.temperature,
+                       o.temperature_fallback, frames)  # fmt: skip
+                groups[key].append(i)
+            except Exception as exc:
+                out[i] = exc
+        for key, idxs in groups.items():
+            results: list[WindowResult | BaseException]
+            try:
+                results = list(self._decode_group(key, [reqs[i] for i in idxs]))
+            except Exception as exc:
+                log.exception("model call failed")
+                results = [exc] * len(idxs)
+            for i, res in zip(idxs, results, strict=True):
+                if isinstance(res, WindowResult):
+                    res.batch_size = len(reqs)
+                out[i] = res
+        return [r if r is not None else RuntimeError("window was not decoded") for r in out]
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _tokenizer(self, language: str | None) -> Any:
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        if language not in self._tokenizers:
+            tok = Tokenizer(self._model.hf_tokenizer, self.multilingual, task="transcribe", language=language)
+            self._tokenizers[language] = tok
+            self._suppress[language] = get_suppressed_tokens(tok, [-1])
+        return self._tokenizers[language]
+
+    def _detect_language(self, audio: np.ndarray) -> str:
+        language, _prob, _all = self._model.detect_language(audio)
+        return str(language)
+
+    def _decode_group(self, key: tuple[Any, ...], reqs: list[WindowRequest]) -> list[WindowResult]:
+        """Decode windows together. Like WhisperModel.transcribe, a pass that ends with an unfinished
+        segment continues from its last timestamp; continuations are batched as well."""
+        from faster_whisper.audio import pad_or_trim
+
+        language, beam_size, word_timestamps, temperature, fallback, context = key
+        m = self._model
+        tok = self._tokenizer(language)
+        fe = m.feature_extractor
+        features = [fe(req.audio) for req in reqs]
+        content = [max(f.shape[-1] - 1, 1) for f in features]
+        seeks = [0] * len(reqs)
+        segments: list[list[dict[str, Any]]] = [[] for _ in reqs]
+        first: list[_Decoded | None] = [None] * len(reqs)
+        temps = (
+            (temperature, *[t for t in FALLBACK_TEMPERATURES if t > temperature])
+            if fallback
+            else (temperature,)
+        )
+        for _round in range(MAX_PASSES):
+            active = [i for i in range(len(reqs)) if content[i] - seeks[i] >= MIN_PASS_FRAMES]
+            if not active:
+                break
+            sizes = [min(context, content[i] - seeks[i]) for i in active]
+            batch = np.stack(
+                [
+                    pad_or_trim(features[i][:, seeks[i] : seeks[i] + n], context)
+                    for i, n in zip(active, sizes, strict=True)
+                ]
+            ).astype(np.float32)
+            encoder_output = m.encode(batch)
+            prompts = [self._prompt(tok, reqs[i].options, first_pass=seeks[i] == 0) for i in active]
+            # Short (dynamic-context) windows cannot need many tokens: cap them, so a model caught in a
+            # repetition loop costs milliseconds, not seconds.
+            cap = max(sizes) // 100 * TOKENS_PER_SECOND + 24 if context < FULL_CONTEXT else None
+            decoded = self._generate(encoder_output, prompts, tok, language, beam_size, temps, batch, cap)
+            round_segments: list[list[dict[str, Any]]] = []
+            for i, d, n in zip(active, decoded, sizes, strict=True):
+                if first[i] is None:
+                    first[i] = d
+                start_seek = seeks[i]
+                if d.no_speech_prob > NO_SPEECH_THRESHOLD and d.avg_logprob < LOG_PROB_THRESHOLD:
+                    round_segments.append([])
+                    seeks[i] = start_seek + n  # silence: skip the rest of this pass
+                    continue
+                segs, seeks[i], _single = m._split_segments_by_timestamps(
+                    tokenizer=tok,
+                    tokens=d.tokens,
+                    time_offset=start_seek * fe.time_per_frame,
+                    segment_size=n,
+                    segment_duration=n * fe.time_per_frame,
+                    seek=start_seek,
+                )
+                for seg in segs:
+                    seg["avg_logprob"], seg["no_speech_prob"] = d.avg_logprob, d.no_speech_prob
+                round_segments.append(segs)
+                if seeks[i] <= start_seek:
+                    seeks[i] = start_seek + n  # no progress: stop here rather than loop
+            if word_timestamps and any(round_segments):
+                m.add_word_timestamps(
+                    round_segments,
+                    tok,
+                    encoder_output,
+                    sizes,
+                    PREPEND_PUNCTUATIONS,
+                    APPEND_PUNCTUATIONS,
+                    last_speech_timestamp=0.0,
+                )
+            for i, segs in zip(active, round_segments, strict=True):
+                segments[i].extend(segs)
+        return [
+            self._result(segs, d, req, language, tok)
+            for segs, d, req in zip(segments, first, reqs, strict=True)
         ]
+
+    def _prompt(self, tok: Any, opts: DecodeOptions, *, first_pass: bool) -> list[int]:
+        previous = tok.encode(" " + opts.initial_prompt.strip()) if opts.initial_prompt else []
+        prefix = opts.prefix if first_pass else None
+        return list(self._model.get_prompt(tok, previous, without_timestamps=False, prefix=prefix or None))
+
+    def _generate(
+        self,
+        encoder_output: Any,
+        prompts: list[list[int]],
+        tok: Any,
+        language: str | None,
+        beam_size: int,
+        temperatures: tuple[float, ...],
+        features: np.ndarray,
+        max_new_tokens: int | None = None,
+    ) -> list[_Decoded]:
+        from faster_whisper.transcribe import get_compression_ratio
+
+        m = self._model
+        n = len(prompts)
+        best: list[_Decoded | None] = [None] * n
+        todo = list(range(n))
+        enc = encoder_output
+        for step, temp in enumerate(temperatures):
+            if step > 0:
+                # Only the windows that failed the checks are decoded again (re-encoded as a batch).
+                enc = m.encode(features[todo])
+            kwargs: dict[str, Any] = (
+                {"beam_size": 1, "num_hypotheses": BEST_OF, "sampling_topk": 0, "sampling_temperature": temp}
+                if temp > 0
+                else {"beam_size": beam_size, "patience": 1.0}
+            )
+            results = m.model.generate(
+                enc,
+                [prompts[i] for i in todo],
+                length_penalty=1.0,
+                repetition_penalty=1.0,
+                no_repeat_ngram_size=0,
+                max_length=min(m.max_length, max(len(p) for p in prompts) + max_new_tokens)
+                if max_new_tokens
+                else m.max_length,
+                return_scores=True,
+                return_no_speech_prob=True,
+                suppress_blank=True,
+                suppress_tokens=self._suppress[language],
+                max_initial_timestamp_index=round(1.0 / m.time_precision),
+                **kwargs,
+            )
+            again = []
+            for i, res in zip(todo, results, strict=True):
+                tokens = list(res.sequences_ids[0])
+                avg_logprob = res.scores[0] * len(tokens) / (len(tokens) + 1)
+                ratio = get_compression_ratio(tok.decode(tokens).strip())
+                cand = _Decoded(tokens, float(avg_logprob), float(res.no_speech_prob), float(ratio))
+                prev = best[i]
+                if prev is None or _better(cand, prev):
+                    best[i] = cand
+                needs = ratio > COMPRESSION_RATIO_THRESHOLD or avg_logprob < LOG_PROB_THRESHOLD
+                if needs and res.no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOG_PROB_THRESHOLD:
+                    needs = False  # silence: no point in sampling
+                if needs:
+                    again.append(i)
+                else:
+                    best[i] = cand
+            todo = again
+            if not todo:
+                break
+        return [b for b in best if b is not None]
+
+    def _result(
+        self,
+        segs: list[dict[str, Any]],
+        d: _Decoded | None,
+        req: WindowRequest,
+        language: str | None,
+        tok: Any,
+    ) -> WindowResult:
+        from faster_whisper.transcribe import get_compression_ratio
+
+        segments = []
+        for s in segs:
+            text = tok.decode([t for t in s["tokens"] if t < tok.eot]).strip()
+            if not text:
+                continue
+            segments.append(
+                Segment(
+                    start=round(float(s["start"]), 3),
+                    end=round(float(s["end"]), 3),
+                    text=text,
+                    words=[
+                        Word(
+                            w["word"].strip(),
+                            round(float(w["start"]), 3),
+                            round(float(w["end"]), 3),
+                            float(w["probability"]),
+                        )
+                        for w in s.get("words") or []
+                        if w["word"].strip()
+                    ],
+                    avg_logprob=float(s.get("avg_logprob", d.avg_logprob if d else 0.0)),
+                    no_speech_prob=float(s.get("no_speech_prob", d.no_speech_prob if d else 0.0)),
+                    compression_ratio=float(get_compression_ratio(text)),
+                )
+            )
         return WindowResult(
             segments=segments,
-            language=info.language,
-            language_probability=float(info.language_probability),
-            duration=round(audio.shape[0] / SAMPLE_RATE, 3),
+            language=language or "",
+            language_probability=1.0,
+            duration=round(req.audio.shape[0] / SAMPLE_RATE, 3),
             served_by=self.served_by,
         )
 
-    def transcribe_batch(self, reqs: list[WindowRequest]) -> list[WindowResult | BaseException]:
-        """Several windows in one go; a failing window does not fail the others."""
-        out: list[WindowResult | BaseException] = []
-        for req in reqs:
-            try:
-                res = self.transcribe(req)
-                res.batch_size = len(reqs)
-                out.append(res)
-            except Exception as exc:
-                out.append(exc)
-        return out
+
+def _better(cand: _Decoded, prev: _Decoded) -> bool:
+    """Among fallback attempts keep one under the compression threshold with the best log prob."""
+    cand_ok = cand.compression_ratio <= COMPRESSION_RATIO_THRESHOLD
+    prev_ok = prev.compression_ratio <= COMPRESSION_RATIO_THRESHOLD
+    if cand_ok != prev_ok:
+        return cand_ok
+    return cand.avg_logprob > prev.avg_logprob

@@ -1,0 +1,215 @@
+"""Incremental audio decoding for live streams: bytes in as they arrive, 16 kHz mono float32 out.
+
+LINEAR16 is converted inline. Compressed streams (OGG/Opus, WebM/Opus, FLAC, MP3) are demuxed and
+decoded by PyAV in a worker thread that reads from a blocking pipe, so audio is decoded as soon as
+enough bytes for a frame have arrived. No grpc here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+import av
+import av.error
+import numpy as np
+
+from services.gateway.audio import CODECS, Limits, Linear16Decoder, Resampler
+from services.shared.errors import InvalidInput, ServiceError
+
+log = logging.getLogger("gateway.stream_decoder")
+
+# Streaming encodings -> the ffmpeg demuxer to force (no probing delay).
+STREAM_FORMATS = {
+    "OGG_OPUS": "ogg",
+    "OGG_VORBIS": "ogg",
+    "WEBM_OPUS": "matroska",
+    "FLAC": "flac",
+    "MP3": "mp3",
+}
+STREAM_ENCODINGS = ("LINEAR16", *STREAM_FORMATS)
+
+AudioSink = Callable[[np.ndarray], None]
+
+
+class StreamDecoder:
+    """feed(bytes) any number of times, then finish(). Decoded audio goes to `sink` on the event
+    loop; `done` resolves when all audio is out (or with the decoding error)."""
+
+    def __init__(self, sink: AudioSink, loop: asyncio.AbstractEventLoop) -> None:
+        self.sink = sink
+        self.loop = loop
+        self.done: asyncio.Future[None] = loop.create_future()
+
+    def feed(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Abandon decoding (client gone); frees the worker."""
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    def _finish_ok(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class PcmStreamDecoder(StreamDecoder):
+    def __init__(self, sink: AudioSink, loop: asyncio.AbstractEventLoop, sample_rate: int, channels: int,
+                 limits: Limits) -> None:  # fmt: skip
+        super().__init__(sink, loop)
+        self._dec = Linear16Decoder(sample_rate, channels, limits)
+
+    def feed(self, data: bytes) -> None:
+        try:
+            for block in self._dec.push(data):
+                self.sink(block)
+        except ServiceError as exc:
+            self._fail(exc)
+            raise
+
+    def finish(self) -> None:
+        try:
+            for block in self._dec.flush():
+                self.sink(block)
+        except ServiceError as exc:
+            self._fail(exc)
+            raise
+        self._finish_ok()
+
+
+class _Pipe(io.RawIOBase):
+    """A blocking byte pipe: the event loop writes, the decoder thread reads."""
+
+    def __init__(self) -> None:
+        self._q: queue.Queue[bytes | None] = queue.Queue()
+        self._buf = b""
+        self._eof = False
+
+    def readable(self) -> bool:
+        return True
+
+    def write_bytes(self, data: bytes) -> None:
+        self._q.put(data)
+
+    def close_writer(self) -> None:
+        self._q.put(None)
+
+    def readinto(self, b: bytearray) -> int:  # type: ignore[override]
+        while not self._buf and not self._eof:
+            item = self._q.get()
+            if item is None:
+                self._eof = True
+            else:
+                self._buf = item
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+class ContainerStreamDecoder(StreamDecoder):
+    def __init__(
+        self, sink: AudioSink, loop: asyncio.AbstractEventLoop, encoding: str, limits: Limits
+    ) -> None:
+        super().__init__(sink, loop)
+        self.encoding = encoding
+        self.limits = limits
+        self._pipe = _Pipe()
+        self._abandoned = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"decode-{encoding}", daemon=True)
+        self._thread.start()
+
+    def feed(self, data: bytes) -> None:
+        if self.done.done():
+            self.done.result()  # re-raise the decoding error
+        self._pipe.write_bytes(data)
+
+    def finish(self) -> None:
+        self._pipe.close_writer()
+
+    def close(self) -> None:
+        self._abandoned.set()
+        self._pipe.close_writer()
+
+    def _emit(self, block: np.ndarray) -> None:
+        if not self._abandoned.is_set():
+            self.loop.call_soon_threadsafe(self.sink, block)
+
+    def _run(self) -> None:
+        fmt = STREAM_FORMATS[self.encoding]
+        try:
+            container = av.open(
+                self._pipe, mode="r", format=fmt, options={"probesize": "4096", "analyzeduration": "0"}
+            )
+        except (av.error.FFmpegError, ValueError, OSError) as exc:
+            self._error(
+                InvalidInput(f"the stream is not {self.encoding} audio: {exc}", field="audio_content")
+            )
+            return
+        try:
+            with container:
+                if not container.streams.audio:
+                    raise InvalidInput("the stream has no audio track", field="audio_content")
+                stream = container.streams.audio[0]
+                codec = stream.codec_context.name
+                if codec not in CODECS:
+                    raise InvalidInput(f"unsupported codec {codec!r} in the stream", field="audio_content")
+                resampler = Resampler(self.limits)
+                for packet in container.demux(stream):
+                    if self._abandoned.is_set():
+                        return
+                    if packet.size == 0:
+                        continue
+                    try:
+                        frames = packet.decode()
+                    except av.error.FFmpegError as exc:
+                        log.debug("skipping undecodable packet: %s", exc)
+                        continue
+                    for frame in frames:
+                        for block in resampler.push(frame):
+                            self._emit(block)
+                for block in resampler.push(None):
+                    self._emit(block)
+        except ServiceError as exc:
+            self._error(exc)
+            return
+        except (av.error.FFmpegError, ValueError) as exc:
+            self._error(InvalidInput(f"the {self.encoding} stream is corrupt: {exc}", field="audio_content"))
+            return
+        self.loop.call_soon_threadsafe(self._finish_ok)
+
+    def _error(self, exc: BaseException) -> None:
+        if not self._abandoned.is_set():
+            self.loop.call_soon_threadsafe(self._fail, exc)
+        # Drain whatever the writer still sends so it never blocks.
+        self._abandoned.set()
+
+
+def make_decoder(
+    encoding: str,
+    sample_rate: int,
+    channels: int,
+    limits: Limits,
+    sink: AudioSink,
+    loop: asyncio.AbstractEventLoop,
+) -> StreamDecoder:
+    if encoding == "LINEAR16":
+        return PcmStreamDecoder(sink, loop, sample_rate, channels or 1, limits)
+    if encoding in STREAM_FORMATS:
+        return ContainerStreamDecoder(sink, loop, encoding, limits)
+    raise InvalidInput(
+        f"encoding {encoding or 'AUDIO_ENCODING_UNSPECIFIED'} is not supported for streaming; use one of "
+        f"{', '.join(STREAM_ENCODINGS)}",
+        reason="UNSUPPORTED_ENCODING",
+        field="streaming_config.config.encoding",
+    )

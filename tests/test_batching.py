@@ -1,0 +1,116 @@
+"""Cross-request batching in the transcriber."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import numpy as np
+
+from services.gateway.pool import to_pcm16
+from services.shared.domain import DecodeOptions, WindowResult, WorkClass
+from services.transcriber.batcher import Batcher
+from services.transcriber.engine import WindowRequest
+from stt.v1 import transcriber_pb2, transcriber_pb2_grpc
+from tests.support import audio
+
+
+async def test_batcher_groups_calls_and_serves_live_first():
+    batches: list[list[float]] = []
+    gate = threading.Event()
+
+    def run(reqs: list[WindowRequest]) -> list[WindowResult | BaseException]:
+        gate.wait(5)
+        batches.append([float(r.audio[0]) for r in reqs])
+        return [WindowResult([], "en") for _ in reqs]
+
+    b = Batcher(run, window_ms=20, max_batch=3, max_queue=100)
+    b.start()
+    try:
+
+        def req(tag: float) -> WindowRequest:
+            return WindowRequest(np.full(1600, tag, dtype=np.float32), DecodeOptions())
+
+        first = asyncio.create_task(b.submit(req(0.0), WorkClass.BATCH))  # occupies the model
+        await asyncio.sleep(0.1)
+        waiting = [asyncio.create_task(b.submit(req(0.1 * i), WorkClass.BATCH)) for i in range(1, 5)]
+        await asyncio.sleep(0.05)
+        live = [asyncio.create_task(b.submit(req(0.9), WorkClass.LIVE)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(first, *waiting, *live)
+    finally:
+        await b.close()
+    assert batches[0] == [0.0]
+    # The next model call takes the two live windows first, then the oldest batch window.
+    assert batches[1] == [np.float32(0.9), np.float32(0.9), np.float32(0.1)]
+    assert sorted(x for batch in batches[2:] for x in batch) == [
+        np.float32(0.2),
+        np.float32(0.3),
+        np.float32(0.4),
+    ]
+    assert b.calls == 3
+
+
+async def test_a_caller_that_gives_up_costs_nothing():
+    seen: list[int] = []
+    gate = threading.Event()
+
+    def run(reqs: list[WindowRequest]) -> list[WindowResult | BaseException]:
+        gate.wait(5)
+        seen.append(len(reqs))
+        return [WindowResult([], "en") for _ in reqs]
+
+    b = Batcher(run, window_ms=0, max_batch=8, max_queue=100)
+    b.start()
+    try:
+        req = WindowRequest(np.zeros(1600, dtype=np.float32), DecodeOptions())
+        busy = asyncio.create_task(b.submit(req, WorkClass.BATCH))
+        await asyncio.sleep(0.05)
+        gone = asyncio.create_task(b.submit(req, WorkClass.BATCH))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        gate.set()
+        await busy
+        await asyncio.sleep(0.1)
+    finally:
+        await b.close()
+    assert seen == [1]
+
+
+async def test_concurrent_calls_share_model_calls_with_the_same_words(transcriber, long_clip):
+    windows = [long_clip.samples[i * 16000 * 6 : (i + 1) * 16000 * 6] for i in range(6)]
+
+    def request(samples: np.ndarray) -> transcriber_pb2.TranscribeRequest:
+        return transcriber_pb2.TranscribeRequest(
+            pcm=to_pcm16(samples),
+            options=transcriber_pb2.DecodeOptions(word_timestamps=True),
+            work_class=transcriber_pb2.BATCH,
+        )
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{transcriber.port}") as ch:
+        stub = transcriber_pb2_grpc.TranscriberStub(ch)
+        alone = [await stub.Transcribe(request(w), timeout=60) for w in windows]
+        together = await asyncio.gather(*[stub.Transcribe(request(w), timeout=60) for w in windows])
+    assert all(r.batch_size == 1 for r in alone)
+    assert max(r.batch_size for r in together) > 1
+    for a, t in zip(alone, together, strict=True):
+        assert [s.text for s in a.segments] == [s.text for s in t.segments]
+        wa = [(w.word, w.start_seconds) for s in a.segments for w in s.words]
+        wt = [(w.word, w.start_seconds) for s in t.segments for w in s.words]
+        assert [w for w, _ in wa] == [w for w, _ in wt]
+        assert all(abs(x - y) <= 0.1 for (_, x), (_, y) in zip(wa, wt, strict=True))
+
+
+def test_dynamic_context_keeps_the_words(transcriber):
+    engine = transcriber.engine
+    clip = audio.conversation(audio.SENTENCES[:2], pause=0.5)
+    full = engine.transcribe(WindowRequest(clip.samples, DecodeOptions(word_timestamps=True)))
+    short = engine.transcribe(
+        WindowRequest(clip.samples, DecodeOptions(word_timestamps=True, dynamic_context=True))
+    )
+    from tests.support.text import wer
+
+    text = lambda r: " ".join(s.text for s in r.segments)  # noqa: E731
+    assert wer(text(full), text(short)) <= 0.1

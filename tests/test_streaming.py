@@ -1,0 +1,218 @@
+"""StreamingRecognize through real gRPC servers (in-process gateway + transcriber)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from services.gateway import speech_servicer
+from services.gateway.streaming import collapse_repeats
+from services.shared.domain import Word
+from stt.client import AsyncClient
+from stt.errors import SttError
+from stt.streaming import PcmAudio, paced_bytes, pcm_chunks
+from stt.v1 import common_pb2, speech_pb2
+from tests.support import audio
+from tests.support.text import normalize, wer
+
+
+@pytest.fixture(scope="module")
+def dialog() -> audio.Clip:
+    return audio.conversation(audio.SENTENCES[:3], pause=1.0, lead=0.5)
+
+
+def _pcm(clip: audio.Clip) -> PcmAudio:
+    return PcmAudio(audio.encode(clip.samples, "raw"), 16000, 1)
+
+
+async def _collect(stream) -> list[tuple[float, speech_pb2.StreamingRecognizeResponse]]:  # type: ignore[no-untyped-def]
+    out = []
+    async for resp in stream:
+        out.append((time.monotonic(), resp))
+    return out
+
+
+def _finals(responses) -> list[speech_pb2.SpeechRecognitionResult]:  # type: ignore[no-untyped-def]
+    return [r for _, resp in responses for r in resp.results if r.is_final]
+
+
+async def test_realtime_stream_gives_finals_during_the_stream(client: AsyncClient, dialog: audio.Clip):
+    sent_all = 0.0
+
+    async def chunks():
+        nonlocal sent_all
+        async for c in pcm_chunks(_pcm(dialog), realtime=True):
+            yield c
+        sent_all = time.monotonic()
+
+    responses = await _collect(client.stream(chunks(), interim=True))
+    finals = _finals(responses)
+    text = " ".join(r.transcript for r in finals)
+    assert wer(dialog.text, text) <= 0.25, text
+    first_final = next(t for t, resp in responses if any(r.is_final for r in resp.results))
+    assert first_final < sent_all - 3.0, "finals must come while audio is still being sent"
+    interims = [r for _, resp in responses for r in resp.results if not r.is_final]
+    assert interims and all(0 <= r.stability < 1 for r in interims)
+    events = [resp.speech_event_type for _, resp in responses if resp.speech_event_type]
+    assert speech_pb2.SPEECH_ACTIVITY_BEGIN in events and speech_pb2.SPEECH_ACTIVITY_END in events
+    words = [w for r in finals for w in r.words]
+    starts = [w.start_seconds for w in words]
+    assert starts == sorted(starts)
+    assert all(0 <= w.start_seconds <= w.end_seconds <= dialog.seconds + 0.05 for w in words)
+    # Each sentence's words are placed where it was spoken.
+    for start, end, sentence in dialog.spans:
+        said = " ".join(
+            w.word for w in words if start - 0.5 <= (w.start_seconds + w.end_seconds) / 2 <= end + 0.5
+        )
+        assert wer(sentence, said) <= 0.5, (sentence, said)
+
+
+async def test_fast_client_without_interim(client: AsyncClient, dialog: audio.Clip):
+    offline = await client.recognize(audio.encode(dialog.samples, "wav"))
+    responses = await _collect(client.stream(pcm_chunks(_pcm(dialog)), interim=False))
+    assert all(r.is_final for _, resp in responses for r in resp.results)
+    text = " ".join(r.transcript for r in _finals(responses))
+    assert wer(offline.transcript, text) <= 0.25, (offline.transcript, text)
+    assert responses[-1][1].total_billed_seconds == pytest.approx(dialog.seconds, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "encoding"), [("ogg", "OGG_OPUS"), ("webm", "WEBM_OPUS"), ("mp3", "MP3"), ("flac", "FLAC")]
+)
+async def test_compressed_streams(client: AsyncClient, dialog: audio.Clip, fmt: str, encoding: str):
+    data = audio.encode(dialog.samples, fmt)
+    responses = await _collect(
+        client.stream(paced_bytes(data, dialog.seconds, realtime=False), encoding=encoding, sample_rate=0)
+    )
+    text = " ".join(r.transcript for r in _finals(responses))
+    assert wer(dialog.text, text) <= 0.25, text
+
+
+async def test_silence_gives_no_words_and_no_model_calls(client: AsyncClient, transcriber):
+    calls = transcriber.batcher.calls
+    silent = PcmAudio(audio.encode(audio.silence(8), "raw"), 16000, 1)
+    responses = await _collect(client.stream(pcm_chunks(silent), interim=True))
+    assert not [r for _, resp in responses for r in resp.results]
+    assert transcriber.batcher.calls == calls
+    rng = np.random.default_rng(5)
+    noise = PcmAudio(
+        audio.encode((rng.standard_normal(16000 * 6) * 0.01).astype(np.float32), "raw"), 16000, 1
+    )
+    responses = await _collect(client.stream(pcm_chunks(noise), interim=True))
+    assert normalize(" ".join(r.transcript for r in _finals(responses))) == ""
+
+
+async def test_single_utterance_ends_the_stream(client: AsyncClient, dialog: audio.Clip):
+    responses = await _collect(client.stream(pcm_chunks(_pcm(dialog)), single_utterance=True, interim=False))
+    events = [resp.speech_event_type for _, resp in responses if resp.speech_event_type]
+    assert events[-1] == speech_pb2.END_OF_SINGLE_UTTERANCE
+    text = " ".join(r.transcript for r in _finals(responses))
+    assert wer(audio.SENTENCES[0], text) <= 0.3, text  # only the first sentence
+
+
+async def test_max_stream_duration_is_enforced(client: AsyncClient, dialog: audio.Clip):
+    got: list[speech_pb2.StreamingRecognizeResponse] = []
+    with pytest.raises(SttError) as err:
+        async for resp in client.stream(pcm_chunks(_pcm(dialog)), max_seconds=4.0, interim=False):
+            got.append(resp)
+    assert (
+        err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "maximum duration of 4s" in err.value.message
+    )
+    finals = [r for resp in got for r in resp.results if r.is_final]
+    assert finals and all(r.end_seconds <= 4.1 for r in finals)  # what came before the limit is final
+
+
+def _cfg(**kw) -> speech_pb2.StreamingRecognizeRequest:  # type: ignore[no-untyped-def]
+    return speech_pb2.StreamingRecognizeRequest(
+        streaming_config=speech_pb2.StreamingRecognitionConfig(config=common_pb2.RecognitionConfig(**kw))
+    )
+
+
+AUDIO = speech_pb2.StreamingRecognizeRequest(audio_content=b"\0\0" * 1600)
+
+
+@pytest.mark.parametrize(
+    ("requests", "message"),
+    [
+        ([], "ended before its streaming_config"),
+        ([AUDIO, _cfg(encoding=common_pb2.LINEAR16, sample_rate_hz=16000)], "first message must carry streaming_config"),
+        ([_cfg(encoding=common_pb2.MP4_AAC)], "not supported for streaming"),
+        ([_cfg()], "not supported for streaming"),
+        ([_cfg(encoding=common_pb2.LINEAR16)], "sample_rate_hz"),
+        ([_cfg(encoding=common_pb2.LINEAR16, sample_rate_hz=16000, language_code="xx")], "unknown language"),
+        ([_cfg(encoding=common_pb2.LINEAR16, sample_rate_hz=16000), AUDIO,
+          _cfg(encoding=common_pb2.LINEAR16, sample_rate_hz=16000)], "only be sent once"),
+        ([_cfg(encoding=common_pb2.LINEAR16, sample_rate_hz=16000, audio_channel_count=2),
+          speech_pb2.StreamingRecognizeRequest(audio_content=b"\0\0\0")], None),
+        ([_cfg(encoding=common_pb2.OGG_OPUS), speech_pb2.StreamingRecognizeRequest(audio_content=b"not ogg" * 500)],
+         "OGG_OPUS"),
+    ],
+)  # fmt: skip
+async def test_bad_streams_are_refused(client: AsyncClient, requests, message):  # type: ignore[no-untyped-def]
+    async def gen():
+        for r in requests:
+            yield r
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in client.speech.StreamingRecognize(gen(), timeout=30):
+            pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    if message:
+        assert message in (err.value.details() or "")
+
+
+async def test_cancelled_stream_leaves_nothing_behind(client: AsyncClient, gateway, dialog: audio.Clip):
+    before_streams = speech_servicer.STREAMS._value.get()
+    for encoding in ("LINEAR16", "OGG_OPUS"):
+        await asyncio.sleep(0.5)
+        gc.collect()
+        tasks_before = len(asyncio.all_tasks())
+        threads_before = threading.active_count()
+        data = audio.encode(dialog.samples, "raw" if encoding == "LINEAR16" else "ogg")
+
+        async def forever():
+            async for c in paced_bytes(data, dialog.seconds, realtime=True):
+                yield c
+            await asyncio.sleep(3600)
+
+        stream = client.stream(
+            forever(), encoding=encoding, sample_rate=16000 if encoding == "LINEAR16" else 0
+        )
+        got = 0
+        async for _ in stream:
+            got += 1
+            if got >= 3:
+                break
+        assert speech_servicer.STREAMS._value.get() == before_streams + 1
+        await stream.aclose()  # the client goes away mid-stream
+        for _ in range(50):
+            if (
+                speech_servicer.STREAMS._value.get() == before_streams
+                and len(asyncio.all_tasks()) <= tasks_before
+            ):
+                break
+            await asyncio.sleep(0.05)
+        assert speech_servicer.STREAMS._value.get() == before_streams
+        assert len(asyncio.all_tasks()) <= tasks_before, [t.get_name() for t in asyncio.all_tasks()]
+        assert threading.active_count() <= threads_before
+
+
+def test_collapse_repeats():
+    def ws(text):  # type: ignore[no-untyped-def]
+        return [Word(t, i, i + 1) for i, t in enumerate(text.split())]
+
+    assert [
+        w.word for w in collapse_repeats(ws("Please remember... Please remember... Please remember"))
+    ] == [
+        "Please",
+        "remember...",
+    ]
+    assert [w.word for w in collapse_repeats(ws("no no"))] == ["no", "no"]
+    assert [w.word for w in collapse_repeats(ws("go go go go"))] == ["go"]
+    assert [w.word for w in collapse_repeats(ws("a b c"))] == ["a", "b", "c"]
