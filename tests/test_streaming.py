@@ -176,7 +176,7 @@ async def test_cancelled_stream_leaves_nothing_behind(client: AsyncClient, gatew
         threads_before = threading.active_count()
         data = audio.encode(dialog.samples, "raw" if encoding == "LINEAR16" else "ogg")
 
-        async def forever():
+        async def forever(data: bytes = data):  # type: ignore[no-untyped-def]
             async for c in paced_bytes(data, dialog.seconds, realtime=True):
                 yield c
             await asyncio.sleep(3600)
