@@ -15,7 +15,7 @@ import pytest
 from stt.client import AsyncClient
 from stt.v1 import jobs_pb2
 from tests.support import audio
-from tests.support.cluster import Cluster, RedisServer, kill9
+from tests.support.cluster import Cluster, RedisServer
 from tests.support.datastores import REDIS_URL, postgres_database, redis_prefix
 from tests.support.procs import ROOT, free_port
 from tests.support.text import wer
@@ -85,7 +85,7 @@ async def test_gateway_killed_mid_job_another_gateway_finishes_it(
         ref_text = (await c.transcript(ref.job_id)).content
         job = await c.submit(recording, request_id="crash")
         await _wait_chunks(c, job.job_id, 2)
-    kill9(g1)
+    await g1.kill()
     killed_at = time.time()
     g2 = await cluster.gateway([t], "g2", **SLOW)
     async with AsyncClient(g2.address) as c:

@@ -26,7 +26,7 @@ async def test_two_transcriber_processes_behind_one_gateway_both_get_work(long_c
     gw = None
     try:
         for p in procs:
-            await p.wait_port()
+            await p.start()
         gw = await create_gateway(gateway_settings(",".join(p.address for p in procs)), port=0)
         while gw.pool.serving_count < 2:
             await asyncio.sleep(0.05)

@@ -101,7 +101,7 @@ async def test_client_retries_while_no_transcriber_is_ready(short_clip):
 async def test_sigterm_drains_in_flight_calls(short_clip):
     proc = ServiceProcess("transcriber", env={"STT_CPU_THREADS": "2", "STT_SHUTDOWN_GRACE_SECONDS": "30"})
     try:
-        await proc.wait_port()
+        await proc.start()
         async with grpc.aio.insecure_channel(proc.address) as ch:
             health = health_pb2_grpc.HealthStub(ch)
             while (

@@ -20,6 +20,8 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 import numpy as np
 from prometheus_client import Counter as PCounter
@@ -31,10 +33,11 @@ from services.gateway.jobqueue import ChunkInfo, ClaimedJob, JobQueue, Lease
 from services.gateway.recognize import first_leaf
 from services.shared.context import job_id_var
 from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, WorkClass
-from services.shared.errors import Aborted, InvalidInput, LimitExceeded, NotFound, ServiceError
+from services.shared.errors import Aborted, InvalidInput, LimitExceeded, NotFound, ServiceError, Unavailable
 
 log = logging.getLogger("gateway.dispatcher")
 
+T = TypeVar("T")
 TranscribeFn = Callable[[np.ndarray, DecodeOptions, WorkClass], Awaitable[WindowResult]]
 
 JOBS = PCounter("stt_dispatcher_jobs_total", "Jobs finished by this dispatcher", ["outcome"])
@@ -169,6 +172,21 @@ class Dispatcher:
                     work.cancel()
                     return
 
+    async def _persist(self, lease: Lease, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """A write to the jobstore, retried while it is briefly unavailable (a restart, a database
+        failover) for as long as the lease would last; fencing makes the retries safe."""
+        deadline = time.monotonic() + lease.seconds
+        backoff = 0.2
+        while True:
+            try:
+                return await call()
+            except Unavailable as exc:
+                if time.monotonic() + backoff > deadline:
+                    raise
+                log.warning("%s: jobstore unavailable (%s); retrying", what, exc.message)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 3.0)
+
     async def _work(self, job: ClaimedJob, lease: Lease) -> str:
         spool = tempfile.mkdtemp(prefix=f"stt-job-{job.job_id}-", dir=self.config.spool_dir)
         try:
@@ -225,22 +243,23 @@ class Dispatcher:
             raise first_leaf(group) from None
         if failed.is_set():
             return "failed"
-        final = await self.queue.chunks(job.job_id)
+        final = await self._persist(lease, "chunks", lambda: self.queue.chunks(job.job_id))
         segments = [s for c in final for s in c.segments]
         languages = Counter(c.language for c in final if c.language)
         language = languages.most_common(1)[0][0] if languages else (job.options.language or "")
         transcript = " ".join(s.text.strip() for s in segments if s.text.strip())
-        await self.queue.complete_job(lease, transcript, language)
+        await self._persist(lease, "complete", lambda: self.queue.complete_job(lease, transcript, language))
         return "completed"
 
     async def _plan(self, job: ClaimedJob, lease: Lease, pcm: np.ndarray) -> list[ChunkInfo]:
         if job.chunks_total:
-            return await self.queue.chunks(job.job_id)  # resume: the recorded plan
+            return await self._persist(lease, "plan", lambda: self.queue.chunks(job.job_id))  # resume
         regions = await asyncio.to_thread(speech_regions_long, pcm, self.config.vad)
         windows = plan_windows(pcm, regions)
         if not windows:
             return []
-        return await self.queue.set_plan(lease, [(w.start_seconds, w.end_seconds) for w in windows])
+        spans = [(w.start_seconds, w.end_seconds) for w in windows]
+        return await self._persist(lease, "plan", lambda: self.queue.set_plan(lease, spans))
 
     async def _chunk(
         self, job: ClaimedJob, lease: Lease, pcm: np.ndarray, chunk: ChunkInfo, failed: asyncio.Event
@@ -261,12 +280,18 @@ class Dispatcher:
             except ServiceError as exc:
                 CHUNKS.labels("error").inc()
                 log.warning("chunk %d failed: %s", chunk.index, exc.message)
-                if await self.queue.fail_chunk(lease, chunk.index, exc.message):
+                if await self._persist(
+                    lease, "fail chunk", partial(self.queue.fail_chunk, lease, chunk.index, exc.message)
+                ):
                     failed.set()
                     return
                 await asyncio.sleep(self.config.chunk_retry_seconds)
                 continue
             segments: list[Segment] = merge([window], [result.segments])
-            await self.queue.complete_chunk(lease, chunk.index, segments, result.language)
+            await self._persist(
+                lease,
+                f"chunk {chunk.index}",
+                partial(self.queue.complete_chunk, lease, chunk.index, segments, result.language),
+            )
             CHUNKS.labels("ok").inc()
             return

@@ -17,7 +17,7 @@ from services.gateway.auth import current_tenant
 from services.gateway.config import GatewaySettings
 from services.gateway.jobstore_client import JobstoreClient
 from services.gateway.requests import encoding_name
-from services.shared.errors import InvalidInput, LimitExceeded, WrongState
+from services.shared.errors import InvalidInput, LimitExceeded, Unavailable, WrongState
 from services.shared.status import error_from_rpc
 from stt import formats
 from stt.client import segments_of
@@ -60,6 +60,12 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
         self.jobstore = jobstore
         self.decode_slots = decode_slots
         self.limits = audio_mod.Limits(settings.max_job_bytes, settings.max_job_seconds)
+        self.draining = asyncio.Event()
+
+    async def drain(self) -> None:
+        """Shutdown: end WatchJob streams now with UNAVAILABLE (clients reconnect to another gateway)
+        instead of holding the drain open until they are cut."""
+        self.draining.set()
 
     async def CreateJob(
         self, request_iterator: AsyncIterator[jobs_pb2.CreateJobRequest], context: grpc.aio.ServicerContext
@@ -175,15 +181,29 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
     async def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobs_pb2.JobEvent]:
+        if self.draining.is_set():
+            raise Unavailable("this gateway is shutting down; reconnect", reason="DRAINING")
         call = self.jobstore.stream(
             "WatchJob", jobstore_pb2.StoreJobRef(tenant=current_tenant(), job_id=_job_id(request.job_id))
         )
+        drained = asyncio.ensure_future(self.draining.wait())
         try:
-            async for event in call:
+            events = aiter(call)
+            while True:
+                nxt = asyncio.ensure_future(anext(events))
+                done, _ = await asyncio.wait({nxt, drained}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    raise Unavailable("this gateway is shutting down; reconnect", reason="DRAINING")
+                try:
+                    event = nxt.result()
+                except StopAsyncIteration:
+                    return
                 yield event
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
         finally:
+            drained.cancel()
             call.cancel()
 
     async def CancelJob(

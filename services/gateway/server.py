@@ -68,6 +68,7 @@ async def create_server(
         max_message_bytes=settings.max_recognize_bytes + 64 * 1024,
         interceptors=[AuthInterceptor(keys)] if keys else [],
     )
+    running.on_drain(jobs.drain)
     dispatcher = None
     if settings.dispatch_concurrency > 0:
         dispatcher = Dispatcher(

@@ -31,10 +31,14 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
     return new_request_id()
 
 
+ErrorMapper = Callable[[BaseException], errors.ServiceError | None]
+
+
 class _Call:
     """Bookkeeping for one RPC: request id, timing, final code, access log and metrics."""
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, method: str, context: grpc.aio.ServicerContext, mapper: ErrorMapper | None) -> None:
+        self.mapper = mapper
         self.method = method
         self.context = context
         self.rid = _request_id(context)
@@ -45,6 +49,8 @@ class _Call:
         metrics.RPC_IN_FLIGHT.labels(method).inc()
 
     async def fail(self, exc: BaseException) -> None:
+        if self.mapper is not None and not isinstance(exc, errors.ServiceError | asyncio.CancelledError):
+            exc = self.mapper(exc) or exc
         if isinstance(exc, errors.ServiceError):
             self.code, self.error = code_for(exc), exc.message
             await abort(self.context, exc)
@@ -84,9 +90,11 @@ class _Call:
         request_id_var.reset(self.token)
 
 
-def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _wrap_unary(
+    method: str, behavior: Callable[..., Awaitable[Any]], mapper: ErrorMapper | None
+) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = _Call(method, context)
+        call = _Call(method, context, mapper)
         try:
             return await behavior(request, context)
         except BaseException as exc:
@@ -98,17 +106,17 @@ def _wrap_unary(method: str, behavior: Callable[..., Awaitable[Any]]) -> Callabl
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[..., AsyncIterator[Any]]
+    method: str, behavior: Callable[..., Any], mapper: ErrorMapper | None
 ) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        call = _Call(method, context)
+        call = _Call(method, context, mapper)
         try:
             result = behavior(request, context)
             if inspect.isasyncgen(result):
                 async for item in result:
                     yield item
             else:  # a handler that writes with context.write() (e.g. the health Watch)
-                await result  # type: ignore[misc]
+                await result
         except GeneratorExit:  # the stream was closed from our side of the call (client gone)
             call.code = grpc.StatusCode.CANCELLED
             raise
@@ -121,6 +129,11 @@ def _wrap_stream(
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """`error_mapper` turns other exceptions (e.g. a lost database connection) into domain errors."""
+
+    def __init__(self, error_mapper: ErrorMapper | None = None) -> None:
+        self.mapper = error_mapper
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -135,13 +148,19 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(method, handler.unary_unary), **kwargs)
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(method, handler.unary_unary, self.mapper), **kwargs
+            )
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap_unary(method, handler.stream_unary), **kwargs)
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(method, handler.stream_unary, self.mapper), **kwargs
+            )
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream(method, handler.unary_stream), **kwargs)
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(method, handler.unary_stream, self.mapper), **kwargs
+            )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(method, handler.stream_stream), **kwargs
+                _wrap_stream(method, handler.stream_stream, self.mapper), **kwargs
             )
         return handler

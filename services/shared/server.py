@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from services.shared.config import CommonSettings
-from services.shared.interceptors import ServiceInterceptor
+from services.shared.interceptors import ErrorMapper, ServiceInterceptor
 
 log = logging.getLogger("server")
 
@@ -113,10 +113,11 @@ async def start_server(
     max_message_bytes: int = 4 * 1024 * 1024,
     serving: bool = True,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    error_mapper: ErrorMapper | None = None,
 ) -> RunningServer:
     server = grpc.aio.server(
         # Ours first, so rejected calls (e.g. by auth) are logged and counted too.
-        interceptors=[ServiceInterceptor(), *interceptors],
+        interceptors=[ServiceInterceptor(error_mapper), *interceptors],
         options=server_options(settings, max_message_bytes),
         # Calls beyond this many at once are refused with RESOURCE_EXHAUSTED instead of piling up.
         maximum_concurrent_rpcs=10_000,

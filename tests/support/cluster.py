@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass, field
@@ -30,8 +28,7 @@ class Cluster:
     async def transcriber(self, **env: str) -> ServiceProcess:
         p = ServiceProcess("transcriber", env={"STT_CPU_THREADS": "1", **env})
         self.procs.append(p)
-        await p.wait_port()
-        return p
+        return await p.start()
 
     async def jobstore(self, **env: str) -> ServiceProcess:
         base = {
@@ -45,9 +42,8 @@ class Cluster:
             base["STT_REDIS_URL"] = self.redis_url
         p = ServiceProcess("jobstore", env={**base, **env})
         self.procs.append(p)
-        await p.wait_port()
         self.jobstore_proc = p
-        return p
+        return await p.start()
 
     async def gateway(self, transcribers: list[ServiceProcess], worker: str, **env: str) -> ServiceProcess:
         assert self.jobstore_proc is not None
@@ -63,13 +59,10 @@ class Cluster:
             },
         )
         self.procs.append(p)
-        await p.wait_port()
-        return p
+        return await p.start()
 
     async def stop(self) -> None:
         for p in reversed(self.procs):
-            if p.proc.poll() is None:
-                p.signal(signal.SIGCONT)
             await p.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
@@ -121,8 +114,3 @@ class RedisServer:
     def stop(self) -> None:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def kill9(p: ServiceProcess) -> None:
-    os.killpg(p.proc.pid, signal.SIGKILL)
-    p.proc.wait()

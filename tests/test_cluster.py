@@ -1,0 +1,196 @@
+"""System tests on the local cluster (`make cluster`): jobstore on PostgreSQL + Redis, two gateways,
+three transcribers, each a real process on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from services.cluster import LocalCluster, ServiceProcess
+from stt.client import AsyncClient
+from stt.errors import SttError
+from stt.v1 import jobs_pb2
+from tests.support import audio
+from tests.support.datastores import REDIS_URL, postgres_database, redis_prefix
+from tests.support.text import wer
+
+pytestmark = pytest.mark.system
+
+ENV = {"STT_LOG_LEVEL": "INFO"}
+GATEWAY_ENV = {
+    "STT_JOB_LEASE_SECONDS": "4",
+    "STT_JOB_HEARTBEAT_SECONDS": "0.5",
+    "STT_MAX_PARALLEL_WINDOWS": "4",
+}
+JOBSTORE_ENV = {"STT_REAP_INTERVAL_SECONDS": "0.3", "STT_RECONCILE_SECONDS": "1"}
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[LocalCluster]:
+    async with postgres_database() as url, redis_prefix() as prefix:
+        c = LocalCluster(
+            url, REDIS_URL, prefix, common_env=ENV, gateway_env=GATEWAY_ENV, jobstore_env=JOBSTORE_ENV
+        )
+        try:
+            await c.start(transcribers=3, gateways=2)
+            yield c
+        finally:
+            await c.stop()
+
+
+@pytest.fixture(scope="module")
+def recording(long_clip) -> bytes:
+    return audio.encode(np.concatenate([long_clip.samples, long_clip.samples]), "flac")
+
+
+def scrape(p: ServiceProcess) -> str:
+    assert p.metrics_url
+    with urllib.request.urlopen(p.metrics_url, timeout=5) as resp:
+        return resp.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def transcribe_calls(p: ServiceProcess) -> float:
+    return metric(scrape(p), "stt_rpc_total", method="/stt.v1.Transcriber/Transcribe", code="OK")
+
+
+async def _done(client: AsyncClient, job_id: str, timeout: float = 180) -> jobs_pb2.Job:
+    return await asyncio.wait_for(client.wait(job_id), timeout)
+
+
+async def test_work_spreads_over_all_transcribers_and_metrics_are_exposed(
+    cluster: LocalCluster, recording, short_clip
+):
+    async with AsyncClient(cluster.gateway_target) as c:
+        job = await c.submit(recording, language="en")
+        wav = audio.encode(short_clip.samples, "wav")
+        results = await asyncio.gather(*[c.recognize(wav) for _ in range(6)])
+        assert all(wer(short_clip.text, r.transcript) <= 0.15 for r in results)
+        done = await _done(c, job.job_id)
+        assert done.status == jobs_pb2.COMPLETED
+    calls = [transcribe_calls(t) for t in cluster.transcribers]
+    assert all(n > 0 for n in calls), calls
+    t_metrics = scrape(cluster.transcribers[0])
+    for name in (
+        "stt_transcriber_batch_size_count",
+        "stt_transcriber_real_time_factor_count",
+        "stt_rpc_seconds_bucket",
+    ):
+        assert name in t_metrics
+    assert cluster.jobstore is not None
+    await asyncio.sleep(5.5)  # queue gauges are refreshed every 5 s
+    js = scrape(cluster.jobstore)
+    assert 'stt_jobs_queued{priority="HIGH"}' in js and "stt_jobs_running" in js
+    gw = "".join(scrape(g) for g in cluster.gateways)
+    assert "stt_dispatcher_job_seconds_count" in gw and "stt_gateway_streams" in gw
+
+
+async def test_transcriber_killed_mid_job_gives_the_same_transcript(cluster: LocalCluster, recording):
+    async with AsyncClient(cluster.gateway_target) as c:
+        ref = await _done(c, (await c.submit(recording)).job_id)
+        ref_text = (await c.transcript(ref.job_id)).content
+        job = await c.submit(recording)
+        async for event in c.watch_job(job.job_id):
+            if event.job.chunks_completed >= 1:
+                break
+        victim = max(cluster.transcribers, key=transcribe_calls)
+        await victim.kill()
+        done = await _done(c, job.job_id)
+        assert done.status == jobs_pb2.COMPLETED, done.error_message
+        assert (await c.transcript(job.job_id)).content == ref_text
+
+
+async def test_a_new_transcriber_gets_work_without_restarting_gateways(cluster: LocalCluster, short_clip):
+    fourth = await cluster.add_transcriber()
+    wav = audio.encode(short_clip.samples, "wav")
+    deadline = time.monotonic() + 30
+    async with AsyncClient(cluster.gateway_target) as c:
+        while transcribe_calls(fourth) == 0:
+            assert time.monotonic() < deadline, "the new transcriber got no work"
+            await asyncio.gather(*[c.recognize(wav) for _ in range(4)])
+    assert time.monotonic() < deadline
+
+
+async def test_rolling_restart_loses_no_job_and_shows_no_error(cluster: LocalCluster, short_clip):
+    wav = audio.encode(short_clip.samples, "wav")
+    errors: list[BaseException] = []
+    jobs: list[str] = []
+    stop = asyncio.Event()
+
+    async def submitter(c: AsyncClient) -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                jobs.append((await c.submit(wav, request_id=f"rolling-{i}")).job_id)
+            except SttError as exc:
+                errors.append(exc)
+            i += 1
+            await asyncio.sleep(0.3)
+
+    async with AsyncClient(cluster.gateway_target) as c:
+        task = asyncio.create_task(submitter(c))
+        assert cluster.jobstore is not None
+        for p in [*cluster.transcribers, cluster.jobstore, *cluster.gateways]:
+            p.signal(15)  # SIGTERM: drain, then exit
+            assert await p.wait_exit(60) == 0, p.log()[-2000:]
+            await p.start()
+            await asyncio.sleep(1.5)  # let gateways see it come back
+        stop.set()
+        await task
+        assert not errors, errors
+        assert len(jobs) > 10
+        finals = await asyncio.gather(*[_done(c, j, 240) for j in jobs])
+    assert [f.status for f in finals] == [jobs_pb2.COMPLETED] * len(jobs)
+    assert len(set(jobs)) == len(jobs)
+
+
+def _pg(action: str) -> None:
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main", action], check=True, timeout=60
+    )
+
+
+def _pg_ready() -> bool:
+    return subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"], check=False).returncode == 0
+
+
+async def test_postgres_restarted_during_a_job(cluster: LocalCluster, recording, long_clip):
+    if not os.path.isdir("/etc/postgresql") or os.geteuid() != 0:
+        pytest.skip("needs a local PostgreSQL cluster this test may restart (root)")
+    async with AsyncClient(cluster.gateway_target) as c:
+        job = await c.submit(recording)
+        async for event in c.watch_job(job.job_id):
+            if event.job.chunks_completed >= 1:
+                break
+        try:
+            await asyncio.to_thread(_pg, "restart")
+        finally:
+            for _ in range(100):
+                if _pg_ready():
+                    break
+                await asyncio.sleep(0.2)
+            else:
+                await asyncio.to_thread(_pg, "start")
+        done = await _done(c, job.job_id)
+        assert done.status == jobs_pb2.COMPLETED, done.error_message
+        text = (await c.transcript(job.job_id)).content
+        assert wer(long_clip.text + " " + long_clip.text, text) <= 0.15
+    logs = "".join(p.log() for p in cluster.processes)
+    assert "unavailable" in logs.lower()  # the outage was seen, and ridden out
