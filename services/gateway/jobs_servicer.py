@@ -16,7 +16,7 @@ from services.gateway import audio as audio_mod
 from services.gateway.auth import current_tenant
 from services.gateway.config import GatewaySettings
 from services.gateway.jobstore_client import JobstoreClient
-from services.gateway.requests import encoding_name
+from services.gateway.requests import encoding_name, validate_language
 from services.shared.errors import InvalidInput, LimitExceeded, Unavailable, WrongState
 from services.shared.status import error_from_rpc
 from stt import formats
@@ -39,17 +39,6 @@ def _job_id(value: str) -> str:
     if len(value) > 64:
         raise InvalidInput("job_id is too long", field="job_id")
     return value
-
-
-def _validate_language(code: str) -> None:
-    from faster_whisper.tokenizer import _LANGUAGE_CODES
-
-    if code and code.lower() not in _LANGUAGE_CODES:
-        raise InvalidInput(
-            f"unknown language code {code!r}; use an ISO-639-1 code such as 'en'",
-            reason="UNKNOWN_LANGUAGE",
-            field="metadata.config.language_code",
-        )
 
 
 class JobsServicer(jobs_pb2_grpc.JobsServicer):
@@ -89,7 +78,7 @@ class JobsServicer(jobs_pb2_grpc.JobsServicer):
                 reason="AUDIO_TOO_LARGE",
                 field="metadata.size_bytes",
             )
-        _validate_language(meta.config.language_code)
+        validate_language(meta.config.language_code, "metadata.config.language_code")
         if meta.config.encoding == common_pb2.LINEAR16:
             audio_mod.validate_linear16(meta.config.sample_rate_hz, meta.config.audio_channel_count or 1)
         if meta.request_id:

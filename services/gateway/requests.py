@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from services.shared.domain import DecodeOptions, Segment
+from services.shared.errors import InvalidInput
 from stt.v1 import common_pb2, speech_pb2
 
 
@@ -11,6 +12,18 @@ def encoding_name(cfg: common_pb2.RecognitionConfig) -> str:
     if cfg.encoding == common_pb2.AUDIO_ENCODING_UNSPECIFIED:
         return ""
     return common_pb2.AudioEncoding.Name(cfg.encoding)
+
+
+def validate_language(code: str | None, field: str = "config.language_code") -> None:
+    """Refuse language codes Whisper does not know (the transcriber also checks what its model can do)."""
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    if code and code.strip().lower() not in _LANGUAGE_CODES:
+        raise InvalidInput(
+            f"unknown language code {code!r}; use an ISO-639-1 code such as 'en'",
+            reason="UNKNOWN_LANGUAGE",
+            field=field,
+        )
 
 
 def decode_options(cfg: common_pb2.RecognitionConfig) -> DecodeOptions:

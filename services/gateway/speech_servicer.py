@@ -14,7 +14,7 @@ from services.gateway import audio as audio_mod
 from services.gateway.config import GatewaySettings
 from services.gateway.pool import TranscriberPool
 from services.gateway.recognize import recognize
-from services.gateway.requests import decode_options, encoding_name, result_from_segment
+from services.gateway.requests import decode_options, encoding_name, result_from_segment, validate_language
 from services.gateway.stream_decoder import StreamDecoder, make_decoder
 from services.gateway.streaming import Event, EventType, StreamingSession, StreamPolicy
 from services.shared.context import request_id_var
@@ -34,17 +34,6 @@ def _propagate(task: asyncio.Task[bool], session: StreamingSession) -> None:
     """A reader failure (bad audio, a second config, ...) ends the session with that error."""
     if not task.cancelled() and (exc := task.exception()) is not None:
         session.fail(exc)
-
-
-def _validate_language(code: str | None) -> None:
-    from faster_whisper.tokenizer import _LANGUAGE_CODES
-
-    if code and code not in _LANGUAGE_CODES:
-        raise InvalidInput(
-            f"unknown language code {code!r}; use an ISO-639-1 code such as 'en'",
-            reason="UNKNOWN_LANGUAGE",
-            field="config.language_code",
-        )
 
 
 def stream_response(
@@ -157,7 +146,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
             cfg.max_stream_seconds or self.settings.max_stream_seconds, self.settings.max_stream_seconds
         )
         options = decode_options(cfg.config)
-        _validate_language(options.language)
+        validate_language(options.language, "streaming_config.config.language_code")
         if not options.beam_size:
             options.beam_size = self.settings.stream_beam_size
         s = self.settings

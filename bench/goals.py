@@ -1,0 +1,144 @@
+"""The goals, evaluated from a results JSON: PASS, MISS, or N/A (not measured / skipped / failed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+PASS, MISS, NA = "PASS", "MISS", "N/A"
+
+
+@dataclass
+class Goal:
+    id: str
+    measure: str
+    text: str
+    check: Callable[[dict[str, Any], dict[str, Any]], tuple[str, str]]  # (measure result, all) -> (status, value)
+
+
+def _get(d: Any, *path: Any) -> Any:
+    for p in path:
+        if isinstance(d, dict):
+            d = d.get(p)
+        elif isinstance(d, list) and isinstance(p, int) and -len(d) <= p < len(d):
+            d = d[p]
+        else:
+            return None
+    return d
+
+
+def _throughput(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
+    s, b = _get(m, "x_real_time", "stack_job"), _get(m, "x_real_time", "batched")
+    if s is None or b is None:
+        return NA, "not measured"
+    return (PASS if s >= b else MISS), f"stack {s}x vs batched {b}x real time (ratio {s / b:.2f})"
+
+
+def _unary(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
+    """Judged on the per-call overhead (wall minus that call's model time) when measured: the difference
+    of the two medians carries the model's call-to-call variation."""
+    per_call = _get(m, "per_call_overhead_ms", "p50")
+    diff = _get(m, "added_ms", "p50")
+    added = per_call if per_call is not None else diff
+    if added is None:
+        return NA, "not measured"
+    value = f"{added} ms added at p50 per call (p95 {_get(m, 'per_call_overhead_ms', 'p95')} ms); difference of medians {diff} ms"
+    return (PASS if added <= 15.0 else MISS), value
+
+
+def _accuracy(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
+    svc, raw = _get(m, "corpus_wer", "service"), _get(m, "corpus_wer", "raw")
+    if svc is None or raw is None:
+        return NA, "not measured"
+    diff = svc - raw
+    better = " (service better)" if diff < -0.5 else ""
+    return (PASS if diff <= 0.5 else MISS), f"service {svc}% vs faster-whisper {raw}% ({diff:+.2f} points){better}"
+
+
+def _startup(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
+    med = _get(m, "service_seconds", "median")
+    if med is None:
+        return NA, "not measured"
+    return (PASS if med <= 5.0 else MISS), f"median {med} s (raw model load + warm-up {_get(m, 'raw_seconds', 'median')} s)"
+
+
+MEMORY_NOISE_MIB = 20.0
+
+
+def _memory(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
+    g = _get(m, "growth_mib", "service")
+    if g is None:
+        return NA, "not measured"
+    n = m.get("requests")
+    return (PASS if g <= MEMORY_NOISE_MIB else MISS), f"{g:+.1f} MiB from request 20 to {n} (raw faster-whisper {_get(m, 'growth_mib', 'raw'):+.1f} MiB)"
+
+
+def _latency(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
+    mean, p95 = _get(m, "final_word_latency", "mean"), _get(m, "final_word_latency", "p95")
+    if mean is None or p95 is None:
+        return NA, "not measured"
+    ok = mean <= 1.0 and p95 <= 1.5
+    return (PASS if ok else MISS), f"mean {mean} s, p95 {p95} s"
+
+
+def _first_interim(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
+    v = m.get("first_interim_latency")
+    if v is None:
+        return NA, "no interim result"
+    return (PASS if v <= 0.5 else MISS), f"{v} s"
+
+
+def _stream_wer(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
+    s, o = _get(m, "wer", "streaming"), _get(m, "wer", "offline_recognize")
+    if s is None or o is None:
+        return NA, "not measured"
+    return (PASS if s <= o + 2.0 else MISS), f"streaming {s}% vs offline {o}% ({s - o:+.2f} points)"
+
+
+def _streams(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
+    levels = m.get("levels") or []
+    good = [
+        lv["streams"]
+        for lv in levels
+        if lv.get("completed") == lv["streams"]
+        and not lv.get("errors")
+        and (_get(lv, "final_word_latency", "p95") or 99) <= 1.5
+    ]
+    best = max(good, default=0)
+    tried = max((lv["streams"] for lv in levels), default=0)
+    value = f"p95 <= 1.5 s up to {best} streams (tried up to {tried})"
+    if best >= 8:
+        return PASS, value
+    if tried < 8:
+        return NA, value + "; quick mode stops at 4"
+    return MISS, value
+
+
+GOALS = [
+    Goal("throughput", "throughput", "Batch: the stack (Jobs API) at least as fast as BatchedInferencePipeline", _throughput),
+    Goal("unary", "unary", "Unary Recognize adds at most 15 ms at p50 over in-process transcription", _unary),
+    Goal("accuracy", "accuracy", "Service WER equal to faster-whisper's within 0.5 points", _accuracy),
+    Goal("startup", "startup", "Transcriber start to SERVING <= 5 s (median of 3)", _startup),
+    Goal("memory", "memory", f"No RSS growth beyond noise ({MEMORY_NOISE_MIB:g} MiB) over sequential Recognize calls", _memory),
+    Goal("stream_latency", "streaming", "Streaming final-word latency mean <= 1.0 s and p95 <= 1.5 s", _latency),
+    Goal("first_interim", "streaming", "First interim result <= 0.5 s after speech starts", _first_interim),
+    Goal("stream_wer", "streaming", "Streaming WER <= offline WER + 2 points", _stream_wer),
+    Goal("streams", "concurrent_streams", "At least 8 concurrent real-time streams with p95 <= 1.5 s", _streams),
+]
+
+
+def evaluate(results: dict[str, Any]) -> list[dict[str, str]]:
+    measures = results.get("measures", {})
+    out = []
+    for g in GOALS:
+        m = measures.get(g.measure) or {}
+        if m.get("status") != "ok":
+            status, value = NA, f"measure {m.get('status', 'not run')}" + (f": {m['error']}" if m.get("error") else "")
+        else:
+            try:
+                status, value = g.check(m, results)
+            except Exception as exc:  # a malformed result must not break the report
+                status, value = NA, f"could not evaluate: {exc!r}"
+        out.append({"id": g.id, "measure": g.measure, "goal": g.text, "status": status, "value": value})
+    return out

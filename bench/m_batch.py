@@ -1,0 +1,252 @@
+"""Batch measures: one long file through the Jobs API vs faster-whisper directly (sequential and
+BatchedInferencePipeline), the same against a local multi-process cluster, and concurrent jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from bench.common import THREADS, log, proc_status, ratio, raw_transcribe, summary
+from bench.context import Context
+
+
+def _ts(t: Any) -> float | None:
+    return t.seconds + t.nanos / 1e9 if t.seconds or t.nanos else None
+
+
+def job_times(job: Any) -> dict[str, float | None]:
+    """Server-side times of a finished job (seconds)."""
+    create, start, complete = _ts(job.create_time), _ts(job.start_time), _ts(job.complete_time)
+    return {
+        "wait": round(start - create, 3) if start and create else None,
+        "run": round(complete - start, 3) if complete and start else None,
+        "turnaround": round(complete - create, 3) if complete and create else None,
+    }
+
+
+async def run_job(client: Any, wav: bytes, name: str) -> dict[str, Any]:
+    """submit -> wait -> transcript, timed from submit to transcript (client side)."""
+    from stt.v1 import jobs_pb2
+
+    t0 = time.perf_counter()
+    job = await client.submit(wav, language="en", filename=name)
+    t_submitted = time.perf_counter()
+    done = await client.wait(job.job_id)
+    t_done = time.perf_counter()
+    if done.status != jobs_pb2.COMPLETED:
+        raise RuntimeError(f"job {job.job_id} ended {jobs_pb2.JobStatus.Name(done.status)}: {done.error_message}")
+    tr = await client.transcript(job.job_id)
+    t_end = time.perf_counter()
+    return {
+        "wall": t_end - t0,
+        "upload_seconds": round(t_submitted - t0, 3),
+        "fetch_seconds": round(t_end - t_done, 3),
+        "text": tr.text,
+        "chunks": done.chunks_total,
+        "server": job_times(done),
+    }
+
+
+def _side(wall: float, seconds: float, text: str, ref: str) -> dict[str, Any]:
+    from tests.support.text import wer
+
+    return {"wall_seconds": round(wall, 3), "x_real_time": round(seconds / wall, 2), "wer": round(100 * wer(ref, text), 2)}
+
+
+async def throughput(ctx: Context) -> dict[str, Any]:
+    """1. Batch throughput on one long file: stack (Jobs API) vs sequential vs BatchedInferencePipeline."""
+    from faster_whisper import BatchedInferencePipeline
+
+    clip = ctx.corpus.long
+    wav = clip.wav()
+    stack, client = await ctx.stack.get()
+    model = await ctx.raw()
+    pipe = BatchedInferencePipeline(model)
+    reps = ctx.pick(1, 2)
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in ("stack_job", "stack_recognize", "sequential",
+                                                             "sequential_words", "batched")}  # fmt: skip
+    for rep in range(reps):
+        log(f"throughput: rep {rep + 1}/{reps}, {clip.seconds:.0f}s of audio")
+        mark = ctx.stack.calls.mark()
+        job = await run_job(client, wav, f"long-{rep}.wav")
+        side = _side(job["wall"], clip.seconds, job["text"], clip.text)
+        side.update({k: job[k] for k in ("upload_seconds", "fetch_seconds", "chunks", "server")})
+        side["model"] = ctx.stack.calls.since(mark, job["wall"])
+        runs["stack_job"].append(side)
+        log(f"  stack job        {side['x_real_time']:6.1f}x real time, WER {side['wer']:.1f}%")
+
+        mark = ctx.stack.calls.mark()
+        t0 = time.perf_counter()
+        resp = await client.recognize(wav, language="en")
+        wall = time.perf_counter() - t0
+        side = _side(wall, clip.seconds, resp.transcript, clip.text)
+        side["windows"] = resp.metadata.window_count
+        side["model"] = ctx.stack.calls.since(mark, wall)
+        runs["stack_recognize"].append(side)
+        log(f"  stack Recognize  {side['x_real_time']:6.1f}x real time, WER {side['wer']:.1f}%")
+
+        for key, target, kwargs in (
+            ("sequential", model, {"vad_filter": True}),
+            ("sequential_words", model, {"vad_filter": True, "word_timestamps": True}),
+            ("batched", pipe, {"batch_size": 8}),
+        ):
+            text, wall, segs = await asyncio.to_thread(raw_transcribe, target, clip.samples, **kwargs)
+            side = _side(wall, clip.seconds, text, clip.text)
+            side["segments"] = segs
+            runs[key].append(side)
+            log(f"  {key:16s} {side['x_real_time']:6.1f}x real time, WER {side['wer']:.1f}%")
+
+    best = {k: max(v, key=lambda s: s["x_real_time"]) for k, v in runs.items() if v}
+    xrt = {k: v["x_real_time"] for k, v in best.items()}
+    return {
+        "audio_seconds": round(clip.seconds, 2),
+        "reps": reps,
+        "note": "x_real_time = audio seconds / wall seconds; best of the reps. stack_job is timed from "
+        "submit to transcript; jobs always compute word timings (sequential_words is the like-for-like "
+        "raw run). sequential/batched: faster-whisper in this process, same model, int8, same threads.",
+        "config": {
+            "threads": THREADS,
+            "sequential": "WhisperModel.transcribe(language='en', beam_size=5, vad_filter=True)",
+            "batched": "BatchedInferencePipeline.transcribe(language='en', beam_size=5, batch_size=8)",
+        },
+        "best": best,
+        "runs": runs,
+        "x_real_time": xrt,
+        "ratios": {
+            "stack_vs_sequential": ratio(xrt.get("stack_job"), xrt.get("sequential")),
+            "stack_vs_sequential_words": ratio(xrt.get("stack_job"), xrt.get("sequential_words")),
+            "stack_vs_batched": ratio(xrt.get("stack_job"), xrt.get("batched")),
+            "recognize_vs_batched": ratio(xrt.get("stack_recognize"), xrt.get("batched")),
+        },
+    }
+
+
+# -- local multi-process cluster ---------------------------------------------------------------------
+
+
+def _filtered(fn: Any, wanted: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return wanted
+    return {k: v for k, v in wanted.items() if k in params}
+
+
+async def cluster(ctx: Context) -> dict[str, Any]:
+    """1b. The long file through a local multi-process cluster (services.cluster), if it exists."""
+    if importlib.util.find_spec("services.cluster") is None:
+        return {"skipped": "services/cluster.py does not exist"}
+    mod = importlib.import_module("services.cluster")
+    clip = ctx.corpus.long
+    data_dir = tempfile.mkdtemp(prefix="cluster-", dir=ctx.tmp)
+    db = os.environ.get("BENCH_CLUSTER_DATABASE_URL") or f"sqlite+aiosqlite:///{os.path.join(data_dir, 'jobs.db')}"
+    n_trans = THREADS  # one thread each: the same total threads as the other sides
+    quiet = {"STT_LOG_LEVEL": "WARNING"}
+    handle: Any = None
+    how = ""
+    try:
+        if hasattr(mod, "start_cluster"):
+            how = "services.cluster.start_cluster"
+            fn = mod.start_cluster
+            handle = await fn(**_filtered(fn, {"port": 0, "data_dir": data_dir, "database_url": db,
+                                               "transcribers": n_trans, "gateways": 1}))  # fmt: skip
+        elif hasattr(mod, "LocalCluster"):
+            how = "services.cluster.LocalCluster"
+            cls = mod.LocalCluster
+            kwargs = _filtered(cls, {"database_url": db, "redis_url": None, "data_dir": data_dir, "echo": False,
+                                     "metrics": False, "transcriber_env": {"STT_CPU_THREADS": "1", **quiet},
+                                     "gateway_env": quiet, "jobstore_env": quiet})  # fmt: skip
+            handle = cls(**kwargs)
+            await handle.start(**_filtered(handle.start, {"transcribers": n_trans, "gateways": 1}))
+        else:
+            return {"skipped": "services/cluster.py has neither start_cluster() nor LocalCluster"}
+        gateways = getattr(handle, "gateways", None)
+        target = gateways[0].address if gateways else f"127.0.0.1:{handle.port}"
+        log(f"cluster ({how}) up; gateway {target}")
+        from bench.common import wait_health
+
+        for t in getattr(handle, "transcribers", []):
+            await wait_health(t.address, "stt.v1.Transcriber", 180)
+        await wait_health(target, "dependency/transcribers", 60)
+        from stt.client import AsyncClient
+
+        async with AsyncClient(target, timeout=900) as client:
+            job = await run_job(client, clip.wav(), "cluster-long.wav")
+        side = _side(job["wall"], clip.seconds, job["text"], clip.text)
+        side["server"] = job["server"]
+        procs = getattr(handle, "processes", []) or []
+        side["peak_rss_mib"] = {getattr(p, "label", str(i)): proc_status(p.pid).get("VmHWM") for i, p in enumerate(procs)}
+        tp = ctx.results.get("throughput", {}).get("x_real_time", {})
+        log(f"  cluster job      {side['x_real_time']:6.1f}x real time, WER {side['wer']:.1f}%")
+        return {
+            "how": how,
+            "layout": f"{n_trans} transcribers x 1 thread, 1 gateway, jobstore on {db.split(':', 1)[0]}",
+            "cluster_job": side,
+            "ratios": {
+                "cluster_vs_stack": ratio(side["x_real_time"], tp.get("stack_job")),
+                "cluster_vs_batched": ratio(side["x_real_time"], tp.get("batched")),
+            },
+        }
+    finally:
+        if handle is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(handle.stop(), 60)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+# -- concurrent jobs -------------------------------------------------------------------------------
+
+
+async def concurrent_jobs(ctx: Context) -> dict[str, Any]:
+    """2. 1, 2, 4, 8 jobs at once: total x-real-time, each job's wait and turnaround."""
+    from faster_whisper import BatchedInferencePipeline
+
+    from services.gateway.config import GatewaySettings
+
+    clip = ctx.corpus.medium
+    wav = clip.wav()
+    stack, client = await ctx.stack.get()
+    model = await ctx.raw()
+    text, seq_wall, _ = await asyncio.to_thread(raw_transcribe, model, clip.samples, vad_filter=True)
+    _, bat_wall, _ = await asyncio.to_thread(raw_transcribe, BatchedInferencePipeline(model), clip.samples, batch_size=8)
+    baseline = {
+        "sequential_x_real_time": round(clip.seconds / seq_wall, 2),
+        "batched_x_real_time": round(clip.seconds / bat_wall, 2),
+    }
+    levels = []
+    for n in (1, 2, 4, 8):
+        log(f"concurrent jobs: {n} x {clip.seconds:.0f}s")
+        mark = ctx.stack.calls.mark()
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*[run_job(client, wav, f"c{n}-{i}.wav") for i in range(n)])
+        wall = time.perf_counter() - t0
+        xrt = n * clip.seconds / wall
+        level = {
+            "jobs": n,
+            "wall_seconds": round(wall, 3),
+            "x_real_time": round(xrt, 2),
+            "vs_sequential": ratio(xrt, baseline["sequential_x_real_time"]),
+            "vs_batched": ratio(xrt, baseline["batched_x_real_time"]),
+            "wait": summary([r["server"]["wait"] for r in results if r["server"]["wait"] is not None], 3),
+            "turnaround": summary([r["server"]["turnaround"] for r in results if r["server"]["turnaround"] is not None], 3),
+            "client_turnaround": summary([r["wall"] for r in results], 3),
+            "jobs_detail": [{"server": r["server"], "client_seconds": round(r["wall"], 3)} for r in results],
+            "model": ctx.stack.calls.since(mark, wall),
+        }
+        levels.append(level)
+        log(f"  {n} jobs: {xrt:6.1f}x real time, wait p50 {level['wait'].get('p50')}s, turnaround p50 {level['turnaround'].get('p50')}s")
+    return {
+        "audio_seconds_per_job": round(clip.seconds, 2),
+        "dispatch_concurrency": GatewaySettings().dispatch_concurrency,
+        "baseline": baseline,
+        "levels": levels,
+        "note": "wait = start_time - create_time (server clock); turnaround = complete_time - create_time; "
+        "x_real_time = all jobs' audio / wall from the first submit to the last transcript.",
+    }

@@ -1,0 +1,273 @@
+"""Live streaming: final-word and first-interim latency at real-time pacing, streaming vs offline WER,
+concurrent streams, batched vs unbatched transcriber, and the whisper_streaming (LocalAgreement) baseline."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+
+from bench.common import THREADS, log, pct, ratio, raw_transcribe, summary
+from bench.context import Context
+from bench.corpus import Clip
+
+CHUNK_SECONDS = 0.1
+
+
+def send_time_of(t: float, send_times: list[float], chunk: float = CHUNK_SECONDS) -> float:
+    """When the audio up to stream time t had been sent: the send time of the chunk holding t."""
+    k = min(max(math.ceil(t / chunk - 1e-9) - 1, 0), len(send_times) - 1)
+    return send_times[k]
+
+
+async def stream_session(client: Any, clip: Clip, *, delay: float = 0.0) -> dict[str, Any]:
+    """One StreamingRecognize at real-time pacing with interim results; per-word latencies."""
+    from stt.streaming import PcmAudio, pcm_chunks
+    from tests.support.text import wer
+
+    if delay:
+        await asyncio.sleep(delay)
+    pcm = PcmAudio(clip.pcm16(), 16000, 1)
+    send_times: list[float] = []
+
+    async def paced() -> AsyncIterator[bytes]:
+        async for chunk in pcm_chunks(pcm, chunk_seconds=CHUNK_SECONDS, realtime=True):
+            send_times.append(time.perf_counter())
+            yield chunk
+
+    finals: list[tuple[float, list[tuple[str, float, float]], str]] = []
+    interims: list[tuple[float, str]] = []
+    async for resp in client.stream(paced(), interim=True, language="en"):
+        now = time.perf_counter()
+        for r in resp.results:
+            if r.is_final:
+                finals.append((now, [(w.word, w.start_seconds, w.end_seconds) for w in r.words], r.transcript))
+            elif r.transcript.strip():
+                interims.append((now, r.transcript))
+    end = time.perf_counter()
+    latencies = [arr - send_time_of(we, send_times) for arr, words, _ in finals for (_, _, we) in words]
+    onset = clip.spans[0][0]
+    speech_sent = send_times[min(int(onset / CHUNK_SECONDS), len(send_times) - 1)] if send_times else 0.0
+    text = " ".join(t for _, _, t in finals)
+    return {
+        "latencies": latencies,
+        "first_interim": interims[0][0] - speech_sent if interims else None,
+        "first_final": finals[0][0] - speech_sent if finals else None,
+        "finals": len(finals),
+        "interims": len(interims),
+        "words": sum(len(w) for _, w, _ in finals),
+        "text": text,
+        "wer": pct(wer(clip.text, text)),
+        "tail_seconds": round(end - send_times[-1], 3) if send_times else None,
+    }
+
+
+async def streaming(ctx: Context) -> dict[str, Any]:
+    """7a-c. One real-time stream: final-word latency, first interim latency, streaming vs offline WER."""
+    from tests.support.text import wer
+
+    clip = ctx.corpus.stream
+    stack, client = await ctx.stack.get()
+    log(f"streaming: one real-time stream of {clip.seconds:.0f}s")
+    mark = ctx.stack.calls.mark()
+    t0 = time.perf_counter()
+    s = await asyncio.wait_for(stream_session(client, clip), clip.seconds + 120)
+    model = ctx.stack.calls.since(mark, time.perf_counter() - t0)
+    resp = await client.recognize(clip.wav(), language="en")
+    raw = await ctx.raw()
+    raw_text, _, _ = await asyncio.to_thread(raw_transcribe, raw, clip.samples)
+    lat = summary(s["latencies"], 3)
+    out = {
+        "audio_seconds": round(clip.seconds, 2),
+        "final_word_latency": lat,
+        "first_interim_latency": round(s["first_interim"], 3) if s["first_interim"] is not None else None,
+        "first_final_latency": round(s["first_final"], 3) if s["first_final"] is not None else None,
+        "wer": {"streaming": s["wer"], "offline_recognize": pct(wer(clip.text, resp.transcript)),
+                "raw_faster_whisper": pct(wer(clip.text, raw_text))},  # fmt: skip
+        "finals": s["finals"],
+        "interims": s["interims"],
+        "final_words": s["words"],
+        "tail_seconds": s["tail_seconds"],
+        "model": model,
+        "streaming_text": s["text"],
+        "latencies": [round(x, 3) for x in s["latencies"]],
+        "note": f"Audio sent in {CHUNK_SECONDS:g} s LINEAR16 chunks at real-time pace (stt.streaming.pcm_chunks). "
+        "Final-word latency = arrival of the final result holding the word - send time of the chunk holding the "
+        "word's end (the word end time the server reports). First interim latency = first non-empty interim "
+        "result - send time of the first sentence's onset.",
+    }
+    log(f"  final-word latency mean {lat.get('mean')}s p50 {lat.get('p50')}s p95 {lat.get('p95')}s; first interim "
+        f"{out['first_interim_latency']}s; WER streaming {s['wer']}% offline {out['wer']['offline_recognize']}%")  # fmt: skip
+    return out
+
+
+async def concurrent_streams(ctx: Context) -> dict[str, Any]:
+    """7d. N real-time streams at once: final-word latency per level."""
+    clip = ctx.corpus.stream
+    stack, client = await ctx.stack.get()
+    levels_n = ctx.pick([1, 2, 4], [1, 2, 4, 8, 16])
+    rng = random.Random(7)
+    levels = []
+    for n in levels_n:
+        log(f"concurrent streams: {n} x {clip.seconds:.0f}s at real time")
+        mark = ctx.stack.calls.mark()
+        t0 = time.perf_counter()
+        tasks = [asyncio.create_task(stream_session(client, clip, delay=rng.uniform(0, 0.3))) for _ in range(n)]
+        done, pending = await asyncio.wait(tasks, timeout=clip.seconds * 2 + 60)
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        wall = time.perf_counter() - t0
+        ok = [t.result() for t in done if not t.cancelled() and t.exception() is None]
+        errors = [repr(t.exception()) for t in done if not t.cancelled() and t.exception() is not None]
+        lat = [x for s in ok for x in s["latencies"]]
+        first = [s["first_interim"] for s in ok if s["first_interim"] is not None]
+        level = {
+            "streams": n,
+            "completed": len(ok),
+            "timed_out": len(pending),
+            "errors": errors[:5],
+            "final_word_latency": summary(lat, 3),
+            "first_interim_latency": summary(first, 3),
+            "wer_mean": round(float(np.mean([s["wer"] for s in ok])), 2) if ok else None,
+            "tail_seconds_max": max((s["tail_seconds"] or 0.0) for s in ok) if ok else None,
+            "wall_seconds": round(wall, 2),
+            "model": ctx.stack.calls.since(mark, wall),
+        }
+        levels.append(level)
+        fl = level["final_word_latency"]
+        log(f"  {n} streams: p50 {fl.get('p50')}s p95 {fl.get('p95')}s, WER {level['wer_mean']}%, "
+            f"mean batch {level['model'].get('mean_batch')}, {len(errors)} errors, {len(pending)} timed out")  # fmt: skip
+    return {"audio_seconds": round(clip.seconds, 2), "levels": levels,
+            "note": "Streams start within 0.3 s of each other, all on the same clip."}  # fmt: skip
+
+
+def _windows(clip: Clip, lo: float = 10.0, hi: float = 25.0) -> list[np.ndarray]:
+    """Windows of 10-25 s cut between sentences."""
+    out = []
+    start = None
+    last_end = 0.0
+    for s, e, _ in clip.spans:
+        if start is None:
+            start = max(0.0, s - 0.3)
+        if e + 0.3 - start > hi and last_end - start >= lo:
+            out.append(clip.samples[int(start * 16000) : int((last_end + 0.3) * 16000)])
+            start = max(0.0, s - 0.3)
+        last_end = e
+    if start is not None and last_end - start >= lo:
+        out.append(clip.samples[int(start * 16000) : int(min(last_end + 0.3, hi + start) * 16000)])
+    return out
+
+
+async def batching(ctx: Context) -> dict[str, Any]:
+    """7e. Two in-process transcribers (max_batch_size 8 and 1), 8 concurrent callers each sending
+    several 10-25 s windows: windows/s and audio-seconds/s."""
+    import grpc
+
+    from services.transcriber.config import TranscriberSettings
+    from services.transcriber.server import create_server
+    from stt.v1 import transcriber_pb2, transcriber_pb2_grpc
+
+    windows = _windows(ctx.corpus.long)
+    if not windows:
+        raise RuntimeError("no 10-25 s windows in the long clip")
+    callers, per_caller = 8, ctx.pick(2, 4)
+    plan = [[windows[(c * per_caller + k) % len(windows)] for k in range(per_caller)] for c in range(callers)]
+    apps = {}
+    try:
+        for size in (8, 1):
+            app = await create_server(
+                TranscriberSettings(host="127.0.0.1", cpu_threads=THREADS, max_batch_size=size), port=0, load=False
+            )
+            apps[size] = app
+            await app.load()
+        results: dict[str, Any] = {}
+        for size in (1, 8):
+            app = apps[size]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+                stub = transcriber_pb2_grpc.TranscriberStub(channel)
+
+                def request(w: np.ndarray) -> Any:
+                    return transcriber_pb2.TranscribeRequest(
+                        pcm=(np.clip(w, -1, 1) * 32767).astype("<i2").tobytes(),
+                        options=transcriber_pb2.DecodeOptions(word_timestamps=True, language_code="en"),
+                        work_class=transcriber_pb2.BATCH,
+                    )
+
+                await stub.Transcribe(request(windows[0]), timeout=600)  # warm-up
+                sizes: list[int] = []
+                lat: list[float] = []
+
+                async def caller(ws: list[np.ndarray]) -> None:
+                    for w in ws:
+                        t = time.perf_counter()
+                        r = await stub.Transcribe(request(w), timeout=600)
+                        lat.append(time.perf_counter() - t)
+                        sizes.append(r.batch_size)
+
+                t0 = time.perf_counter()
+                await asyncio.gather(*[caller(ws) for ws in plan])
+                wall = time.perf_counter() - t0
+            n = callers * per_caller
+            audio_s = sum(w.shape[0] for ws in plan for w in ws) / 16000
+            results[f"max_batch_{size}"] = {
+                "windows": n,
+                "audio_seconds": round(audio_s, 1),
+                "wall_seconds": round(wall, 3),
+                "windows_per_second": round(n / wall, 3),
+                "audio_seconds_per_second": round(audio_s / wall, 2),
+                "mean_batch_size": round(float(np.mean(sizes)), 2),
+                "call_latency": summary(lat, 3),
+            }
+            log(f"batching: max_batch_size={size}: {n / wall:.2f} windows/s, {audio_s / wall:.1f} audio s/s, "
+                f"mean batch {np.mean(sizes):.1f}")  # fmt: skip
+    finally:
+        for app in apps.values():
+            await app.stop(0)
+    b, u = results["max_batch_8"], results["max_batch_1"]
+    return {
+        "callers": callers,
+        "windows_per_caller": per_caller,
+        "window_seconds": summary([w.shape[0] / 16000 for w in windows], 2),
+        **results,
+        "ratio_batched_vs_unbatched": ratio(b["audio_seconds_per_second"], u["audio_seconds_per_second"]),
+        "note": "TranscribeRequest(pcm, DecodeOptions(word_timestamps=True, language_code='en'), work_class=BATCH); "
+        "full 30 s context, no temperature fallback (proto defaults). Unbatched runs first, then batched.",
+    }
+
+
+async def whisper_streaming(ctx: Context) -> dict[str, Any]:
+    """7f. ufal/whisper_streaming's OnlineASRProcessor (LocalAgreement-2) with its faster-whisper backend,
+    the same model and threads, same clip at real-time pacing."""
+    from bench import ws_baseline
+
+    where = ws_baseline.checkout()
+    if where is None:
+        msg = ("skipped: set WHISPER_STREAMING_DIR to a checkout of https://github.com/ufal/whisper_streaming "
+               "(git clone https://github.com/ufal/whisper_streaming /tmp/whisper_streaming; "
+               "WHISPER_STREAMING_DIR=/tmp/whisper_streaming)")  # fmt: skip
+        log(msg)
+        return {"skipped": msg}
+    clip = ctx.corpus.stream
+    model = await ctx.raw()
+    log(f"whisper_streaming: {where}, {clip.seconds:.0f}s at real time, min chunk {ws_baseline.MIN_CHUNK}s")
+    res = await asyncio.to_thread(ws_baseline.run, where, model, clip, clip.seconds * 3 + 60)
+    lat = summary(res.pop("latencies"), 3)
+    svc = ctx.results.get("streaming", {})
+    out = {
+        "checkout": where,
+        **res,
+        "final_word_latency": lat,
+        "service_final_word_latency": svc.get("final_word_latency"),
+        "service_wer": (svc.get("wer") or {}).get("streaming"),
+        "note": "OnlineASRProcessor(FasterWhisperASR on CPU int8 with the bundled model, buffer_trimming=('segment', 15)); "
+        "audio inserted as it 'arrives' (every min_chunk seconds of wall time, like whisper_online.py's simulation); "
+        "latency = time the committed word is returned - time the end of the word's audio arrived.",
+    }
+    log(f"  whisper_streaming final-word latency mean {lat.get('mean')}s p95 {lat.get('p95')}s, WER {res.get('wer')}%")
+    return out

@@ -1,0 +1,193 @@
+"""python -m bench [--quick] [--only NAME ...] [--out bench/results] [--no-report]
+
+Runs each measure (service and faster-whisper side by side, in this one run), writes
+<out>/<YYYY-MM-DD>[-quick].json after every measure, then the PNG plots, then docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    BEAM_SIZE,
+    COMPUTE_TYPE,
+    DEFAULT_OUT,
+    DOCS,
+    THREADS,
+    StackHolder,
+    configure_env,
+    log,
+    machine_info,
+    model_label,
+    model_path,
+    today,
+)
+
+configure_env()  # before any settings object exists
+
+from bench import goals, m_batch, m_service, m_stream, plots, report  # noqa: E402
+from bench.context import Context  # noqa: E402
+from bench.corpus import build_corpus  # noqa: E402
+
+
+@dataclass
+class Measure:
+    name: str
+    fn: Callable[[Context], Awaitable[dict[str, Any]]]
+    budget_quick: float  # seconds before the measure is abandoned
+    budget_full: float
+    uses_stack: bool = True
+
+
+MEASURES = [
+    Measure("throughput", m_batch.throughput, 300, 900),
+    Measure("cluster", m_batch.cluster, 240, 600, uses_stack=False),
+    Measure("concurrent_jobs", m_batch.concurrent_jobs, 300, 900),
+    Measure("unary", m_service.unary, 150, 400),
+    Measure("accuracy", m_service.accuracy, 200, 600),
+    Measure("streaming", m_stream.streaming, 200, 400),
+    Measure("concurrent_streams", m_stream.concurrent_streams, 300, 1200),
+    Measure("whisper_streaming", m_stream.whisper_streaming, 240, 600, uses_stack=False),
+    Measure("batching", m_stream.batching, 300, 600, uses_stack=False),
+    Measure("startup", m_service.startup, 150, 300, uses_stack=False),
+    Measure("memory", m_service.memory, 400, 1200, uses_stack=False),
+]
+NAMES = [m.name for m in MEASURES]
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark the stt services against faster-whisper used directly, in one run.",
+        epilog="measures: " + ", ".join(NAMES),
+    )
+    p.add_argument("--quick", action="store_true", help="small inputs, fewer repetitions (~5 minutes)")
+    p.add_argument("--only", nargs="+", metavar="NAME", choices=NAMES, help="run only these measures "
+                   "(merged into an existing results file of the same day and mode)")  # fmt: skip
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default bench/results)")
+    p.add_argument("--docs", type=Path, default=DOCS, help="report to write (default docs/benchmarks.md)")
+    p.add_argument("--no-report", action="store_true", help="do not regenerate the markdown report")
+    return p.parse_args(argv)
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    tmp.replace(path)
+
+
+async def run_measure(m: Measure, ctx: Context) -> dict[str, Any]:
+    budget = m.budget_quick if ctx.quick else m.budget_full
+    log(f"== {m.name} (budget {budget:.0f}s)")
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    t0 = time.perf_counter()
+    entry: dict[str, Any]
+    try:
+        data = await asyncio.wait_for(m.fn(ctx), budget)
+        entry = {"status": "skipped" if data.get("skipped") else "ok", **data}
+    except Exception as exc:
+        if isinstance(exc, TimeoutError):
+            msg = f"timed out after {budget:.0f}s"
+        else:
+            msg = f"{type(exc).__name__}: {exc}"
+        log(f"!! {m.name} failed: {msg}")
+        entry = {"status": "error", "error": msg[:2000], "traceback": traceback.format_exc()[-4000:]}
+        if m.uses_stack:
+            await ctx.stack.reset()  # the next measure gets a fresh stack
+    entry["seconds"] = round(time.perf_counter() - t0, 1)
+    entry["load_average_before"] = load_before
+    entry["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    entry["ran_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    log(f"== {m.name}: {entry['status']} in {entry['seconds']:.0f}s")
+    return entry
+
+
+async def main_async(args: argparse.Namespace) -> Path:
+    from services.shared.logging import setup_logging
+
+    setup_logging("WARNING")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = today() + ("-quick" if args.quick else "")
+    json_path = args.out / f"{stem}.json"
+    selected = [m for m in MEASURES if not args.only or m.name in args.only]
+    results: dict[str, Any] = {"measures": {}}
+    if args.only and json_path.exists():
+        with contextlib.suppress(ValueError):
+            results = json.loads(json_path.read_text())
+            results.setdefault("measures", {})
+            log(f"merging into {json_path}")
+    started = time.time()
+    results.update(
+        {
+            "schema": 1,
+            "date": today(),
+            "mode": "quick" if args.quick else "full",
+            "command": "python -m bench " + " ".join(sys.argv[1:]),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "machine": machine_info(),
+            "config": {
+                "model": model_label(),
+                "model_path": model_path(),
+                "compute_type": COMPUTE_TYPE,
+                "device": "cpu",
+                "cpu_threads": THREADS,
+                "beam_size": BEAM_SIZE,
+                "language": "en",
+                "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("STT_", "BENCH_"))
+                        or k == "WHISPER_STREAMING_DIR"},  # fmt: skip
+            },
+        }
+    )
+    log(f"{results['mode']} run: {', '.join(m.name for m in selected)}")
+    log(f"machine: {results['machine']['cores']} cores, {results['machine']['cpu_model']}, "
+        f"{results['machine']['ram_gib']} GiB; load {results['machine']['load_average']}")  # fmt: skip
+    t0 = time.perf_counter()
+    corpus = build_corpus(args.quick)
+    log(f"corpus ready in {time.perf_counter() - t0:.1f}s: {len(corpus.clips)} clips, "
+        f"{sum(c.seconds for c in corpus.clips):.0f}s; long file {corpus.long.seconds:.0f}s")  # fmt: skip
+    results["corpus"] = corpus.describe()
+    tmp = tempfile.mkdtemp(prefix="stt-bench-")
+    stack = StackHolder(tmp)
+    ctx = Context(args.quick, args.out, tmp, corpus, stack, results=results["measures"])
+    try:
+        for m in selected:
+            if not m.uses_stack and stack.stack is not None and m.name in ("startup", "memory", "batching"):
+                await stack.close()  # keep this process quiet while other processes are measured
+            entry = await run_measure(m, ctx)
+            results["measures"][m.name] = entry
+            results["goals"] = goals.evaluate(results)
+            write_json(json_path, results)
+    finally:
+        await stack.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    results["wall_seconds"] = round(time.time() - started, 1)
+    results["goals"] = goals.evaluate(results)
+    results["plots"] = plots.make_all(results, args.out, stem)
+    write_json(json_path, results)
+    log(f"wrote {json_path} ({results['wall_seconds']:.0f}s)")
+    for g in results["goals"]:
+        log(f"  {g['status']:4s}  {g['goal']}: {g['value']}")
+    return json_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    json_path = asyncio.run(main_async(args))
+    if not args.no_report:
+        doc = report.write(json_path, args.docs)
+        log(f"wrote {doc}")
+    return 0
