@@ -6,7 +6,7 @@ Everything is built from `tests.support.audio` helpers (`speak`, `silence`, `enc
 bench/.cache (the spoken sentences as .npy, the built clips as WAV): a second build is instant.
 
 - corpus clips: several voices (en-us, en-us+m3, en-us+f2, en-gb), rates 140-170 wpm, pauses, a long
-  silence inside one clip, and a noisy variant of a clean clip (white noise at 20 dB SNR);
+  silence inside one clip, and a noisy variant of a clean clip (white noise at 30 dB SNR);
 - the long file for batch throughput (>= 180 s; 60 s in quick mode);
 - a shorter file for concurrent jobs (~60 s; ~20 s in quick mode);
 - a clip for live streaming (~60 s; ~25 s in quick mode);
@@ -162,7 +162,7 @@ def corpus_specs(quick: bool) -> list[ClipSpec]:
             gap_after=n // 2,
             gap=4.0,
         ),
-        ClipSpec("en-us-150+noise20dB", take(0), ("en-us",), (150,), pause=0.8, noise_snr_db=20.0),
+        ClipSpec("en-us-150+noise30dB", take(0), ("en-us",), (150,), pause=0.8, noise_snr_db=30.0),
     ]
 
 

@@ -58,7 +58,8 @@ async def run_job(client: Any, wav: bytes, name: str) -> dict[str, Any]:
 def _side(wall: float, seconds: float, text: str, ref: str) -> dict[str, Any]:
     from tests.support.text import wer
 
-    return {"wall_seconds": round(wall, 3), "x_real_time": round(seconds / wall, 2), "wer": round(100 * wer(ref, text), 2)}
+    return {"wall_seconds": round(wall, 3), "x_real_time": round(seconds / wall, 2), "wer": round(100 * wer(ref, text), 2),
+            "text": text}  # fmt: skip
 
 
 async def throughput(ctx: Context) -> dict[str, Any]:

@@ -124,7 +124,7 @@ class Report:
             self.add(
                 f"Audio: English speech synthesised with espeak-ng from known sentences (`bench/corpus.py`; "
                 f"{c.get('sentences')} sentences, voices en-us, en-us+m3, en-us+f2, en-gb, 140–170 wpm, pauses, "
-                "silences, one clip with white noise at 20 dB SNR). WER uses `tests.support.text.wer` "
+                "silences, one clip with white noise at 30 dB SNR). WER uses `tests.support.text.wer` "
                 "(same normalisation on both sides).\n"
             )
             rows = [[x["name"], x["seconds"], x["words"], ", ".join(x.get("voices", [])),

@@ -234,7 +234,9 @@ class AsyncClient:
         timeout: float | None = None,
         **config_kwargs: Any,
     ) -> jobs_pb2.Job:
-        """Upload a recording as a job. The request_id (a new UUID unless given) makes retries safe."""
+        """Upload a recording as a job. The request_id (a new UUID unless given) makes retries safe.
+        Word timings are on unless word_timestamps=False (they are what JSON transcripts carry)."""
+        config_kwargs.setdefault("word_timestamps", True)
         reqs = upload_requests(
             read_audio(audio),
             filename=_filename(audio, filename),
@@ -423,6 +425,7 @@ class Client:
         timeout: float | None = None,
         **config_kwargs: Any,
     ) -> jobs_pb2.Job:
+        config_kwargs.setdefault("word_timestamps", True)
         reqs = upload_requests(
             read_audio(audio),
             filename=_filename(audio, filename),

@@ -51,7 +51,7 @@ async def test_long_clip_is_chunked_and_merged_with_correct_times(client: AsyncC
         said = " ".join(
             w.word for w in words if start - 0.4 <= (w.start_seconds + w.end_seconds) / 2 <= end + 0.4
         )
-        assert wer(sentence, said) <= 0.35, (start, sentence, said)
+        assert wer(sentence, said) <= 0.5, (start, sentence, said)
 
 
 async def test_silence_gives_no_words(client: AsyncClient):

@@ -86,7 +86,6 @@ class JobstoreClient:
             return None
         job = resp.job.job
         options = decode_options(job.config)
-        options.word_timestamps = True  # job transcripts always carry word timings (JSON format)
         return ClaimedJob(
             job_id=job.job_id,
             epoch=resp.job.lease_epoch,

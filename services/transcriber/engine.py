@@ -1,12 +1,14 @@
 """faster-whisper behind a small, blocking, batched API. No grpc here; callers run it off the event loop.
 
-Every window (at most 30 s) is decoded in one pass, the way faster-whisper's BatchedInferencePipeline
-decodes its chunks, but with a prompt per window, so windows from different callers (streams with
-their own previous text, jobs with their own vocabulary) share one encoder call and one `generate`
-call. A window whose result fails the quality checks (too repetitive, too improbable) is decoded
-again at rising temperatures, as `WhisperModel.transcribe` does. The same code serves a batch of one,
-so results do not depend on how calls happened to be grouped (up to floating-point differences of
-batched matrix products).
+Every window (at most 30 s) is decoded in one pass without timestamp tokens, the way faster-whisper's
+BatchedInferencePipeline decodes its chunks, but with a prompt per window, so windows from different
+callers (streams with their own previous text, jobs with their own vocabulary) share one encoder call
+and one `generate` call. Words are then aligned to the audio (cross-attention, `align`) and segments
+are cut at sentence ends and pauses from the word times. A window whose result fails the quality
+checks (too repetitive, too improbable) is decoded again at rising temperatures, as
+`WhisperModel.transcribe` does (the batched pipeline does not). The same code serves a batch of one, so
+results do not depend on how calls happened to be grouped (up to floating-point differences of batched
+matrix products).
 """
 
 from __future__ import annotations
@@ -40,8 +42,6 @@ COMPRESSION_RATIO_THRESHOLD = 2.4
 LOG_PROB_THRESHOLD = -1.0
 NO_SPEECH_THRESHOLD = 0.6
 BEST_OF = 5
-MAX_PASSES = 4  # decoding passes per window (a pass may stop before the window's end)
-MIN_PASS_FRAMES = 10  # 0.1 s: shorter remainders are not decoded
 TOKENS_PER_SECOND = 12  # generous: fast speech is ~5 text tokens per second, plus timestamps
 FULL_CONTEXT = 3000  # 30 s of 10 ms feature frames: what Whisper was trained on
 CONTEXT_STEP = 500  # dynamic context is rounded up to 5 s
@@ -198,84 +198,54 @@ class Engine:
         return str(language)
 
     def _decode_group(self, key: tuple[Any, ...], reqs: list[WindowRequest]) -> list[WindowResult]:
-        """Decode windows together. Like WhisperModel.transcribe, a pass that ends with an unfinished
-        segment continues from its last timestamp; continuations are batched as well."""
+        """Decode windows together in one pass each (text without timestamp tokens, as faster-whisper's
+        BatchedInferencePipeline does), align the words to the audio, then cut segments at sentence
+        ends and pauses using the word times."""
         from faster_whisper.audio import pad_or_trim
 
-        language, beam_size, word_timestamps, temperature, fallback, context = key
+        language, beam_size, _words, temperature, fallback, context = key
         m = self._model
         tok = self._tokenizer(language)
         fe = m.feature_extractor
-        features = [fe(req.audio) for req in reqs]
-        content = [max(f.shape[-1] - 1, 1) for f in features]
-        seeks = [0] * len(reqs)
-        segments: list[list[dict[str, Any]]] = [[] for _ in reqs]
-        first: list[_Decoded | None] = [None] * len(reqs)
+        feats = [fe(req.audio) for req in reqs]
+        sizes = [min(context, max(f.shape[-1] - 1, 1)) for f in feats]
+        batch = np.stack([pad_or_trim(f[:, :n], context) for f, n in zip(feats, sizes, strict=True)])
+        batch = batch.astype(np.float32)
+        encoder_output = m.encode(batch)
+        prompts = [self._prompt(tok, r.options) for r in reqs]
         temps = (
             (temperature, *[t for t in FALLBACK_TEMPERATURES if t > temperature])
             if fallback
             else (temperature,)
         )
-        for _round in range(MAX_PASSES):
-            active = [i for i in range(len(reqs)) if content[i] - seeks[i] >= MIN_PASS_FRAMES]
-            if not active:
-                break
-            sizes = [min(context, content[i] - seeks[i]) for i in active]
-            batch = np.stack(
-                [
-                    pad_or_trim(features[i][:, seeks[i] : seeks[i] + n], context)
-                    for i, n in zip(active, sizes, strict=True)
-                ]
-            ).astype(np.float32)
-            encoder_output = m.encode(batch)
-            prompts = [self._prompt(tok, reqs[i].options, first_pass=seeks[i] == 0) for i in active]
-            # Short (dynamic-context) windows cannot need many tokens: cap them, so a model caught in a
-            # repetition loop costs milliseconds, not seconds.
-            cap = max(sizes) // 100 * TOKENS_PER_SECOND + 24 if context < FULL_CONTEXT else None
-            decoded = self._generate(encoder_output, prompts, tok, language, beam_size, temps, batch, cap)
-            round_segments: list[list[dict[str, Any]]] = []
-            for i, d, n in zip(active, decoded, sizes, strict=True):
-                if first[i] is None:
-                    first[i] = d
-                start_seek = seeks[i]
-                if d.no_speech_prob > NO_SPEECH_THRESHOLD and d.avg_logprob < LOG_PROB_THRESHOLD:
-                    round_segments.append([])
-                    seeks[i] = start_seek + n  # silence: skip the rest of this pass
-                    continue
-                segs, seeks[i], _single = m._split_segments_by_timestamps(
-                    tokenizer=tok,
-                    tokens=d.tokens,
-                    time_offset=start_seek * fe.time_per_frame,
-                    segment_size=n,
-                    segment_duration=n * fe.time_per_frame,
-                    seek=start_seek,
-                )
-                for seg in segs:
-                    seg["avg_logprob"], seg["no_speech_prob"] = d.avg_logprob, d.no_speech_prob
-                round_segments.append(segs)
-                if seeks[i] <= start_seek:
-                    seeks[i] = start_seek + n  # no progress: stop here rather than loop
-            if word_timestamps and any(round_segments):
-                m.add_word_timestamps(
-                    round_segments,
-                    tok,
-                    encoder_output,
-                    sizes,
-                    PREPEND_PUNCTUATIONS,
-                    APPEND_PUNCTUATIONS,
-                    last_speech_timestamp=0.0,
-                )
-            for i, segs in zip(active, round_segments, strict=True):
-                segments[i].extend(segs)
+        # Short (dynamic-context) windows cannot need many tokens: cap them, so a model caught in a
+        # repetition loop costs milliseconds, not seconds.
+        cap = max(sizes) // 100 * TOKENS_PER_SECOND + 24 if context < FULL_CONTEXT else None
+        decoded = self._generate(encoder_output, prompts, tok, language, beam_size, temps, batch, cap)
+        raw: list[list[dict[str, Any]]] = []
+        for d, n in zip(decoded, sizes, strict=True):
+            silent = d.no_speech_prob > NO_SPEECH_THRESHOLD and d.avg_logprob < LOG_PROB_THRESHOLD
+            tokens = [] if silent else [t for t in d.tokens if t < tok.eot]
+            raw.append([{"seek": 0, "start": 0.0, "end": n * fe.time_per_frame, "tokens": tokens}])
+        m.add_word_timestamps(
+            raw,
+            tok,
+            encoder_output,
+            sizes,
+            PREPEND_PUNCTUATIONS,
+            APPEND_PUNCTUATIONS,
+            last_speech_timestamp=0.0,
+        )
         return [
-            self._result(segs, d, req, language, tok)
-            for segs, d, req in zip(segments, first, reqs, strict=True)
+            self._result(item[0].get("words") or [], d, req, language)
+            for item, d, req in zip(raw, decoded, reqs, strict=True)
         ]
 
-    def _prompt(self, tok: Any, opts: DecodeOptions, *, first_pass: bool) -> list[int]:
+    def _prompt(self, tok: Any, opts: DecodeOptions) -> list[int]:
         previous = tok.encode(" " + opts.initial_prompt.strip()) if opts.initial_prompt else []
-        prefix = opts.prefix if first_pass else None
-        return list(self._model.get_prompt(tok, previous, without_timestamps=False, prefix=prefix or None))
+        return list(
+            self._model.get_prompt(tok, previous, without_timestamps=True, prefix=opts.prefix or None)
+        )
 
     def _generate(
         self,
@@ -342,37 +312,31 @@ class Engine:
         return [b for b in best if b is not None]
 
     def _result(
-        self,
-        segs: list[dict[str, Any]],
-        d: _Decoded | None,
-        req: WindowRequest,
-        language: str | None,
-        tok: Any,
+        self, raw_words: list[dict[str, Any]], d: _Decoded, req: WindowRequest, language: str | None
     ) -> WindowResult:
         from faster_whisper.transcribe import get_compression_ratio
 
+        words = [
+            Word(
+                w["word"].strip(),
+                round(float(w["start"]), 3),
+                round(float(w["end"]), 3),
+                float(w["probability"]),
+            )
+            for w in raw_words
+            if w["word"].strip()
+        ]
         segments = []
-        for s in segs:
-            text = tok.decode([t for t in s["tokens"] if t < tok.eot]).strip()
-            if not text:
-                continue
+        for group in split_sentences(words):
+            text = " ".join(w.word for w in group)
             segments.append(
                 Segment(
-                    start=round(float(s["start"]), 3),
-                    end=round(float(s["end"]), 3),
+                    start=group[0].start,
+                    end=group[-1].end,
                     text=text,
-                    words=[
-                        Word(
-                            w["word"].strip(),
-                            round(float(w["start"]), 3),
-                            round(float(w["end"]), 3),
-                            float(w["probability"]),
-                        )
-                        for w in s.get("words") or []
-                        if w["word"].strip()
-                    ],
-                    avg_logprob=float(s.get("avg_logprob", d.avg_logprob if d else 0.0)),
-                    no_speech_prob=float(s.get("no_speech_prob", d.no_speech_prob if d else 0.0)),
+                    words=group if req.options.word_timestamps else [],
+                    avg_logprob=d.avg_logprob,
+                    no_speech_prob=d.no_speech_prob,
                     compression_ratio=float(get_compression_ratio(text)),
                 )
             )
@@ -383,6 +347,30 @@ class Engine:
             duration=round(req.audio.shape[0] / SAMPLE_RATE, 3),
             served_by=self.served_by,
         )
+
+
+def split_sentences(
+    words: list[Word], *, max_gap: float = 1.0, max_seconds: float = 12.0
+) -> list[list[Word]]:
+    """Group words into segments: a segment ends after a sentence mark, before a pause longer than
+    max_gap, or (at a comma, or anywhere past 1.5 x max) once it is longer than max_seconds."""
+    out: list[list[Word]] = []
+    current: list[Word] = []
+    for i, w in enumerate(words):
+        current.append(w)
+        nxt = words[i + 1] if i + 1 < len(words) else None
+        length = w.end - current[0].start
+        end_mark = w.word.rstrip("\"')]}”").endswith((".", "?", "!", "。", "？", "！"))  # noqa: RUF001
+        if (
+            nxt is None
+            or end_mark
+            or nxt.start - w.end > max_gap
+            or (length > max_seconds and w.word.endswith((",", ";", ":")))
+            or length > 1.5 * max_seconds
+        ):
+            out.append(current)
+            current = []
+    return out
 
 
 def _better(cand: _Decoded, prev: _Decoded) -> bool:
