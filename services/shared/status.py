@@ -10,6 +10,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from services.shared import errors
+from stt.errors import SttError
 
 DOMAIN = "stt.v1"
 
@@ -73,49 +74,19 @@ async def abort(context: grpc.aio.ServicerContext, err: errors.ServiceError) -> 
     raise AssertionError("unreachable")  # abort_with_status always raises
 
 
-def error_info(exc: grpc.RpcError) -> tuple[str, dict[str, str]]:
-    """Client side: the ErrorInfo reason and metadata of a failed call, if any."""
-    status = rpc_status.from_call(exc)
-    if status is None:
-        return "", {}
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason, dict(info.metadata)
-    return "", {}
-
-
 _FROM_CODE: dict[grpc.StatusCode, type[errors.ServiceError]] = {code: cls for cls, code in _CODES}
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError, *, prefix: str = "") -> errors.ServiceError:
     """A downstream call's failure as a domain error (same code, message, reason and field), so it
     reaches our own caller unchanged. Codes without a domain class become Unavailable."""
-    code = exc.code()
-    message = f"{prefix}{exc.details() or code.name}"
-    reason, field_name, retry = "", None, 1.0
-    try:
-        status = rpc_status.from_call(exc)
-    except ValueError:
-        status = None
-    for detail in status.details if status else ():
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            if bad.field_violations:
-                field_name = bad.field_violations[0].field
-        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-            info_r = error_details_pb2.RetryInfo()
-            detail.Unpack(info_r)
-            retry = info_r.retry_delay.seconds + info_r.retry_delay.nanos / 1e9
+    parsed = SttError.from_rpc_error(exc)
+    code = parsed.code
+    message = f"{prefix}{parsed.message or code.name}"
+    reason = parsed.reason or code.name
+    field_name = next(iter(parsed.fields), None)
     cls = _FROM_CODE.get(code)
     if cls is None or cls is errors.Unavailable:
-        return errors.Unavailable(
-            message, reason=reason or code.name, field=field_name, retry_after_seconds=retry
-        )
-    return cls(message, reason=reason or code.name, field=field_name)
+        retry = parsed.retry_after if parsed.retry_after is not None else 1.0
+        return errors.Unavailable(message, reason=reason, field=field_name, retry_after_seconds=retry)
+    return cls(message, reason=reason, field=field_name)
