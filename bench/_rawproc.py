@@ -1,8 +1,8 @@
 """Raw faster-whisper in its own process, the baseline for start-up time and memory.
 
-    python -m bench._rawproc startup                      # load + warm up, print READY, exit
-    python -m bench._rawproc memory LONG.npy CLIP.npy N   # print JSON: RSS after load, peak over the
-                                                          # long file, RSS after 20 and N clip calls
+python -m bench._rawproc startup                      # load + warm up, print READY, exit
+python -m bench._rawproc memory LONG.npy CLIP.npy N   # print JSON: RSS after load, peak over the
+                                                      # long file, RSS after 20 and N clip calls
 """
 
 from __future__ import annotations

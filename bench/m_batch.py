@@ -42,7 +42,9 @@ async def run_job(client: Any, wav: bytes, name: str) -> dict[str, Any]:
     done = await client.wait(job.job_id)
     t_done = time.perf_counter()
     if done.status != jobs_pb2.COMPLETED:
-        raise RuntimeError(f"job {job.job_id} ended {jobs_pb2.JobStatus.Name(done.status)}: {done.error_message}")
+        raise RuntimeError(
+            f"job {job.job_id} ended {jobs_pb2.JobStatus.Name(done.status)}: {done.error_message}"
+        )
     tr = await client.transcript(job.job_id)
     t_end = time.perf_counter()
     return {
@@ -59,7 +61,7 @@ def _side(wall: float, seconds: float, text: str, ref: str) -> dict[str, Any]:
     from tests.support.text import wer
 
     return {"wall_seconds": round(wall, 3), "x_real_time": round(seconds / wall, 2), "wer": round(100 * wer(ref, text), 2),
-            "text": text}  # fmt: skip
+            "text": text}
 
 
 async def throughput(ctx: Context) -> dict[str, Any]:
@@ -68,12 +70,12 @@ async def throughput(ctx: Context) -> dict[str, Any]:
 
     clip = ctx.corpus.long
     wav = clip.wav()
-    stack, client = await ctx.stack.get()
+    _, client = await ctx.stack.get()
     model = await ctx.raw()
     pipe = BatchedInferencePipeline(model)
     reps = ctx.pick(1, 2)
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in ("stack_job", "stack_recognize", "sequential",
-                                                             "sequential_words", "batched")}  # fmt: skip
+                                                             "sequential_words", "batched")}
     for rep in range(reps):
         log(f"throughput: rep {rep + 1}/{reps}, {clip.seconds:.0f}s of audio")
         mark = ctx.stack.calls.mark()
@@ -147,7 +149,10 @@ async def cluster(ctx: Context) -> dict[str, Any]:
     mod = importlib.import_module("services.cluster")
     clip = ctx.corpus.long
     data_dir = tempfile.mkdtemp(prefix="cluster-", dir=ctx.tmp)
-    db = os.environ.get("BENCH_CLUSTER_DATABASE_URL") or f"sqlite+aiosqlite:///{os.path.join(data_dir, 'jobs.db')}"
+    db = (
+        os.environ.get("BENCH_CLUSTER_DATABASE_URL")
+        or f"sqlite+aiosqlite:///{os.path.join(data_dir, 'jobs.db')}"
+    )
     n_trans = THREADS  # one thread each: the same total threads as the other sides
     quiet = {"STT_LOG_LEVEL": "WARNING"}
     handle: Any = None
@@ -157,13 +162,13 @@ async def cluster(ctx: Context) -> dict[str, Any]:
             how = "services.cluster.start_cluster"
             fn = mod.start_cluster
             handle = await fn(**_filtered(fn, {"port": 0, "data_dir": data_dir, "database_url": db,
-                                               "transcribers": n_trans, "gateways": 1}))  # fmt: skip
+                                               "transcribers": n_trans, "gateways": 1}))
         elif hasattr(mod, "LocalCluster"):
             how = "services.cluster.LocalCluster"
             cls = mod.LocalCluster
             kwargs = _filtered(cls, {"database_url": db, "redis_url": None, "data_dir": data_dir, "echo": False,
                                      "metrics": False, "transcriber_env": {"STT_CPU_THREADS": "1", **quiet},
-                                     "gateway_env": quiet, "jobstore_env": quiet})  # fmt: skip
+                                     "gateway_env": quiet, "jobstore_env": quiet})
             handle = cls(**kwargs)
             await handle.start(**_filtered(handle.start, {"transcribers": n_trans, "gateways": 1}))
         else:
@@ -183,7 +188,9 @@ async def cluster(ctx: Context) -> dict[str, Any]:
         side = _side(job["wall"], clip.seconds, job["text"], clip.text)
         side["server"] = job["server"]
         procs = getattr(handle, "processes", []) or []
-        side["peak_rss_mib"] = {getattr(p, "label", str(i)): proc_status(p.pid).get("VmHWM") for i, p in enumerate(procs)}
+        side["peak_rss_mib"] = {
+            getattr(p, "label", str(i)): proc_status(p.pid).get("VmHWM") for i, p in enumerate(procs)
+        }
         tp = ctx.results.get("throughput", {}).get("x_real_time", {})
         log(f"  cluster job      {side['x_real_time']:6.1f}x real time, WER {side['wer']:.1f}%")
         return {
@@ -213,10 +220,12 @@ async def concurrent_jobs(ctx: Context) -> dict[str, Any]:
 
     clip = ctx.corpus.medium
     wav = clip.wav()
-    stack, client = await ctx.stack.get()
+    _, client = await ctx.stack.get()
     model = await ctx.raw()
-    text, seq_wall, _ = await asyncio.to_thread(raw_transcribe, model, clip.samples, vad_filter=True)
-    _, bat_wall, _ = await asyncio.to_thread(raw_transcribe, BatchedInferencePipeline(model), clip.samples, batch_size=8)
+    _, seq_wall, _ = await asyncio.to_thread(raw_transcribe, model, clip.samples, vad_filter=True)
+    _, bat_wall, _ = await asyncio.to_thread(
+        raw_transcribe, BatchedInferencePipeline(model), clip.samples, batch_size=8
+    )
     baseline = {
         "sequential_x_real_time": round(clip.seconds / seq_wall, 2),
         "batched_x_real_time": round(clip.seconds / bat_wall, 2),
@@ -229,20 +238,24 @@ async def concurrent_jobs(ctx: Context) -> dict[str, Any]:
         results = await asyncio.gather(*[run_job(client, wav, f"c{n}-{i}.wav") for i in range(n)])
         wall = time.perf_counter() - t0
         xrt = n * clip.seconds / wall
-        level = {
+        level: dict[str, Any] = {
             "jobs": n,
             "wall_seconds": round(wall, 3),
             "x_real_time": round(xrt, 2),
             "vs_sequential": ratio(xrt, baseline["sequential_x_real_time"]),
             "vs_batched": ratio(xrt, baseline["batched_x_real_time"]),
             "wait": summary([r["server"]["wait"] for r in results if r["server"]["wait"] is not None], 3),
-            "turnaround": summary([r["server"]["turnaround"] for r in results if r["server"]["turnaround"] is not None], 3),
+            "turnaround": summary(
+                [r["server"]["turnaround"] for r in results if r["server"]["turnaround"] is not None], 3
+            ),
             "client_turnaround": summary([r["wall"] for r in results], 3),
             "jobs_detail": [{"server": r["server"], "client_seconds": round(r["wall"], 3)} for r in results],
             "model": ctx.stack.calls.since(mark, wall),
         }
         levels.append(level)
-        log(f"  {n} jobs: {xrt:6.1f}x real time, wait p50 {level['wait'].get('p50')}s, turnaround p50 {level['turnaround'].get('p50')}s")
+        log(
+            f"  {n} jobs: {xrt:6.1f}x real time, wait p50 {level['wait'].get('p50')}s, turnaround p50 {level['turnaround'].get('p50')}s"
+        )
     return {
         "audio_seconds_per_job": round(clip.seconds, 2),
         "dispatch_concurrency": GatewaySettings().dispatch_concurrency,

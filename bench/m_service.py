@@ -37,7 +37,7 @@ async def unary(ctx: Context) -> dict[str, Any]:
 
     clip = ctx.corpus.short
     wav = clip.wav()
-    stack, client = await ctx.stack.get()
+    _, client = await ctx.stack.get()
     engine = await ctx.engine()
     n = ctx.pick(20, 60)
     opts = DecodeOptions(language="en", word_timestamps=True)
@@ -70,8 +70,10 @@ async def unary(ctx: Context) -> dict[str, Any]:
     transport = [w - p for w, p in zip(svc, processing, strict=True)]
     overhead = summary([1000 * (w - m) for w, m in zip(svc, model_ms, strict=True)], 2)
     gateway = [p - m for p, m in zip(processing, model_ms, strict=True)]
-    log(f"unary: service p50 {1000 * s_svc['p50']:.0f} ms, in-process p50 {1000 * s_eng['p50']:.0f} ms, "
-        f"difference {added_p50} ms; per-call overhead p50 {overhead.get('p50')} ms")
+    log(
+        f"unary: service p50 {1000 * s_svc['p50']:.0f} ms, in-process p50 {1000 * s_eng['p50']:.0f} ms, "
+        f"difference {added_p50} ms; per-call overhead p50 {overhead.get('p50')} ms"
+    )
     return {
         "clip_seconds": round(clip.seconds, 2),
         "calls": n,
@@ -83,7 +85,9 @@ async def unary(ctx: Context) -> dict[str, Any]:
         # difference of two medians.
         "per_call_overhead_ms": overhead,
         "breakdown_ms": {
-            "client_and_transport (wall - server processing_seconds)": summary([1000 * x for x in transport], 2),
+            "client_and_transport (wall - server processing_seconds)": summary(
+                [1000 * x for x in transport], 2
+            ),
             "gateway_and_hop (processing_seconds - model call)": summary([1000 * x for x in gateway], 2),
             "model_call (stack's transcriber)": summary([1000 * x for x in model_ms], 2),
         },
@@ -99,7 +103,7 @@ async def accuracy(ctx: Context) -> dict[str, Any]:
     """4. WER of Recognize vs faster-whisper WhisperModel.transcribe on every corpus clip."""
     from tests.support.text import wer
 
-    stack, client = await ctx.stack.get()
+    _, client = await ctx.stack.get()
     model = await ctx.raw()
     clips = []
     pairs: dict[str, list[tuple[str, str]]] = {"service": [], "raw": [], "raw_vad": []}
@@ -120,7 +124,9 @@ async def accuracy(ctx: Context) -> dict[str, Any]:
         for k, text in (("service", resp.transcript), ("raw", plain), ("raw_vad", vad)):
             pairs[k].append((clip.text, text))
         clips.append(row)
-        log(f"accuracy: {clip.name:22s} service {row['service']:5.1f}%  raw {row['raw']:5.1f}%  raw+vad {row['raw_vad']:5.1f}%")
+        log(
+            f"accuracy: {clip.name:22s} service {row['service']:5.1f}%  raw {row['raw']:5.1f}%  raw+vad {row['raw_vad']:5.1f}%"
+        )
     corpus = {k: pct(corpus_wer(v)) for k, v in pairs.items()}
     return {
         "corpus_wer": corpus,
@@ -145,12 +151,14 @@ async def startup(ctx: Context) -> dict[str, Any]:
             [python(), "-m", "services.transcriber", "--port", "0", "--port-file", port_file],
             env=child_env(), stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "wb"),  # noqa: SIM115
             start_new_session=True,
-        )  # fmt: skip
+        )
         try:
             deadline = time.perf_counter() + 120
             while not os.path.exists(port_file) or not open(port_file).read().strip():  # noqa: SIM115
                 if proc.poll() is not None:
-                    raise RuntimeError(f"transcriber exited with {proc.returncode}: {open(os.path.join(d, 'log')).read()[-2000:]}")  # noqa: SIM115
+                    raise RuntimeError(
+                        f"transcriber exited with {proc.returncode}: {open(os.path.join(d, 'log')).read()[-2000:]}"
+                    )  # noqa: SIM115
                 if time.perf_counter() > deadline:
                     raise TimeoutError("transcriber did not write its port file in 120 s")
                 await asyncio.sleep(0.01)
@@ -166,7 +174,7 @@ async def startup(ctx: Context) -> dict[str, Any]:
         rp = subprocess.Popen(
             [python(), "-m", "bench._rawproc", "startup"], env=child_env(), stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, start_new_session=True, text=True,
-        )  # fmt: skip
+        )
         try:
             assert rp.stdout is not None
             line = await asyncio.wait_for(asyncio.to_thread(rp.stdout.readline), 120)
@@ -175,11 +183,19 @@ async def startup(ctx: Context) -> dict[str, Any]:
             raw.append(time.perf_counter() - t0)
         finally:
             await asyncio.to_thread(stop_process, rp)
-        log(f"startup run {i + 1}: transcriber SERVING after {service[-1]:.2f}s (listening {listening[-1]:.2f}s), raw load+warm-up {raw[-1]:.2f}s")
+        log(
+            f"startup run {i + 1}: transcriber SERVING after {service[-1]:.2f}s (listening {listening[-1]:.2f}s), raw load+warm-up {raw[-1]:.2f}s"
+        )
     return {
         "runs": runs,
-        "service_seconds": {"median": round(statistics.median(service), 3), "all": [round(x, 3) for x in service]},
-        "listening_seconds": {"median": round(statistics.median(listening), 3), "all": [round(x, 3) for x in listening]},
+        "service_seconds": {
+            "median": round(statistics.median(service), 3),
+            "all": [round(x, 3) for x in service],
+        },
+        "listening_seconds": {
+            "median": round(statistics.median(listening), 3),
+            "all": [round(x, 3) for x in listening],
+        },
         "raw_seconds": {"median": round(statistics.median(raw), 3), "all": [round(x, 3) for x in raw]},
         "note": "service: Popen -> grpc health Check('stt.v1.Transcriber') == SERVING (model loaded and warmed up). "
         "raw: Popen -> a python process that imported faster-whisper, loaded the model and transcribed a 1 s tone.",
@@ -191,7 +207,7 @@ async def memory(ctx: Context) -> dict[str, Any]:
     Recognize calls; the same for raw faster-whisper in its own process."""
     from stt.client import AsyncClient
 
-    n = ctx.pick(60, 200)
+    n = ctx.pick(40, 200)
     clip, long = ctx.corpus.short, ctx.corpus.long
     port = free_port()
     d = tempfile.mkdtemp(prefix="memory-", dir=ctx.tmp)
@@ -200,7 +216,7 @@ async def memory(ctx: Context) -> dict[str, Any]:
     proc = subprocess.Popen(
         [python(), "-m", "stt.cli", "up", "--port", str(port), "--data-dir", os.path.join(d, "data")],
         env=child_env(), stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,  # noqa: SIM115
-    )  # fmt: skip
+    )
     out: dict[str, Any] = {"requests": n}
     try:
         target = f"127.0.0.1:{port}"
@@ -223,14 +239,14 @@ async def memory(ctx: Context) -> dict[str, Any]:
                     out["after_20"] = proc_status(proc.pid)
             out["after_n"] = proc_status(proc.pid)
         log(f"memory: stt up RSS ready {out['ready'].get('VmRSS')} MiB, peak {out['after_long_job'].get('VmHWM')} MiB, "
-            f"after 20 {out['after_20'].get('VmRSS')} -> after {n} {out['after_n'].get('VmRSS')} MiB")  # fmt: skip
+            f"after 20 {out['after_20'].get('VmRSS')} -> after {n} {out['after_n'].get('VmRSS')} MiB")
     finally:
         await asyncio.to_thread(stop_process, proc)
         shutil.rmtree(d, ignore_errors=True)
     rp = await asyncio.create_subprocess_exec(
         python(), "-m", "bench._rawproc", "memory", ctx.npy("long", long.samples), ctx.npy("short", clip.samples),
         str(n), env=child_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     stdout, _ = await asyncio.wait_for(rp.communicate(), 900)
     raw = json.loads(stdout.decode().strip().splitlines()[-1])
     out["raw"] = raw
@@ -238,9 +254,11 @@ async def memory(ctx: Context) -> dict[str, Any]:
     raw_growth = raw["after_n"]["VmRSS"] - raw["after_20"]["VmRSS"]
     out["growth_mib"] = {"service": round(growth, 1), "raw": round(raw_growth, 1)}
     out["peak_mib"] = {"service": out["after_long_job"].get("VmHWM"), "raw": raw["after_long"].get("VmHWM")}
-    log(f"memory: raw faster-whisper peak {out['peak_mib']['raw']} MiB, growth {raw_growth:.1f} MiB; service growth {growth:.1f} MiB")
+    log(
+        f"memory: raw faster-whisper peak {out['peak_mib']['raw']} MiB, growth {raw_growth:.1f} MiB; service growth {growth:.1f} MiB"
+    )
     out["note"] = ("`python -m stt.cli up` (gateway + transcriber + jobstore in one process, STT_CPU_THREADS=2). "
                    "VmHWM = peak RSS since start (includes model load). growth = RSS after all Recognize calls - "
                    "RSS after the first 20. raw: WhisperModel in its own process, same long file then the same "
-                   "number of 5 s clip transcriptions.")  # fmt: skip
+                   "number of 5 s clip transcriptions.")
     return out

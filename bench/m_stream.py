@@ -46,7 +46,9 @@ async def stream_session(client: Any, clip: Clip, *, delay: float = 0.0) -> dict
         now = time.perf_counter()
         for r in resp.results:
             if r.is_final:
-                finals.append((now, [(w.word, w.start_seconds, w.end_seconds) for w in r.words], r.transcript))
+                finals.append(
+                    (now, [(w.word, w.start_seconds, w.end_seconds) for w in r.words], r.transcript)
+                )
             elif r.transcript.strip():
                 interims.append((now, r.transcript))
     end = time.perf_counter()
@@ -72,7 +74,7 @@ async def streaming(ctx: Context) -> dict[str, Any]:
     from tests.support.text import wer
 
     clip = ctx.corpus.stream
-    stack, client = await ctx.stack.get()
+    _, client = await ctx.stack.get()
     log(f"streaming: one real-time stream of {clip.seconds:.0f}s")
     mark = ctx.stack.calls.mark()
     t0 = time.perf_counter()
@@ -87,8 +89,11 @@ async def streaming(ctx: Context) -> dict[str, Any]:
         "final_word_latency": lat,
         "first_interim_latency": round(s["first_interim"], 3) if s["first_interim"] is not None else None,
         "first_final_latency": round(s["first_final"], 3) if s["first_final"] is not None else None,
-        "wer": {"streaming": s["wer"], "offline_recognize": pct(wer(clip.text, resp.transcript)),
-                "raw_faster_whisper": pct(wer(clip.text, raw_text))},  # fmt: skip
+        "wer": {
+            "streaming": s["wer"],
+            "offline_recognize": pct(wer(clip.text, resp.transcript)),
+            "raw_faster_whisper": pct(wer(clip.text, raw_text)),
+        },
         "finals": s["finals"],
         "interims": s["interims"],
         "final_words": s["words"],
@@ -102,14 +107,14 @@ async def streaming(ctx: Context) -> dict[str, Any]:
         "result - send time of the first sentence's onset.",
     }
     log(f"  final-word latency mean {lat.get('mean')}s p50 {lat.get('p50')}s p95 {lat.get('p95')}s; first interim "
-        f"{out['first_interim_latency']}s; WER streaming {s['wer']}% offline {out['wer']['offline_recognize']}%")  # fmt: skip
+        f"{out['first_interim_latency']}s; WER streaming {s['wer']}% offline {out['wer']['offline_recognize']}%")
     return out
 
 
 async def concurrent_streams(ctx: Context) -> dict[str, Any]:
     """7d. N real-time streams at once: final-word latency per level."""
     clip = ctx.corpus.stream
-    stack, client = await ctx.stack.get()
+    _, client = await ctx.stack.get()
     levels_n = ctx.pick([1, 2, 4], [1, 2, 4, 8, 16])
     rng = random.Random(7)
     levels = []
@@ -117,7 +122,9 @@ async def concurrent_streams(ctx: Context) -> dict[str, Any]:
         log(f"concurrent streams: {n} x {clip.seconds:.0f}s at real time")
         mark = ctx.stack.calls.mark()
         t0 = time.perf_counter()
-        tasks = [asyncio.create_task(stream_session(client, clip, delay=rng.uniform(0, 0.3))) for _ in range(n)]
+        tasks = [
+            asyncio.create_task(stream_session(client, clip, delay=rng.uniform(0, 0.3))) for _ in range(n)
+        ]
         done, pending = await asyncio.wait(tasks, timeout=clip.seconds * 2 + 60)
         for t in pending:
             t.cancel()
@@ -142,9 +149,9 @@ async def concurrent_streams(ctx: Context) -> dict[str, Any]:
         levels.append(level)
         fl = level["final_word_latency"]
         log(f"  {n} streams: p50 {fl.get('p50')}s p95 {fl.get('p95')}s, WER {level['wer_mean']}%, "
-            f"mean batch {level['model'].get('mean_batch')}, {len(errors)} errors, {len(pending)} timed out")  # fmt: skip
+            f"mean batch {level['model'].get('mean_batch')}, {len(errors)} errors, {len(pending)} timed out")
     return {"audio_seconds": round(clip.seconds, 2), "levels": levels,
-            "note": "Streams start within 0.3 s of each other, all on the same clip."}  # fmt: skip
+            "note": "Streams start within 0.3 s of each other, all on the same clip."}
 
 
 def _windows(clip: Clip, lo: float = 10.0, hi: float = 25.0) -> list[np.ndarray]:
@@ -164,14 +171,45 @@ def _windows(clip: Clip, lo: float = 10.0, hi: float = 25.0) -> list[np.ndarray]
     return out
 
 
+def _request(w: np.ndarray) -> Any:
+    from stt.v1 import transcriber_pb2
+
+    return transcriber_pb2.TranscribeRequest(
+        pcm=(np.clip(w, -1, 1) * 32767).astype("<i2").tobytes(),
+        options=transcriber_pb2.DecodeOptions(word_timestamps=True, language_code="en"),
+        work_class=transcriber_pb2.BATCH,
+    )
+
+
+async def _drive(port: int, plan: list[list[np.ndarray]], warm: np.ndarray) -> tuple[float, list[int], list[float]]:
+    """One caller per plan entry, each sending its windows one after another; (wall, batch sizes, latencies)."""
+    import grpc
+
+    from stt.v1 import transcriber_pb2_grpc
+
+    sizes: list[int] = []
+    lat: list[float] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = transcriber_pb2_grpc.TranscriberStub(channel)
+        await stub.Transcribe(_request(warm), timeout=600)  # warm-up
+
+        async def caller(ws: list[np.ndarray]) -> None:
+            for w in ws:
+                t = time.perf_counter()
+                r = await stub.Transcribe(_request(w), timeout=600)
+                lat.append(time.perf_counter() - t)
+                sizes.append(r.batch_size)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[caller(ws) for ws in plan])
+        return time.perf_counter() - t0, sizes, lat
+
+
 async def batching(ctx: Context) -> dict[str, Any]:
     """7e. Two in-process transcribers (max_batch_size 8 and 1), 8 concurrent callers each sending
     several 10-25 s windows: windows/s and audio-seconds/s."""
-    import grpc
-
     from services.transcriber.config import TranscriberSettings
     from services.transcriber.server import create_server
-    from stt.v1 import transcriber_pb2, transcriber_pb2_grpc
 
     windows = _windows(ctx.corpus.long)
     if not windows:
@@ -182,37 +220,15 @@ async def batching(ctx: Context) -> dict[str, Any]:
     try:
         for size in (8, 1):
             app = await create_server(
-                TranscriberSettings(host="127.0.0.1", cpu_threads=THREADS, max_batch_size=size), port=0, load=False
+                TranscriberSettings(host="127.0.0.1", cpu_threads=THREADS, max_batch_size=size),
+                port=0,
+                load=False,
             )
             apps[size] = app
             await app.load()
         results: dict[str, Any] = {}
         for size in (1, 8):
-            app = apps[size]
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-                stub = transcriber_pb2_grpc.TranscriberStub(channel)
-
-                def request(w: np.ndarray) -> Any:
-                    return transcriber_pb2.TranscribeRequest(
-                        pcm=(np.clip(w, -1, 1) * 32767).astype("<i2").tobytes(),
-                        options=transcriber_pb2.DecodeOptions(word_timestamps=True, language_code="en"),
-                        work_class=transcriber_pb2.BATCH,
-                    )
-
-                await stub.Transcribe(request(windows[0]), timeout=600)  # warm-up
-                sizes: list[int] = []
-                lat: list[float] = []
-
-                async def caller(ws: list[np.ndarray]) -> None:
-                    for w in ws:
-                        t = time.perf_counter()
-                        r = await stub.Transcribe(request(w), timeout=600)
-                        lat.append(time.perf_counter() - t)
-                        sizes.append(r.batch_size)
-
-                t0 = time.perf_counter()
-                await asyncio.gather(*[caller(ws) for ws in plan])
-                wall = time.perf_counter() - t0
+            wall, sizes, lat = await _drive(apps[size].port, plan, windows[0])
             n = callers * per_caller
             audio_s = sum(w.shape[0] for ws in plan for w in ws) / 16000
             results[f"max_batch_{size}"] = {
@@ -225,7 +241,7 @@ async def batching(ctx: Context) -> dict[str, Any]:
                 "call_latency": summary(lat, 3),
             }
             log(f"batching: max_batch_size={size}: {n / wall:.2f} windows/s, {audio_s / wall:.1f} audio s/s, "
-                f"mean batch {np.mean(sizes):.1f}")  # fmt: skip
+                f"mean batch {np.mean(sizes):.1f}")
     finally:
         for app in apps.values():
             await app.stop(0)
@@ -250,7 +266,7 @@ async def whisper_streaming(ctx: Context) -> dict[str, Any]:
     if where is None:
         msg = ("skipped: set WHISPER_STREAMING_DIR to a checkout of https://github.com/ufal/whisper_streaming "
                "(git clone https://github.com/ufal/whisper_streaming /tmp/whisper_streaming; "
-               "WHISPER_STREAMING_DIR=/tmp/whisper_streaming)")  # fmt: skip
+               "WHISPER_STREAMING_DIR=/tmp/whisper_streaming)")
         log(msg)
         return {"skipped": msg}
     clip = ctx.corpus.stream
@@ -269,5 +285,7 @@ async def whisper_streaming(ctx: Context) -> dict[str, Any]:
         "audio inserted as it 'arrives' (every min_chunk seconds of wall time, like whisper_online.py's simulation); "
         "latency = time the committed word is returned - time the end of the word's audio arrived.",
     }
-    log(f"  whisper_streaming final-word latency mean {lat.get('mean')}s p95 {lat.get('p95')}s, WER {res.get('wer')}%")
+    log(
+        f"  whisper_streaming final-word latency mean {lat.get('mean')}s p95 {lat.get('p95')}s, WER {res.get('wer')}%"
+    )
     return out

@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _ok(results: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -19,7 +19,7 @@ def _ok(results: dict[str, Any], name: str) -> dict[str, Any] | None:
 def _bar_labels(ax: Any, bars: Any, fmt: str = "{:.1f}") -> None:
     for b in bars:
         ax.annotate(fmt.format(b.get_height()), (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center", va="bottom", fontsize=8)  # fmt: skip
+                    ha="center", va="bottom", fontsize=8)
 
 
 def throughput(results: dict[str, Any], path: Path) -> bool:
@@ -60,7 +60,9 @@ def concurrent_jobs(results: dict[str, Any], path: Path) -> bool:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     bars = a1.bar([str(x) for x in n], [lv["x_real_time"] for lv in levels], color="tab:blue", label="stack")
     _bar_labels(a1, bars)
-    a1.axhline(m["baseline"]["sequential_x_real_time"], color="tab:gray", ls="--", label="faster-whisper sequential")
+    a1.axhline(
+        m["baseline"]["sequential_x_real_time"], color="tab:gray", ls="--", label="faster-whisper sequential"
+    )
     a1.axhline(m["baseline"]["batched_x_real_time"], color="k", ls=":", label="BatchedInferencePipeline")
     a1.set_xlabel("jobs at once")
     a1.set_ylabel("total x real time")
@@ -91,11 +93,25 @@ def unary(results: dict[str, Any], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(8, 4))
     lo, hi = min(svc + eng), max(svc + eng)
     bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
-    ax.hist(eng, bins=bins, alpha=0.6, label=f"in-process Engine (p50 {1000 * m['in_process_seconds']['p50']:.0f} ms)", color="tab:gray")
-    ax.hist(svc, bins=bins, alpha=0.6, label=f"Recognize via gRPC (p50 {1000 * m['service_seconds']['p50']:.0f} ms)", color="tab:blue")
+    ax.hist(
+        eng,
+        bins=bins,
+        alpha=0.6,
+        label=f"in-process Engine (p50 {1000 * m['in_process_seconds']['p50']:.0f} ms)",
+        color="tab:gray",
+    )
+    ax.hist(
+        svc,
+        bins=bins,
+        alpha=0.6,
+        label=f"Recognize via gRPC (p50 {1000 * m['service_seconds']['p50']:.0f} ms)",
+        color="tab:blue",
+    )
     ax.set_xlabel("ms per call")
     ax.set_ylabel("calls")
-    ax.set_title(f"Unary latency, {m['clip_seconds']:.0f} s clip ({m['calls']} calls each): +{m['added_ms']['p50']} ms at p50")
+    ax.set_title(
+        f"Unary latency, {m['clip_seconds']:.0f} s clip ({m['calls']} calls each): +{m['added_ms']['p50']} ms at p50"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -138,12 +154,12 @@ def batching(results: dict[str, Any], path: Path) -> bool:
     u, b = m["max_batch_1"], m["max_batch_8"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4))
     bars = a1.bar(["max_batch_size=1", "max_batch_size=8"], [u["audio_seconds_per_second"], b["audio_seconds_per_second"]],
-                  color=["tab:gray", "tab:blue"])  # fmt: skip
+                  color=["tab:gray", "tab:blue"])
     _bar_labels(a1, bars)
     a1.set_ylabel("audio seconds per second")
     a1.set_title(f"{m['callers']} concurrent callers")
     bars = a2.bar(["max_batch_size=1", "max_batch_size=8"], [u["windows_per_second"], b["windows_per_second"]],
-                  color=["tab:gray", "tab:blue"])  # fmt: skip
+                  color=["tab:gray", "tab:blue"])
     _bar_labels(a2, bars, "{:.2f}")
     a2.set_ylabel("windows per second")
     a2.set_title(f"ratio {m['ratio_batched_vs_unbatched']}")

@@ -49,7 +49,9 @@ def components(wav: bytes, engine: Any, calls: int) -> None:
     for _ in range(calls):
         decoded = audio_mod.decode(wav, limits=limits)
         windows = plan_windows(decoded.samples, speech_regions(decoded.samples, VadSettings()))
-        results = engine.transcribe_batch([WindowRequest(decoded.samples[w.start : w.end], opts) for w in windows])
+        results = engine.transcribe_batch(
+            [WindowRequest(decoded.samples[w.start : w.end], opts) for w in windows]
+        )
         merge(windows, [r.segments for r in results if not isinstance(r, BaseException)])
 
 
@@ -69,7 +71,7 @@ async def main_async(args: argparse.Namespace) -> list[Path]:
     holder = StackHolder(tmp)
     files: list[Path] = []
     try:
-        stack, client = await holder.get()
+        _, client = await holder.get()
         wav = corpus.short.wav()
         for _ in range(3):
             await client.recognize(wav, language="en", word_timestamps=True)

@@ -25,6 +25,18 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default=None, help="initial prompt: vocabulary, names, spelling")
 
 
+def _config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding options _add_config_args put on the command line."""
+    return {
+        "language": args.language,
+        "encoding": args.encoding,
+        "sample_rate": args.sample_rate,
+        "channels": args.channels,
+        "beam_size": args.beam_size,
+        "prompt": args.prompt,
+    }
+
+
 def _read_input(path: str) -> bytes:
     if path == "-":
         return sys.stdin.buffer.read()
@@ -49,16 +61,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
     data = _read_input(args.file)
     with Client(args.server, timeout=args.timeout) as client:
-        resp = client.recognize(
-            data,
-            language=args.language,
-            encoding=args.encoding,
-            sample_rate=args.sample_rate,
-            channels=args.channels,
-            beam_size=args.beam_size,
-            prompt=args.prompt,
-            word_timestamps=args.format == "json",
-        )
+        resp = client.recognize(data, word_timestamps=args.format == "json", **_config_kwargs(args))
     sys.stdout.write(
         formats.render(
             segments_of(resp.results),
@@ -145,13 +148,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             filename=args.file if args.file != "-" else "stdin",
             priority=args.priority,
             request_id=args.request_id,
-            language=args.language,
-            encoding=args.encoding,
-            sample_rate=args.sample_rate,
-            channels=args.channels,
-            beam_size=args.beam_size,
-            prompt=args.prompt,
             word_timestamps=True,
+            **_config_kwargs(args),
         )
         if not args.wait:
             print(job.job_id)
