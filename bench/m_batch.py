@@ -60,8 +60,12 @@ async def run_job(client: Any, wav: bytes, name: str) -> dict[str, Any]:
 def _side(wall: float, seconds: float, text: str, ref: str) -> dict[str, Any]:
     from tests.support.text import wer
 
-    return {"wall_seconds": round(wall, 3), "x_real_time": round(seconds / wall, 2), "wer": round(100 * wer(ref, text), 2),
-            "text": text}
+    return {
+        "wall_seconds": round(wall, 3),
+        "x_real_time": round(seconds / wall, 2),
+        "wer": round(100 * wer(ref, text), 2),
+        "text": text,
+    }
 
 
 async def throughput(ctx: Context) -> dict[str, Any]:
@@ -74,8 +78,9 @@ async def throughput(ctx: Context) -> dict[str, Any]:
     model = await ctx.raw()
     pipe = BatchedInferencePipeline(model)
     reps = ctx.pick(1, 2)
-    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in ("stack_job", "stack_recognize", "sequential",
-                                                             "sequential_words", "batched")}
+    runs: dict[str, list[dict[str, Any]]] = {
+        k: [] for k in ("stack_job", "stack_recognize", "sequential", "sequential_words", "batched")
+    }
     for rep in range(reps):
         log(f"throughput: rep {rep + 1}/{reps}, {clip.seconds:.0f}s of audio")
         mark = ctx.stack.calls.mark()
@@ -161,14 +166,34 @@ async def cluster(ctx: Context) -> dict[str, Any]:
         if hasattr(mod, "start_cluster"):
             how = "services.cluster.start_cluster"
             fn = mod.start_cluster
-            handle = await fn(**_filtered(fn, {"port": 0, "data_dir": data_dir, "database_url": db,
-                                               "transcribers": n_trans, "gateways": 1}))
+            handle = await fn(
+                **_filtered(
+                    fn,
+                    {
+                        "port": 0,
+                        "data_dir": data_dir,
+                        "database_url": db,
+                        "transcribers": n_trans,
+                        "gateways": 1,
+                    },
+                )
+            )
         elif hasattr(mod, "LocalCluster"):
             how = "services.cluster.LocalCluster"
             cls = mod.LocalCluster
-            kwargs = _filtered(cls, {"database_url": db, "redis_url": None, "data_dir": data_dir, "echo": False,
-                                     "metrics": False, "transcriber_env": {"STT_CPU_THREADS": "1", **quiet},
-                                     "gateway_env": quiet, "jobstore_env": quiet})
+            kwargs = _filtered(
+                cls,
+                {
+                    "database_url": db,
+                    "redis_url": None,
+                    "data_dir": data_dir,
+                    "echo": False,
+                    "metrics": False,
+                    "transcriber_env": {"STT_CPU_THREADS": "1", **quiet},
+                    "gateway_env": quiet,
+                    "jobstore_env": quiet,
+                },
+            )
             handle = cls(**kwargs)
             await handle.start(**_filtered(handle.start, {"transcribers": n_trans, "gateways": 1}))
         else:

@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -137,6 +138,40 @@ async def accuracy(ctx: Context) -> dict[str, Any]:
     }
 
 
+def spawn(cmd: list[str], log_path: str) -> subprocess.Popen[bytes]:
+    """Start a child in its own process group, output to log_path (Popen keeps its own copy of the fd)."""
+    with open(log_path, "wb") as fh:
+        return subprocess.Popen(
+            cmd, env=child_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def spawn_pipe(cmd: list[str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        cmd,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        text=True,
+    )
+
+
+def read_port(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text else None
+
+
+def tail(path: str, chars: int = 2000) -> str:
+    try:
+        return Path(path).read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
 async def startup(ctx: Context) -> dict[str, Any]:
     """5. Process start to SERVING for `python -m services.transcriber`, vs raw model load + warm-up."""
     runs = 3
@@ -145,25 +180,20 @@ async def startup(ctx: Context) -> dict[str, Any]:
     raw: list[float] = []
     for i in range(runs):
         d = tempfile.mkdtemp(prefix="startup-", dir=ctx.tmp)
-        port_file = os.path.join(d, "port")
+        port_file, log_path = os.path.join(d, "port"), os.path.join(d, "log")
         t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [python(), "-m", "services.transcriber", "--port", "0", "--port-file", port_file],
-            env=child_env(), stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "log"), "wb"),  # noqa: SIM115
-            start_new_session=True,
+        proc = spawn(
+            [python(), "-m", "services.transcriber", "--port", "0", "--port-file", port_file], log_path
         )
         try:
             deadline = time.perf_counter() + 120
-            while not os.path.exists(port_file) or not open(port_file).read().strip():  # noqa: SIM115
+            while (port := read_port(port_file)) is None:
                 if proc.poll() is not None:
-                    raise RuntimeError(
-                        f"transcriber exited with {proc.returncode}: {open(os.path.join(d, 'log')).read()[-2000:]}"
-                    )  # noqa: SIM115
+                    raise RuntimeError(f"transcriber exited with {proc.returncode}: {tail(log_path)}")
                 if time.perf_counter() > deadline:
-                    raise TimeoutError("transcriber did not write its port file in 120 s")
+                    raise TimeoutError(f"transcriber did not write its port file in 120 s: {tail(log_path)}")
                 await asyncio.sleep(0.01)
             t_listen = time.perf_counter()
-            port = int(open(port_file).read().strip())  # noqa: SIM115
             t_serving = await wait_health(f"127.0.0.1:{port}", "stt.v1.Transcriber", 120, proc)
         finally:
             await asyncio.to_thread(stop_process, proc)
@@ -171,10 +201,7 @@ async def startup(ctx: Context) -> dict[str, Any]:
         service.append(t_serving - t0)
         listening.append(t_listen - t0)
         t0 = time.perf_counter()
-        rp = subprocess.Popen(
-            [python(), "-m", "bench._rawproc", "startup"], env=child_env(), stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, start_new_session=True, text=True,
-        )
+        rp = spawn_pipe([python(), "-m", "bench._rawproc", "startup"])
         try:
             assert rp.stdout is not None
             line = await asyncio.wait_for(asyncio.to_thread(rp.stdout.readline), 120)
@@ -213,15 +240,18 @@ async def memory(ctx: Context) -> dict[str, Any]:
     d = tempfile.mkdtemp(prefix="memory-", dir=ctx.tmp)
     log_path = os.path.join(d, "stt-up.log")
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
+    proc = spawn(
         [python(), "-m", "stt.cli", "up", "--port", str(port), "--data-dir", os.path.join(d, "data")],
-        env=child_env(), stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,  # noqa: SIM115
+        log_path,
     )
     out: dict[str, Any] = {"requests": n}
     try:
         target = f"127.0.0.1:{port}"
-        await wait_health(target, "stt.v1.Speech", 180, proc)
-        await wait_health(target, "dependency/transcribers", 180, proc)
+        try:
+            await wait_health(target, "stt.v1.Speech", 180, proc)
+            await wait_health(target, "dependency/transcribers", 180, proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise RuntimeError(f"stt up did not become ready: {exc}\n{tail(log_path)}") from None
         out["stt_up_ready_seconds"] = round(time.perf_counter() - t0, 3)
         out["ready"] = proc_status(proc.pid)
         from bench.common import RssSampler
@@ -238,14 +268,24 @@ async def memory(ctx: Context) -> dict[str, Any]:
                 if i + 1 == min(20, n):
                     out["after_20"] = proc_status(proc.pid)
             out["after_n"] = proc_status(proc.pid)
-        log(f"memory: stt up RSS ready {out['ready'].get('VmRSS')} MiB, peak {out['after_long_job'].get('VmHWM')} MiB, "
-            f"after 20 {out['after_20'].get('VmRSS')} -> after {n} {out['after_n'].get('VmRSS')} MiB")
+        log(
+            f"memory: stt up RSS ready {out['ready'].get('VmRSS')} MiB, peak {out['after_long_job'].get('VmHWM')} MiB, "
+            f"after 20 {out['after_20'].get('VmRSS')} -> after {n} {out['after_n'].get('VmRSS')} MiB"
+        )
     finally:
         await asyncio.to_thread(stop_process, proc)
         shutil.rmtree(d, ignore_errors=True)
     rp = await asyncio.create_subprocess_exec(
-        python(), "-m", "bench._rawproc", "memory", ctx.npy("long", long.samples), ctx.npy("short", clip.samples),
-        str(n), env=child_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        python(),
+        "-m",
+        "bench._rawproc",
+        "memory",
+        ctx.npy("long", long.samples),
+        ctx.npy("short", clip.samples),
+        str(n),
+        env=child_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     stdout, _ = await asyncio.wait_for(rp.communicate(), 900)
     raw = json.loads(stdout.decode().strip().splitlines()[-1])
@@ -257,8 +297,10 @@ async def memory(ctx: Context) -> dict[str, Any]:
     log(
         f"memory: raw faster-whisper peak {out['peak_mib']['raw']} MiB, growth {raw_growth:.1f} MiB; service growth {growth:.1f} MiB"
     )
-    out["note"] = ("`python -m stt.cli up` (gateway + transcriber + jobstore in one process, STT_CPU_THREADS=2). "
-                   "VmHWM = peak RSS since start (includes model load). growth = RSS after all Recognize calls - "
-                   "RSS after the first 20. raw: WhisperModel in its own process, same long file then the same "
-                   "number of 5 s clip transcriptions.")
+    out["note"] = (
+        "`python -m stt.cli up` (gateway + transcriber + jobstore in one process, STT_CPU_THREADS=2). "
+        "VmHWM = peak RSS since start (includes model load). growth = RSS after all Recognize calls - "
+        "RSS after the first 20. raw: WhisperModel in its own process, same long file then the same "
+        "number of 5 s clip transcriptions."
+    )
     return out

@@ -106,8 +106,10 @@ async def streaming(ctx: Context) -> dict[str, Any]:
         "word's end (the word end time the server reports). First interim latency = first non-empty interim "
         "result - send time of the first sentence's onset.",
     }
-    log(f"  final-word latency mean {lat.get('mean')}s p50 {lat.get('p50')}s p95 {lat.get('p95')}s; first interim "
-        f"{out['first_interim_latency']}s; WER streaming {s['wer']}% offline {out['wer']['offline_recognize']}%")
+    log(
+        f"  final-word latency mean {lat.get('mean')}s p50 {lat.get('p50')}s p95 {lat.get('p95')}s; first interim "
+        f"{out['first_interim_latency']}s; WER streaming {s['wer']}% offline {out['wer']['offline_recognize']}%"
+    )
     return out
 
 
@@ -148,10 +150,15 @@ async def concurrent_streams(ctx: Context) -> dict[str, Any]:
         }
         levels.append(level)
         fl = level["final_word_latency"]
-        log(f"  {n} streams: p50 {fl.get('p50')}s p95 {fl.get('p95')}s, WER {level['wer_mean']}%, "
-            f"mean batch {level['model'].get('mean_batch')}, {len(errors)} errors, {len(pending)} timed out")
-    return {"audio_seconds": round(clip.seconds, 2), "levels": levels,
-            "note": "Streams start within 0.3 s of each other, all on the same clip."}
+        log(
+            f"  {n} streams: p50 {fl.get('p50')}s p95 {fl.get('p95')}s, WER {level['wer_mean']}%, "
+            f"mean batch {level['model'].get('mean_batch')}, {len(errors)} errors, {len(pending)} timed out"
+        )
+    return {
+        "audio_seconds": round(clip.seconds, 2),
+        "levels": levels,
+        "note": "Streams start within 0.3 s of each other, all on the same clip.",
+    }
 
 
 def _windows(clip: Clip, lo: float = 10.0, hi: float = 25.0) -> list[np.ndarray]:
@@ -181,7 +188,9 @@ def _request(w: np.ndarray) -> Any:
     )
 
 
-async def _drive(port: int, plan: list[list[np.ndarray]], warm: np.ndarray) -> tuple[float, list[int], list[float]]:
+async def _drive(
+    port: int, plan: list[list[np.ndarray]], warm: np.ndarray
+) -> tuple[float, list[int], list[float]]:
     """One caller per plan entry, each sending its windows one after another; (wall, batch sizes, latencies)."""
     import grpc
 
@@ -240,8 +249,10 @@ async def batching(ctx: Context) -> dict[str, Any]:
                 "mean_batch_size": round(float(np.mean(sizes)), 2),
                 "call_latency": summary(lat, 3),
             }
-            log(f"batching: max_batch_size={size}: {n / wall:.2f} windows/s, {audio_s / wall:.1f} audio s/s, "
-                f"mean batch {np.mean(sizes):.1f}")
+            log(
+                f"batching: max_batch_size={size}: {n / wall:.2f} windows/s, {audio_s / wall:.1f} audio s/s, "
+                f"mean batch {np.mean(sizes):.1f}"
+            )
     finally:
         for app in apps.values():
             await app.stop(0)
@@ -264,9 +275,11 @@ async def whisper_streaming(ctx: Context) -> dict[str, Any]:
 
     where = ws_baseline.checkout()
     if where is None:
-        msg = ("skipped: set WHISPER_STREAMING_DIR to a checkout of https://github.com/ufal/whisper_streaming "
-               "(git clone https://github.com/ufal/whisper_streaming /tmp/whisper_streaming; "
-               "WHISPER_STREAMING_DIR=/tmp/whisper_streaming)")
+        msg = (
+            "skipped: set WHISPER_STREAMING_DIR to a checkout of https://github.com/ufal/whisper_streaming "
+            "(git clone https://github.com/ufal/whisper_streaming /tmp/whisper_streaming; "
+            "WHISPER_STREAMING_DIR=/tmp/whisper_streaming)"
+        )
         log(msg)
         return {"skipped": msg}
     clip = ctx.corpus.stream

@@ -18,8 +18,13 @@ def _ok(results: dict[str, Any], name: str) -> dict[str, Any] | None:
 
 def _bar_labels(ax: Any, bars: Any, fmt: str = "{:.1f}") -> None:
     for b in bars:
-        ax.annotate(fmt.format(b.get_height()), (b.get_x() + b.get_width() / 2, b.get_height()),
-                    ha="center", va="bottom", fontsize=8)
+        ax.annotate(
+            fmt.format(b.get_height()),
+            (b.get_x() + b.get_width() / 2, b.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
 
 
 def throughput(results: dict[str, Any], path: Path) -> bool:
@@ -153,13 +158,19 @@ def batching(results: dict[str, Any], path: Path) -> bool:
         return False
     u, b = m["max_batch_1"], m["max_batch_8"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 4))
-    bars = a1.bar(["max_batch_size=1", "max_batch_size=8"], [u["audio_seconds_per_second"], b["audio_seconds_per_second"]],
-                  color=["tab:gray", "tab:blue"])
+    bars = a1.bar(
+        ["max_batch_size=1", "max_batch_size=8"],
+        [u["audio_seconds_per_second"], b["audio_seconds_per_second"]],
+        color=["tab:gray", "tab:blue"],
+    )
     _bar_labels(a1, bars)
     a1.set_ylabel("audio seconds per second")
     a1.set_title(f"{m['callers']} concurrent callers")
-    bars = a2.bar(["max_batch_size=1", "max_batch_size=8"], [u["windows_per_second"], b["windows_per_second"]],
-                  color=["tab:gray", "tab:blue"])
+    bars = a2.bar(
+        ["max_batch_size=1", "max_batch_size=8"],
+        [u["windows_per_second"], b["windows_per_second"]],
+        color=["tab:gray", "tab:blue"],
+    )
     _bar_labels(a2, bars, "{:.2f}")
     a2.set_ylabel("windows per second")
     a2.set_title(f"ratio {m['ratio_batched_vs_unbatched']}")

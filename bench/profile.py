@@ -32,7 +32,9 @@ def _save(profiler: Any, out: Path, name: str) -> list[Path]:
     stem = out / f"profile-{today()}-{name}"
     html, txt = stem.with_suffix(".html"), stem.with_suffix(".txt")
     html.write_text(profiler.output_html())
-    txt.write_text(profiler.output_text(unicode=True, color=False, show_all=False))
+    tree = profiler.output_text(unicode=True, color=False, processor_options={"filter_threshold": 0.002})
+    flat = profiler.output_text(unicode=True, color=False, flat=True, flat_time="self")
+    txt.write_text(f"{tree}\n\nBy self time (flat):\n{flat}")
     log(f"wrote {html.name} and {txt.name}")
     return [html, txt]
 

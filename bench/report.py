@@ -132,14 +132,30 @@ class Report:
                 "silences, one clip with white noise at 30 dB SNR). WER uses `tests.support.text.wer` "
                 "(same normalisation on both sides).\n"
             )
-            rows: list[Row] = [[x["name"], x["seconds"], x["words"], ", ".join(x.get("voices", [])),
-                     ", ".join(str(v) for v in x.get("rates", [])), x.get("noise_snr_db", "")]
-                    for x in c.get("clips", [])]
+            rows = [
+                [
+                    x["name"],
+                    x["seconds"],
+                    x["words"],
+                    ", ".join(x.get("voices", [])),
+                    ", ".join(str(v) for v in x.get("rates", [])),
+                    x.get("noise_snr_db", ""),
+                ]
+                for x in c.get("clips", [])
+            ]
             for key in ("long", "medium", "stream", "short"):
                 x = c.get(key)
                 if x:
-                    rows.append([f"{x['name']} ({key})", x["seconds"], x["words"], ", ".join(x.get("voices", [])),
-                                 ", ".join(str(v) for v in x.get("rates", [])), ""])
+                    rows.append(
+                        [
+                            f"{x['name']} ({key})",
+                            x["seconds"],
+                            x["words"],
+                            ", ".join(x.get("voices", [])),
+                            ", ".join(str(v) for v in x.get("rates", [])),
+                            "",
+                        ]
+                    )
             self.add(table(["Clip", "Seconds", "Words", "Voices", "Rates (wpm)", "Noise SNR dB"], rows))
 
     def reproduce(self) -> None:
@@ -171,16 +187,28 @@ class Report:
                 "(**+word times**: with `word_timestamps=True`, which jobs always compute). **BatchedInferencePipeline**: "
                 f"`batch_size=8`. Best of {m['reps']} run(s).\n"
             )
-            names = {"stack_job": "stack (Jobs API)", "stack_recognize": "stack (Recognize)",
-                     "sequential": "faster-whisper sequential", "sequential_words": "sequential + word times",
-                     "batched": "BatchedInferencePipeline"}
+            names = {
+                "stack_job": "stack (Jobs API)",
+                "stack_recognize": "stack (Recognize)",
+                "sequential": "faster-whisper sequential",
+                "sequential_words": "sequential + word times",
+                "batched": "BatchedInferencePipeline",
+            }
             rows: list[Row] = []
             for k, label in names.items():
                 b = m["best"].get(k)
                 if b:
                     mod = b.get("model") or {}
-                    rows.append([label, b["x_real_time"], b["wall_seconds"], b["wer"],
-                                 mod.get("mean_batch"), mod.get("model_busy_fraction")])
+                    rows.append(
+                        [
+                            label,
+                            b["x_real_time"],
+                            b["wall_seconds"],
+                            b["wer"],
+                            mod.get("mean_batch"),
+                            mod.get("model_busy_fraction"),
+                        ]
+                    )
             c = self.m.get("cluster", {})
             if c.get("status") == "ok" and c.get("cluster_job"):
                 cj = c["cluster_job"]
@@ -234,11 +262,36 @@ class Report:
             f"the first submit to the last transcript. Baseline on the same file: faster-whisper sequential "
             f"{b['sequential_x_real_time']}x, BatchedInferencePipeline {b['batched_x_real_time']}x.\n"
         )
-        rows: list[Row] = [[lv["jobs"], lv["x_real_time"], lv["vs_sequential"], lv["vs_batched"], lv["wait"].get("p50"),
-                 lv["wait"].get("max"), lv["turnaround"].get("p50"), lv["turnaround"].get("max"),
-                 lv["model"].get("mean_batch")] for lv in m["levels"]]
-        self.add(table(["Jobs", "x real time", "/ sequential", "/ batched", "Wait p50 s", "Wait max s",
-                        "Turnaround p50 s", "Turnaround max s", "Mean batch"], rows))
+        rows: list[Row] = [
+            [
+                lv["jobs"],
+                lv["x_real_time"],
+                lv["vs_sequential"],
+                lv["vs_batched"],
+                lv["wait"].get("p50"),
+                lv["wait"].get("max"),
+                lv["turnaround"].get("p50"),
+                lv["turnaround"].get("max"),
+                lv["model"].get("mean_batch"),
+            ]
+            for lv in m["levels"]
+        ]
+        self.add(
+            table(
+                [
+                    "Jobs",
+                    "x real time",
+                    "/ sequential",
+                    "/ batched",
+                    "Wait p50 s",
+                    "Wait max s",
+                    "Turnaround p50 s",
+                    "Turnaround max s",
+                    "Mean batch",
+                ],
+                rows,
+            )
+        )
         self.plot("concurrent_jobs", "Concurrent jobs")
 
     def unary(self) -> None:
@@ -358,36 +411,74 @@ class Report:
                 "(`client.stream(pcm_chunks(..., realtime=True), interim=True)`). " + m["note"] + "\n"
             )
             rows: list[Row] = [
-                ["final-word latency mean / p50 / p95 s", f"{_fmt(lat.get('mean'))} / {_fmt(lat.get('p50'))} / {_fmt(lat.get('p95'))}"],
+                [
+                    "final-word latency mean / p50 / p95 s",
+                    f"{_fmt(lat.get('mean'))} / {_fmt(lat.get('p50'))} / {_fmt(lat.get('p95'))}",
+                ],
                 ["first interim latency s", m.get("first_interim_latency")],
                 ["first final latency s", m.get("first_final_latency")],
-                ["WER streaming / offline Recognize / raw faster-whisper %",
-                 f"{m['wer']['streaming']} / {m['wer']['offline_recognize']} / {m['wer']['raw_faster_whisper']}"],
+                [
+                    "WER streaming / offline Recognize / raw faster-whisper %",
+                    f"{m['wer']['streaming']} / {m['wer']['offline_recognize']} / {m['wer']['raw_faster_whisper']}",
+                ],
                 ["finals / interims / final words", f"{m['finals']} / {m['interims']} / {m['final_words']}"],
                 ["stream end after the last audio s", m.get("tail_seconds")],
-                ["model calls / mean batch / busy", f"{m['model'].get('model_calls')} / {m['model'].get('mean_batch')} / {m['model'].get('model_busy_fraction')}"],
+                [
+                    "model calls / mean batch / busy",
+                    f"{m['model'].get('model_calls')} / {m['model'].get('mean_batch')} / {m['model'].get('model_busy_fraction')}",
+                ],
             ]
             self.add(table(["", "value"], rows))
         self.add("### Concurrent real-time streams\n")
         c = self.status("concurrent_streams")
         if c:
-            rows: list[Row] = [[lv["streams"], lv["completed"], lv["final_word_latency"].get("p50"), lv["final_word_latency"].get("p95"),
-                     lv["final_word_latency"].get("mean"), lv["first_interim_latency"].get("p50"), lv["wer_mean"],
-                     lv["tail_seconds_max"], lv["model"].get("mean_batch"), lv["model"].get("model_busy_fraction"),
-                     len(lv.get("errors") or [])] for lv in c["levels"]]
-            self.add(table(["Streams", "Completed", "p50 s", "p95 s", "mean s", "First interim p50 s", "WER %",
-                            "Tail max s", "Mean batch", "Model busy", "Errors"], rows))
+            rows = [
+                [
+                    lv["streams"],
+                    lv["completed"],
+                    lv["final_word_latency"].get("p50"),
+                    lv["final_word_latency"].get("p95"),
+                    lv["final_word_latency"].get("mean"),
+                    lv["first_interim_latency"].get("p50"),
+                    lv["wer_mean"],
+                    lv["tail_seconds_max"],
+                    lv["model"].get("mean_batch"),
+                    lv["model"].get("model_busy_fraction"),
+                    len(lv.get("errors") or []),
+                ]
+                for lv in c["levels"]
+            ]
+            self.add(
+                table(
+                    [
+                        "Streams",
+                        "Completed",
+                        "p50 s",
+                        "p95 s",
+                        "mean s",
+                        "First interim p50 s",
+                        "WER %",
+                        "Tail max s",
+                        "Mean batch",
+                        "Model busy",
+                        "Errors",
+                    ],
+                    rows,
+                )
+            )
             errs = {e: lv["streams"] for lv in c["levels"] for e in (lv.get("errors") or [])}
             if errs:
-                self.add("Errors seen (by stream count of the level): "
-                         + "; ".join(f"{n} streams: `{e}`" for e, n in errs.items()))
+                self.add(
+                    "Errors seen (by stream count of the level): "
+                    + "; ".join(f"{n} streams: `{e}`" for e, n in errs.items())
+                )
             self.plot("streams", "Streaming latency vs streams")
         self.add("### LocalAgreement baseline: ufal/whisper_streaming\n")
         w = self.status("whisper_streaming")
         if w:
             lat = w["final_word_latency"]
             svc = w.get("service_final_word_latency") or {}
-            rows: list[Row] = [
+            rows = [
                 [
                     "whisper_streaming (OnlineASRProcessor)",
                     lat.get("mean"),
@@ -419,11 +510,19 @@ class Report:
                 + b["note"]
                 + "\n"
             )
-            rows: list[Row] = []
+            rows = []
             for k in ("max_batch_1", "max_batch_8"):
                 x = b[k]
-                rows.append([k.replace("max_batch_", "max_batch_size="), x["windows_per_second"], x["audio_seconds_per_second"],
-                             x["mean_batch_size"], x["call_latency"].get("p50"), x["wall_seconds"]])
+                rows.append(
+                    [
+                        k.replace("max_batch_", "max_batch_size="),
+                        x["windows_per_second"],
+                        x["audio_seconds_per_second"],
+                        x["mean_batch_size"],
+                        x["call_latency"].get("p50"),
+                        x["wall_seconds"],
+                    ]
+                )
             self.add(
                 table(["Transcriber", "windows/s", "audio s/s", "Mean batch", "Call p50 s", "Wall s"], rows)
             )
@@ -443,8 +542,10 @@ class Report:
             self.add("\nProfiles (`python -m bench.profile`, pyinstrument):\n")
             self.add("\n".join(f"- [{p.name}]({self.rel(p)})" for p in profiles))
         else:
-            self.add("\nFor a call-level breakdown run `python -m bench.profile` (pyinstrument; writes HTML and text "
-                     "profiles of the Recognize and job paths to bench/results/).")
+            self.add(
+                "\nFor a call-level breakdown run `python -m bench.profile` (pyinstrument; writes HTML and text "
+                "profiles of the Recognize and job paths to bench/results/)."
+            )
 
     def _why(self, gid: str) -> str:
         m = self.m
@@ -466,8 +567,10 @@ class Report:
             return "compare `service_text` and `raw_text` per clip in the JSON (accuracy.clips): window cuts at pauses vs one 30 s sliding window."
         if gid == "startup":
             s = m.get("startup") or {}
-            return (f"listening after {_fmt((s.get('listening_seconds') or {}).get('median'))} s; the rest is imports, "
-                    f"model load and warm-up (raw load + warm-up: {_fmt((s.get('raw_seconds') or {}).get('median'))} s).")
+            return (
+                f"listening after {_fmt((s.get('listening_seconds') or {}).get('median'))} s; the rest is imports, "
+                f"model load and warm-up (raw load + warm-up: {_fmt((s.get('raw_seconds') or {}).get('median'))} s)."
+            )
         if gid == "memory":
             return "RSS grew across sequential Recognize calls; compare with the raw process's growth in the table above."
         if gid in ("stream_latency", "first_interim", "streams"):
@@ -491,9 +594,21 @@ class Report:
         self.add(table(["Measure", "Error"], [[k, v.get("error")] for k, v in bad.items()]))
 
     def render(self) -> str:
-        for section in (self.header, self.goals, self.setup, self.reproduce, self.throughput, self.concurrent_jobs,
-                        self.unary, self.accuracy, self.startup, self.memory, self.streaming, self.diagnosis,
-                        self.errors):
+        for section in (
+            self.header,
+            self.goals,
+            self.setup,
+            self.reproduce,
+            self.throughput,
+            self.concurrent_jobs,
+            self.unary,
+            self.accuracy,
+            self.startup,
+            self.memory,
+            self.streaming,
+            self.diagnosis,
+            self.errors,
+        ):
             try:
                 section()
             except Exception as exc:  # a section with unexpected data must not lose the rest of the report

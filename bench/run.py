@@ -75,8 +75,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         epilog="measures: " + ", ".join(NAMES),
     )
     p.add_argument("--quick", action="store_true", help="small inputs, fewer repetitions (~5 minutes)")
-    p.add_argument("--only", nargs="+", metavar="NAME", choices=NAMES, help="run only these measures "
-                   "(merged into an existing results file of the same day and mode)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        choices=NAMES,
+        help="run only these measures (merged into an existing results file of the same day and mode)",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default bench/results)")
     p.add_argument("--docs", type=Path, default=DOCS, help="report to write (default docs/benchmarks.md)")
     p.add_argument("--no-report", action="store_true", help="do not regenerate the markdown report")
@@ -155,12 +160,16 @@ async def main_async(args: argparse.Namespace) -> Path:
         }
     )
     log(f"{results['mode']} run: {', '.join(m.name for m in selected)}")
-    log(f"machine: {results['machine']['cores']} cores, {results['machine']['cpu_model']}, "
-        f"{results['machine']['ram_gib']} GiB; load {results['machine']['load_average']}")
+    log(
+        f"machine: {results['machine']['cores']} cores, {results['machine']['cpu_model']}, "
+        f"{results['machine']['ram_gib']} GiB; load {results['machine']['load_average']}"
+    )
     t0 = time.perf_counter()
     corpus = build_corpus(args.quick)
-    log(f"corpus ready in {time.perf_counter() - t0:.1f}s: {len(corpus.clips)} clips, "
-        f"{sum(c.seconds for c in corpus.clips):.0f}s; long file {corpus.long.seconds:.0f}s")
+    log(
+        f"corpus ready in {time.perf_counter() - t0:.1f}s: {len(corpus.clips)} clips, "
+        f"{sum(c.seconds for c in corpus.clips):.0f}s; long file {corpus.long.seconds:.0f}s"
+    )
     results["corpus"] = corpus.describe()
     tmp = tempfile.mkdtemp(prefix="stt-bench-")
     stack = StackHolder(tmp)

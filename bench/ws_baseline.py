@@ -61,7 +61,8 @@ def _soundfile_shim() -> types.ModuleType:
 
     def write(file: Any, data: np.ndarray, samplerate: int, **_: Any) -> None:
         pcm = (np.clip(np.asarray(data, dtype=np.float32), -1, 1) * 32767).astype("<i2").tobytes()
-        with wave.open(file if isinstance(file, io.IOBase) else str(file), "wb") as w:
+        target: Any = file if isinstance(file, io.IOBase) else str(file)
+        with wave.open(target, "wb") as w:
             w.setnchannels(1)
             w.setsampwidth(2)
             w.setframerate(samplerate)
@@ -96,7 +97,7 @@ def run(where: str, model: Any, clip: Clip, timeout: float) -> dict[str, Any]:
 
     wo, shims = import_whisper_online(where)
 
-    class CpuFasterWhisperASR(wo.FasterWhisperASR):  # type: ignore[misc, name-defined]
+    class CpuFasterWhisperASR(wo.FasterWhisperASR):  # type: ignore[name-defined]
         def load_model(self, modelsize: Any = None, cache_dir: Any = None, model_dir: Any = None) -> Any:
             return model
 

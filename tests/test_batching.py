@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 
 from services.gateway.pool import to_pcm16
-from services.shared.domain import DecodeOptions, WindowResult, WorkClass
+from services.shared.domain import DecodeOptions, WindowResult, Word, WorkClass
 from services.transcriber.batcher import Batcher
 from services.transcriber.engine import WindowRequest
 from stt.v1 import transcriber_pb2, transcriber_pb2_grpc
@@ -118,3 +118,19 @@ def test_dynamic_context_keeps_the_words(transcriber):
 
     text = lambda r: " ".join(s.text for s in r.segments)  # noqa: E731
     assert wer(text(full), text(short)) <= 0.1
+
+
+def test_split_sentences_at_marks_pauses_and_length():
+    from services.transcriber.engine import split_sentences
+
+    def w(text: str, a: float, b: float) -> Word:
+        return Word(text, a, b, 0.9)
+
+    words = [w("Hello", 0.0, 0.4), w("there.", 0.4, 0.8), w("How", 0.8, 1.0), w("are", 1.0, 1.2), w("you", 1.2, 2.0),
+             w("today", 2.0, 2.5)]  # fmt: skip
+    audio_ = np.full(16000 * 3, 0.3, dtype=np.float32)
+    audio_[int(1.4 * 16000) : int(1.9 * 16000)] = 0.0  # a pause inside "you" as aligned
+    groups = split_sentences(words, audio_)
+    assert [[x.word for x in g] for g in groups] == [["Hello", "there."], ["How", "are", "you"], ["today"]]
+    long = [w(f"w{i}", i * 0.5, i * 0.5 + 0.5) for i in range(60)]
+    assert all(g[-1].end - g[0].start <= 18.5 for g in split_sentences(long))

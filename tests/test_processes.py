@@ -106,3 +106,40 @@ async def test_stt_up_runs_the_stack_and_stops_cleanly_on_ctrl_c(short_clip, tmp
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_cli_jobs_and_stream(gateway, short_clip, tmp_path):
+    import json
+
+    wav = tmp_path / "call.wav"
+    wav.write_bytes(audio.encode(short_clip.samples, "wav"))
+    server = f"127.0.0.1:{gateway.port}"
+    code, out, err = await _run(
+        "--server", server, "submit", str(wav), "--wait", "--format", "vtt", "--priority", "high"
+    )
+    assert code == 0, err
+    assert out.startswith("WEBVTT") and "chunks" in err  # transcript on stdout, progress on stderr
+    cues = [ln for ln in out.splitlines()[1:] if ln and "-->" not in ln]
+    assert len(cues) >= 2 and wer(short_clip.text, " ".join(cues)) <= 0.15
+    code, job_id, _ = await _run("--server", server, "submit", str(wav), "--request-id", "cli-1")
+    job_id = job_id.strip()
+    code2, again, _ = await _run("--server", server, "submit", str(wav), "--request-id", "cli-1")
+    assert code == code2 == 0 and again.strip() == job_id
+    code, _, _ = await _run("--server", server, "jobs", "watch", job_id)
+    assert code == 0
+    code, out, _ = await _run("--server", server, "transcript", job_id, "--format", "json")
+    assert code == 0 and json.loads(out)["segments"][0]["words"]
+    code, out, _ = await _run("--server", server, "jobs", "list", "--status", "completed")
+    assert code == 0 and job_id in out
+    code, out, _ = await _run("--server", server, "jobs", "get", job_id)
+    assert code == 0 and json.loads(out)["status"] == "COMPLETED"
+    code, out, _ = await _run("--server", server, "queue")
+    assert code == 0 and "HIGH" in out and "workers" in out
+    code, _, err = await _run("--server", server, "jobs", "cancel", job_id)
+    assert code == 2 and "FAILED_PRECONDITION" in err
+    code, out, _ = await _run("--server", server, "stream", str(wav), "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    finals = [r["transcript"] for line in lines for r in line.get("results", []) if r.get("is_final")]
+    assert code == 0 and wer(short_clip.text, " ".join(finals)) <= 0.3
+    code, _, _ = await _run("--server", server, "jobs", "delete", job_id)
+    assert code == 0

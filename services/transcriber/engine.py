@@ -327,7 +327,7 @@ class Engine:
             if w["word"].strip()
         ]
         segments = []
-        for group in split_sentences(words):
+        for group in split_sentences(words, req.audio):
             text = " ".join(w.word for w in group)
             segments.append(
                 Segment(
@@ -349,11 +349,41 @@ class Engine:
         )
 
 
+def silent_frames(audio: np.ndarray, frame: int = 320) -> np.ndarray:
+    """Per 20 ms frame: True where the audio is much quieter than its speech (pauses)."""
+    n = audio.shape[0] // frame
+    if n == 0:
+        return np.zeros(0, dtype=bool)
+    rms = np.sqrt(np.square(audio[: n * frame].reshape(n, frame)).mean(axis=1))
+    loud = rms[rms > 1e-4]
+    level = float(np.percentile(loud, 90)) if loud.size else 0.0
+    return np.asarray(rms < max(0.05 * level, 1e-4))
+
+
 def split_sentences(
-    words: list[Word], *, max_gap: float = 1.0, max_seconds: float = 12.0
+    words: list[Word],
+    audio: np.ndarray | None = None,
+    *,
+    min_pause: float = 0.3,
+    max_seconds: float = 12.0,
 ) -> list[list[Word]]:
-    """Group words into segments: a segment ends after a sentence mark, before a pause longer than
-    max_gap, or (at a comma, or anywhere past 1.5 x max) once it is longer than max_seconds."""
+    """Group words into segments: a segment ends after a sentence mark, at a pause of at least
+    min_pause between two words (silence in the audio; word times alone absorb pauses), or (at a
+    comma, or anywhere past 1.5 x max) once it is longer than max_seconds."""
+    silent = silent_frames(audio) if audio is not None else np.zeros(0, dtype=bool)
+    need = int(min_pause / 0.02)
+
+    def pause_between(a: Word, b: Word) -> bool:
+        if b.start - a.end >= min_pause:
+            return True
+        lo, hi = int(a.start / 0.02) + 1, int(b.end / 0.02)
+        run = 0
+        for quiet in silent[lo:hi]:
+            run = run + 1 if quiet else 0
+            if run >= need:
+                return True
+        return False
+
     out: list[list[Word]] = []
     current: list[Word] = []
     for i, w in enumerate(words):
@@ -364,7 +394,7 @@ def split_sentences(
         if (
             nxt is None
             or end_mark
-            or nxt.start - w.end > max_gap
+            or pause_between(w, nxt)
             or (length > max_seconds and w.word.endswith((",", ";", ":")))
             or length > 1.5 * max_seconds
         ):
