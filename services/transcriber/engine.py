@@ -376,7 +376,8 @@ def split_sentences(
     def pause_between(a: Word, b: Word) -> bool:
         if b.start - a.end >= min_pause:
             return True
-        lo, hi = int(a.start / 0.02) + 1, int(b.end / 0.02)
+        # Between the words' middles: an aligned word often absorbs the pause next to it.
+        lo, hi = int((a.start + a.end) / 0.04), int((b.start + b.end) / 0.04) + 1
         run = 0
         for quiet in silent[lo:hi]:
             run = run + 1 if quiet else 0
