@@ -42,6 +42,8 @@ class _Call:
         self.method = method
         self.context = context
         self.rid = _request_id(context)
+        # Read now: touching the call's C-core state after it ended (a client that went away) can crash.
+        self.peer = context.peer()
         self.token = request_id_var.set(self.rid)
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
@@ -85,7 +87,7 @@ class _Call:
             self.method,
             name,
             elapsed * 1000,
-            extra={"peer": self.context.peer(), "error": self.error},
+            extra={"peer": self.peer, "error": self.error},
         )
         request_id_var.reset(self.token)
 
