@@ -216,3 +216,16 @@ def test_collapse_repeats():
     assert [w.word for w in collapse_repeats(ws("no no"))] == ["no", "no"]
     assert [w.word for w in collapse_repeats(ws("go go go go"))] == ["go"]
     assert [w.word for w in collapse_repeats(ws("a b c"))] == ["a", "b", "c"]
+
+
+async def test_deadline_ends_the_stream_and_frees_the_session(client: AsyncClient, dialog: audio.Clip):
+    before = speech_servicer.STREAMS._value.get()
+    with pytest.raises(SttError) as err:
+        async for _ in client.stream(pcm_chunks(_pcm(dialog), realtime=True), timeout=2.0):
+            pass
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(40):
+        if speech_servicer.STREAMS._value.get() == before:
+            break
+        await asyncio.sleep(0.05)
+    assert speech_servicer.STREAMS._value.get() == before
