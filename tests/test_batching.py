@@ -96,7 +96,8 @@ async def test_concurrent_calls_share_model_calls_with_the_same_words(transcribe
     assert all(r.batch_size == 1 for r in alone), [r.batch_size for r in alone]
     assert max(r.batch_size for r in together) > 1
     for a, t in zip(alone, together, strict=True):
-        assert [s.text for s in a.segments] == [s.text for s in t.segments]
+        # The same words; segment boundaries follow word times, which may move a little.
+        assert " ".join(s.text for s in a.segments) == " ".join(s.text for s in t.segments)
         wa = [(w.word, w.start_seconds) for s in a.segments for w in s.words]
         wt = [(w.word, w.start_seconds) for s in t.segments for w in s.words]
         assert [w for w, _ in wa] == [w for w, _ in wt]

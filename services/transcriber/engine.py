@@ -163,8 +163,15 @@ class Engine:
                 if language is None:
                     language = self._detect_language(req.audio)
                 frames = _context_frames(req.audio.shape[0]) if o.dynamic_context else FULL_CONTEXT
-                key = (language, o.beam_size or self.settings.beam_size, o.word_timestamps, o.temperature,
-                       o.temperature_fallback, frames)  # fmt: skip
+                # Word timings are always aligned (they place the segments); options only decide
+                # whether they are returned, so they do not split batches.
+                key = (
+                    language,
+                    o.beam_size or self.settings.beam_size,
+                    o.temperature,
+                    o.temperature_fallback,
+                    frames,
+                )
                 groups[key].append(i)
             except Exception as exc:
                 out[i] = exc
@@ -203,7 +210,7 @@ class Engine:
         ends and pauses using the word times."""
         from faster_whisper.audio import pad_or_trim
 
-        language, beam_size, _words, temperature, fallback, context = key
+        language, beam_size, temperature, fallback, context = key
         m = self._model
         tok = self._tokenizer(language)
         fe = m.feature_extractor
