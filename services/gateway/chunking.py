@@ -96,6 +96,8 @@ def plan_windows(
     """Group speech regions into windows of at most max_seconds, cut in the pauses between them."""
     limit = int(max_seconds * SAMPLE_RATE)
     total = audio.shape[0]
+    if regions and total <= limit:
+        return [Window(0, total)]  # it all fits: the whole audio, as the model would see a file
     # Split regions longer than the limit at their quietest point (searching its last half).
     pieces: list[tuple[int, int]] = []
     for start, end in regions:
@@ -116,14 +118,14 @@ def plan_windows(
             j += 1
         windows.append(Window(w_start, w_end))
         i = j
-    # Widen each window into half of the pause on either side (context for the model), keeping
-    # windows disjoint and within the limit.
+    # Widen each window into half of the pause on either side, up to 1 s (the model does better
+    # with some silence around speech), keeping windows disjoint and within the limit.
     out: list[Window] = []
     for k, w in enumerate(windows):
         prev_end = windows[k - 1].end if k else 0
         next_start = windows[k + 1].start if k + 1 < len(windows) else total
-        lo = max(prev_end + (w.start - prev_end) // 2, w.start - SAMPLE_RATE // 2)
-        hi = min(w.end + (next_start - w.end) // 2, w.end + SAMPLE_RATE // 2)
+        lo = max(prev_end + (w.start - prev_end) // 2, w.start - SAMPLE_RATE)
+        hi = min(w.end + (next_start - w.end) // 2, w.end + SAMPLE_RATE)
         slack = limit - (w.end - w.start)
         lo = max(lo, w.start - slack // 2)
         hi = min(hi, w.end + (slack - (w.start - lo)))

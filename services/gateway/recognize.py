@@ -11,7 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.gateway.chunking import VadSettings, Window, merge, plan_windows, speech_regions
-from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, WorkClass
+from services.shared.domain import (
+    MAX_WINDOW_SECONDS,
+    SAMPLE_RATE,
+    DecodeOptions,
+    Segment,
+    WindowResult,
+    WorkClass,
+)
 
 TranscribeFn = Callable[[np.ndarray, DecodeOptions, WorkClass], Awaitable[WindowResult]]
 
@@ -75,6 +82,19 @@ async def recognize(
     max_parallel: int,
     work_class: WorkClass = WorkClass.INTERACTIVE,
 ) -> Recognition:
+    duration = audio.shape[0] / SAMPLE_RATE
+    if duration <= MAX_WINDOW_SECONDS:
+        # One window, the whole audio (as plain faster-whisper would see it). VAD runs alongside the
+        # model and only decides whether there is any speech at all (no words invented on silence).
+        regions_task = asyncio.create_task(asyncio.to_thread(speech_regions, audio, vad))
+        try:
+            result = await transcribe(audio, options, work_class)
+        finally:
+            regions = await regions_task
+        if not regions:
+            return Recognition([], options.language or result.language, duration, [])
+        windows = [Window(0, audio.shape[0])]
+        return Recognition(merge(windows, [result.segments]), result.language, duration, windows)
     windows = await plan(audio, vad)
     results = await transcribe_windows(
         audio, windows, transcribe, options, work_class, max_parallel=max_parallel
@@ -82,6 +102,6 @@ async def recognize(
     return Recognition(
         segments=merge(windows, [r.segments for r in results]),
         language=majority_language(results, options.language or ""),
-        duration=audio.shape[0] / SAMPLE_RATE,
+        duration=duration,
         windows=windows,
     )

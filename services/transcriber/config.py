@@ -28,8 +28,10 @@ class TranscriberSettings(CommonSettings):
     num_workers: int = 1
     device_index: int = 0
     beam_size: int = 5
-    # Cross-request batching: wait this long for more windows, up to max_batch_size per model call.
-    batch_window_ms: float = 5.0
+    # Cross-request batching: windows that queue while the model is busy form the next call, up to
+    # max_batch_size. batch_window_ms > 0 also holds an idle model back that long for companions
+    # (more batching at low load, at the cost of that much latency on every call).
+    batch_window_ms: float = 0.0
     max_batch_size: int = 8
     # Windows waiting beyond this are refused with RESOURCE_EXHAUSTED (back-pressure).
     max_queue: int = 256
