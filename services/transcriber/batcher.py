@@ -1,8 +1,10 @@
 """Gathers concurrent windows into batched model calls; live windows go first.
 
-Callers `await submit(...)`. Worker tasks wait for work, give stragglers `window_ms` to arrive, take
-up to `max_batch` windows in priority order (LIVE > INTERACTIVE > BATCH, then arrival) and run one
-model call in a thread. A caller that goes away before its window is picked costs nothing.
+Callers `await submit(...)`. Worker tasks wait for work, take up to `max_batch` windows in priority
+order (LIVE > INTERACTIVE > BATCH, then arrival) and run one model call in a thread; windows that
+queue meanwhile form the next call. When batch work (job chunks) is first in line, the worker gives
+the rest of its burst `window_ms` to arrive. A caller that goes away before its window is picked
+costs nothing.
 """
 
 from __future__ import annotations
@@ -130,8 +132,10 @@ class Batcher:
             while not self._heap:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if len(self._heap) < self._max_batch and self._window > 0:
-                # Give concurrent callers a moment to join this model call.
+            head = self._heap[0].work_class
+            if head == WorkClass.BATCH and len(self._heap) < self._max_batch and self._window > 0:
+                # Batch work (a job's chunks arrive as a burst) waits a moment for the rest of the
+                # burst; live and interactive windows never wait for company.
                 await asyncio.sleep(self._window)
             batch = self._take()
             if not batch:

@@ -29,9 +29,9 @@ class TranscriberSettings(CommonSettings):
     device_index: int = 0
     beam_size: int = 5
     # Cross-request batching: windows that queue while the model is busy form the next call, up to
-    # max_batch_size. batch_window_ms > 0 also holds an idle model back that long for companions
-    # (more batching at low load, at the cost of that much latency on every call).
-    batch_window_ms: float = 0.0
+    # max_batch_size. When batch (job) work is first in line, an idle model also waits
+    # batch_window_ms for the rest of the job's burst; live and interactive windows never wait.
+    batch_window_ms: float = 20.0
     max_batch_size: int = 8
     # Windows waiting beyond this are refused with RESOURCE_EXHAUSTED (back-pressure).
     max_queue: int = 256
