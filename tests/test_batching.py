@@ -135,3 +135,21 @@ def test_split_sentences_at_marks_pauses_and_length():
     assert [[x.word for x in g] for g in groups] == [["Hello", "there."], ["How", "are", "you"], ["today"]]
     long = [w(f"w{i}", i * 0.5, i * 0.5 + 0.5) for i in range(60)]
     assert all(g[-1].end - g[0].start <= 18.5 for g in split_sentences(long))
+
+
+def test_windows_with_different_prompts_in_one_batch(transcriber):
+    """Regression: prompts of different lengths cannot share a generate call; they must not fail."""
+    engine = transcriber.engine
+    a = audio.speak("The weather today is sunny with a light breeze from the west.")
+    long_text = " ".join(audio.SENTENCES[:4])
+    reqs = [
+        WindowRequest(a, DecodeOptions()),
+        WindowRequest(a, DecodeOptions(initial_prompt="Weather report.")),
+        WindowRequest(a, DecodeOptions(initial_prompt=long_text)),
+        # Live windows keep the same number of prompt tokens, so streams with long histories batch.
+        WindowRequest(a, DecodeOptions(initial_prompt=long_text, dynamic_context=True)),
+        WindowRequest(a, DecodeOptions(initial_prompt=" ".join(audio.SENTENCES[4:8]), dynamic_context=True)),
+    ]
+    results = engine.transcribe_batch(reqs)
+    assert all(isinstance(r, WindowResult) and "weather" in r.segments[0].text.lower() for r in results), results
+    assert [r.batch_size for r in results] == [1, 1, 1, 2, 2]  # type: ignore[union-attr]

@@ -42,6 +42,7 @@ COMPRESSION_RATIO_THRESHOLD = 2.4
 LOG_PROB_THRESHOLD = -1.0
 NO_SPEECH_THRESHOLD = 0.6
 BEST_OF = 5
+LIVE_PROMPT_TOKENS = 48  # previous-text tokens given to live windows
 TOKENS_PER_SECOND = 12  # generous: fast speech is ~5 text tokens per second, plus timestamps
 FULL_CONTEXT = 3000  # 30 s of 10 ms feature frames: what Whisper was trained on
 CONTEXT_STEP = 500  # dynamic context is rounded up to 5 s
@@ -151,6 +152,7 @@ class Engine:
         if self._model is None:
             raise RuntimeError("model not loaded")
         out: list[WindowResult | BaseException | None] = [None] * len(reqs)
+        prompts: list[list[int]] = [[] for _ in reqs]
         groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, req in enumerate(reqs):
             try:
@@ -163,28 +165,37 @@ class Engine:
                 if language is None:
                     language = self._detect_language(req.audio)
                 frames = _context_frames(req.audio.shape[0]) if o.dynamic_context else FULL_CONTEXT
-                # Word timings are always aligned (they place the segments); options only decide
-                # whether they are returned, so they do not split batches.
+                prompt = self._prompt(self._tokenizer(language), o)
+                # CTranslate2 batches prompts only when <|startoftranscript|> sits at the same position,
+                # so windows group by prompt length too. Word timings are always aligned (they place
+                # the segments); options only decide whether they are returned.
                 key = (
                     language,
                     o.beam_size or self.settings.beam_size,
                     o.temperature,
                     o.temperature_fallback,
                     frames,
+                    len(prompt),
                 )
                 groups[key].append(i)
+                prompts[i] = prompt
             except Exception as exc:
                 out[i] = exc
         for key, idxs in groups.items():
             results: list[WindowResult | BaseException]
             try:
-                results = list(self._decode_group(key, [reqs[i] for i in idxs]))
-            except Exception as exc:
-                log.exception("model call failed")
-                results = [exc] * len(idxs)
+                results = list(self._decode_group(key, [reqs[i] for i in idxs], [prompts[i] for i in idxs]))
+            except Exception:
+                if len(idxs) == 1:
+                    log.exception("model call failed")
+                    results = [InvalidInput("the model could not decode this window", reason="DECODE_FAILED")]
+                else:
+                    # One bad window must not fail its companions: decode them one by one.
+                    log.warning("batched model call failed; decoding its %d windows one by one", len(idxs))
+                    results = [self.transcribe_batch([reqs[i]])[0] for i in idxs]
             for i, res in zip(idxs, results, strict=True):
                 if isinstance(res, WindowResult):
-                    res.batch_size = len(reqs)
+                    res.batch_size = len(idxs)
                 out[i] = res
         return [r if r is not None else RuntimeError("window was not decoded") for r in out]
 
@@ -204,13 +215,15 @@ class Engine:
         language, _prob, _all = self._model.detect_language(audio)
         return str(language)
 
-    def _decode_group(self, key: tuple[Any, ...], reqs: list[WindowRequest]) -> list[WindowResult]:
+    def _decode_group(
+        self, key: tuple[Any, ...], reqs: list[WindowRequest], prompts: list[list[int]]
+    ) -> list[WindowResult]:
         """Decode windows together in one pass each (text without timestamp tokens, as faster-whisper's
         BatchedInferencePipeline does), align the words to the audio, then cut segments at sentence
         ends and pauses using the word times."""
         from faster_whisper.audio import pad_or_trim
 
-        language, beam_size, temperature, fallback, context = key
+        language, beam_size, temperature, fallback, context, _prompt_length = key
         m = self._model
         tok = self._tokenizer(language)
         fe = m.feature_extractor
@@ -219,7 +232,6 @@ class Engine:
         batch = np.stack([pad_or_trim(f[:, :n], context) for f, n in zip(feats, sizes, strict=True)])
         batch = batch.astype(np.float32)
         encoder_output = m.encode(batch)
-        prompts = [self._prompt(tok, r.options) for r in reqs]
         temps = (
             (temperature, *[t for t in FALLBACK_TEMPERATURES if t > temperature])
             if fallback
@@ -250,6 +262,9 @@ class Engine:
 
     def _prompt(self, tok: Any, opts: DecodeOptions) -> list[int]:
         previous = tok.encode(" " + opts.initial_prompt.strip()) if opts.initial_prompt else []
+        if opts.dynamic_context:
+            # Live windows carry the stream's recent text: a fixed length lets streams share calls.
+            previous = previous[-LIVE_PROMPT_TOKENS:]
         return list(
             self._model.get_prompt(tok, previous, without_timestamps=True, prefix=opts.prefix or None)
         )
