@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import os
 import platform
 import shutil
@@ -306,6 +307,41 @@ class ModelCallLog:
         if wall:
             out["model_busy_fraction"] = round(busy / wall, 3)
         return out
+
+
+class ErrorLog(logging.Handler):
+    """Collects ERROR records logged in this process (the embedded services log the root cause of an
+    INTERNAL error there, while the client only sees 'internal error; see server logs')."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = f"{record.name}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            msg += f" ({type(exc).__name__}: {exc})"
+        self.records.append(msg[:500])
+
+    def mark(self) -> int:
+        return len(self.records)
+
+    def since(self, mark: int) -> dict[str, int]:
+        """Distinct messages since mark, with counts."""
+        out: dict[str, int] = {}
+        for m in self.records[mark:]:
+            out[m] = out.get(m, 0) + 1
+        return out
+
+
+ERRORS = ErrorLog()
+
+
+def capture_errors() -> None:
+    root = logging.getLogger()
+    if ERRORS not in root.handlers:
+        root.addHandler(ERRORS)
 
 
 # -- the embedded stack -------------------------------------------------------------------------------

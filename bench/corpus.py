@@ -194,6 +194,17 @@ class Corpus:
     medium: Clip  # concurrent jobs
     stream: Clip  # live streaming
     short: Clip  # unary latency (5 s)
+    _variants: dict[int, Clip] = field(default_factory=dict)
+
+    def stream_variant(self, i: int) -> Clip:
+        """Stream clip i: 0 is `stream`; the others start elsewhere in the sentence list, so concurrent
+        streams say different things (as real ones do) and carry different prompts."""
+        if i == 0:
+            return self.stream
+        if i not in self._variants:
+            spec = _long_spec(f"stream-{i}", 25.0 if self.quick else 60.0, first=14 + 5 * i)
+            self._variants[i] = build(spec)
+        return self._variants[i]
 
     def describe(self) -> dict[str, object]:
         return {

@@ -116,8 +116,13 @@ def _streams(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
     best = max(good, default=0)
     tried = max((lv["streams"] for lv in levels), default=0)
     value = f"p95 <= 1.5 s up to {best} streams (tried up to {tried})"
+    failed = [lv["streams"] for lv in levels if lv.get("failed") or lv.get("errors") or lv.get("timed_out")]
+    if failed:
+        value += f"; streams failed or timed out at {', '.join(map(str, failed))} streams"
     if best >= 8:
         return PASS, value
+    if failed and min(failed) < 8:
+        return MISS, value
     if tried < 8:
         return NA, value + "; quick mode stops at 4"
     return MISS, value

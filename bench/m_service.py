@@ -94,7 +94,11 @@ async def unary(ctx: Context) -> dict[str, Any]:
         },
         "windows": windows,
         "wer": {"service": pct(wer(clip.text, svc_text)), "in_process": pct(wer(clip.text, eng_text))},
-        "samples": {"service": [round(x, 5) for x in svc], "in_process": [round(x, 5) for x in eng]},
+        "samples": {
+            "service": [round(x, 5) for x in svc],
+            "in_process": [round(x, 5) for x in eng],
+            "overhead_ms": [round(1000 * (w - m), 2) for w, m in zip(svc, model_ms, strict=True)],
+        },
         "note": "client.recognize(WAV, language='en', word_timestamps=True) vs Engine.transcribe(WindowRequest("
         "samples, DecodeOptions(language='en', word_timestamps=True))), alternating, after 3 warm-up calls each.",
     }

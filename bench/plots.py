@@ -69,9 +69,11 @@ def concurrent_jobs(results: dict[str, Any], path: Path) -> bool:
         m["baseline"]["sequential_x_real_time"], color="tab:gray", ls="--", label="faster-whisper sequential"
     )
     a1.axhline(m["baseline"]["batched_x_real_time"], color="k", ls=":", label="BatchedInferencePipeline")
+    top = max([lv["x_real_time"] for lv in levels] + [m["baseline"]["batched_x_real_time"]])
+    a1.set_ylim(0, top * 1.4)
     a1.set_xlabel("jobs at once")
     a1.set_ylabel("total x real time")
-    a1.legend(fontsize=8)
+    a1.legend(fontsize=8, loc="upper left")
     a1.set_title(f"Concurrent jobs ({m['audio_seconds_per_job']:.0f} s each)")
     a2.plot(n, [lv["wait"].get("p50", 0) for lv in levels], "o-", label="wait p50")
     a2.plot(n, [lv["wait"].get("max", 0) for lv in levels], "o--", label="wait max")
@@ -93,31 +95,29 @@ def unary(results: dict[str, Any], path: Path) -> bool:
     m = _ok(results, "unary")
     if not m or not m.get("samples"):
         return False
-    svc = [1000 * x for x in m["samples"]["service"]]
-    eng = [1000 * x for x in m["samples"]["in_process"]]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    lo, hi = min(svc + eng), max(svc + eng)
-    bins = [lo + (hi - lo) * i / 30 for i in range(31)] if hi > lo else 10
-    ax.hist(
-        eng,
-        bins=bins,
-        alpha=0.6,
-        label=f"in-process Engine (p50 {1000 * m['in_process_seconds']['p50']:.0f} ms)",
-        color="tab:gray",
-    )
-    ax.hist(
-        svc,
-        bins=bins,
-        alpha=0.6,
-        label=f"Recognize via gRPC (p50 {1000 * m['service_seconds']['p50']:.0f} ms)",
-        color="tab:blue",
-    )
-    ax.set_xlabel("ms per call")
-    ax.set_ylabel("calls")
-    ax.set_title(
-        f"Unary latency, {m['clip_seconds']:.0f} s clip ({m['calls']} calls each): +{m['added_ms']['p50']} ms at p50"
-    )
-    ax.legend(fontsize=8)
+    svc = sorted(1000 * x for x in m["samples"]["service"])
+    eng = sorted(1000 * x for x in m["samples"]["in_process"])
+    overhead = m["samples"].get("overhead_ms") or []
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for xs, label, color in (
+        (eng, f"in-process Engine (p50 {1000 * m['in_process_seconds']['p50']:.0f} ms)", "tab:gray"),
+        (svc, f"Recognize via gRPC (p50 {1000 * m['service_seconds']['p50']:.0f} ms)", "tab:blue"),
+    ):
+        a1.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=label, color=color)
+    a1.set_xlabel("ms per call")
+    a1.set_ylabel("fraction of calls")
+    a1.set_title(f"Latency CDF, {m['clip_seconds']:.0f} s clip, {m['calls']} calls each")
+    a1.legend(fontsize=8, loc="lower right")
+    if overhead:
+        a2.hist(overhead, bins=20, color="tab:blue")
+        a2.axvline(15, color="tab:red", ls=":", label="goal 15 ms")
+        p50 = (m.get("per_call_overhead_ms") or {}).get("p50")
+        a2.set_title(f"Added per call (wall - model call): p50 {p50} ms")
+        a2.set_xlabel("ms")
+        a2.set_ylabel("calls")
+        a2.legend(fontsize=8)
+    else:
+        a2.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -135,6 +135,17 @@ def streams(results: dict[str, Any], path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(8, 4))
     for key, style in (("p50", "o-"), ("p95", "s-"), ("mean", "^--")):
         ax.plot(n, [lv["final_word_latency"][key] for lv in levels], style, label=f"final-word latency {key}")
+    for lv in levels:
+        if lv.get("failed"):
+            ax.annotate(
+                f"{lv['failed']}/{lv['streams']} failed",
+                (lv["streams"], lv["final_word_latency"]["p95"]),
+                textcoords="offset points",
+                xytext=(0, 8),
+                ha="center",
+                fontsize=8,
+                color="tab:red",
+            )
     ax.axhline(1.5, color="tab:red", ls=":", label="goal p95 1.5 s")
     ax.axhline(1.0, color="tab:orange", ls=":", label="goal mean 1.0 s")
     ws = _ok(results, "whisper_streaming")

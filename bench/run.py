@@ -26,8 +26,10 @@ from bench.common import (
     COMPUTE_TYPE,
     DEFAULT_OUT,
     DOCS,
+    ERRORS,
     THREADS,
     StackHolder,
+    capture_errors,
     configure_env,
     log,
     machine_info,
@@ -99,6 +101,7 @@ async def run_measure(m: Measure, ctx: Context) -> dict[str, Any]:
     log(f"== {m.name} (budget {budget:.0f}s)")
     load_before = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
+    err_mark = ERRORS.mark()
     entry: dict[str, Any]
     try:
         data = await asyncio.wait_for(m.fn(ctx), budget)
@@ -113,6 +116,9 @@ async def run_measure(m: Measure, ctx: Context) -> dict[str, Any]:
         if m.uses_stack:
             await ctx.stack.reset()  # the next measure gets a fresh stack
     entry["seconds"] = round(time.perf_counter() - t0, 1)
+    if errors := ERRORS.since(err_mark):
+        entry["server_errors_logged"] = errors
+        log(f"   {m.name}: the in-process services logged {sum(errors.values())} error(s); see the JSON")
     entry["load_average_before"] = load_before
     entry["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     entry["ran_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -124,6 +130,7 @@ async def main_async(args: argparse.Namespace) -> Path:
     from services.shared.logging import setup_logging
 
     setup_logging("WARNING")
+    capture_errors()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = today() + ("-quick" if args.quick else "")
     json_path = args.out / f"{stem}.json"
