@@ -34,7 +34,9 @@ def _throughput(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
     s, b = _get(m, "x_real_time", "stack_job"), _get(m, "x_real_time", "batched")
     if s is None or b is None:
         return NA, "not measured"
-    return (PASS if s >= b else MISS), f"stack {s}x vs batched {b}x real time (ratio {s / b:.2f})"
+    sw, bw = _get(m, "x_real_time", "stack_job_words"), _get(m, "x_real_time", "batched_words")
+    words = f"; with word times {sw}x vs {bw}x" if sw and bw else ""
+    return (PASS if s >= b else MISS), f"stack {s}x vs batched {b}x real time (ratio {s / b:.2f}){words}"
 
 
 def _unary(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:

@@ -33,10 +33,12 @@ def throughput(results: dict[str, Any], path: Path) -> bool:
         return False
     labels = {
         "stack_job": "stack\n(Jobs API)",
+        "stack_job_words": "stack jobs\n+words",
         "stack_recognize": "stack\n(Recognize)",
         "sequential": "faster-whisper\nsequential",
         "sequential_words": "sequential\n+word times",
         "batched": "Batched\nPipeline",
+        "batched_words": "Batched\n+words",
     }
     xrt = dict(m["x_real_time"])
     c = _ok(results, "cluster")
