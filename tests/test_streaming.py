@@ -229,3 +229,19 @@ async def test_deadline_ends_the_stream_and_frees_the_session(client: AsyncClien
             break
         await asyncio.sleep(0.05)
     assert speech_servicer.STREAMS._value.get() == before
+
+
+def test_drop_repeated_prefix():
+    from services.gateway.streaming import drop_repeated_prefix
+
+    def ws(text):  # type: ignore[no-untyped-def]
+        return [Word(t, i, i + 1) for i, t in enumerate(text.split())]
+
+    final = ws("She keeps her old letters in a wooden box under the bed.")
+    # The model echoes its prompt (recent final text) before the new words.
+    assert [w.word for w in drop_repeated_prefix(ws("She keeps her old letters. The engineers"), final)] == [
+        "The",
+        "engineers",
+    ]
+    assert [w.word for w in drop_repeated_prefix(ws("the bed. The engineers"), final)] == ["The", "engineers"]
+    assert [w.word for w in drop_repeated_prefix(ws("The engineers tested"), final)] == ["The", "engineers", "tested"]

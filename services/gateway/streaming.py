@@ -34,6 +34,7 @@ log = logging.getLogger("gateway.streaming")
 
 TranscribeFn = Callable[[np.ndarray, DecodeOptions, WorkClass], Awaitable[WindowResult]]
 VAD_FRAME = 512  # Silero's frame: 32 ms at 16 kHz
+RECENT_WORDS = 40  # final words a new hypothesis is checked against for repeats
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,21 @@ def collapse_repeats(words: list[Word], max_n: int = 4) -> list[Word]:
                 continue
             if all(norms[i : i + n] == norms[i + k * n : i + (k + 1) * n] for k in range(1, times)):
                 return words[: i + n]
+    return words
+
+
+def drop_repeated_prefix(words: list[Word], final: list[Word]) -> list[Word]:
+    """Drop the start of a hypothesis that repeats text already final: the last final words again
+    at the window's start (an overlap), or a run of 4+ words echoing the recent final text (Whisper
+    sometimes repeats its prompt as if it were new speech)."""
+    recent = [_norm(w.word) for w in final]
+    hyp = [_norm(w.word) for w in words]
+    for k in range(min(len(recent), len(hyp)), 0, -1):
+        head = hyp[:k]
+        if recent[-k:] == head:
+            return words[k:]
+        if k >= 4 and any(recent[i : i + k] == head for i in range(len(recent) - k + 1)):
+            return words[k:]
     return words
 
 
@@ -265,14 +281,7 @@ class StreamingSession:
         offset = start / SAMPLE_RATE
         words = [w.shifted(offset) for seg in result.segments for w in seg.words]
         words = [w for w in words if w.start >= self._final_end - 0.1]
-        words = collapse_repeats(words)
-        # Drop a repeat of the last final words at the window's start (an n-gram overlap).
-        tail = [_norm(w.word) for w in self._final_words[-5:]]
-        for k in range(min(len(tail), len(words)), 0, -1):
-            if tail[-k:] == [_norm(w.word) for w in words[:k]]:
-                words = words[k:]
-                break
-        return words
+        return drop_repeated_prefix(collapse_repeats(words), self._final_words[-RECENT_WORDS:])
 
     def _agreed(self, words: list[Word], horizon: float) -> int:
         """How many leading words the last `agreement - 1` hypotheses also had, ending before the horizon."""
