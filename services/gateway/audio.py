@@ -121,7 +121,23 @@ class Resampler:
     def _new(self) -> av.AudioResampler:
         return av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
 
+    def _count(self, arr: np.ndarray) -> np.ndarray:
+        self.samples += arr.shape[0]
+        if self.samples > self.max_samples:
+            raise _too_long(self.samples / SAMPLE_RATE, self.limits, declared=False)
+        return arr
+
     def push(self, frame: av.AudioFrame | None) -> Iterator[np.ndarray]:
+        if (
+            self._resampler is None
+            and frame is not None
+            and frame.sample_rate == SAMPLE_RATE
+            and frame.format.name == "s16"
+            and frame.layout.nb_channels == 1
+        ):
+            # Already 16 kHz mono 16-bit (the common case for speech WAV): no resampler needed.
+            yield self._count(frame.to_ndarray().reshape(-1).astype(np.float32) / 32768.0)
+            return
         if self._resampler is None:
             if frame is None:
                 return
@@ -134,11 +150,7 @@ class Resampler:
             self._resampler = self._new()
             out += self._resampler.resample(frame)
         for f in out:
-            arr = f.to_ndarray().reshape(-1).astype(np.float32, copy=False)
-            self.samples += arr.shape[0]
-            if self.samples > self.max_samples:
-                raise _too_long(self.samples / SAMPLE_RATE, self.limits, declared=False)
-            yield arr
+            yield self._count(f.to_ndarray().reshape(-1).astype(np.float32, copy=False))
 
 
 def iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: str | None = None,
