@@ -635,6 +635,12 @@ class Report:
             return "compare `streaming_text` in the JSON with the reference."
         return ""
 
+    def findings(self) -> None:
+        """bench/FINDINGS.md: what profiling and these measurements led to (written by hand)."""
+        path = Path(__file__).resolve().parent / "FINDINGS.md"
+        if path.exists():
+            self.add(path.read_text().strip() + "\n")
+
     def errors(self) -> None:
         bad = {k: v for k, v in self.m.items() if v.get("status") == "error"}
         if bad:
@@ -660,6 +666,7 @@ class Report:
             self.memory,
             self.streaming,
             self.diagnosis,
+            self.findings,
             self.errors,
         ):
             try:
