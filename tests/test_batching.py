@@ -151,5 +151,7 @@ def test_windows_with_different_prompts_in_one_batch(transcriber):
         WindowRequest(a, DecodeOptions(initial_prompt=" ".join(audio.SENTENCES[4:8]), dynamic_context=True)),
     ]
     results = engine.transcribe_batch(reqs)
-    assert all(isinstance(r, WindowResult) and "weather" in r.segments[0].text.lower() for r in results), results
+    assert all(isinstance(r, WindowResult) and "weather" in r.segments[0].text.lower() for r in results), (
+        results
+    )
     assert [r.batch_size for r in results] == [1, 1, 1, 2, 2]  # type: ignore[union-attr]

@@ -244,4 +244,8 @@ def test_drop_repeated_prefix():
         "engineers",
     ]
     assert [w.word for w in drop_repeated_prefix(ws("the bed. The engineers"), final)] == ["The", "engineers"]
-    assert [w.word for w in drop_repeated_prefix(ws("The engineers tested"), final)] == ["The", "engineers", "tested"]
+    assert [w.word for w in drop_repeated_prefix(ws("The engineers tested"), final)] == [
+        "The",
+        "engineers",
+        "tested",
+    ]
