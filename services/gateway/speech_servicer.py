@@ -69,7 +69,6 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
         started = time.perf_counter()
         cfg = request.config
         options = decode_options(cfg)
-        audio_mod.check_size(len(request.content), self.limits)
         async with self.decode_slots:
             decoded = await asyncio.to_thread(
                 audio_mod.decode,
