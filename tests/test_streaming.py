@@ -249,3 +249,30 @@ def test_drop_repeated_prefix():
         "engineers",
         "tested",
     ]
+
+
+def test_drop_repeated_block():
+    from services.gateway.streaming import drop_repeated_block
+
+    def ws(text):  # type: ignore[no-untyped-def]
+        return [Word(t, i, i + 1) for i, t in enumerate(text.split())]
+
+    # The rest of a sentence, then the whole sentence again: only the second copy goes.
+    out = drop_repeated_block(
+        ws("story. The student read a short story."), ws("Hello. The student read a short")
+    )
+    assert [w.word for w in out] == ["story."]
+    assert (
+        drop_repeated_block(
+            ws("The student read a short story."), ws("Hello. The student read a short story.")
+        )
+        == []
+    )
+    assert [w.word for w in drop_repeated_block(ws("no no"), ws("I said"))] == ["no", "no"]
+    # Short repeats are speech, not a second copy.
+    assert [w.word for w in drop_repeated_block(ws("it was very good"), ws("it was"))] == [
+        "it",
+        "was",
+        "very",
+        "good",
+    ]

@@ -39,6 +39,8 @@ class GatewaySettings(CommonSettings):
     # LocalAgreement: hypotheses that must agree before a word is final, and audio that must follow it.
     stream_agreement: int = 3
     stream_hold_seconds: float = 0.2
+    # ... or two agreeing hypotheses and this much audio after the word.
+    stream_settle_seconds: float = 1.2
     # Beam size for live hypotheses (0: the transcriber's default); smaller is faster.
     stream_beam_size: int = 5
 

@@ -159,6 +159,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
                 max_buffer=s.stream_max_buffer_seconds,
                 agreement=s.stream_agreement,
                 hold=s.stream_hold_seconds,
+                settle=s.stream_settle_seconds,
             ),
             interim=cfg.interim_results,
             single_utterance=cfg.single_utterance,
