@@ -140,12 +140,6 @@ class ServiceProcess:
         port = self.env.get("STT_METRICS_PORT")
         return f"http://127.0.0.1:{port}/metrics" if port and port != "0" else None
 
-    def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-
 
 @dataclass
 class LocalCluster:

@@ -104,10 +104,6 @@ class TranscriberPool:
     def serving_count(self) -> int:
         return sum(1 for e in self.endpoints.values() if e.serving)
 
-    @property
-    def in_flight(self) -> int:
-        return sum(e.outstanding for e in self.endpoints.values())
-
     # -- membership ---------------------------------------------------------------------------
 
     async def _resolve(self) -> set[str]:

@@ -190,7 +190,7 @@ class StreamingSession:
     def add_audio(self, samples: np.ndarray) -> None:
         if samples.size == 0:
             return
-        pending = (self._received + samples.shape[0] - max(self._win, self._covered)) / SAMPLE_RATE
+        pending = self.backlog_seconds + samples.shape[0] / SAMPLE_RATE
         if pending > self.policy.max_buffer:
             raise LimitExceeded(
                 f"more than {self.policy.max_buffer:.0f}s of audio is waiting to be transcribed: the "
