@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 GENERATED := stt/v1/.generated
 SYSDEPS := $(VENV)/.sysdeps
+BUF_VERSION := 1.75.0
+BUF := $(VENV)/npm/node_modules/.bin/buf
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -21,11 +23,18 @@ $(INSTALLED): pyproject.toml
 
 venv: $(INSTALLED) ## create .venv and install pinned dependencies
 
-$(GENERATED): $(INSTALLED) $(wildcard protos/stt/v1/*.proto) scripts/gen_protos.sh
+$(GENERATED): $(INSTALLED) $(wildcard protos/stt/v1/*.proto protos/stt/internal/v1/*.proto) scripts/gen_protos.sh
 	bash scripts/gen_protos.sh $(BIN)/python
 	touch $@
 
-protos: $(GENERATED) ## generate stt.v1 Python stubs (with type stubs) from protos/
+protos: $(GENERATED) ## generate the stubs: stt.v1 into stt/v1 (SDK), stt.internal.v1 into services/shared/internal
+
+$(BUF): $(SYSDEPS)
+	npm install --prefix $(VENV)/npm --no-save --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION)
+	@touch $@
+
+buf: $(BUF) ## buf lint + buf breaking (stt.v1 against the previous commit)
+	BUF=$(BUF) bash scripts/buf.sh
 
 $(SYSDEPS): scripts/install-system-deps.sh
 	bash scripts/install-system-deps.sh
@@ -41,10 +50,10 @@ run: setup ## run the whole stack embedded (gateway + transcriber + jobstore) on
 cluster: setup ## run a local multi-process cluster (see README)
 	$(BIN)/python -m services.cluster $(CLUSTER_ARGS)
 
-test: setup $(SYSDEPS) ## run the whole test suite (unit, service, system)
+test: setup $(SYSDEPS) $(BUF) ## run the whole test suite (unit, service, system)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: setup $(SYSDEPS) ## tests without the system tests
+test-fast: setup $(SYSDEPS) $(BUF) ## tests without the system tests
 	$(BIN)/python -m pytest -m "not system" $(PYTEST_ARGS)
 
 deploy-check: setup ## validate the Dockerfiles and k8s manifests statically (no Docker or cluster needed)
@@ -55,10 +64,12 @@ hadolint: $(INSTALLED) ## lint the Dockerfiles with hadolint
 
 .PHONY: deploy-check hadolint
 
-lint: setup ## ruff + mypy on our code
+lint: setup $(BUF) ## buf lint + breaking, ruff, mypy, import contracts
+	BUF=$(BUF) bash scripts/buf.sh
 	$(BIN)/ruff check stt services tests bench
 	$(BIN)/ruff format --check stt services tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 fmt: setup ## format the code with ruff
 	$(BIN)/ruff format stt services tests bench
@@ -71,10 +82,10 @@ bench-quick: setup $(SYSDEPS) ## quick benchmark run (a few minutes)
 	$(BIN)/python -m bench --quick $(BENCH_ARGS)
 
 clean: ## remove generated code and caches (keeps .venv)
-	rm -rf stt/v1 .pytest_cache .mypy_cache .ruff_cache
+	rm -rf stt/v1 services/shared/internal .pytest_cache .mypy_cache .ruff_cache
 	find . -name __pycache__ -not -path './.venv/*' -prune -exec rm -rf {} +
 
 distclean: clean ## also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help venv protos sysdeps setup run cluster test test-fast lint fmt bench bench-quick clean distclean
+.PHONY: help venv protos buf sysdeps setup run cluster test test-fast lint fmt bench bench-quick clean distclean

@@ -41,7 +41,7 @@ async def run_job(client: Any, wav: bytes, name: str, *, words: bool = True) -> 
     t_submitted = time.perf_counter()
     done = await client.wait(job.job_id)
     t_done = time.perf_counter()
-    if done.status != jobs_pb2.COMPLETED:
+    if done.status != jobs_pb2.JOB_STATUS_COMPLETED:
         raise RuntimeError(
             f"job {job.job_id} ended {jobs_pb2.JobStatus.Name(done.status)}: {done.error_message}"
         )
@@ -212,7 +212,7 @@ async def cluster(ctx: Context) -> dict[str, Any]:
         from bench.common import wait_health
 
         for t in getattr(handle, "transcribers", []):
-            await wait_health(t.address, "stt.v1.Transcriber", 180)
+            await wait_health(t.address, "stt.internal.v1.Transcriber", 180)
         await wait_health(target, "dependency/transcribers", 60)
         from stt.client import AsyncClient
 

@@ -198,7 +198,7 @@ async def startup(ctx: Context) -> dict[str, Any]:
                     raise TimeoutError(f"transcriber did not write its port file in 120 s: {tail(log_path)}")
                 await asyncio.sleep(0.01)
             t_listen = time.perf_counter()
-            t_serving = await wait_health(f"127.0.0.1:{port}", "stt.v1.Transcriber", 120, proc)
+            t_serving = await wait_health(f"127.0.0.1:{port}", "stt.internal.v1.Transcriber", 120, proc)
         finally:
             await asyncio.to_thread(stop_process, proc)
             shutil.rmtree(d, ignore_errors=True)
@@ -228,7 +228,7 @@ async def startup(ctx: Context) -> dict[str, Any]:
             "all": [round(x, 3) for x in listening],
         },
         "raw_seconds": {"median": round(statistics.median(raw), 3), "all": [round(x, 3) for x in raw]},
-        "note": "service: Popen -> grpc health Check('stt.v1.Transcriber') == SERVING (model loaded and warmed up). "
+        "note": "service: Popen -> grpc health Check('stt.internal.v1.Transcriber') == SERVING (model loaded and warmed up). "
         "raw: Popen -> a python process that imported faster-whisper, loaded the model and transcribed a 1 s tone.",
     }
 

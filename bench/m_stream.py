@@ -214,12 +214,12 @@ def _windows(clip: Clip, lo: float = 10.0, hi: float = 25.0) -> list[np.ndarray]
 
 
 def _request(w: np.ndarray) -> Any:
-    from stt.v1 import transcriber_pb2
+    from services.shared.internal.v1 import transcriber_pb2
 
     return transcriber_pb2.TranscribeRequest(
         pcm=(np.clip(w, -1, 1) * 32767).astype("<i2").tobytes(),
         options=transcriber_pb2.DecodeOptions(word_timestamps=True, language_code="en"),
-        work_class=transcriber_pb2.BATCH,
+        work_class=transcriber_pb2.WORK_CLASS_BATCH,
     )
 
 
@@ -229,7 +229,7 @@ async def _drive(
     """One caller per plan entry, each sending its windows one after another; (wall, batch sizes, latencies)."""
     import grpc
 
-    from stt.v1 import transcriber_pb2_grpc
+    from services.shared.internal.v1 import transcriber_pb2_grpc
 
     sizes: list[int] = []
     lat: list[float] = []

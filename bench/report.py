@@ -372,7 +372,7 @@ class Report:
             return
         self.add(
             "`python -m services.transcriber --port 0 --port-file F` as a subprocess: time from `Popen` to the port "
-            "file (listening) and to grpc health `stt.v1.Transcriber` SERVING (model loaded and warmed up). "
+            "file (listening) and to grpc health `stt.internal.v1.Transcriber` SERVING (model loaded and warmed up). "
             "Baseline: a python process that imports faster-whisper, loads the model and transcribes a 1 s tone.\n"
         )
         rows: list[Row] = [

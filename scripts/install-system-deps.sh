@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Debian packages the tests and benchmarks use: espeak-ng (speaks test audio) and sox (converts it).
+# Debian packages the tests and benchmarks use: espeak-ng (speaks test audio), sox (converts it),
+# npm (installs the pinned buf binary for the contract checks).
 # Installs only what is missing; uses sudo when not root.
 set -euo pipefail
 need=()
 command -v espeak-ng >/dev/null || need+=(espeak-ng)
 command -v sox >/dev/null || need+=(sox libsox-fmt-all)
+command -v npm >/dev/null || need+=(npm)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi

@@ -7,7 +7,9 @@ files), so a restart resumes queued and running jobs.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -87,7 +89,7 @@ async def run(port: int, data_dir: str, host: str = "127.0.0.1") -> None:
     try:
         await stack.wait_ready()
         log.info(
-            "ready: gateway on %s:%d, data in %s (try: stt transcribe FILE --server localhost:%d)",
+            "ready: gateway on %s:%d, data in %s (try: stt --server localhost:%d transcribe FILE)",
             host,
             stack.port,
             data_dir,
@@ -96,3 +98,15 @@ async def run(port: int, data_dir: str, host: str = "127.0.0.1") -> None:
     except TimeoutError:
         log.error("model did not load; see the errors above")
     await run_until_signalled(stack.servers)
+
+
+def cli(args: argparse.Namespace) -> int:
+    """`stt up` (the SDK's CLI finds this through the `stt.server` entry point)."""
+    from services.shared.config import CommonSettings
+    from services.shared.logging import setup_logging
+
+    common = CommonSettings()
+    setup_logging(common.log_level, common.log_format)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(args.port, args.data_dir, host=args.host))
+    return 0

@@ -1,12 +1,15 @@
-"""Client channel settings shared by the SDK and the services' internal clients.
+"""Client channels of the SDK: TLS when asked for, keepalive aligned with the servers, message sizes,
+and a retry policy for UNAVAILABLE only. Deadlines on every call are the caller's job.
 
-Deadlines on every call are the caller's job; this module sets keepalive (aligned with the
-servers, which accept pings every 10 s), message sizes, and a retry policy for UNAVAILABLE only.
+TLS: `tls=True` uses the system's roots; `ca=FILE` trusts that CA (and implies TLS); `cert` + `key`
+present a client certificate (mTLS). Each falls back to its environment variable: STT_TLS (1/true),
+STT_TLS_CA_FILE, STT_TLS_CERT_FILE, STT_TLS_KEY_FILE.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import grpc
@@ -33,17 +36,10 @@ def service_config(services: list[str], *, max_attempts: int = 5, load_balancing
 
 
 def channel_options(
-    services: list[str],
-    *,
-    max_message_bytes: int = MAX_MESSAGE_BYTES,
-    load_balancing: str | None = None,
-    max_attempts: int = 5,
+    services: list[str], *, max_message_bytes: int = MAX_MESSAGE_BYTES, load_balancing: str | None = None
 ) -> list[tuple[str, Any]]:
     return [
-        (
-            "grpc.service_config",
-            service_config(services, max_attempts=max_attempts, load_balancing=load_balancing),
-        ),
+        ("grpc.service_config", service_config(services, load_balancing=load_balancing)),
         ("grpc.enable_retries", 1),
         # Retries replay the request: buffer large uploads so they can be retried.
         ("grpc.per_rpc_retry_buffer_size", max_message_bytes),
@@ -61,36 +57,54 @@ def channel_options(
 
 
 def normalize_target(address: str) -> str:
-    """host:port -> dns:///host:port so the channel re-resolves (headless Services)."""
+    """host:port -> dns:///host:port so the channel re-resolves (e.g. several gateway addresses)."""
     address = address.strip()
     if "://" in address or address.startswith(("ipv4:", "ipv6:", "unix:", "dns:")):
         return address
     return f"dns:///{address}"
 
 
-def insecure_channel(
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def credentials(
+    *, tls: bool | None = None, ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials from the arguments or STT_TLS_* (None: plaintext)."""
+    ca = ca or os.environ.get("STT_TLS_CA_FILE") or None
+    cert = cert or os.environ.get("STT_TLS_CERT_FILE") or None
+    key = key or os.environ.get("STT_TLS_KEY_FILE") or None
+    use_tls = tls if tls is not None else (_env_flag("STT_TLS") or bool(ca or cert))
+    if not use_tls:
+        return None
+    if bool(cert) != bool(key):
+        raise ValueError("a client certificate needs both tls_cert and tls_key")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca), private_key=_read(key), certificate_chain=_read(cert)
+    )
+
+
+def secure_or_insecure_channel(
     address: str,
     services: list[str],
     *,
-    load_balancing: str | None = "round_robin",
+    tls: bool | None = None,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
-    max_attempts: int = 5,
 ) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        normalize_target(address),
-        options=channel_options(
-            services,
-            max_message_bytes=max_message_bytes,
-            load_balancing=load_balancing,
-            max_attempts=max_attempts,
-        ),
-    )
-
-
-def insecure_sync_channel(
-    address: str, services: list[str], *, max_message_bytes: int = MAX_MESSAGE_BYTES
-) -> grpc.Channel:
-    return grpc.insecure_channel(
-        normalize_target(address),
-        options=channel_options(services, max_message_bytes=max_message_bytes, load_balancing="round_robin"),
-    )
+    options = channel_options(services, max_message_bytes=max_message_bytes, load_balancing="round_robin")
+    creds = credentials(tls=tls, ca=ca, cert=cert, key=key)
+    target = normalize_target(address)
+    if creds is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    return grpc.aio.secure_channel(target, creds, options=options)

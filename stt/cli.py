@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -45,22 +44,29 @@ def _read_input(path: str) -> bytes:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from services.embedded import run
-    from services.shared.config import CommonSettings
-    from services.shared.logging import setup_logging
+    """`stt up` ships with the server distribution, found through the `stt.server` entry point."""
+    from importlib.metadata import entry_points
 
-    common = CommonSettings()
-    setup_logging(common.log_level, common.log_format)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(args.port, args.data_dir, host=args.host))
-    return 0
+    found = [ep for ep in entry_points(group="stt.server") if ep.name == "up"]
+    try:
+        if not found:
+            raise ImportError("no stt.server entry point")
+        run_up = found[0].load()
+    except ImportError as exc:
+        print(
+            f"error: `stt up` needs the server, which is not installed here ({exc}).\n"
+            "  install it with: pip install 'stt-platform[all]'   (or `make run` in a checkout)",
+            file=sys.stderr,
+        )
+        return 2
+    return int(run_up(args) or 0)
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from stt.client import Client, segments_of
+    from stt.client import segments_of
 
     data = _read_input(args.file)
-    with Client(args.server, timeout=args.timeout) as client:
+    with _client(args) as client:
         resp = client.recognize(data, word_timestamps=args.format == "json", **_config_kwargs(args))
     sys.stdout.write(
         formats.render(
@@ -74,10 +80,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from stt.client import Client
-
-    with Client(args.server) as client:
-        statuses = client.health(timeout=args.timeout if args.timeout < 600 else 5.0)
+    with _client(args) as client:
+        statuses = client.health(timeout=min(args.timeout, 5.0))
     if args.json:
         print(json.dumps(statuses, indent=2))
     else:
@@ -92,10 +96,11 @@ def _ts(t: Any) -> str:
 
 
 def _job_line(job: Any) -> str:
+    from stt.client import enum_label
     from stt.v1 import jobs_pb2
 
-    status = jobs_pb2.JobStatus.Name(job.status)
-    prio = jobs_pb2.Priority.Name(job.priority) if job.priority else "NORMAL"
+    status = enum_label(jobs_pb2.JobStatus, job.status)
+    prio = enum_label(jobs_pb2.Priority, job.priority or jobs_pb2.PRIORITY_NORMAL)
     progress = f"{job.chunks_completed}/{job.chunks_total}" if job.chunks_total else "-"
     return (
         f"{job.job_id}  {status:<9} {prio:<6} {progress:>7}  {job.audio_duration_seconds:8.1f}s  "
@@ -117,6 +122,7 @@ class _Progress:
         self.last = ""
 
     def update(self, event: Any) -> None:
+        from stt.client import enum_label
         from stt.v1 import jobs_pb2
 
         job = event.job
@@ -125,7 +131,7 @@ class _Progress:
         filled = int(width * done / total) if total else 0
         bar = "#" * filled + "-" * (width - filled)
         retry = f"  retry {job.retry_count}" if job.retry_count else ""
-        line = f"[{bar}] {done}/{total or '?'} chunks  {jobs_pb2.JobStatus.Name(job.status)}{retry}"
+        line = f"[{bar}] {done}/{total or '?'} chunks  {enum_label(jobs_pb2.JobStatus, job.status)}{retry}"
         if line == self.last:
             return
         self.last = line
@@ -138,11 +144,11 @@ class _Progress:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from stt.client import Client
+    from stt.client import enum_label
     from stt.v1 import jobs_pb2
 
     data = _read_input(args.file)
-    with Client(args.server, timeout=args.timeout) as client:
+    with _client(args) as client:
         job = client.submit(
             data,
             filename=args.file if args.file != "-" else "stdin",
@@ -160,9 +166,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             progress.update(event)
             job = event.job
         progress.done()
-        if job.status != jobs_pb2.COMPLETED:
+        if job.status != jobs_pb2.JOB_STATUS_COMPLETED:
             print(
-                f"job {job.job_id} {jobs_pb2.JobStatus.Name(job.status)}: {job.error_message}",
+                f"job {job.job_id} {enum_label(jobs_pb2.JobStatus, job.status)}: {job.error_message}",
                 file=sys.stderr,
             )
             return 1
@@ -171,9 +177,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from stt.client import Client
-
-    with Client(args.server, timeout=args.timeout) as client:
+    with _client(args) as client:
         if args.action == "list":
             token, shown = "", 0
             while shown < args.limit:
@@ -198,6 +202,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             progress.done()
         elif args.action == "cancel":
             print(_job_line(client.cancel_job(args.job_id)))
+        elif args.action == "retry":
+            print(_job_line(client.retry_job(args.job_id)))
         elif args.action == "delete":
             client.delete_job(args.job_id)
             print(f"deleted {args.job_id}")
@@ -205,26 +211,27 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_transcript(args: argparse.Namespace) -> int:
-    from stt.client import Client
-
-    with Client(args.server, timeout=args.timeout) as client:
+    with _client(args) as client:
         sys.stdout.write(client.transcript(args.job_id, args.format).content)
     return 0
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from stt.client import Client
+    from stt.client import enum_label
     from stt.v1 import jobs_pb2
 
-    with Client(args.server, timeout=args.timeout) as client:
+    with _client(args) as client:
         stats = client.queue_stats()
     print(f"{'priority':<10}{'pending':>8}{'running':>9}{'workers':>9}{'oldest wait':>13}")
     for p in stats.priorities:
         print(
-            f"{jobs_pb2.Priority.Name(p.priority):<10}{p.pending:>8}{p.running:>9}{p.workers:>9}"
+            f"{enum_label(jobs_pb2.Priority, p.priority):<10}{p.pending:>8}{p.running:>9}{p.workers:>9}"
             f"{p.oldest_wait_seconds:>12.1f}s"
         )
     print(f"workers: {stats.workers}")
+    for q in stats.quotas:
+        limit = f"{q.limit:g}" if q.limit else "unlimited"
+        print(f"quota {q.name}: {q.used:g} of {limit}")
     return 0
 
 
@@ -242,7 +249,7 @@ async def _stream(args: argparse.Namespace) -> int:
     audio = load_pcm(args.file if args.file != "-" else sys.stdin.buffer.read())
     tty = sys.stdout.isatty() and not args.json
     pending = ""
-    async with AsyncClient(args.server) as client:
+    async with AsyncClient(args.server, **_conn_kwargs(args)) as client:
         responses = client.stream(
             pcm_chunks(audio, realtime=args.realtime),
             interim=args.interim,
@@ -268,7 +275,10 @@ async def _stream(args: argparse.Namespace) -> int:
                     sys.stdout.write("\r\033[K  \033[2m" + pending[-150:] + "\033[0m")
                 else:
                     print(f"  ... {r.transcript}")
-            if resp.speech_event_type == speech_pb2.END_OF_SINGLE_UTTERANCE and not args.json:
+            if (
+                resp.speech_event_type == speech_pb2.SPEECH_EVENT_TYPE_END_OF_SINGLE_UTTERANCE
+                and not args.json
+            ):
                 print("(end of utterance)")
             sys.stdout.flush()
     if pending:
@@ -276,27 +286,87 @@ async def _stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def _global_args(p: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """Connection options. On the main parser with their defaults; on every subcommand again with no
+    default, so `stt --server X transcribe f` and `stt transcribe f --server X` both work."""
+
+    def d(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    g = p.add_argument_group("connection")
+    g.add_argument(
+        "--server", "-s", default=d(None), help="gateway address (env STT_SERVER, default localhost:50051)"
+    )
+    g.add_argument(
+        "--timeout", type=float, default=d(600.0), help="deadline per call in seconds (default 600)"
+    )
+    g.add_argument("--api-key", default=d(None), help="API key (env STT_API_KEY)")
+    g.add_argument(
+        "--tls", action="store_true", default=d(False), help="use TLS with the system's roots (env STT_TLS)"
+    )
+    g.add_argument(
+        "--tls-ca", default=d(None), metavar="FILE", help="trust this CA; implies --tls (env STT_TLS_CA_FILE)"
+    )
+    g.add_argument(
+        "--tls-cert",
+        default=d(None),
+        metavar="FILE",
+        help="client certificate for mTLS (env STT_TLS_CERT_FILE)",
+    )
+    g.add_argument(
+        "--tls-key", default=d(None), metavar="FILE", help="client key for mTLS (env STT_TLS_KEY_FILE)"
+    )
+
+
+def _conn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "timeout": args.timeout,
+        "api_key": args.api_key,
+        "tls": True if args.tls else None,
+        "tls_ca": args.tls_ca,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+    }
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from stt.client import Client
+
+    return Client(args.server, **_conn_kwargs(args))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    with _client(args) as client:
+        info = client.server_info()
+    print(json.dumps(json_format.MessageToDict(info, preserving_proto_field_name=True), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stt", description="Speech-to-text over gRPC.")
-    parser.add_argument(
-        "--server", "-s", default=None, help="gateway address (env STT_SERVER, default localhost:50051)"
-    )
-    parser.add_argument("--timeout", type=float, default=600.0, help="deadline per call in seconds")
+    _global_args(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("up", help="run the whole stack embedded on this machine")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        _global_args(p, defaults=False)
+        return p
+
+    p = command("up", "run the whole stack (gateway, transcriber, jobstore) on this machine")
     p.add_argument("--port", type=int, default=50051, help="gateway port (default 50051)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--data-dir", default="./data", help="keep jobs and audio here (default ./data)")
     p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("transcribe", help="transcribe a file and print the transcript")
+    p = command("transcribe", "transcribe a file and print the transcript")
     p.add_argument("file", help="audio file, or - for stdin")
     p.add_argument("--format", "-f", choices=formats.FORMATS, default="text")
     _add_config_args(p)
     p.set_defaults(func=cmd_transcribe)
 
-    p = sub.add_parser("stream", help="stream a file for live recognition (interim and final results)")
+    p = command("stream", "stream a file for live recognition (interim and final results)")
     p.add_argument("file", help="audio file (WAV streams as-is; other formats are decoded first), or -")
     p.add_argument("--realtime", action="store_true", help="send at the pace of speech, like a microphone")
     p.add_argument("--interim", action="store_true", help="show interim results, updated in place")
@@ -304,10 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--language", "-l", default=None)
     p.set_defaults(func=cmd_stream)
 
-    p = sub.add_parser("submit", help="upload a file as a durable job")
+    p = command("submit", "upload a file as a durable job")
     p.add_argument("file", help="audio file, or - for stdin")
     p.add_argument("--priority", "-p", choices=["high", "normal", "low"], default="normal")
     p.add_argument("--request-id", default=None, help="idempotency key (default: a new UUID)")
+    p.add_argument("--keep-audio", action="store_true", help="keep the audio after completion (for retry)")
     p.add_argument("--wait", "-w", action="store_true", help="show progress, then print the transcript")
     p.add_argument(
         "--format", "-f", choices=formats.FORMATS, default="text", help="transcript format with --wait"
@@ -315,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("jobs", help="list, inspect, watch, cancel or delete jobs")
-    p.add_argument("action", choices=["list", "get", "watch", "cancel", "delete"])
+    p = command("jobs", "list, inspect, watch, cancel, retry or delete jobs")
+    p.add_argument("action", choices=["list", "get", "watch", "cancel", "retry", "delete"])
     p.add_argument("job_id", nargs="?", default=None)
     p.add_argument(
         "--status", choices=["queued", "running", "completed", "failed", "cancelled"], default=None
@@ -324,15 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="list at most this many (newest first)")
     p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("transcript", help="print a completed job's transcript")
+    p = command("transcript", "print a completed job's transcript")
     p.add_argument("job_id")
     p.add_argument("--format", "-f", choices=formats.FORMATS, default="text")
     p.set_defaults(func=cmd_transcript)
 
-    p = sub.add_parser("queue", help="queue statistics per priority")
+    p = command("queue", "queue statistics per priority, and your quotas")
     p.set_defaults(func=cmd_queue)
 
-    p = sub.add_parser("health", help="report the status of each service")
+    p = command("info", "the server's model, languages, features, limits and your quotas")
+    p.set_defaults(func=cmd_info)
+
+    p = command("health", "report the status of each service")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_health)
     return parser
@@ -347,9 +421,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         for field, desc in exc.fields.items():
             if desc != exc.message:
                 print(f"  {field}: {desc}", file=sys.stderr)
+        if exc.retry_after is not None:
+            print(f"  retry after {exc.retry_after:.1f}s", file=sys.stderr)
+        if exc.request_id:
+            print(f"  request id: {exc.request_id}", file=sys.stderr)
         return 2
     except FileNotFoundError as exc:
         print(f"error: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:  # bad option values, unreadable files
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -5,7 +5,8 @@
         print(c.recognize("meeting.wav", language="en").transcript)
 
 Every call has a deadline; UNAVAILABLE is retried by the channel's retry policy (honouring the
-server's retry push-back); other failures raise `stt.errors.SttError`.
+server's retry push-back); other failures raise `stt.errors.SttError`. `Client` runs the same code
+as `AsyncClient` on a private event loop, so both behave identically.
 """
 
 from __future__ import annotations
@@ -13,21 +14,22 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import time
+import threading
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from stt.channel import DEFAULT_SERVER, insecure_channel, insecure_sync_channel
+from stt.backoff import Backoff
+from stt.channel import DEFAULT_SERVER, secure_or_insecure_channel
 from stt.errors import SttError
 from stt.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, speech_pb2, speech_pb2_grpc
 
 PUBLIC_SERVICES = ["stt.v1.Speech", "stt.v1.Jobs"]
-HEALTH_NAMES = ["", "stt.v1.Speech", "stt.v1.Jobs", "stt.v1.Transcriber", "stt.v1.JobStore"]
+HEALTH_NAMES = ["", "stt.v1.Speech", "stt.v1.Jobs", "dependency/transcribers"]
 Audio = bytes | str | os.PathLike[str]
 
 P = ParamSpec("P")
@@ -44,6 +46,45 @@ def read_audio(audio: Audio) -> bytes:
     return Path(audio).read_bytes()
 
 
+def _enum(wrapper: Any, prefix: str, value: str | int | None, what: str) -> int:
+    """'linear16' / 'LINEAR16' / 'AUDIO_ENCODING_LINEAR16' / 1 -> 1."""
+    if value is None or value == "":
+        return 0
+    if isinstance(value, int):
+        return value
+    name = value.upper()
+    if not name.startswith(prefix):
+        name = prefix + name
+    try:
+        return int(wrapper.Value(name))
+    except ValueError:
+        choices = ", ".join(n[len(prefix) :].lower() for n, v in wrapper.items() if v)
+        raise ValueError(f"{what} must be one of {choices}") from None
+
+
+def encoding_value(encoding: str | int | None) -> int:
+    return _enum(common_pb2.AudioEncoding, "AUDIO_ENCODING_", encoding, "encoding")
+
+
+def priority_value(priority: str | int | None) -> int:
+    return _enum(jobs_pb2.Priority, "PRIORITY_", priority, "priority")
+
+
+def status_value(status: str | int | None) -> int:
+    return _enum(jobs_pb2.JobStatus, "JOB_STATUS_", status, "status")
+
+
+def format_value(fmt: str | int | None) -> int:
+    return _enum(common_pb2.TranscriptFormat, "TRANSCRIPT_FORMAT_", fmt, "format")
+
+
+def enum_label(wrapper: Any, value: int) -> str:
+    """JOB_STATUS_RUNNING -> RUNNING (for display)."""
+    name = str(wrapper.Name(value))
+    prefix = wrapper.DESCRIPTOR.values[0].name.removesuffix("UNSPECIFIED")
+    return name.removeprefix(prefix)
+
+
 def recognition_config(
     *,
     language: str | None = None,
@@ -55,12 +96,8 @@ def recognition_config(
     prompt: str | None = None,
     temperature: float = 0.0,
 ) -> common_pb2.RecognitionConfig:
-    if isinstance(encoding, str):
-        enc = common_pb2.AudioEncoding.Value(encoding.upper()) if encoding else 0
-    else:
-        enc = encoding or 0
     return common_pb2.RecognitionConfig(
-        encoding=enc,  # type: ignore[arg-type]
+        encoding=encoding_value(encoding),  # type: ignore[arg-type]
         sample_rate_hz=sample_rate,
         audio_channel_count=channels,
         language_code=language or "",
@@ -71,26 +108,8 @@ def recognition_config(
     )
 
 
-PRIORITIES = {"low": jobs_pb2.LOW, "normal": jobs_pb2.NORMAL, "high": jobs_pb2.HIGH}
-STATUSES = {"queued": jobs_pb2.QUEUED, "running": jobs_pb2.RUNNING, "completed": jobs_pb2.COMPLETED,
-            "failed": jobs_pb2.FAILED, "cancelled": jobs_pb2.CANCELLED}  # fmt: skip
-TRANSCRIPT_FORMATS = {
-    "text": common_pb2.TEXT,
-    "json": common_pb2.JSON,
-    "srt": common_pb2.SRT,
-    "vtt": common_pb2.VTT,
-}
 UPLOAD_PIECE = 256 * 1024
-TERMINAL = (jobs_pb2.COMPLETED, jobs_pb2.FAILED, jobs_pb2.CANCELLED)
-
-
-def _priority(value: str | int) -> int:
-    if isinstance(value, int):
-        return value
-    try:
-        return PRIORITIES[value.lower()]
-    except KeyError:
-        raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}") from None
+TERMINAL = (jobs_pb2.JOB_STATUS_COMPLETED, jobs_pb2.JOB_STATUS_FAILED, jobs_pb2.JOB_STATUS_CANCELLED)
 
 
 def upload_requests(
@@ -100,14 +119,16 @@ def upload_requests(
     priority: str | int,
     request_id: str | None,
     config: common_pb2.RecognitionConfig,
+    keep_audio: bool = False,
 ) -> list[jobs_pb2.CreateJobRequest]:
     """CreateJob's client stream: metadata first, then the audio in pieces."""
     meta = jobs_pb2.JobMetadata(
         request_id=request_id or uuid.uuid4().hex,
         filename=filename,
-        priority=_priority(priority),  # type: ignore[arg-type]
+        priority=priority_value(priority),  # type: ignore[arg-type]
         config=config,
         size_bytes=len(data),
+        keep_audio=keep_audio,
     )
     pieces = [data[i : i + UPLOAD_PIECE] for i in range(0, len(data), UPLOAD_PIECE)]
     return [jobs_pb2.CreateJobRequest(metadata=meta)] + [
@@ -145,7 +166,7 @@ def segments_of(results: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _wrap_async(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+def _rpc_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
@@ -156,24 +177,6 @@ def _wrap_async(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     return wrapper
 
 
-def _wrap_sync(fn: Callable[P, T]) -> Callable[P, T]:
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except grpc.RpcError as exc:
-            raise SttError.from_rpc_error(exc) from None
-
-    return wrapper
-
-
-def _health_statuses(resp: health_pb2.HealthListResponse) -> dict[str, str]:
-    return {
-        name: health_pb2.HealthCheckResponse.ServingStatus.Name(st.status)
-        for name, st in sorted(resp.statuses.items())
-    }
-
-
 def _auth(api_key: str | None) -> tuple[tuple[str, str], ...]:
     key = api_key if api_key is not None else os.environ.get("STT_API_KEY", "")
     return (("authorization", f"Bearer {key}"),) if key else ()
@@ -182,15 +185,27 @@ def _auth(api_key: str | None) -> tuple[tuple[str, str], ...]:
 class AsyncClient:
     """asyncio client. Use as `async with AsyncClient(server) as client: ...`.
 
-    `api_key` (or env STT_API_KEY) is sent as `authorization: Bearer <key>` on every call."""
+    `api_key` (or env STT_API_KEY) is sent as `authorization: Bearer <key>` on every call.
+    TLS: `tls=True` (system roots), or `tls_ca` (a CA file); `tls_cert` + `tls_key` for mTLS; the
+    STT_TLS_* environment variables set the same. `timeout` is the default deadline of a call."""
 
     def __init__(
-        self, server: str | None = None, *, timeout: float = 600.0, api_key: str | None = None
+        self,
+        server: str | None = None,
+        *,
+        timeout: float = 600.0,
+        api_key: str | None = None,
+        tls: bool | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.server = server or default_server()
         self.timeout = timeout
         self.metadata = _auth(api_key)
-        self.channel = insecure_channel(self.server, PUBLIC_SERVICES)
+        self.channel = secure_or_insecure_channel(
+            self.server, PUBLIC_SERVICES, tls=tls, ca=tls_ca, cert=tls_cert, key=tls_key
+        )
         self.speech = speech_pb2_grpc.SpeechStub(self.channel)
         self.jobs = jobs_pb2_grpc.JobsStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
@@ -204,7 +219,10 @@ class AsyncClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    @_wrap_async
+    def _deadline(self, timeout: float | None, default: float | None = None) -> float:
+        return timeout or default or self.timeout
+
+    @_rpc_errors
     async def recognize(
         self,
         audio: Audio,
@@ -218,11 +236,18 @@ class AsyncClient:
         request = speech_pb2.RecognizeRequest(
             config=config or recognition_config(**config_kwargs), content=read_audio(audio)
         )
-        return await self.speech.Recognize(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        return await self.speech.Recognize(request, timeout=self._deadline(timeout), metadata=self.metadata)
+
+    @_rpc_errors
+    async def server_info(self, *, timeout: float | None = None) -> speech_pb2.ServerInfo:
+        """The server's model, languages, features, limits and your quotas."""
+        return await self.speech.GetServerInfo(
+            speech_pb2.GetServerInfoRequest(), timeout=self._deadline(timeout, 30), metadata=self.metadata
+        )
 
     # -- jobs -------------------------------------------------------------------------------------
 
-    @_wrap_async
+    @_rpc_errors
     async def submit(
         self,
         audio: Audio,
@@ -230,6 +255,7 @@ class AsyncClient:
         priority: str | int = "normal",
         request_id: str | None = None,
         filename: str | None = None,
+        keep_audio: bool = False,
         config: common_pb2.RecognitionConfig | None = None,
         timeout: float | None = None,
         **config_kwargs: Any,
@@ -243,33 +269,37 @@ class AsyncClient:
             priority=priority,
             request_id=request_id,
             config=config or recognition_config(**config_kwargs),
+            keep_audio=keep_audio,
         )
-        return await self.jobs.CreateJob(iter(reqs), timeout=timeout or self.timeout, metadata=self.metadata)
+        return await self.jobs.CreateJob(iter(reqs), timeout=self._deadline(timeout), metadata=self.metadata)
 
-    @_wrap_async
+    @_rpc_errors
     async def get_job(self, job_id: str) -> jobs_pb2.Job:
         return await self.jobs.GetJob(
-            jobs_pb2.GetJobRequest(job_id=job_id), timeout=30, metadata=self.metadata
+            jobs_pb2.GetJobRequest(job_id=job_id), timeout=self._deadline(None, 30), metadata=self.metadata
         )
 
-    @_wrap_async
+    @_rpc_errors
     async def list_jobs(
         self, *, status: str | int | None = None, page_size: int = 0, page_token: str = ""
     ) -> jobs_pb2.ListJobsResponse:
-        st = STATUSES[status.lower()] if isinstance(status, str) else (status or 0)
-        req = jobs_pb2.ListJobsRequest(status=st, page_size=page_size, page_token=page_token)  # type: ignore[arg-type]
-        return await self.jobs.ListJobs(req, timeout=30, metadata=self.metadata)
+        req = jobs_pb2.ListJobsRequest(
+            status=status_value(status),  # type: ignore[arg-type]
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return await self.jobs.ListJobs(req, timeout=self._deadline(None, 30), metadata=self.metadata)
 
     async def watch_job(self, job_id: str) -> AsyncIterator[jobs_pb2.JobEvent]:
         """The job's state now, then every change until it ends. Reconnects if the stream breaks
         (each new stream starts with the current state, so nothing needed is missed)."""
-        backoff = 0.2
+        backoff = Backoff()
         while True:
             try:
                 async for event in self.jobs.WatchJob(
                     jobs_pb2.WatchJobRequest(job_id=job_id), metadata=self.metadata
                 ):
-                    backoff = 0.2
+                    backoff.reset()
                     yield event
                     if event.job.status in TERMINAL:
                         return
@@ -277,8 +307,7 @@ class AsyncClient:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise SttError.from_rpc_error(exc) from None
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+            await asyncio.sleep(backoff.next())
 
     async def wait(self, job_id: str) -> jobs_pb2.Job:
         """Block until the job is COMPLETED, FAILED or CANCELLED."""
@@ -288,28 +317,37 @@ class AsyncClient:
         assert job is not None
         return job
 
-    @_wrap_async
+    @_rpc_errors
     async def cancel_job(self, job_id: str) -> jobs_pb2.Job:
         return await self.jobs.CancelJob(
-            jobs_pb2.CancelJobRequest(job_id=job_id), timeout=30, metadata=self.metadata
+            jobs_pb2.CancelJobRequest(job_id=job_id), timeout=self._deadline(None, 30), metadata=self.metadata
         )
 
-    @_wrap_async
+    @_rpc_errors
+    async def retry_job(self, job_id: str) -> jobs_pb2.Job:
+        """Queue a FAILED or CANCELLED job again (same id, fresh attempts)."""
+        return await self.jobs.RetryJob(
+            jobs_pb2.RetryJobRequest(job_id=job_id), timeout=self._deadline(None, 30), metadata=self.metadata
+        )
+
+    @_rpc_errors
     async def delete_job(self, job_id: str) -> None:
         await self.jobs.DeleteJob(
-            jobs_pb2.DeleteJobRequest(job_id=job_id), timeout=30, metadata=self.metadata
+            jobs_pb2.DeleteJobRequest(job_id=job_id), timeout=self._deadline(None, 30), metadata=self.metadata
         )
 
-    @_wrap_async
+    @_rpc_errors
     async def transcript(self, job_id: str, format: str = "text") -> jobs_pb2.Transcript:
-        req = jobs_pb2.GetTranscriptRequest(job_id=job_id, format=TRANSCRIPT_FORMATS[format])
-        return await self.jobs.GetTranscript(req, timeout=60, metadata=self.metadata)
+        req = jobs_pb2.GetTranscriptRequest(job_id=job_id, format=format_value(format))  # type: ignore[arg-type]
+        return await self.jobs.GetTranscript(req, timeout=self._deadline(None, 60), metadata=self.metadata)
 
-    @_wrap_async
+    @_rpc_errors
     async def queue_stats(self) -> jobs_pb2.QueueStats:
         return await self.jobs.GetQueueStats(
-            jobs_pb2.GetQueueStatsRequest(), timeout=30, metadata=self.metadata
+            jobs_pb2.GetQueueStatsRequest(), timeout=self._deadline(None, 30), metadata=self.metadata
         )
+
+    # -- live streams ------------------------------------------------------------------------------
 
     async def stream(
         self,
@@ -343,9 +381,18 @@ class AsyncClient:
             if isinstance(audio, AsyncIterable):
                 async for chunk in audio:
                     yield speech_pb2.StreamingRecognizeRequest(audio_content=chunk)
-            else:
-                for chunk in audio:
-                    yield speech_pb2.StreamingRecognizeRequest(audio_content=chunk)
+                return
+            # A blocking source (a microphone, a file read at real-time pace) is read in a thread.
+            chunks = iter(audio)
+
+            def pull() -> bytes | None:
+                return next(chunks, None)
+
+            while True:
+                piece: bytes | None = await asyncio.to_thread(pull)
+                if piece is None:
+                    return
+                yield speech_pb2.StreamingRecognizeRequest(audio_content=piece)
 
         call = self.speech.StreamingRecognize(requests(), timeout=timeout, metadata=self.metadata)
         try:
@@ -356,39 +403,82 @@ class AsyncClient:
         finally:
             call.cancel()
 
-    @_wrap_async
+    # -- health ------------------------------------------------------------------------------------
+
+    @_rpc_errors
     async def health(self, timeout: float = 5.0) -> dict[str, str]:
         """Every health entry the server reports: '' (the server), its services, its dependencies."""
+        name_of = health_pb2.HealthCheckResponse.ServingStatus.Name
         try:
             resp = await self._health.List(health_pb2.HealthListRequest(), timeout=timeout)
-            return _health_statuses(resp)
+            return {name: name_of(st.status) for name, st in sorted(resp.statuses.items())}
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise
-        out: dict[str, str] = {}
+        out: dict[str, str] = {}  # an older server: check the names we know
         for name in HEALTH_NAMES:
             try:
                 r = await self._health.Check(health_pb2.HealthCheckRequest(service=name), timeout=timeout)
-                out[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+                out[name] = name_of(r.status)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND:
                     raise
         return out
 
 
-class Client:
-    """Blocking client with the same methods as AsyncClient."""
+class _Loop:
+    """A private event loop on a daemon thread that runs the async client for the blocking one."""
 
-    def __init__(
-        self, server: str | None = None, *, timeout: float = 600.0, api_key: str | None = None
-    ) -> None:
-        self.server = server or default_server()
-        self.timeout = timeout
-        self.metadata = _auth(api_key)
-        self.channel = insecure_sync_channel(self.server, PUBLIC_SERVICES)
-        self.speech = speech_pb2_grpc.SpeechStub(self.channel)
-        self.jobs = jobs_pb2_grpc.JobsStub(self.channel)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="stt-client", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        try:
+            while True:
+                try:
+                    yield self.run(anext(agen))  # type: ignore[arg-type]
+                except StopAsyncIteration:
+                    return
+        finally:
+            aclose = getattr(agen, "aclose", None)
+            if aclose is not None:
+                self.run(aclose())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
+def _blocking(method: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+    @functools.wraps(method)
+    def call(self: Client, *args: Any, **kwargs: Any) -> T:
+        return self._loop.run(getattr(self._async, method.__name__)(*args, **kwargs))
+
+    return call
+
+
+def _blocking_iter(method: Callable[..., AsyncIterator[T]]) -> Callable[..., Iterator[T]]:
+    @functools.wraps(method)
+    def call(self: Client, *args: Any, **kwargs: Any) -> Iterator[T]:
+        return self._loop.iterate(getattr(self._async, method.__name__)(*args, **kwargs))
+
+    return call
+
+
+class Client:
+    """Blocking client with the same methods and arguments as AsyncClient (iterators instead of
+    async iterators). Use as `with Client(server) as client: ...`."""
+
+    def __init__(self, server: str | None = None, **kwargs: Any) -> None:
+        self._loop = _Loop()
+        self._async: AsyncClient = self._loop.run(_make(server, **kwargs))
+        self.server = self._async.server
 
     def __enter__(self) -> Client:
         return self
@@ -397,116 +487,38 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        if self._loop.loop.is_closed():
+            return
+        self._loop.run(self._async.close())
+        self._loop.close()
 
-    @_wrap_sync
-    def recognize(
-        self,
-        audio: Audio,
-        *,
-        config: common_pb2.RecognitionConfig | None = None,
-        timeout: float | None = None,
-        **config_kwargs: Any,
-    ) -> speech_pb2.RecognizeResponse:
-        request = speech_pb2.RecognizeRequest(
-            config=config or recognition_config(**config_kwargs), content=read_audio(audio)
-        )
-        return self.speech.Recognize(request, timeout=timeout or self.timeout, metadata=self.metadata)
-
-    @_wrap_sync
-    def submit(
-        self,
-        audio: Audio,
-        *,
-        priority: str | int = "normal",
-        request_id: str | None = None,
-        filename: str | None = None,
-        config: common_pb2.RecognitionConfig | None = None,
-        timeout: float | None = None,
-        **config_kwargs: Any,
-    ) -> jobs_pb2.Job:
-        config_kwargs.setdefault("word_timestamps", True)
-        reqs = upload_requests(
-            read_audio(audio),
-            filename=_filename(audio, filename),
-            priority=priority,
-            request_id=request_id,
-            config=config or recognition_config(**config_kwargs),
-        )
-        return self.jobs.CreateJob(iter(reqs), timeout=timeout or self.timeout, metadata=self.metadata)
-
-    @_wrap_sync
-    def get_job(self, job_id: str) -> jobs_pb2.Job:
-        return self.jobs.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=30, metadata=self.metadata)
-
-    @_wrap_sync
-    def list_jobs(
-        self, *, status: str | int | None = None, page_size: int = 0, page_token: str = ""
-    ) -> jobs_pb2.ListJobsResponse:
-        st = STATUSES[status.lower()] if isinstance(status, str) else (status or 0)
-        req = jobs_pb2.ListJobsRequest(status=st, page_size=page_size, page_token=page_token)  # type: ignore[arg-type]
-        return self.jobs.ListJobs(req, timeout=30, metadata=self.metadata)
-
-    def watch_job(self, job_id: str) -> Iterator[jobs_pb2.JobEvent]:
-        backoff = 0.2
-        while True:
-            try:
-                for event in self.jobs.WatchJob(
-                    jobs_pb2.WatchJobRequest(job_id=job_id), metadata=self.metadata
-                ):
-                    backoff = 0.2
-                    yield event
-                    if event.job.status in TERMINAL:
-                        return
-                return
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise SttError.from_rpc_error(exc) from None
-            time.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
-
-    def wait(self, job_id: str) -> jobs_pb2.Job:
-        job = None
-        for event in self.watch_job(job_id):
-            job = event.job
-        assert job is not None
-        return job
-
-    @_wrap_sync
-    def cancel_job(self, job_id: str) -> jobs_pb2.Job:
-        return self.jobs.CancelJob(
-            jobs_pb2.CancelJobRequest(job_id=job_id), timeout=30, metadata=self.metadata
-        )
-
-    @_wrap_sync
-    def delete_job(self, job_id: str) -> None:
-        self.jobs.DeleteJob(jobs_pb2.DeleteJobRequest(job_id=job_id), timeout=30, metadata=self.metadata)
-
-    @_wrap_sync
-    def transcript(self, job_id: str, format: str = "text") -> jobs_pb2.Transcript:
-        req = jobs_pb2.GetTranscriptRequest(job_id=job_id, format=TRANSCRIPT_FORMATS[format])
-        return self.jobs.GetTranscript(req, timeout=60, metadata=self.metadata)
-
-    @_wrap_sync
-    def queue_stats(self) -> jobs_pb2.QueueStats:
-        return self.jobs.GetQueueStats(jobs_pb2.GetQueueStatsRequest(), timeout=30, metadata=self.metadata)
-
-    @_wrap_sync
-    def health(self, timeout: float = 5.0) -> dict[str, str]:
-        try:
-            return _health_statuses(self._health.List(health_pb2.HealthListRequest(), timeout=timeout))
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                raise
-        out: dict[str, str] = {}
-        for name in HEALTH_NAMES:
-            try:
-                r = self._health.Check(health_pb2.HealthCheckRequest(service=name), timeout=timeout)
-                out[name] = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
-        return out
+    recognize = _blocking(AsyncClient.recognize)
+    server_info = _blocking(AsyncClient.server_info)
+    submit = _blocking(AsyncClient.submit)
+    get_job = _blocking(AsyncClient.get_job)
+    list_jobs = _blocking(AsyncClient.list_jobs)
+    watch_job = _blocking_iter(AsyncClient.watch_job)
+    wait = _blocking(AsyncClient.wait)
+    cancel_job = _blocking(AsyncClient.cancel_job)
+    retry_job = _blocking(AsyncClient.retry_job)
+    delete_job = _blocking(AsyncClient.delete_job)
+    transcript = _blocking(AsyncClient.transcript)
+    queue_stats = _blocking(AsyncClient.queue_stats)
+    stream = _blocking_iter(AsyncClient.stream)
+    health = _blocking(AsyncClient.health)
 
 
-__all__ = ["AsyncClient", "Client", "SttError", "jobs_pb2", "recognition_config", "segments_of", "speech_pb2"]
+async def _make(server: str | None, **kwargs: Any) -> AsyncClient:
+    return AsyncClient(server, **kwargs)  # channels belong to the loop they are made on
+
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "SttError",
+    "enum_label",
+    "jobs_pb2",
+    "recognition_config",
+    "segments_of",
+    "speech_pb2",
+]

@@ -1,4 +1,4 @@
-"""SDK errors: a failed call as a Python exception with its status, reason and field violations."""
+"""SDK errors: a failed call as a Python exception with its status, reason and rich details."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from grpc_status import rpc_status
 
 
 class SttError(Exception):
-    """A call failed. `code` is the gRPC status code; `reason` and `fields` come from the details."""
+    """A call failed. `code` is the gRPC status code; the rest comes from the error details:
+    `reason` (an stt.v1.ErrorReason name such as "TRUNCATED_AUDIO"), `fields` (BadRequest field
+    path -> description), `retry_after` (seconds, from RetryInfo), `quota` (QuotaFailure
+    descriptions) and `request_id` (to match the server's logs)."""
 
     def __init__(
         self,
@@ -18,6 +21,9 @@ class SttError(Exception):
         reason: str = "",
         fields: dict[str, str] | None = None,
         retry_after: float | None = None,
+        request_id: str = "",
+        quota: list[str] | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
@@ -25,27 +31,42 @@ class SttError(Exception):
         self.reason = reason
         self.fields = fields or {}
         self.retry_after = retry_after
+        self.request_id = request_id
+        self.quota = quota or []
+        self.metadata = metadata or {}
 
     @classmethod
     def from_rpc_error(cls, exc: grpc.RpcError) -> SttError:
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         message = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
-        reason, fields, retry_after = "", {}, None
+        out = cls(code, message)
         try:
             status = rpc_status.from_call(exc)
-        except ValueError:
+        except (ValueError, AttributeError):
             status = None
         for detail in status.details if status else ():
             if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
                 info = error_details_pb2.ErrorInfo()
                 detail.Unpack(info)
-                reason = info.reason
+                out.reason, out.metadata = info.reason, dict(info.metadata)
             elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
-                fields = {v.field: v.description for v in bad.field_violations}
+                out.fields = {v.field: v.description for v in bad.field_violations}
             elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
                 retry = error_details_pb2.RetryInfo()
                 detail.Unpack(retry)
-                retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
-        return cls(code, message, reason=reason, fields=fields, retry_after=retry_after)
+                out.retry_after = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+            elif detail.Is(error_details_pb2.RequestInfo.DESCRIPTOR):
+                req = error_details_pb2.RequestInfo()
+                detail.Unpack(req)
+                out.request_id = req.request_id
+            elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+                quota = error_details_pb2.QuotaFailure()
+                detail.Unpack(quota)
+                out.quota = [v.description for v in quota.violations]
+        if not out.request_id and hasattr(exc, "trailing_metadata"):
+            for key, value in exc.trailing_metadata() or ():
+                if key == "x-request-id" and isinstance(value, str):
+                    out.request_id = value
+        return out

@@ -1,7 +1,8 @@
 """Transcript renderings: text, JSON (segments with word timings), SRT, VTT.
 
-Works on plain dicts ({"start", "end", "text", "words": [{"word", "start", "end", "probability"}]}),
-so the CLI (from responses) and the server (from stored results) render identically.
+Works on plain dicts ({"start", "end", "text", "words": [{"word", "start", "end", "probability"}]}).
+Job transcripts are rendered by the server (GetTranscript) with the same rules; this copy renders
+Recognize results on the client (`stt transcribe --format srt`).
 """
 
 from __future__ import annotations

@@ -8,11 +8,11 @@ import threading
 import grpc
 import numpy as np
 
-from services.gateway.pool import to_pcm16
 from services.shared.domain import DecodeOptions, WindowResult, Word, WorkClass
+from services.shared.internal.v1 import transcriber_pb2, transcriber_pb2_grpc
+from services.shared.pcm import to_pcm16
 from services.transcriber.batcher import Batcher
 from services.transcriber.engine import WindowRequest
-from stt.v1 import transcriber_pb2, transcriber_pb2_grpc
 from tests.support import audio
 
 
@@ -86,7 +86,7 @@ async def test_concurrent_calls_share_model_calls_with_the_same_words(transcribe
         return transcriber_pb2.TranscribeRequest(
             pcm=to_pcm16(samples),
             options=transcriber_pb2.DecodeOptions(word_timestamps=True),
-            work_class=transcriber_pb2.BATCH,
+            work_class=transcriber_pb2.WORK_CLASS_BATCH,
         )
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{transcriber.port}") as ch:

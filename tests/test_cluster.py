@@ -67,7 +67,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def transcribe_calls(p: ServiceProcess) -> float:
-    return metric(scrape(p), "stt_rpc_total", method="/stt.v1.Transcriber/Transcribe", code="OK")
+    return metric(scrape(p), "stt_rpc_total", method="/stt.internal.v1.Transcriber/Transcribe", code="OK")
 
 
 async def _done(client: AsyncClient, job_id: str, timeout: float = 180) -> jobs_pb2.Job:
@@ -83,7 +83,7 @@ async def test_work_spreads_over_all_transcribers_and_metrics_are_exposed(
         results = await asyncio.gather(*[c.recognize(wav) for _ in range(6)])
         assert all(wer(short_clip.text, r.transcript) <= 0.15 for r in results)
         done = await _done(c, job.job_id)
-        assert done.status == jobs_pb2.COMPLETED
+        assert done.status == jobs_pb2.JOB_STATUS_COMPLETED
     calls = [transcribe_calls(t) for t in cluster.transcribers]
     assert all(n > 0 for n in calls), calls
     t_metrics = scrape(cluster.transcribers[0])
@@ -112,7 +112,7 @@ async def test_transcriber_killed_mid_job_gives_the_same_transcript(cluster: Loc
         victim = max(cluster.transcribers, key=transcribe_calls)
         await victim.kill()
         done = await _done(c, job.job_id)
-        assert done.status == jobs_pb2.COMPLETED, done.error_message
+        assert done.status == jobs_pb2.JOB_STATUS_COMPLETED, done.error_message
         assert (await c.transcript(job.job_id)).content == ref_text
 
 
@@ -156,7 +156,7 @@ async def test_rolling_restart_loses_no_job_and_shows_no_error(cluster: LocalClu
         assert not errors, errors
         assert len(jobs) > 10
         finals = await asyncio.gather(*[_done(c, j, 240) for j in jobs])
-    assert [f.status for f in finals] == [jobs_pb2.COMPLETED] * len(jobs)
+    assert [f.status for f in finals] == [jobs_pb2.JOB_STATUS_COMPLETED] * len(jobs)
     assert len(set(jobs)) == len(jobs)
 
 
@@ -189,7 +189,7 @@ async def test_postgres_restarted_during_a_job(cluster: LocalCluster, recording,
             else:
                 await asyncio.to_thread(_pg, "start")
         done = await _done(c, job.job_id)
-        assert done.status == jobs_pb2.COMPLETED, done.error_message
+        assert done.status == jobs_pb2.JOB_STATUS_COMPLETED, done.error_message
         text = (await c.transcript(job.job_id)).content
         assert wer(long_clip.text + " " + long_clip.text, text) <= 0.15
     logs = "".join(p.log() for p in cluster.processes)

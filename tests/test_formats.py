@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from services.shared import formats as server_formats
 from stt import formats
 
 SEGS = [
@@ -43,3 +44,10 @@ def test_json_carries_words_and_metadata():
 def test_unknown_format():
     with pytest.raises(ValueError, match="unknown format"):
         formats.render(SEGS, "docx")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json", "srt", "vtt"])
+def test_the_sdk_and_the_server_render_alike(fmt):
+    # The SDK renders Recognize results, the server job transcripts: the same rules on both sides.
+    kw = {"language": "en", "duration": 3727.0}
+    assert formats.render(SEGS, fmt, **kw) == server_formats.render(SEGS, fmt, **kw)

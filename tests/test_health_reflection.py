@@ -24,7 +24,7 @@ async def _reflect(address: str, method: str) -> list[reflection_pb2.ServerRefle
         listed = await call.read()
         out = [listed]
         for svc in listed.list_services_response.service:
-            if svc.name.startswith("stt.v1."):
+            if svc.name.startswith("stt."):
                 await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol=svc.name))
                 out.append(await call.read())
         await call.done_writing()
@@ -38,7 +38,7 @@ async def _reflect(address: str, method: str) -> list[reflection_pb2.ServerRefle
 async def test_reflection_describes_every_service(gateway: Gateway, transcriber: Transcriber, method: str):
     for port, expected in (
         (gateway.port, {"stt.v1.Speech", "stt.v1.Jobs"}),
-        (transcriber.port, {"stt.v1.Transcriber"}),
+        (transcriber.port, {"stt.internal.v1.Transcriber"}),
     ):
         listed, *files = await _reflect(f"127.0.0.1:{port}", method)
         names = {s.name for s in listed.list_services_response.service}
@@ -54,7 +54,7 @@ async def test_reflection_describes_every_service(gateway: Gateway, transcriber:
 async def test_health_on_every_service(gateway: Gateway, transcriber: Transcriber):
     for port, services in (
         (gateway.port, ["", "stt.v1.Speech", "stt.v1.Jobs", "dependency/transcribers"]),
-        (transcriber.port, ["", "stt.v1.Transcriber"]),
+        (transcriber.port, ["", "stt.internal.v1.Transcriber"]),
     ):
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = health_pb2_grpc.HealthStub(ch)

@@ -47,14 +47,16 @@ async def one_slot(transcriber, tmp_path) -> AsyncIterator[tuple[AsyncClient, Ga
 
 async def test_submit_watch_and_transcripts(client: AsyncClient, long_clip):
     job = await client.submit(audio.encode(long_clip.samples, "flac"), filename="talk.flac", language="en")
-    assert job.status == jobs_pb2.QUEUED and job.filename == "talk.flac"
+    assert job.status == jobs_pb2.JOB_STATUS_QUEUED and job.filename == "talk.flac"
     assert abs(job.audio_duration_seconds - long_clip.seconds) < 0.2
     events = [e async for e in client.watch_job(job.job_id)]
-    assert events[-1].job.status == jobs_pb2.COMPLETED
+    assert events[-1].job.status == jobs_pb2.JOB_STATUS_COMPLETED
     done = [e.job.chunks_completed for e in events]
     assert done == sorted(done) and events[-1].job.chunks_total >= 3
     partials = [
-        e.partial_transcript for e in events if e.job.status == jobs_pb2.RUNNING and e.partial_transcript
+        e.partial_transcript
+        for e in events
+        if e.job.status == jobs_pb2.JOB_STATUS_RUNNING and e.partial_transcript
     ]
     assert partials, "watchers see partial text while the job runs"
     text = await client.transcript(job.job_id)
@@ -68,7 +70,9 @@ async def test_submit_watch_and_transcripts(client: AsyncClient, long_clip):
     vtt = (await client.transcript(job.job_id, "vtt")).content
     assert vtt.startswith("WEBVTT")
     got = await client.get_job(job.job_id)
-    assert got.status == jobs_pb2.COMPLETED and got.complete_time.seconds and got.expire_time.seconds
+    assert (
+        got.status == jobs_pb2.JOB_STATUS_COMPLETED and got.complete_time.seconds and got.expire_time.seconds
+    )
 
 
 async def test_same_request_id_makes_one_job(client: AsyncClient, short_clip):
@@ -167,16 +171,16 @@ async def test_transcript_of_unfinished_or_unknown_job(one_slot, long_clip):
 async def test_high_priority_starts_before_earlier_low_jobs(one_slot, long_clip, short_clip):
     c, _, _ = one_slot
     busy = await c.submit(audio.encode(long_clip.samples, "flac"))
-    while (await c.get_job(busy.job_id)).status != jobs_pb2.RUNNING:
+    while (await c.get_job(busy.job_id)).status != jobs_pb2.JOB_STATUS_RUNNING:
         await asyncio.sleep(0.05)
     data = audio.encode(short_clip.samples, "wav")
     lows = [await c.submit(data, priority="low") for _ in range(2)]
     high = await c.submit(data, priority="high")
     stats = await c.queue_stats()
     by = {p.priority: p for p in stats.priorities}
-    assert (by[jobs_pb2.LOW].pending, by[jobs_pb2.HIGH].pending) == (2, 1)
-    assert by[jobs_pb2.NORMAL].running == 1 and stats.workers >= 1
-    assert by[jobs_pb2.LOW].oldest_wait_seconds > 0
+    assert (by[jobs_pb2.PRIORITY_LOW].pending, by[jobs_pb2.PRIORITY_HIGH].pending) == (2, 1)
+    assert by[jobs_pb2.PRIORITY_NORMAL].running == 1 and stats.workers >= 1
+    assert by[jobs_pb2.PRIORITY_LOW].oldest_wait_seconds > 0
     for j in [busy, *lows, high]:
         await c.wait(j.job_id)
     starts = {j.job_id: (await c.get_job(j.job_id)).start_time.ToDatetime() for j in [*lows, high]}
@@ -190,7 +194,7 @@ async def test_cancel_running_job_frees_the_transcribers(one_slot, transcriber: 
         if event.job.chunks_completed >= 1:
             break
     cancelled = await c.cancel_job(job.job_id)
-    assert cancelled.status == jobs_pb2.CANCELLED
+    assert cancelled.status == jobs_pb2.JOB_STATUS_CANCELLED
     for _ in range(100):  # the dispatcher notices within a heartbeat; in-flight calls are cancelled
         if not g.dispatcher.active and transcriber.batcher.pending == 0 and transcriber.batcher.busy == 0:  # type: ignore[union-attr]
             break
@@ -198,7 +202,7 @@ async def test_cancel_running_job_frees_the_transcribers(one_slot, transcriber: 
     assert not g.dispatcher.active  # type: ignore[union-attr]
     assert transcriber.batcher.pending == 0 and transcriber.batcher.busy == 0
     final = await c.get_job(job.job_id)
-    assert final.status == jobs_pb2.CANCELLED and final.chunks_completed < final.chunks_total
+    assert final.status == jobs_pb2.JOB_STATUS_CANCELLED and final.chunks_completed < final.chunks_total
     with pytest.raises(SttError) as err:
         await c.cancel_job(job.job_id)  # already cancelled: still fine
         await c.transcript(job.job_id)
@@ -261,10 +265,10 @@ async def test_a_chunk_that_keeps_failing_fails_its_job_only(transcriber, tmp_pa
             bad = await c.submit(short)
             good = await c.submit(audio.encode(long_clip.samples, "flac"))
             bad_done, good_done = await c.wait(bad.job_id), await c.wait(good.job_id)
-        assert bad_done.status == jobs_pb2.FAILED
+        assert bad_done.status == jobs_pb2.JOB_STATUS_FAILED
         assert "chunk 0" in bad_done.error_message and "failed 3 times" in bad_done.error_message
         assert "injected transcriber failure" in bad_done.error_message
-        assert good_done.status == jobs_pb2.COMPLETED
+        assert good_done.status == jobs_pb2.JOB_STATUS_COMPLETED
     finally:
         await g.stop(0)
         await js.stop(0)

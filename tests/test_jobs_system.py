@@ -73,6 +73,14 @@ async def _chunks(cluster: Cluster, job_id: str) -> list[tuple[int, int, int, fl
         await conn.close()
 
 
+async def _worker(cluster: Cluster, job_id: str) -> str:
+    conn = await cluster.db()
+    try:
+        return str(await conn.fetchval("SELECT worker_id FROM jobs WHERE id=$1", job_id))
+    finally:
+        await conn.close()
+
+
 async def test_gateway_killed_mid_job_another_gateway_finishes_it(
     cluster: Cluster, recording: bytes, long_clip
 ):
@@ -81,7 +89,7 @@ async def test_gateway_killed_mid_job_another_gateway_finishes_it(
     g1 = await cluster.gateway([t], "g1", **SLOW)
     async with AsyncClient(g1.address) as c:
         reference = await c.submit(recording, request_id="reference")
-        ref = await _wait_status(c, reference.job_id, (jobs_pb2.COMPLETED,))
+        ref = await _wait_status(c, reference.job_id, (jobs_pb2.JOB_STATUS_COMPLETED,))
         ref_text = (await c.transcript(ref.job_id)).content
         job = await c.submit(recording, request_id="crash")
         await _wait_chunks(c, job.job_id, 2)
@@ -89,9 +97,9 @@ async def test_gateway_killed_mid_job_another_gateway_finishes_it(
     killed_at = time.time()
     g2 = await cluster.gateway([t], "g2", **SLOW)
     async with AsyncClient(g2.address) as c:
-        done = await _wait_status(c, job.job_id, (jobs_pb2.COMPLETED, jobs_pb2.FAILED))
-        assert done.status == jobs_pb2.COMPLETED, done.error_message
-        assert done.retry_count == 1 and done.worker_id == "g2"
+        done = await _wait_status(c, job.job_id, (jobs_pb2.JOB_STATUS_COMPLETED, jobs_pb2.JOB_STATUS_FAILED))
+        assert done.status == jobs_pb2.JOB_STATUS_COMPLETED, done.error_message
+        assert done.retry_count == 1 and await _worker(cluster, job.job_id) == "g2"
         text = (await c.transcript(job.job_id)).content
     assert text == ref_text  # the same transcript as an uninterrupted run
     assert wer(long_clip.text + " " + long_clip.text, text) <= 0.15
@@ -116,8 +124,8 @@ async def test_paused_holder_cannot_overwrite_the_new_holders_work(cluster: Clus
     stopped_at = time.time()
     g2 = await cluster.gateway([t], "g2", **SLOW)
     async with AsyncClient(g2.address) as c:
-        done = await _wait_status(c, job.job_id, (jobs_pb2.COMPLETED, jobs_pb2.FAILED))
-        assert done.status == jobs_pb2.COMPLETED and done.worker_id == "g2"
+        done = await _wait_status(c, job.job_id, (jobs_pb2.JOB_STATUS_COMPLETED, jobs_pb2.JOB_STATUS_FAILED))
+        assert done.status == jobs_pb2.JOB_STATUS_COMPLETED and await _worker(cluster, job.job_id) == "g2"
         text = (await c.transcript(job.job_id)).content
         chunks_before = await _chunks(cluster, job.job_id)
         g1.signal(signal.SIGCONT)  # the old holder wakes up with work in flight
@@ -127,7 +135,7 @@ async def test_paused_holder_cannot_overwrite_the_new_holders_work(cluster: Clus
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)
         after = await c.get_job(job.job_id)
-        assert after.status == jobs_pb2.COMPLETED and after.update_time == done.update_time
+        assert after.status == jobs_pb2.JOB_STATUS_COMPLETED and after.update_time == done.update_time
         assert (await c.transcript(job.job_id)).content == text
     assert await _chunks(cluster, job.job_id) == chunks_before
     assert all(epoch == 2 for _, epoch, _, t_ in chunks_before if t_ >= stopped_at)
@@ -157,7 +165,7 @@ async def test_redis_flushed_and_restarted_while_jobs_run(recording: bytes, shor
                 watchers.append(asyncio.create_task(c.wait(more.job_id)))
                 await redis.start()
                 finals = await asyncio.wait_for(asyncio.gather(*watchers), timeout=180)
-            assert [f.status for f in finals] == [jobs_pb2.COMPLETED] * 4
+            assert [f.status for f in finals] == [jobs_pb2.JOB_STATUS_COMPLETED] * 4
             assert js.log().count("subscribed to redis job events") >= 2  # it reconnected
         finally:
             await cluster.stop()
@@ -200,9 +208,12 @@ async def test_stt_up_killed_with_three_jobs_resumes_them_after_restart(
         async with AsyncClient(f"127.0.0.1:{port}") as c:
             await ready(c)
             finals = [
-                await _wait_status(c, j.job_id, (jobs_pb2.COMPLETED, jobs_pb2.FAILED), 300) for j in jobs
+                await _wait_status(
+                    c, j.job_id, (jobs_pb2.JOB_STATUS_COMPLETED, jobs_pb2.JOB_STATUS_FAILED), 300
+                )
+                for j in jobs
             ]
-            assert [f.status for f in finals] == [jobs_pb2.COMPLETED] * 3
+            assert [f.status for f in finals] == [jobs_pb2.JOB_STATUS_COMPLETED] * 3
             assert finals[0].retry_count == 1  # it was running when the process died
             for f in finals:
                 assert (

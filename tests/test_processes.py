@@ -37,7 +37,7 @@ async def test_two_transcriber_processes_behind_one_gateway_both_get_work(long_c
         assert len(served) == 2, served  # both processes transcribed windows
         assert sum(served.values()) == resp.metadata.window_count
         for p in procs:
-            assert "/stt.v1.Transcriber/Transcribe OK" in p.log()
+            assert "/stt.internal.v1.Transcriber/Transcribe OK" in p.log()
     finally:
         if gw:
             await gw.stop(0)

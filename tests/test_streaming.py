@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from services.gateway import speech_servicer
+from services.gateway import speech as speech_api
 from services.gateway.streaming import collapse_repeats
 from services.shared.domain import Word
 from stt.client import AsyncClient
@@ -60,7 +60,10 @@ async def test_realtime_stream_gives_finals_during_the_stream(client: AsyncClien
     interims = [r for _, resp in responses for r in resp.results if not r.is_final]
     assert interims and all(0 <= r.stability < 1 for r in interims)
     events = [resp.speech_event_type for _, resp in responses if resp.speech_event_type]
-    assert speech_pb2.SPEECH_ACTIVITY_BEGIN in events and speech_pb2.SPEECH_ACTIVITY_END in events
+    assert (
+        speech_pb2.SPEECH_EVENT_TYPE_SPEECH_ACTIVITY_BEGIN in events
+        and speech_pb2.SPEECH_EVENT_TYPE_SPEECH_ACTIVITY_END in events
+    )
     words = [w for r in finals for w in r.words]
     starts = [w.start_seconds for w in words]
     assert starts == sorted(starts)
@@ -111,7 +114,7 @@ async def test_silence_gives_no_words_and_no_model_calls(client: AsyncClient, tr
 async def test_single_utterance_ends_the_stream(client: AsyncClient, dialog: audio.Clip):
     responses = await _collect(client.stream(pcm_chunks(_pcm(dialog)), single_utterance=True, interim=False))
     events = [resp.speech_event_type for _, resp in responses if resp.speech_event_type]
-    assert events[-1] == speech_pb2.END_OF_SINGLE_UTTERANCE
+    assert events[-1] == speech_pb2.SPEECH_EVENT_TYPE_END_OF_SINGLE_UTTERANCE
     text = " ".join(r.transcript for r in _finals(responses))
     assert wer(audio.SENTENCES[0], text) <= 0.3, text  # only the first sentence
 
@@ -141,16 +144,16 @@ AUDIO = speech_pb2.StreamingRecognizeRequest(audio_content=b"\0\0" * 1600)
     ("requests", "message"),
     [
         ([], "ended before its streaming_config"),
-        ([AUDIO, _cfg(encoding=common_pb2.LINEAR16, sample_rate_hz=16000)], "first message must carry streaming_config"),
-        ([_cfg(encoding=common_pb2.MP4_AAC)], "not supported for streaming"),
+        ([AUDIO, _cfg(encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000)], "first message must carry streaming_config"),
+        ([_cfg(encoding=common_pb2.AUDIO_ENCODING_MP4_AAC)], "not supported for streaming"),
         ([_cfg()], "not supported for streaming"),
-        ([_cfg(encoding=common_pb2.LINEAR16)], "sample_rate_hz"),
-        ([_cfg(encoding=common_pb2.LINEAR16, sample_rate_hz=16000, language_code="xx")], "unknown language"),
-        ([_cfg(encoding=common_pb2.LINEAR16, sample_rate_hz=16000), AUDIO,
-          _cfg(encoding=common_pb2.LINEAR16, sample_rate_hz=16000)], "only be sent once"),
-        ([_cfg(encoding=common_pb2.LINEAR16, sample_rate_hz=16000, audio_channel_count=2),
+        ([_cfg(encoding=common_pb2.AUDIO_ENCODING_LINEAR16)], "sample_rate_hz"),
+        ([_cfg(encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000, language_code="xx")], "unknown language"),
+        ([_cfg(encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000), AUDIO,
+          _cfg(encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000)], "only be sent once"),
+        ([_cfg(encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000, audio_channel_count=2),
           speech_pb2.StreamingRecognizeRequest(audio_content=b"\0\0\0")], None),
-        ([_cfg(encoding=common_pb2.OGG_OPUS), speech_pb2.StreamingRecognizeRequest(audio_content=b"not ogg" * 500)],
+        ([_cfg(encoding=common_pb2.AUDIO_ENCODING_OGG_OPUS), speech_pb2.StreamingRecognizeRequest(audio_content=b"not ogg" * 500)],
          "OGG_OPUS"),
     ],
 )  # fmt: skip
@@ -168,7 +171,7 @@ async def test_bad_streams_are_refused(client: AsyncClient, requests, message): 
 
 
 async def test_cancelled_stream_leaves_nothing_behind(client: AsyncClient, gateway, dialog: audio.Clip):
-    before_streams = speech_servicer.STREAMS._value.get()
+    before_streams = speech_api.STREAMS._value.get()
     for encoding in ("LINEAR16", "OGG_OPUS"):
         await asyncio.sleep(0.5)
         gc.collect()
@@ -189,16 +192,13 @@ async def test_cancelled_stream_leaves_nothing_behind(client: AsyncClient, gatew
             got += 1
             if got >= 3:
                 break
-        assert speech_servicer.STREAMS._value.get() == before_streams + 1
+        assert speech_api.STREAMS._value.get() == before_streams + 1
         await stream.aclose()  # the client goes away mid-stream
         for _ in range(50):
-            if (
-                speech_servicer.STREAMS._value.get() == before_streams
-                and len(asyncio.all_tasks()) <= tasks_before
-            ):
+            if speech_api.STREAMS._value.get() == before_streams and len(asyncio.all_tasks()) <= tasks_before:
                 break
             await asyncio.sleep(0.05)
-        assert speech_servicer.STREAMS._value.get() == before_streams
+        assert speech_api.STREAMS._value.get() == before_streams
         assert len(asyncio.all_tasks()) <= tasks_before, [t.get_name() for t in asyncio.all_tasks()]
         assert threading.active_count() <= threads_before
 
@@ -219,16 +219,16 @@ def test_collapse_repeats():
 
 
 async def test_deadline_ends_the_stream_and_frees_the_session(client: AsyncClient, dialog: audio.Clip):
-    before = speech_servicer.STREAMS._value.get()
+    before = speech_api.STREAMS._value.get()
     with pytest.raises(SttError) as err:
         async for _ in client.stream(pcm_chunks(_pcm(dialog), realtime=True), timeout=2.0):
             pass
     assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
     for _ in range(40):
-        if speech_servicer.STREAMS._value.get() == before:
+        if speech_api.STREAMS._value.get() == before:
             break
         await asyncio.sleep(0.05)
-    assert speech_servicer.STREAMS._value.get() == before
+    assert speech_api.STREAMS._value.get() == before
 
 
 def test_drop_repeated_prefix():

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.gateway.pool import to_pcm16
 from services.gateway.server import create_server as create_gateway
 from services.shared import metrics
+from services.shared.internal.v1 import transcriber_pb2, transcriber_pb2_grpc
+from services.shared.pcm import to_pcm16
 from services.transcriber.server import Transcriber
 from services.transcriber.server import create_server as create_transcriber
 from stt.client import AsyncClient
 from stt.errors import SttError
-from stt.v1 import transcriber_pb2, transcriber_pb2_grpc
 from tests.conftest import gateway_settings, transcriber_settings
 from tests.support import audio
 from tests.support.procs import ServiceProcess, free_port
@@ -26,7 +26,9 @@ from tests.support.text import wer
 
 def _request(samples: np.ndarray, **opts: object) -> transcriber_pb2.TranscribeRequest:
     return transcriber_pb2.TranscribeRequest(
-        pcm=to_pcm16(samples), options=transcriber_pb2.DecodeOptions(**opts), work_class=transcriber_pb2.BATCH
+        pcm=to_pcm16(samples),
+        options=transcriber_pb2.DecodeOptions(**opts),
+        work_class=transcriber_pb2.WORK_CLASS_BATCH,
     )
 
 
@@ -61,14 +63,18 @@ async def test_not_serving_and_unavailable_until_the_model_is_loaded():
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
             health = health_pb2_grpc.HealthStub(ch)
             stub = transcriber_pb2_grpc.TranscriberStub(ch)
-            resp = await health.Check(health_pb2.HealthCheckRequest(service="stt.v1.Transcriber"), timeout=5)
+            resp = await health.Check(
+                health_pb2.HealthCheckRequest(service="stt.internal.v1.Transcriber"), timeout=5
+            )
             assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Transcribe(_request(audio.silence(1)), timeout=5)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "loading" in (err.value.details() or "")
             await app.load()
-            resp = await health.Check(health_pb2.HealthCheckRequest(service="stt.v1.Transcriber"), timeout=5)
+            resp = await health.Check(
+                health_pb2.HealthCheckRequest(service="stt.internal.v1.Transcriber"), timeout=5
+            )
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
             await stub.Transcribe(_request(audio.silence(1)), timeout=30)
     finally:

@@ -20,6 +20,7 @@ import numpy as np
 
 from services.shared.domain import SAMPLE_RATE
 from services.shared.errors import InvalidInput, LimitExceeded
+from services.shared.pcm import from_pcm16, to_pcm16
 
 log = logging.getLogger("gateway.audio")
 
@@ -136,7 +137,7 @@ class Resampler:
             and frame.layout.nb_channels == 1
         ):
             # Already 16 kHz mono 16-bit (the common case for speech WAV): no resampler needed.
-            yield self._count(frame.to_ndarray().reshape(-1).astype(np.float32) / 32768.0)
+            yield self._count(from_pcm16(frame.to_ndarray().reshape(-1)))
             return
         if self._resampler is None:
             if frame is None:
@@ -344,7 +345,7 @@ class Linear16Decoder:
 def validate_linear16(sample_rate: int, channels: int) -> None:
     if sample_rate <= 0:
         raise InvalidInput(
-            "LINEAR16 audio needs config.sample_rate_hz (e.g. 16000)",
+            "LINEAR16 audio needs sample_rate_hz (e.g. 16000)",
             reason="MISSING_SAMPLE_RATE",
             field="config.sample_rate_hz",
         )
@@ -430,7 +431,7 @@ def decode_to_file(
             source, limits=limits, encoding=encoding, sample_rate=sample_rate, channels=channels, info=info
         ):
             if out is not None:
-                out.write((np.clip(block, -1.0, 1.0) * 32767.0).astype("<i2").tobytes())
+                out.write(to_pcm16(block))
     finally:
         if out is not None:
             out.close()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.shared.domain import MAX_WINDOW_SECONDS, SAMPLE_RATE, Segment, Word
+from services.shared.pcm import from_pcm16
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +67,7 @@ def speech_regions_long(
     block = int(block_seconds * SAMPLE_RATE)
     out: list[tuple[int, int]] = []
     for offset in range(0, pcm.shape[0], block):
-        audio = np.asarray(pcm[offset : offset + block], dtype=np.float32) / 32768.0
+        audio = from_pcm16(pcm[offset : offset + block])
         for start, end in speech_regions(audio, vad):
             start, end = start + offset, end + offset
             if out and start - out[-1][1] <= SAMPLE_RATE // 10 and start - offset <= SAMPLE_RATE // 2:

@@ -34,6 +34,7 @@ from services.gateway.recognize import first_leaf
 from services.shared.context import job_id_var
 from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, WorkClass
 from services.shared.errors import Aborted, InvalidInput, LimitExceeded, NotFound, ServiceError, Unavailable
+from services.shared.pcm import from_pcm16
 
 log = logging.getLogger("gateway.dispatcher")
 
@@ -80,7 +81,6 @@ class Dispatcher:
         self._slots: list[asyncio.Task[None]] = []
         self._stopping = False
         self.active: dict[str, asyncio.Task[str]] = {}
-        self._leases: dict[str, Lease] = {}
 
     def start(self) -> None:
         self._slots = [
@@ -120,7 +120,6 @@ class Dispatcher:
         started = time.monotonic()
         work = asyncio.create_task(self._work(job, lease), name=f"job-{job.job_id}")
         self.active[job.job_id] = work
-        self._leases[job.job_id] = lease
         heartbeat = asyncio.create_task(self._heartbeat(lease, work), name=f"heartbeat-{job.job_id}")
         RUNNING.inc()
         outcome = "error"
@@ -139,13 +138,15 @@ class Dispatcher:
         except JobStopped as exc:
             outcome = "stopped"
             log.info("job stopped: %s", exc)
+        except (Aborted, NotFound) as exc:  # cancelled, deleted or taken over while we wrote
+            outcome = "stopped"
+            log.info("job stopped: %s", exc.message)
         except Exception:
             log.exception("job processing failed; the lease will expire and the job be retried")
         finally:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             self.active.pop(job.job_id, None)
-            self._leases.pop(job.job_id, None)
             RUNNING.dec()
             JOBS.labels(outcome).inc()
             JOB_SECONDS.observe(time.monotonic() - started)
@@ -266,7 +267,7 @@ class Dispatcher:
     ) -> None:
         start = round(chunk.start * SAMPLE_RATE)
         end = round(chunk.end * SAMPLE_RATE)
-        audio = np.asarray(pcm[start:end], dtype=np.float32) / 32768.0
+        audio = from_pcm16(pcm[start:end])
         window = Window(start, end)
         while not failed.is_set():
             try:

@@ -27,7 +27,6 @@ class ClaimedJob:
     channels: int
     chunks_total: int
     retry_count: int
-    filename: str = ""
 
 
 @dataclass(slots=True)

@@ -5,21 +5,22 @@ Downstream failures come back as domain errors (same code, message, reason) via 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 
 from services.gateway.jobqueue import ChunkInfo, ClaimedJob, Lease
 from services.gateway.requests import decode_options, encoding_name
+from services.shared.channel import internal_channel
 from services.shared.context import REQUEST_ID_HEADER, request_id_var
 from services.shared.convert import segment_from_proto, segment_to_proto
 from services.shared.domain import Segment
+from services.shared.internal.v1 import jobstore_pb2, jobstore_pb2_grpc
 from services.shared.status import error_from_rpc
-from stt.channel import insecure_channel
-from stt.v1 import jobs_pb2, jobstore_pb2, jobstore_pb2_grpc
+from stt.v1 import jobs_pb2
 
-SERVICE = "stt.v1.JobStore"
+SERVICE = "stt.internal.v1.JobStore"
 
 
 def _lease(lease: Lease) -> jobstore_pb2.LeaseRequest:
@@ -33,7 +34,7 @@ def _chunk(c: jobstore_pb2.Chunk) -> ChunkInfo:
         index=c.index,
         start=c.start_seconds,
         end=c.end_seconds,
-        completed=c.status == jobstore_pb2.CHUNK_COMPLETED,
+        completed=c.status == jobstore_pb2.CHUNK_STATUS_COMPLETED,
         segments=[segment_from_proto(s) for s in c.segments],
         language=c.language_code,
     )
@@ -42,7 +43,7 @@ def _chunk(c: jobstore_pb2.Chunk) -> ChunkInfo:
 class JobstoreClient:
     def __init__(self, address: str, *, timeout: float = 30.0) -> None:
         # 5 attempts with backoff on UNAVAILABLE (a restarting jobstore or database).
-        self.channel = insecure_channel(address, [SERVICE], max_message_bytes=16 * 1024 * 1024)
+        self.channel = internal_channel(address, [SERVICE], max_message_bytes=16 * 1024 * 1024)
         self.stub = jobstore_pb2_grpc.JobStoreStub(self.channel)
         self.timeout = timeout
 
@@ -59,10 +60,18 @@ class JobstoreClient:
                 request, timeout=timeout or self.timeout, metadata=self.metadata()
             )
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, unavailable_reason="STORE_UNAVAILABLE") from None
 
-    def stream(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
-        return getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata())
+    async def watch(self, ref: jobstore_pb2.StoreJobRef) -> AsyncGenerator[jobs_pb2.JobEvent, None]:
+        """WatchJob's events; errors become domain errors. Closing the generator ends the call."""
+        call = self.stub.WatchJob(ref, metadata=self.metadata())
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, unavailable_reason="STORE_UNAVAILABLE") from None
+        finally:
+            call.cancel()
 
     async def create_job(
         self, requests: AsyncIterator[jobstore_pb2.StoreCreateJobRequest]
@@ -70,7 +79,7 @@ class JobstoreClient:
         try:
             return await self.stub.CreateJob(requests, timeout=600, metadata=self.metadata())
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, unavailable_reason="STORE_UNAVAILABLE") from None
 
     # -- JobQueue ----------------------------------------------------------------------------------
 
@@ -90,12 +99,11 @@ class JobstoreClient:
             job_id=job.job_id,
             epoch=resp.job.lease_epoch,
             options=options,
-            encoding=encoding_name(job.config),
+            encoding=encoding_name(job.config.encoding),
             sample_rate=job.config.sample_rate_hz,
             channels=job.config.audio_channel_count,
             chunks_total=job.chunks_total,
             retry_count=job.retry_count,
-            filename=job.filename,
         )
 
     async def heartbeat(self, lease: Lease) -> bool:
@@ -106,10 +114,13 @@ class JobstoreClient:
 
     async def read_audio(self, job_id: str) -> AsyncIterator[bytes]:
         try:
-            async for piece in self.stream("ReadAudio", jobstore_pb2.StoreJobRef(job_id=job_id), timeout=600):
+            call = self.stub.ReadAudio(
+                jobstore_pb2.StoreJobRef(job_id=job_id), timeout=600, metadata=self.metadata()
+            )
+            async for piece in call:
                 yield piece.data
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from None
+            raise error_from_rpc(exc, unavailable_reason="STORE_UNAVAILABLE") from None
 
     async def set_plan(self, lease: Lease, spans: Sequence[tuple[float, float]]) -> list[ChunkInfo]:
         req = jobstore_pb2.SetChunkPlanRequest(

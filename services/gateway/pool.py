@@ -26,17 +26,19 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.gateway.requests import ModelCaps
 from services.shared import convert
+from services.shared.channel import internal_channel
 from services.shared.context import REQUEST_ID_HEADER, request_id_var
 from services.shared.domain import DecodeOptions, WindowResult, WorkClass
 from services.shared.errors import Unavailable
+from services.shared.internal.v1 import transcriber_pb2, transcriber_pb2_grpc
+from services.shared.pcm import to_pcm16
 from services.shared.status import error_from_rpc
-from stt.channel import insecure_channel
-from stt.v1 import transcriber_pb2, transcriber_pb2_grpc
 
 log = logging.getLogger("gateway.pool")
 
-TRANSCRIBER_SERVICE = "stt.v1.Transcriber"
+TRANSCRIBER_SERVICE = "stt.internal.v1.Transcriber"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 MAX_WINDOW_BYTES = 30 * 16000 * 2 + 64 * 1024
 
@@ -49,8 +51,8 @@ class Endpoint:
     serving: bool = False
     outstanding: int = 0
     cooldown_until: float = 0.0
-    calls: int = 0
     watch: asyncio.Task[None] | None = None
+    info: transcriber_pb2.TranscriberInfo | None = None
 
     def available(self, now: float) -> bool:
         return self.serving and now >= self.cooldown_until
@@ -59,10 +61,6 @@ class Endpoint:
 @dataclass
 class PoolStats:
     served_by: Counter[str] = field(default_factory=Counter)
-
-
-def to_pcm16(audio: np.ndarray) -> bytes:
-    return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
 class TranscriberPool:
@@ -134,7 +132,7 @@ class TranscriberPool:
             await self._refresh()
 
     def _add(self, address: str) -> None:
-        channel = insecure_channel(
+        channel = internal_channel(
             address,
             [TRANSCRIBER_SERVICE],
             load_balancing=None,
@@ -165,6 +163,8 @@ class TranscriberPool:
             try:
                 call = stub.Watch(health_pb2.HealthCheckRequest(service=TRANSCRIBER_SERVICE))
                 async for resp in call:
+                    if resp.status == SERVING and ep.info is None:
+                        ep.info = await self._info(ep)
                     self._set_serving(ep, resp.status == SERVING)
                     backoff = 0.2
             except asyncio.CancelledError:
@@ -174,6 +174,24 @@ class TranscriberPool:
             self._set_serving(ep, False)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    async def _info(self, ep: Endpoint) -> transcriber_pb2.TranscriberInfo | None:
+        try:
+            return await ep.stub.GetInfo(transcriber_pb2.GetInfoRequest(), timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("transcriber %s: GetInfo failed: %s", ep.address, exc.details())
+            return None
+
+    def caps(self) -> ModelCaps | None:
+        """The model of the serving transcribers (None until one has answered)."""
+        for ep in self.endpoints.values():
+            if ep.serving and ep.info is not None:
+                return ModelCaps(
+                    name=ep.info.model,
+                    multilingual=ep.info.multilingual,
+                    languages=frozenset(ep.info.language_codes),
+                )
+        return None
 
     def _set_serving(self, ep: Endpoint, serving: bool) -> None:
         if ep.serving != serving:
@@ -245,7 +263,6 @@ class TranscriberPool:
                 raise error_from_rpc(exc, prefix="transcriber: ") from None
             finally:
                 ep.outstanding -= 1
-            ep.calls += 1
             result = convert.window_result_from_proto(resp)
             self.stats.served_by[result.served_by] += 1
             return result

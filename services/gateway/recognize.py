@@ -29,6 +29,7 @@ class Recognition:
     language: str
     duration: float
     windows: list[Window]
+    model: str = ""
 
 
 async def plan(audio: np.ndarray, vad: VadSettings) -> list[Window]:
@@ -92,9 +93,11 @@ async def recognize(
         finally:
             regions = await regions_task
         if not regions:
-            return Recognition([], options.language or result.language, duration, [])
+            return Recognition([], options.language or result.language, duration, [], result.model)
         windows = [Window(0, audio.shape[0])]
-        return Recognition(merge(windows, [result.segments]), result.language, duration, windows)
+        return Recognition(
+            merge(windows, [result.segments]), result.language, duration, windows, result.model
+        )
     windows = await plan(audio, vad)
     results = await transcribe_windows(
         audio, windows, transcribe, options, work_class, max_parallel=max_parallel
@@ -104,4 +107,5 @@ async def recognize(
         language=majority_language(results, options.language or ""),
         duration=duration,
         windows=windows,
+        model=next((r.model for r in results if r.model), ""),
     )

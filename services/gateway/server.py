@@ -9,13 +9,16 @@ import logging
 from dataclasses import dataclass
 
 from services.gateway.audio import Limits
-from services.gateway.auth import AuthInterceptor
+from services.gateway.auth import Authenticator, AuthInterceptor
 from services.gateway.config import GatewaySettings
 from services.gateway.dispatcher import Dispatcher, DispatcherConfig, default_worker_id
+from services.gateway.jobs import JobsAPI
 from services.gateway.jobs_servicer import JobsServicer
 from services.gateway.jobstore_client import JobstoreClient
 from services.gateway.pool import TranscriberPool
+from services.gateway.speech import JobLimits, SpeechAPI
 from services.gateway.speech_servicer import SpeechServicer
+from services.shared.errors import ServiceError
 from services.shared.server import NOT_SERVING, SERVING, RunningServer, Service, start_server
 from stt.v1 import jobs_pb2, jobs_pb2_grpc, speech_pb2, speech_pb2_grpc
 
@@ -33,6 +36,9 @@ class Gateway:
     pool: TranscriberPool
     jobstore: JobstoreClient
     dispatcher: Dispatcher | None
+    speech: SpeechAPI
+    jobs: JobsAPI
+    auth: Authenticator
 
     @property
     def port(self) -> int:
@@ -54,9 +60,28 @@ async def create_server(
     await pool.start()
     jobstore = JobstoreClient(settings.jobstore_address, timeout=settings.jobstore_timeout_seconds)
     decode_slots = asyncio.Semaphore(settings.max_concurrent_decodes)
-    speech = SpeechServicer(settings, pool, decode_slots)
-    jobs = JobsServicer(settings, jobstore, decode_slots)
-    keys = settings.tenants_by_key()
+    speech_api = SpeechAPI(settings, pool, decode_slots)
+    jobs_api = JobsAPI(settings, jobstore, decode_slots, caps=pool.caps)
+    max_message_bytes = settings.max_recognize_bytes + 64 * 1024
+
+    async def server_info() -> speech_pb2.ServerInfo:
+        try:
+            store = await jobs_api.store_info()
+            ttl, failed_ttl, attempts = store.result_ttl_seconds, store.failed_ttl_seconds, store.max_attempts
+        except ServiceError:  # the jobstore is down: report what this gateway knows
+            ttl, failed_ttl, attempts = 0.0, 0.0, settings.max_job_attempts
+        return speech_api.server_info(
+            jobs=JobLimits(
+                settings.max_job_bytes, settings.max_job_seconds, settings.max_job_attempts or attempts
+            ),
+            result_ttl=ttl,
+            failed_ttl=failed_ttl,
+            max_message_bytes=max_message_bytes,
+        )
+
+    speech = SpeechServicer(speech_api, server_info)
+    jobs = JobsServicer(jobs_api)
+    authenticator = Authenticator(settings.tenants_by_key())
     running = await start_server(
         [
             Service(SPEECH, lambda s: speech_pb2_grpc.add_SpeechServicer_to_server(speech, s)),
@@ -65,10 +90,10 @@ async def create_server(
         settings=settings,
         host=host if host is not None else settings.host,
         port=settings.gateway_port if port is None else port,
-        max_message_bytes=settings.max_recognize_bytes + 64 * 1024,
-        interceptors=[AuthInterceptor(keys)] if keys else [],
+        max_message_bytes=max_message_bytes,
+        interceptors=[AuthInterceptor(authenticator)] if authenticator.enabled else [],
     )
-    running.on_drain(jobs.drain)
+    running.on_drain(jobs_api.drain)
     dispatcher = None
     if settings.dispatch_concurrency > 0:
         dispatcher = Dispatcher(
@@ -98,7 +123,7 @@ async def create_server(
     running.on_stop(pool.close)
     running.on_stop(jobstore.close)
     running.on_stop(stop_monitor)
-    return Gateway(running, pool, jobstore, dispatcher)
+    return Gateway(running, pool, jobstore, dispatcher, speech_api, jobs_api, authenticator)
 
 
 async def _monitor_dependencies(running: RunningServer, pool: TranscriberPool) -> None:

@@ -153,17 +153,27 @@ class ContainerStreamDecoder(StreamDecoder):
             )
         except (av.error.FFmpegError, ValueError, OSError) as exc:
             self._error(
-                InvalidInput(f"the stream is not {self.encoding} audio: {exc}", field="audio_content")
+                InvalidInput(
+                    f"the stream is not {self.encoding} audio: {exc}",
+                    reason="UNDECODABLE_AUDIO",
+                    field="audio_content",
+                )
             )
             return
         try:
             with container:
                 if not container.streams.audio:
-                    raise InvalidInput("the stream has no audio track", field="audio_content")
+                    raise InvalidInput(
+                        "the stream has no audio track", reason="NO_AUDIO_STREAM", field="audio_content"
+                    )
                 stream = container.streams.audio[0]
                 codec = stream.codec_context.name
                 if codec not in CODECS:
-                    raise InvalidInput(f"unsupported codec {codec!r} in the stream", field="audio_content")
+                    raise InvalidInput(
+                        f"unsupported codec {codec!r} in the stream",
+                        reason="UNSUPPORTED_CODEC",
+                        field="audio_content",
+                    )
                 resampler = Resampler(self.limits)
                 for packet in container.demux(stream):
                     if self._abandoned.is_set():
@@ -184,7 +194,13 @@ class ContainerStreamDecoder(StreamDecoder):
             self._error(exc)
             return
         except (av.error.FFmpegError, ValueError) as exc:
-            self._error(InvalidInput(f"the {self.encoding} stream is corrupt: {exc}", field="audio_content"))
+            self._error(
+                InvalidInput(
+                    f"the {self.encoding} stream is corrupt: {exc}",
+                    reason="CORRUPT_AUDIO",
+                    field="audio_content",
+                )
+            )
             return
         self.loop.call_soon_threadsafe(self._finish_ok)
 

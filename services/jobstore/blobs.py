@@ -30,6 +30,10 @@ class BlobStore(ABC):
         """Remove the blob (no error if missing)."""
 
     @abstractmethod
+    async def exists(self, key: str) -> bool:
+        """Whether the blob is stored."""
+
+    @abstractmethod
     async def keys_older_than(self, seconds: float) -> list[str]:
         """Keys of blobs written more than `seconds` ago (for orphan sweeps)."""
 
@@ -56,7 +60,7 @@ class FileBlobStore(BlobStore):
                 if max_bytes is not None and size > max_bytes:
                     raise LimitExceeded(
                         f"upload is over the {max_bytes} byte limit",
-                        reason="UPLOAD_TOO_LARGE",
+                        reason="AUDIO_TOO_LARGE",
                         field="audio_chunk",
                     )
                 await asyncio.to_thread(fh.write, piece)
@@ -80,6 +84,9 @@ class FileBlobStore(BlobStore):
 
     async def delete(self, key: str) -> None:
         _unlink(self.path(key))
+
+    async def exists(self, key: str) -> bool:
+        return await asyncio.to_thread(os.path.isfile, self.path(key))
 
     async def keys_older_than(self, seconds: float) -> list[str]:
         cutoff = time.time() - seconds

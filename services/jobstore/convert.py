@@ -10,20 +10,21 @@ from google.protobuf import json_format, timestamp_pb2
 from services.jobstore.models import Chunk, ChunkState, Job
 from services.jobstore.store import chunk_segments
 from services.shared.convert import segment_to_proto
-from stt.v1 import common_pb2, jobs_pb2, jobstore_pb2
+from services.shared.internal.v1 import jobstore_pb2
+from stt.v1 import common_pb2, jobs_pb2
 
 _STATUS = {
-    "QUEUED": jobs_pb2.QUEUED,
-    "RUNNING": jobs_pb2.RUNNING,
-    "COMPLETED": jobs_pb2.COMPLETED,
-    "FAILED": jobs_pb2.FAILED,
-    "CANCELLED": jobs_pb2.CANCELLED,
+    "QUEUED": jobs_pb2.JOB_STATUS_QUEUED,
+    "RUNNING": jobs_pb2.JOB_STATUS_RUNNING,
+    "COMPLETED": jobs_pb2.JOB_STATUS_COMPLETED,
+    "FAILED": jobs_pb2.JOB_STATUS_FAILED,
+    "CANCELLED": jobs_pb2.JOB_STATUS_CANCELLED,
 }
 STATUS_NAMES = {v: k for k, v in _STATUS.items()}
 _CHUNK = {
-    ChunkState.PENDING: jobstore_pb2.CHUNK_PENDING,
-    ChunkState.COMPLETED: jobstore_pb2.CHUNK_COMPLETED,
-    ChunkState.FAILED: jobstore_pb2.CHUNK_FAILED,
+    ChunkState.PENDING: jobstore_pb2.CHUNK_STATUS_PENDING,
+    ChunkState.COMPLETED: jobstore_pb2.CHUNK_STATUS_COMPLETED,
+    ChunkState.FAILED: jobstore_pb2.CHUNK_STATUS_FAILED,
 }
 
 
@@ -36,7 +37,7 @@ def ts(value: dt.datetime | None) -> timestamp_pb2.Timestamp | None:
 
 
 def config_to_json(cfg: common_pb2.RecognitionConfig) -> dict[str, object]:
-    return json_format.MessageToDict(cfg, preserving_proto_field_name=True)
+    return json_format.MessageToDict(cfg, preserving_proto_field_name=True, use_integers_for_enums=True)
 
 
 def config_from_json(raw: str) -> common_pb2.RecognitionConfig:
@@ -55,7 +56,6 @@ def job_to_proto(job: Job) -> jobs_pb2.Job:
         size_bytes=job.size_bytes,
         audio_duration_seconds=job.audio_duration,
         request_id=job.request_id or "",
-        worker_id=job.worker_id or "",
         retry_count=job.retry_count,
         max_attempts=job.max_attempts,
         chunks_total=job.chunks_total,

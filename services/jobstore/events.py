@@ -10,29 +10,42 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
 from typing import Any
 
 log = logging.getLogger("jobstore.events")
 
 
 class Notifier:
-    """Futures that resolve at the next notice for a key."""
+    """Futures that resolve at the next notice for a key. Waiters `release` their future when they
+    stop waiting, so keys nobody waits for any more (a finished job) leave nothing behind."""
 
     def __init__(self) -> None:
-        self._futures: dict[str, asyncio.Future[None]] = {}
+        self._futures: dict[str, tuple[asyncio.Future[None], int]] = {}
 
     def future(self, key: str) -> asyncio.Future[None]:
-        fut = self._futures.get(key)
-        if fut is None or fut.done():
-            fut = asyncio.get_running_loop().create_future()
-            self._futures[key] = fut
-        return fut
+        entry = self._futures.get(key)
+        if entry is None or entry[0].done():
+            entry = (asyncio.get_running_loop().create_future(), 0)
+        self._futures[key] = (entry[0], entry[1] + 1)
+        return entry[0]
+
+    def release(self, key: str, fut: asyncio.Future[None]) -> None:
+        entry = self._futures.get(key)
+        if entry is None or entry[0] is not fut:
+            return  # already notified (and replaced)
+        if entry[1] <= 1:
+            del self._futures[key]
+            fut.cancel()
+        else:
+            self._futures[key] = (fut, entry[1] - 1)
 
     def notify(self, key: str) -> None:
-        fut = self._futures.pop(key, None)
-        if fut is not None and not fut.done():
-            fut.set_result(None)
+        entry = self._futures.pop(key, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(None)
+
+    def __len__(self) -> int:
+        return len(self._futures)
 
 
 async def wait(fut: asyncio.Future[None], timeout: float) -> bool:
@@ -56,7 +69,6 @@ class EventBus:
         self._local = Notifier()
         self._redis: Any = None
         self._listener: asyncio.Task[None] | None = None
-        self.published = defaultdict(int)  # type: ignore[var-annotated]
         self.connected = asyncio.Event()
 
     @property
@@ -90,6 +102,17 @@ class EventBus:
     def wake_future(self) -> asyncio.Future[None]:
         return self._local.future(WAKE)
 
+    def release_job(self, job_id: str, fut: asyncio.Future[None]) -> None:
+        self._local.release(job_id, fut)
+
+    def release_wake(self, fut: asyncio.Future[None]) -> None:
+        self._local.release(WAKE, fut)
+
+    @property
+    def waiting_keys(self) -> int:
+        """Keys with a registered waiter (for leak tests)."""
+        return len(self._local)
+
     async def publish_job(self, job_id: str) -> None:
         self._local.notify(job_id)
         await self._publish(self._events, job_id)
@@ -103,7 +126,6 @@ class EventBus:
             return
         try:
             await self._redis.publish(channel, message)
-            self.published[channel] += 1
         except Exception as exc:  # Redis down: SQL is the truth, reconcile covers it
             log.warning("redis publish failed (%s); watchers fall back to polling", exc)
 

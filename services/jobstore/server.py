@@ -19,8 +19,8 @@ from services.jobstore.models import Priority
 from services.jobstore.servicer import JobStoreServicer
 from services.jobstore.store import Store
 from services.shared.errors import ServiceError, Unavailable
+from services.shared.internal.v1 import jobstore_pb2, jobstore_pb2_grpc
 from services.shared.server import RunningServer, Service, start_server
-from stt.v1 import jobstore_pb2, jobstore_pb2_grpc
 
 log = logging.getLogger("jobstore")
 
@@ -90,9 +90,7 @@ def database_errors(exc: BaseException) -> ServiceError | None:
         exc, OperationalError | InterfaceError | PoolTimeout | ConnectionError | OSError
     ) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
     if transient:
-        return Unavailable(
-            f"the database is unavailable: {type(exc).__name__}", reason="DATABASE_UNAVAILABLE"
-        )
+        return Unavailable(f"the database is unavailable: {type(exc).__name__}", reason="STORE_UNAVAILABLE")
     return None
 
 

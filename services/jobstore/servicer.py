@@ -1,4 +1,4 @@
-"""stt.v1.JobStore servicer: requests -> Store calls -> messages. No logic of its own."""
+"""stt.internal.v1.JobStore servicer: requests -> Store calls -> messages. No logic of its own."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from services.jobstore.convert import STATUS_NAMES, chunk_to_proto, stored_job, 
 from services.jobstore.store import Lease, NewJob, Span, Store
 from services.shared.convert import segment_from_proto
 from services.shared.errors import InvalidInput
-from stt.v1 import jobs_pb2, jobstore_pb2, jobstore_pb2_grpc
+from services.shared.internal.v1 import jobstore_pb2, jobstore_pb2_grpc
+from stt.v1 import jobs_pb2
 
 
 def _lease(msg: jobstore_pb2.LeaseRequest) -> Lease:
     if not msg.job_id or not msg.worker_id:
-        raise InvalidInput("lease needs job_id and worker_id", field="lease")
+        raise InvalidInput("lease needs job_id and worker_id", reason="MISSING_FIELD", field="lease")
     return Lease(msg.job_id, msg.worker_id, msg.lease_epoch, msg.lease_seconds)
 
 
@@ -26,6 +27,15 @@ def _tenant(value: str) -> str | None:
 
 
 class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
+    async def GetStoreInfo(
+        self, request: jobstore_pb2.GetStoreInfoRequest, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.StoreInfo:
+        return jobstore_pb2.StoreInfo(
+            result_ttl_seconds=self.store.result_ttl,
+            failed_ttl_seconds=self.store.failed_ttl,
+            max_attempts=self.store.max_attempts,
+        )
+
     def __init__(self, store: Store) -> None:
         self.store = store
 
@@ -36,20 +46,24 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
     ) -> jobstore_pb2.StoreCreateJobResponse:
         first = await anext(aiter(request_iterator), None)
         if first is None or not first.HasField("metadata"):
-            raise InvalidInput("the first CreateJob message must carry metadata", field="metadata")
+            raise InvalidInput(
+                "the first CreateJob message must carry metadata", reason="MISSING_METADATA", field="metadata"
+            )
         meta = first.metadata
 
         async def pieces() -> AsyncIterator[bytes]:
             async for msg in request_iterator:
                 if msg.HasField("metadata"):
-                    raise InvalidInput("metadata may only be sent once, first", field="metadata")
+                    raise InvalidInput(
+                        "metadata may only be sent once, first", reason="MISSING_METADATA", field="metadata"
+                    )
                 yield msg.audio_chunk
 
         new = NewJob(
             tenant=meta.tenant or "default",
             request_id=meta.request_id or None,
             filename=meta.filename,
-            priority=meta.priority or jobs_pb2.NORMAL,
+            priority=meta.priority or jobs_pb2.PRIORITY_NORMAL,
             language=meta.config.language_code or None,
             config=convert.config_to_json(meta.config),
             audio_duration=meta.audio_duration_seconds,
@@ -85,6 +99,11 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
     ) -> jobstore_pb2.StoredJob:
         return stored_job(await self.store.cancel(request.job_id, _tenant(request.tenant)))
+
+    async def RetryJob(
+        self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.StoredJob:
+        return stored_job(await self.store.retry(request.job_id, _tenant(request.tenant)))
 
     async def DeleteJob(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext

@@ -26,13 +26,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.jobstore.blobs import BlobStore
 from services.jobstore.events import EventBus, wait
 from services.jobstore.models import Chunk, ChunkState, Job, Priority, Status, UTCDateTime
-from services.shared.domain import Segment
+from services.shared.domain import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Segment
 from services.shared.errors import Aborted, InvalidInput, NotFound, WrongState
 
 log = logging.getLogger("jobstore")
 
-MAX_PAGE = 1000
-DEFAULT_PAGE = 50
+WORKER_WINDOW_SECONDS = 60.0  # QueueStats.workers: dispatchers seen in this window
 
 
 def utcnow() -> dt.datetime:
@@ -186,8 +185,8 @@ class Store:
         self, tenant: str, *, status: str | None = None, page_size: int = 0, page_token: str = ""
     ) -> tuple[list[Job], str]:
         if page_size < 0:
-            raise InvalidInput("page_size must not be negative", field="page_size")
-        size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
+            raise InvalidInput("page_size must not be negative", reason="BAD_FIELD_VALUE", field="page_size")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         q = select(Job).where(Job.tenant == tenant)
         if status:
             q = q.where(Job.status == status)
@@ -232,14 +231,17 @@ class Store:
         last: tuple[Any, ...] | None = None
         while True:
             notice = self.bus.job_future(job_id)  # registered before reading: no change slips by
-            job = await self.get_job(job_id, tenant)
-            state = (job.status, job.chunks_completed, job.chunks_total, job.retry_count, job.updated_at)
-            if state != last:
-                last = state
-                yield job, await self.partial_text(job_id)
-            if Status(job.status).terminal:
-                return
-            await wait(notice, self.reconcile_seconds)
+            try:
+                job = await self.get_job(job_id, tenant)
+                state = (job.status, job.chunks_completed, job.chunks_total, job.retry_count, job.updated_at)
+                if state != last:
+                    last = state
+                    yield job, await self.partial_text(job_id)
+                if Status(job.status).terminal:
+                    return
+                await wait(notice, self.reconcile_seconds)
+            finally:
+                self.bus.release_job(job_id, notice)
 
     # -- user actions -------------------------------------------------------------------------------
 
@@ -268,6 +270,48 @@ class Store:
                 )
             return job
         log.info("job cancelled", extra={"job_id": job_id})
+        await self.bus.publish_job(job_id)
+        return await self.get_job(job_id, tenant)
+
+    async def retry(self, job_id: str, tenant: str | None = None) -> Job:
+        """Queue a FAILED or CANCELLED job again under its id, with a fresh attempt budget. Chunks
+        already transcribed are kept; failed ones start over."""
+        job = await self.get_job(job_id, tenant)
+        retryable = (Status.FAILED, Status.CANCELLED)
+        if job.status not in retryable:
+            raise WrongState(
+                f"job {job_id} is {job.status}; only FAILED or CANCELLED jobs can be retried",
+                reason="JOB_NOT_RETRYABLE",
+            )
+        if not await self.blobs.exists(job.blob_key):
+            raise WrongState(
+                f"the audio of job {job_id} is no longer kept; upload it again", reason="AUDIO_NOT_KEPT"
+            )
+        now = utcnow()
+        async with self.sessions.begin() as s:
+            res = await s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(retryable))
+                .values(
+                    status=Status.QUEUED,
+                    retry_count=0,
+                    error_message=None,
+                    worker_id=None,
+                    lease_expires_at=None,
+                    completed_at=None,
+                    expires_at=None,
+                    updated_at=now,
+                )
+            )
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                raise WrongState(f"job {job_id} changed state; try again", reason="JOB_NOT_RETRYABLE")
+            await s.execute(
+                update(Chunk)
+                .where(Chunk.job_id == job_id, Chunk.status == ChunkState.FAILED)
+                .values(status=ChunkState.PENDING, attempts=0, error=None)
+            )
+        log.info("job queued again", extra={"job_id": job_id})
+        await self.bus.publish_wake()
         await self.bus.publish_job(job_id)
         return await self.get_job(job_id, tenant)
 
@@ -307,8 +351,18 @@ class Store:
             else:
                 st.running = count
                 st.workers = holders
-        recent = sum(1 for t in self._seen_workers.values() if asyncio.get_running_loop().time() - t < 30)
-        return QueueStats(list(stats.values()), max(workers, recent))
+        return QueueStats(list(stats.values()), max(workers, self._recent_workers()))
+
+    def _seen(self, worker_id: str) -> None:
+        self._seen_workers[worker_id] = asyncio.get_running_loop().time()
+
+    def _recent_workers(self, window: float = WORKER_WINDOW_SECONDS) -> int:
+        """Dispatchers seen within the window; older entries are forgotten (the map stays small)."""
+        now = asyncio.get_running_loop().time()
+        for worker, seen in list(self._seen_workers.items()):
+            if now - seen > window:
+                del self._seen_workers[worker]
+        return len(self._seen_workers)
 
     # -- the holder's side: claims, heartbeats, checkpoints -----------------------------------------
 
@@ -317,19 +371,22 @@ class Store:
     ) -> Job | None:
         """The highest-priority, oldest queued job, under a new lease epoch; waits for one."""
         if not worker_id:
-            raise InvalidInput("worker_id is required", field="worker_id")
+            raise InvalidInput("worker_id is required", reason="MISSING_FIELD", field="worker_id")
         loop = asyncio.get_running_loop()
-        self._seen_workers[worker_id] = loop.time()
+        self._seen(worker_id)
         deadline = loop.time() + max(wait_seconds, 0.0)
         while True:
             wake = self.bus.wake_future()
-            job = await self._claim_once(worker_id, lease_seconds or self.lease_seconds)
-            if job is not None:
-                return job
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return None
-            await wait(wake, min(remaining, self.reconcile_seconds))
+            try:
+                job = await self._claim_once(worker_id, lease_seconds or self.lease_seconds)
+                if job is not None:
+                    return job
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                await wait(wake, min(remaining, self.reconcile_seconds))
+            finally:
+                self.bus.release_wake(wake)
 
     async def _claim_once(self, worker_id: str, lease_seconds: float) -> Job | None:
         for _ in range(5):
@@ -399,7 +456,7 @@ class Store:
 
     async def heartbeat(self, lease: Lease) -> tuple[dt.datetime | None, bool]:
         """Extend the lease. Returns (new expiry, cancelled)."""
-        self._seen_workers[lease.worker_id] = asyncio.get_running_loop().time()
+        self._seen(lease.worker_id)
         expires = utcnow() + dt.timedelta(seconds=lease.seconds or self.lease_seconds)
         try:
             async with self.sessions.begin() as s:
@@ -413,10 +470,16 @@ class Store:
     async def set_plan(self, lease: Lease, spans: Sequence[Span]) -> list[Chunk]:
         """Record the chunk plan once; later calls (a resumed job) get the recorded plan back."""
         if not spans:
-            raise InvalidInput("a chunk plan needs at least one chunk", field="chunks")
+            raise InvalidInput(
+                "a chunk plan needs at least one chunk", reason="MISSING_FIELD", field="chunks"
+            )
         for i, sp in enumerate(sorted(spans, key=lambda x: x.index)):
             if sp.index != i or sp.end < sp.start:
-                raise InvalidInput("chunks must be numbered 0..n-1 with end >= start", field="chunks")
+                raise InvalidInput(
+                    "chunks must be numbered 0..n-1 with end >= start",
+                    reason="BAD_FIELD_VALUE",
+                    field="chunks",
+                )
         async with self.sessions.begin() as s:
             await self._fence(s, lease)
             existing = (
@@ -442,7 +505,9 @@ class Store:
             await self._fence(s, lease)
             chunk = await s.get(Chunk, (lease.job_id, index))
             if chunk is None:
-                raise InvalidInput(f"job {lease.job_id} has no chunk {index}", field="index")
+                raise InvalidInput(
+                    f"job {lease.job_id} has no chunk {index}", reason="BAD_FIELD_VALUE", field="index"
+                )
             if chunk.status != ChunkState.COMPLETED:
                 await s.execute(
                     update(Chunk)
@@ -482,7 +547,9 @@ class Store:
             chunk = await s.get(Chunk, (lease.job_id, index))
             job = await s.get(Job, lease.job_id)
             if chunk is None or job is None:
-                raise InvalidInput(f"job {lease.job_id} has no chunk {index}", field="index")
+                raise InvalidInput(
+                    f"job {lease.job_id} has no chunk {index}", reason="BAD_FIELD_VALUE", field="index"
+                )
             if chunk.status == ChunkState.COMPLETED:
                 done, total = await self._recount(s, lease.job_id)
                 return ChunkUpdate(done, total, chunk.attempts)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from services.shared.domain import DecodeOptions, Segment, WindowResult, Word, WorkClass
-from stt.v1 import common_pb2, transcriber_pb2
+from services.shared.internal.v1 import transcriber_pb2
+from stt.v1 import common_pb2
 
 
 def segment_to_proto(seg: Segment) -> common_pb2.Segment:
@@ -36,9 +37,9 @@ def segment_from_proto(msg: common_pb2.Segment) -> Segment:
 
 
 _WORK_TO_PROTO = {
-    WorkClass.BATCH: transcriber_pb2.BATCH,
-    WorkClass.INTERACTIVE: transcriber_pb2.INTERACTIVE,
-    WorkClass.LIVE: transcriber_pb2.LIVE,
+    WorkClass.BATCH: transcriber_pb2.WORK_CLASS_BATCH,
+    WorkClass.INTERACTIVE: transcriber_pb2.WORK_CLASS_INTERACTIVE,
+    WorkClass.LIVE: transcriber_pb2.WORK_CLASS_LIVE,
 }
 _WORK_FROM_PROTO = {v: k for k, v in _WORK_TO_PROTO.items()}
 
@@ -97,4 +98,5 @@ def window_result_from_proto(msg: transcriber_pb2.TranscribeResponse) -> WindowR
         duration=msg.window_seconds,
         served_by=msg.served_by,
         batch_size=msg.batch_size,
+        model=msg.model,
     )

@@ -8,6 +8,10 @@ from typing import Any
 
 SAMPLE_RATE = 16_000
 MAX_WINDOW_SECONDS = 30.0
+# ListJobs paging and request ids (the public contract documents these).
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_REQUEST_ID_CHARS = 128
 
 
 class WorkClass(IntEnum):
@@ -102,6 +106,7 @@ class WindowResult:
     duration: float = 0.0
     served_by: str = ""
     batch_size: int = 1
+    model: str = ""
 
 
 def join_text(segments: list[Segment]) -> str:

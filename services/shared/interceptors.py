@@ -7,6 +7,7 @@ status with details, so no servicer repeats that code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -17,17 +18,34 @@ import grpc
 
 from services.shared import errors, metrics
 from services.shared.context import REQUEST_ID_HEADER, new_request_id, request_id_var
+from services.shared.domain import MAX_REQUEST_ID_CHARS
 from services.shared.status import abort, code_for
 
 log = logging.getLogger("access")
 
-_QUIET = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Calls logged at DEBUG when they succeed: probes, and the long polls and heartbeats an idle or
+# busy cluster makes all the time.
+_QUIET = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.",
+    "/stt.internal.v1.JobStore/ClaimJob",
+    "/stt.internal.v1.JobStore/Heartbeat",
+    "/stt.internal.v1.Transcriber/GetInfo",
+)
+
+
+def _valid_request_id(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_REQUEST_ID_CHARS
+        and all(33 <= ord(c) <= 126 for c in value)
+    )
 
 
 def _request_id(context: grpc.aio.ServicerContext) -> str:
     for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_HEADER and isinstance(value, str) and 0 < len(value) <= 128:
-            return value
+        if key == REQUEST_ID_HEADER and _valid_request_id(value):
+            return str(value)
     return new_request_id()
 
 
@@ -45,10 +63,21 @@ class _Call:
         # Read now: touching the call's C-core state after it ended (a client that went away) can crash.
         self.peer = context.peer()
         self.token = request_id_var.set(self.rid)
+        self.headers_sent = False
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
         self.error = ""
         metrics.RPC_IN_FLIGHT.labels(method).inc()
+
+    async def headers(self) -> None:
+        """Echo the request id in the response headers, just before the first response message.
+        Not earlier: a client may only retry a call (UNAVAILABLE) until headers arrive. Errors carry
+        it in their trailers instead."""
+        if self.headers_sent:
+            return
+        self.headers_sent = True
+        with contextlib.suppress(Exception):
+            await self.context.send_initial_metadata(((REQUEST_ID_HEADER, self.rid),))
 
     async def fail(self, exc: BaseException) -> None:
         if self.mapper is not None and not isinstance(exc, errors.ServiceError | asyncio.CancelledError):
@@ -68,7 +97,10 @@ class _Call:
         self.code = grpc.StatusCode.INTERNAL
         self.error = f"{type(exc).__name__}: {exc}"
         log.exception("unhandled error in %s", self.method)
-        await self.context.abort(grpc.StatusCode.INTERNAL, "internal error; see server logs")
+        await abort(
+            self.context,
+            errors.Internal(f"internal error; report it with request id {self.rid}", reason="INTERNAL"),
+        )
 
     def done(self) -> None:
         code = self.context.code()
@@ -98,7 +130,9 @@ def _wrap_unary(
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(method, context, mapper)
         try:
-            return await behavior(request, context)
+            response = await behavior(request, context)
+            await call.headers()
+            return response
         except BaseException as exc:
             await call.fail(exc)
         finally:
@@ -116,6 +150,7 @@ def _wrap_stream(
             result = behavior(request, context)
             if inspect.isasyncgen(result):
                 async for item in result:
+                    await call.headers()
                     yield item
             else:  # a handler that writes with context.write() (e.g. the health Watch)
                 await result

@@ -1,4 +1,4 @@
-"""Map domain errors onto canonical gRPC status codes with google.rpc rich details."""
+"""Map domain errors onto canonical gRPC status codes with google.rpc rich details, and back."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from services.shared import errors
-from stt.errors import SttError
+from services.shared.context import request_id_var
 
 DOMAIN = "stt.v1"
+# Client-supplied values can be long: keep trailers well under gRPC's 8 KiB metadata default.
+MAX_MESSAGE_CHARS = 1024
 
 _CODES: list[tuple[type[errors.ServiceError], grpc.StatusCode]] = [
     (errors.InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
@@ -20,8 +22,12 @@ _CODES: list[tuple[type[errors.ServiceError], grpc.StatusCode]] = [
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
     (errors.WrongState, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.Aborted, grpc.StatusCode.ABORTED),
+    (errors.Internal, grpc.StatusCode.INTERNAL),
 ]
 
 
@@ -38,6 +44,15 @@ def _pack(msg: object) -> any_pb2.Any:
     return packed
 
 
+def _duration(seconds: float) -> duration_pb2.Duration:
+    seconds = max(seconds, 0.0)
+    return duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
 class _Status(grpc.Status):
     def __init__(self, code: grpc.StatusCode, details: str, trailing_metadata: tuple) -> None:
         self.code = code
@@ -45,26 +60,44 @@ class _Status(grpc.Status):
         self.trailing_metadata = trailing_metadata
 
 
-def to_status(err: errors.ServiceError) -> grpc.Status:
-    """A grpc.Status carrying ErrorInfo, BadRequest (when a field is named) and RetryInfo."""
+def retry_after(err: errors.ServiceError) -> float | None:
+    if isinstance(err, errors.Unavailable):
+        return err.retry_after_seconds
+    if isinstance(err, errors.QuotaExceeded):
+        return err.retry_after_seconds
+    return None
+
+
+def to_status(err: errors.ServiceError, request_id: str | None = None) -> grpc.Status:
+    """A grpc.Status carrying ErrorInfo, RequestInfo, and where they apply BadRequest, RetryInfo
+    and QuotaFailure."""
     code = code_for(err)
-    proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=err.message)
+    message = _clip(err.message)
+    proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
+    metadata = {k: _clip(v) for k, v in err.metadata.items()}
     proto.details.append(
-        _pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata))
+        _pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=metadata))
     )
+    rid = request_id if request_id is not None else request_id_var.get()
+    if rid:
+        proto.details.append(_pack(error_details_pb2.RequestInfo(request_id=rid)))
     if err.field:
         bad = error_details_pb2.BadRequest()
-        bad.field_violations.add(field=err.field, description=err.message)
+        bad.field_violations.add(field=err.field, description=message)
         proto.details.append(_pack(bad))
+    if isinstance(err, errors.QuotaExceeded) and err.quota:
+        quota = error_details_pb2.QuotaFailure()
+        quota.violations.add(subject=err.subject, description=f"{err.quota}: {message}")
+        proto.details.append(_pack(quota))
     extra: tuple = ()
-    if isinstance(err, errors.Unavailable):
-        delay = max(err.retry_after_seconds, 0.0)
-        retry = error_details_pb2.RetryInfo(
-            retry_delay=duration_pb2.Duration(seconds=int(delay), nanos=int((delay % 1) * 1e9))
-        )
-        proto.details.append(_pack(retry))
-        # Honoured by the gRPC retry policy of clients that enable it.
-        extra = (("grpc-retry-pushback-ms", str(int(delay * 1000))),)
+    delay = retry_after(err)
+    if delay is not None:
+        proto.details.append(_pack(error_details_pb2.RetryInfo(retry_delay=_duration(delay))))
+        if isinstance(err, errors.Unavailable):
+            # Honoured by the gRPC retry policy of clients that enable it.
+            extra = (("grpc-retry-pushback-ms", str(int(max(delay, 0.0) * 1000))),)
+    if rid:
+        extra += (("x-request-id", rid),)
     status = rpc_status.to_status(proto)
     return _Status(status.code, status.details, tuple(status.trailing_metadata) + extra)
 
@@ -77,16 +110,42 @@ async def abort(context: grpc.aio.ServicerContext, err: errors.ServiceError) -> 
 _FROM_CODE: dict[grpc.StatusCode, type[errors.ServiceError]] = {code: cls for cls, code in _CODES}
 
 
-def error_from_rpc(exc: grpc.aio.AioRpcError, *, prefix: str = "") -> errors.ServiceError:
+def error_from_rpc(
+    exc: grpc.aio.AioRpcError, *, prefix: str = "", unavailable_reason: str = "TRANSCRIBER_UNAVAILABLE"
+) -> errors.ServiceError:
     """A downstream call's failure as a domain error (same code, message, reason and field), so it
     reaches our own caller unchanged. Codes without a domain class become Unavailable."""
-    parsed = SttError.from_rpc_error(exc)
-    code = parsed.code
-    message = f"{prefix}{parsed.message or code.name}"
-    reason = parsed.reason or code.name
-    field_name = next(iter(parsed.fields), None)
+    code = exc.code()
+    reason, field_name, delay = "", None, None
+    try:
+        status = rpc_status.from_call(exc)
+    except ValueError:
+        status = None
+    for detail in status.details if status else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            if bad.field_violations:
+                field_name = bad.field_violations[0].field
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            delay = retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9
+    message = f"{prefix}{exc.details() or code.name}"
     cls = _FROM_CODE.get(code)
+    if code == grpc.StatusCode.INTERNAL:
+        return errors.Internal(message, reason=reason or "INTERNAL", field=field_name)
     if cls is None or cls is errors.Unavailable:
-        retry = parsed.retry_after if parsed.retry_after is not None else 1.0
-        return errors.Unavailable(message, reason=reason, field=field_name, retry_after_seconds=retry)
-    return cls(message, reason=reason, field=field_name)
+        return errors.Unavailable(
+            message,
+            reason=reason or unavailable_reason,
+            field=field_name,
+            retry_after_seconds=delay if delay is not None else 1.0,
+        )
+    if cls is errors.LimitExceeded and delay is not None:
+        return errors.QuotaExceeded(message, reason=reason, field=field_name, retry_after_seconds=delay)
+    return cls(message, reason=reason or code.name, field=field_name)

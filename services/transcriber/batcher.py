@@ -89,7 +89,7 @@ class Batcher:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for item in self._heap:
             if not item.future.done():
-                item.future.set_exception(Unavailable("transcriber is shutting down", reason="SHUTTING_DOWN"))
+                item.future.set_exception(Unavailable("transcriber is shutting down", reason="DRAINING"))
         self._heap.clear()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
@@ -99,7 +99,7 @@ class Batcher:
 
     async def submit(self, req: WindowRequest, work_class: WorkClass) -> WindowResult:
         if self._closed:
-            raise Unavailable("transcriber is shutting down", reason="SHUTTING_DOWN")
+            raise Unavailable("transcriber is shutting down", reason="DRAINING")
         if len(self._heap) >= self._max_queue:
             raise Unavailable(
                 f"transcriber queue is full ({self._max_queue} windows waiting)",

@@ -32,7 +32,7 @@ from services.shared.domain import (
     WindowResult,
     Word,
 )
-from services.shared.errors import InvalidInput
+from services.shared.errors import InvalidInput, Unavailable
 from services.transcriber.config import TranscriberSettings, model_label, resolve_model
 
 log = logging.getLogger("transcriber.engine")
@@ -118,6 +118,12 @@ class Engine:
     def multilingual(self) -> bool:
         return bool(getattr(getattr(self._model, "model", None), "is_multilingual", False))
 
+    def languages(self) -> list[str]:
+        """ISO-639-1 codes the model can transcribe."""
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+        return sorted(_LANGUAGE_CODES) if self.multilingual else ["en"]
+
     def validate(self, opts: DecodeOptions) -> None:
         from faster_whisper.tokenizer import _LANGUAGE_CODES
 
@@ -136,9 +142,13 @@ class Engine:
                     field="config.language_code",
                 )
         if opts.beam_size < 0 or opts.beam_size > 20:
-            raise InvalidInput("beam_size must be between 0 and 20", field="config.beam_size")
+            raise InvalidInput(
+                "beam_size must be between 0 and 20", reason="BAD_CONFIG_VALUE", field="config.beam_size"
+            )
         if not 0.0 <= opts.temperature <= 1.0:
-            raise InvalidInput("temperature must be between 0 and 1", field="config.temperature")
+            raise InvalidInput(
+                "temperature must be between 0 and 1", reason="BAD_CONFIG_VALUE", field="config.temperature"
+            )
 
     def transcribe(self, req: WindowRequest) -> WindowResult:
         """One window. Blocking."""
@@ -154,16 +164,19 @@ class Engine:
         out: list[WindowResult | BaseException | None] = [None] * len(reqs)
         prompts: list[list[int]] = [[] for _ in reqs]
         groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        # Probability of a detected language (1.0 when the language was given or the model has one).
+        probabilities: dict[int, float] = {}
         for i, req in enumerate(reqs):
             try:
                 if req.audio.shape[0] > int((MAX_WINDOW_SECONDS + 0.5) * SAMPLE_RATE):
                     raise InvalidInput(
-                        f"window is {req.audio.shape[0] / SAMPLE_RATE:.1f}s; the maximum is 30s"
+                        f"window is {req.audio.shape[0] / SAMPLE_RATE:.1f}s; the maximum is 30s",
+                        reason="AUDIO_TOO_LONG",
                     )
                 o = req.options
                 language = o.language or (None if self.multilingual else "en")
                 if language is None:
-                    language = self._detect_language(req.audio)
+                    language, probabilities[i] = self._detect_language(req.audio)
                 frames = _context_frames(req.audio.shape[0]) if o.dynamic_context else FULL_CONTEXT
                 prompt = self._prompt(self._tokenizer(language), o)
                 # CTranslate2 batches prompts only when <|startoftranscript|> sits at the same position,
@@ -188,7 +201,13 @@ class Engine:
             except Exception:
                 if len(idxs) == 1:
                     log.exception("model call failed")
-                    results = [InvalidInput("the model could not decode this window", reason="DECODE_FAILED")]
+                    results = [
+                        Unavailable(
+                            "the model failed on this window; retry",
+                            reason="MODEL_ERROR",
+                            retry_after_seconds=1.0,
+                        )
+                    ]
                 else:
                     # One bad window must not fail its companions: decode them one by one.
                     log.warning("batched model call failed; decoding its %d windows one by one", len(idxs))
@@ -196,6 +215,7 @@ class Engine:
             for i, res in zip(idxs, results, strict=True):
                 if isinstance(res, WindowResult):
                     res.batch_size = len(idxs)
+                    res.language_probability = probabilities.get(i, 1.0)
                 out[i] = res
         return [r if r is not None else RuntimeError("window was not decoded") for r in out]
 
@@ -211,9 +231,9 @@ class Engine:
             self._suppress[language] = get_suppressed_tokens(tok, [-1])
         return self._tokenizers[language]
 
-    def _detect_language(self, audio: np.ndarray) -> str:
-        language, _prob, _all = self._model.detect_language(audio)
-        return str(language)
+    def _detect_language(self, audio: np.ndarray) -> tuple[str, float]:
+        language, probability, _all = self._model.detect_language(audio)
+        return str(language), float(probability)
 
     def _decode_group(
         self, key: tuple[Any, ...], reqs: list[WindowRequest], prompts: list[list[int]]

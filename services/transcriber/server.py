@@ -7,12 +7,12 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from services.shared.internal.v1 import transcriber_pb2, transcriber_pb2_grpc
 from services.shared.server import RunningServer, Service, start_server
 from services.transcriber.batcher import Batcher
 from services.transcriber.config import TranscriberSettings
 from services.transcriber.engine import Engine
 from services.transcriber.servicer import MAX_PCM_BYTES, TranscriberServicer
-from stt.v1 import transcriber_pb2, transcriber_pb2_grpc
 
 log = logging.getLogger("transcriber")
 

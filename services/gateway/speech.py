@@ -1,0 +1,320 @@
+"""The Speech API as the gateway's doors use it: Recognize, live streams, server info.
+
+Protobuf messages in and out, no grpc: the gRPC servicer and the HTTP front door both call this, so
+there is one implementation of validation, limits, decoding, recognition and streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Gauge
+
+from services.gateway import audio as audio_mod
+from services.gateway.auth import current_caller
+from services.gateway.config import GatewaySettings
+from services.gateway.pool import TranscriberPool
+from services.gateway.recognize import recognize
+from services.gateway.requests import (
+    MAX_BEAM_SIZE,
+    MAX_PROMPT_CHARS,
+    STREAMING_ENCODINGS,
+    ModelCaps,
+    result_from_segment,
+    validate_config,
+)
+from services.gateway.stream_decoder import StreamDecoder, make_decoder
+from services.gateway.streaming import Event, EventType, StreamingSession, StreamPolicy
+from services.shared.context import request_id_var
+from services.shared.domain import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    MAX_REQUEST_ID_CHARS,
+    Segment,
+    join_text,
+)
+from services.shared.errors import InvalidInput, LimitExceeded, ServiceError
+from stt.v1 import common_pb2, jobs_pb2, speech_pb2
+
+STREAMS = Gauge("stt_gateway_streams", "Live StreamingRecognize sessions")
+_EVENT_TYPES = {
+    EventType.SPEECH_BEGIN: speech_pb2.SPEECH_EVENT_TYPE_SPEECH_ACTIVITY_BEGIN,
+    EventType.SPEECH_END: speech_pb2.SPEECH_EVENT_TYPE_SPEECH_ACTIVITY_END,
+    EventType.END_OF_SINGLE_UTTERANCE: speech_pb2.SPEECH_EVENT_TYPE_END_OF_SINGLE_UTTERANCE,
+}
+RECOGNIZE_ENCODINGS = ("LINEAR16", "FLAC", "MP3", "OGG_OPUS", "WEBM_OPUS", "MP4_AAC", "WAV", "OGG_VORBIS")
+VERSION = "0.2.0"
+
+
+@dataclass
+class JobLimits:
+    """What GetServerInfo reports about jobs (the store's part comes from the jobstore)."""
+
+    max_bytes: int
+    max_seconds: float
+    max_attempts: int
+
+
+def stream_response(
+    ev: Event, session: StreamingSession, *, words: bool
+) -> speech_pb2.StreamingRecognizeResponse:
+    billed = round(session.received_seconds, 3)
+    if ev.type != EventType.RESULT:
+        return speech_pb2.StreamingRecognizeResponse(
+            speech_event_type=_EVENT_TYPES[ev.type],
+            speech_event_offset_seconds=ev.offset,
+            total_billed_seconds=billed,
+        )
+    seg = Segment(ev.start, ev.end, ev.text, ev.words)
+    result = result_from_segment(
+        seg, language=ev.language, words=words, is_final=ev.is_final, stability=ev.stability
+    )
+    return speech_pb2.StreamingRecognizeResponse(results=[result], total_billed_seconds=billed)
+
+
+def _propagate(task: asyncio.Task[bool], session: StreamingSession) -> None:
+    """A reader failure (bad audio, a second config, ...) ends the session with that error."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        session.fail(exc)
+
+
+def _encoding_values(names: tuple[str, ...]) -> list[common_pb2.AudioEncoding.ValueType]:
+    return [common_pb2.AudioEncoding.Value(f"AUDIO_ENCODING_{n}") for n in names]
+
+
+class SpeechAPI:
+    def __init__(
+        self, settings: GatewaySettings, pool: TranscriberPool, decode_slots: asyncio.Semaphore
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.decode_slots = decode_slots
+        self.limits = audio_mod.Limits(settings.max_recognize_bytes, settings.max_recognize_seconds)
+        self.vad = settings.vad()
+
+    def caps(self) -> ModelCaps | None:
+        return self.pool.caps()
+
+    # -- Recognize ---------------------------------------------------------------------------------
+
+    async def recognize(self, request: speech_pb2.RecognizeRequest) -> speech_pb2.RecognizeResponse:
+        started = time.perf_counter()
+        cfg = validate_config(request.config, prefix="config.", caps=self.caps())
+        audio_mod.check_size(len(request.content), self.limits)
+        async with self.decode_slots:
+            decoded = await asyncio.to_thread(
+                audio_mod.decode,
+                request.content,
+                limits=self.limits,
+                encoding=cfg.encoding,
+                sample_rate=cfg.sample_rate,
+                channels=cfg.channels,
+            )
+        result = await recognize(
+            decoded.samples,
+            self.pool.transcribe,
+            cfg.options,
+            vad=self.vad,
+            max_parallel=self.settings.max_parallel_windows,
+        )
+        return speech_pb2.RecognizeResponse(
+            results=[
+                result_from_segment(s, language=result.language, words=cfg.word_timestamps, utterance_index=i)
+                for i, s in enumerate(result.segments)
+            ],
+            transcript=join_text(result.segments),
+            language_code=result.language,
+            metadata=speech_pb2.RecognitionMetadata(
+                audio_duration_seconds=round(result.duration, 3),
+                processing_seconds=round(time.perf_counter() - started, 3),
+                window_count=len(result.windows),
+                model=result.model or self._model_name(),
+                request_id=request_id_var.get(),
+            ),
+        )
+
+    def _model_name(self) -> str:
+        caps = self.caps()
+        return caps.name if caps else ""
+
+    # -- StreamingRecognize ------------------------------------------------------------------------
+
+    async def stream(
+        self, requests: AsyncIterator[speech_pb2.StreamingRecognizeRequest]
+    ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
+        first = await anext(aiter(requests), None)
+        if first is None:
+            raise InvalidInput(
+                "the stream ended before its streaming_config",
+                reason="MISSING_CONFIG",
+                field="streaming_config",
+            )
+        if not first.HasField("streaming_config"):
+            raise InvalidInput(
+                "the first message must carry streaming_config; audio_content may only follow it",
+                reason="MISSING_CONFIG",
+                field="streaming_config",
+            )
+        cfg = first.streaming_config
+        session, decoder, max_seconds = self._open_stream(cfg)
+        words = cfg.config.enable_word_time_offsets
+        STREAMS.inc()
+        reader = asyncio.create_task(self._read_stream(requests, session, decoder, max_seconds))
+        reader.add_done_callback(lambda t: _propagate(t, session))
+        try:
+            async for ev in session.events():
+                yield stream_response(ev, session, words=words)
+            if reader.done() and not reader.cancelled() and reader.result():
+                raise LimitExceeded(
+                    f"the stream reached its maximum duration of {max_seconds:.0f}s",
+                    reason="STREAM_TOO_LONG",
+                    field="streaming_config.max_stream_seconds",
+                )
+        finally:
+            STREAMS.dec()
+            reader.cancel()
+            decoder.close()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    def _open_stream(
+        self, cfg: speech_pb2.StreamingRecognitionConfig
+    ) -> tuple[StreamingSession, StreamDecoder, float]:
+        if not cfg.HasField("config"):
+            raise InvalidInput(
+                "streaming_config.config is required (at least its encoding)",
+                reason="MISSING_FIELD",
+                field="streaming_config.config",
+            )
+        valid = validate_config(
+            cfg.config, prefix="streaming_config.config.", caps=self.caps(), streaming=True
+        )
+        if not math.isfinite(cfg.max_stream_seconds) or cfg.max_stream_seconds < 0:
+            raise InvalidInput(
+                "max_stream_seconds must be a finite number, not negative (0: the server maximum)",
+                reason="BAD_CONFIG_VALUE",
+                field="streaming_config.max_stream_seconds",
+            )
+        max_seconds = min(
+            cfg.max_stream_seconds or self.settings.max_stream_seconds, self.settings.max_stream_seconds
+        )
+        options = valid.options
+        if not options.beam_size:
+            options.beam_size = self.settings.stream_beam_size
+        s = self.settings
+        session = StreamingSession(
+            self.pool.transcribe,
+            options,
+            StreamPolicy(
+                step=s.stream_step_seconds,
+                max_window=s.stream_max_window_seconds,
+                endpoint_silence=s.stream_endpoint_silence_seconds,
+                max_buffer=s.stream_max_buffer_seconds,
+                agreement=s.stream_agreement,
+                hold=s.stream_hold_seconds,
+                settle=s.stream_settle_seconds,
+            ),
+            interim=cfg.interim_results,
+            single_utterance=cfg.single_utterance,
+        )
+
+        def sink(samples: Any) -> None:
+            try:
+                session.add_audio(samples)
+            except ServiceError as exc:
+                session.fail(exc)
+
+        limits = audio_mod.Limits(1 << 62, max_seconds + 60.0)
+        decoder = make_decoder(
+            valid.encoding, valid.sample_rate, valid.channels, limits, sink, asyncio.get_running_loop()
+        )
+        return session, decoder, max_seconds
+
+    async def _read_stream(
+        self,
+        requests: AsyncIterator[speech_pb2.StreamingRecognizeRequest],
+        session: StreamingSession,
+        decoder: StreamDecoder,
+        max_seconds: float,
+    ) -> bool:
+        """Feed audio to the decoder; True if the stream hit its maximum duration."""
+        high_water = session.policy.max_buffer / 2
+        async for req in requests:
+            if req.HasField("streaming_config"):
+                raise InvalidInput(
+                    "streaming_config may only be sent once, in the first message",
+                    reason="DUPLICATE_CONFIG",
+                    field="streaming_config",
+                )
+            if req.audio_content:
+                decoder.feed(req.audio_content)
+            if session.received_seconds >= max_seconds:
+                decoder.finish()
+                await decoder.done
+                session.end_audio()
+                return True
+            # Back-pressure: stop reading (the client's writes block) while the backlog is high.
+            while session.backlog_seconds > high_water:
+                await session.progressed()
+        decoder.finish()
+        await decoder.done
+        session.end_audio()
+        return False
+
+    # -- GetServerInfo -------------------------------------------------------------------------------
+
+    def server_info(
+        self, *, jobs: JobLimits, result_ttl: float, failed_ttl: float, max_message_bytes: int
+    ) -> speech_pb2.ServerInfo:
+        s = self.settings
+        caps = self.caps()
+        caller = current_caller()
+        return speech_pb2.ServerInfo(
+            version=VERSION,
+            model=speech_pb2.ModelInfo(
+                name=caps.name if caps else "",
+                multilingual=bool(caps and caps.multilingual),
+                language_codes=sorted(caps.languages) if caps else [],
+                serving_replicas=self.pool.serving_count,
+            ),
+            limits=speech_pb2.ServerLimits(
+                max_recognize_bytes=s.max_recognize_bytes,
+                max_recognize_seconds=s.max_recognize_seconds,
+                max_job_bytes=jobs.max_bytes,
+                max_job_seconds=jobs.max_seconds,
+                max_message_bytes=max_message_bytes,
+                max_stream_seconds=s.max_stream_seconds,
+                max_stream_backlog_seconds=s.stream_max_buffer_seconds,
+                max_stream_message_bytes=max_message_bytes,
+                max_beam_size=MAX_BEAM_SIZE,
+                max_prompt_chars=MAX_PROMPT_CHARS,
+                max_request_id_chars=MAX_REQUEST_ID_CHARS,
+                default_page_size=DEFAULT_PAGE_SIZE,
+                max_page_size=MAX_PAGE_SIZE,
+                max_job_attempts=jobs.max_attempts,
+                result_ttl_seconds=result_ttl,
+                failed_ttl_seconds=failed_ttl,
+            ),
+            features=speech_pb2.ServerFeatures(
+                recognize_encodings=_encoding_values(RECOGNIZE_ENCODINGS),
+                streaming_encodings=_encoding_values(STREAMING_ENCODINGS),
+                transcript_formats=[
+                    common_pb2.TRANSCRIPT_FORMAT_TEXT,
+                    common_pb2.TRANSCRIPT_FORMAT_JSON,
+                    common_pb2.TRANSCRIPT_FORMAT_SRT,
+                    common_pb2.TRANSCRIPT_FORMAT_VTT,
+                ],
+                stream_resumption=False,
+                job_retry=True,
+            ),
+            caller=speech_pb2.CallerInfo(
+                tenant=caller.tenant,
+                key_id=caller.key_id,
+                read_only=caller.read_only,
+                max_priority=jobs_pb2.PRIORITY_HIGH,
+            ),
+        )
