@@ -68,7 +68,7 @@ async def test_migrations_upgrade_an_empty_database_and_back(store: Store):
     engine = store.engine  # type: ignore[attr-defined]
     async with engine.connect() as conn:
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
-    assert version == "0001"
+    assert version == "0002"
     await migrate.downgrade(engine, "base")
     await migrate.upgrade(engine)
     await _create(store)

@@ -6,19 +6,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import grpc
+
 from services.gateway.audio import Limits
-from services.gateway.auth import Authenticator, AuthInterceptor
+from services.gateway.auth import DENIED, Authenticator, AuthInterceptor, current_caller
 from services.gateway.config import GatewaySettings
 from services.gateway.dispatcher import Dispatcher, DispatcherConfig, default_worker_id
 from services.gateway.jobs import JobsAPI
 from services.gateway.jobs_servicer import JobsServicer
 from services.gateway.jobstore_client import JobstoreClient
 from services.gateway.pool import TranscriberPool
+from services.gateway.quotas import ByteBudget, Quotas, inflight_var
 from services.gateway.speech import JobLimits, SpeechAPI
 from services.gateway.speech_servicer import SpeechServicer
+from services.shared.channel import InternalCredentials
 from services.shared.errors import ServiceError
+from services.shared.security import check_exposure, guarded
 from services.shared.server import NOT_SERVING, SERVING, RunningServer, Service, start_server
 from stt.v1 import jobs_pb2, jobs_pb2_grpc, speech_pb2, speech_pb2_grpc
 
@@ -39,6 +45,8 @@ class Gateway:
     speech: SpeechAPI
     jobs: JobsAPI
     auth: Authenticator
+    quotas: Quotas
+    budget: ByteBudget
 
     @property
     def port(self) -> int:
@@ -51,17 +59,30 @@ class Gateway:
 async def create_server(
     settings: GatewaySettings, *, port: int | None = None, host: str | None = None
 ) -> Gateway:
+    host = host if host is not None else settings.host
+    # Fail closed: bad key entries or quotas stop the start; no keys off loopback too (unless
+    # STT_ALLOW_ANONYMOUS=true, which is warned about at start and in the health list).
+    authenticator = Authenticator(settings.api_key_entries())
+    anonymous = check_exposure(
+        "gateway", host, authenticated=authenticator.enabled, allow_anonymous=settings.allow_anonymous
+    )
+    quotas = settings.quotas()
+    budget = ByteBudget(settings.max_inflight_bytes, settings.inflight_wait_seconds)
+    creds = InternalCredentials.from_settings(settings)
     pool = TranscriberPool(
         settings.transcriber_address,
         refresh_seconds=settings.transcriber_refresh_seconds,
         call_timeout=settings.transcriber_timeout_seconds,
         ready_wait=settings.transcriber_ready_wait_seconds,
+        creds=creds,
     )
     await pool.start()
-    jobstore = JobstoreClient(settings.jobstore_address, timeout=settings.jobstore_timeout_seconds)
+    jobstore = JobstoreClient(
+        settings.jobstore_address, timeout=settings.jobstore_timeout_seconds, creds=creds
+    )
     decode_slots = asyncio.Semaphore(settings.max_concurrent_decodes)
-    speech_api = SpeechAPI(settings, pool, decode_slots)
-    jobs_api = JobsAPI(settings, jobstore, decode_slots, caps=pool.caps)
+    speech_api = SpeechAPI(settings, pool, decode_slots, quotas=quotas, budget=budget)
+    jobs_api = JobsAPI(settings, jobstore, decode_slots, caps=pool.caps, quotas=quotas)
     max_message_bytes = settings.max_recognize_bytes + 64 * 1024
 
     async def server_info() -> speech_pb2.ServerInfo:
@@ -70,7 +91,14 @@ async def create_server(
             ttl, failed_ttl, attempts = store.result_ttl_seconds, store.failed_ttl_seconds, store.max_attempts
         except ServiceError:  # the jobstore is down: report what this gateway knows
             ttl, failed_ttl, attempts = 0.0, 0.0, settings.max_job_attempts
+        try:
+            used = await jobs_api.usage(current_caller().tenant)
+            queued, stored = used.queued_jobs, used.stored_audio_bytes
+        except ServiceError:
+            queued, stored = 0, 0
         return speech_api.server_info(
+            queued_jobs=queued,
+            stored_audio_bytes=stored,
             jobs=JobLimits(
                 settings.max_job_bytes, settings.max_job_seconds, settings.max_job_attempts or attempts
             ),
@@ -81,17 +109,20 @@ async def create_server(
 
     speech = SpeechServicer(speech_api, server_info)
     jobs = JobsServicer(jobs_api)
-    authenticator = Authenticator(settings.tenants_by_key())
     running = await start_server(
         [
             Service(SPEECH, lambda s: speech_pb2_grpc.add_SpeechServicer_to_server(speech, s)),
             Service(JOBS, lambda s: jobs_pb2_grpc.add_JobsServicer_to_server(jobs, s)),
         ],
         settings=settings,
-        host=host if host is not None else settings.host,
+        host=host,
         port=settings.gateway_port if port is None else port,
         max_message_bytes=max_message_bytes,
-        interceptors=[AuthInterceptor(authenticator)] if authenticator.enabled else [],
+        interceptors=[
+            AuthInterceptor(authenticator),
+            RecognizeAdmission(budget, max_message_bytes),
+        ],
+        anonymous=anonymous,
     )
     running.on_drain(jobs_api.drain)
     dispatcher = None
@@ -120,10 +151,82 @@ async def create_server(
         with contextlib.suppress(asyncio.CancelledError):
             await monitor
 
+    rotation = asyncio.create_task(_follow_client_certificates(pool, jobstore), name="tls-rotation")
+
+    async def stop_rotation() -> None:
+        rotation.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rotation
+
     running.on_stop(pool.close)
     running.on_stop(jobstore.close)
     running.on_stop(stop_monitor)
-    return Gateway(running, pool, jobstore, dispatcher, speech_api, jobs_api, authenticator)
+    running.on_stop(stop_rotation)
+    return Gateway(running, pool, jobstore, dispatcher, speech_api, jobs_api, authenticator, quotas, budget)
+
+
+async def _follow_client_certificates(
+    pool: TranscriberPool, jobstore: JobstoreClient, every: float = 10.0
+) -> None:
+    """Reconnect with the renewed client certificate once cert-manager replaces the files."""
+    while True:
+        await asyncio.sleep(every)
+        pool.rotate_if_changed()
+        jobstore.rotate_if_changed()
+
+
+RECOGNIZE = "/stt.v1.Speech/Recognize"
+# An admitted call's reservation lapses if its body has not arrived by then (a stalled upload, or a
+# call that failed before its handler ran): the bytes are never held forever.
+BODY_WAIT_SECONDS = 60.0
+
+
+class RecognizeAdmission(grpc.aio.ServerInterceptor):
+    """The gRPC door's part of the in-flight byte bound: a Recognize call reserves the largest
+    body it may send *before* the body is read (gRPC reads it before the handler runs), waiting for
+    room and refusing with SERVER_BUSY when there is none; SpeechAPI.recognize then resizes the
+    reservation to what the call really holds."""
+
+    def __init__(self, budget: ByteBudget, max_bytes: int) -> None:
+        self.budget = budget
+        self.max_bytes = max_bytes
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        caller = current_caller()
+        if details.method != RECOGNIZE or not self.budget.limit or caller is DENIED or caller.read_only:
+            return await continuation(details)
+        try:
+            reservation = await self.budget.reserve(self.max_bytes)
+        except ServiceError as exc:
+            handler = await continuation(details)
+            err = exc
+
+            def refuse(context: grpc.aio.ServicerContext) -> None:
+                raise err
+
+            return guarded(handler, refuse)
+        lapse = asyncio.get_running_loop().call_later(BODY_WAIT_SECONDS, reservation.release)
+        handler = await continuation(details)
+        behavior = handler.unary_unary
+
+        async def run(request: object, context: grpc.aio.ServicerContext) -> object:
+            lapse.cancel()
+            token = inflight_var.set(reservation if reservation.size else None)
+            try:
+                return await behavior(request, context)
+            finally:
+                inflight_var.reset(token)
+                reservation.release()
+
+        return grpc.unary_unary_rpc_method_handler(
+            run,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 async def _monitor_dependencies(running: RunningServer, pool: TranscriberPool) -> None:

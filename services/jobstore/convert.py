@@ -67,6 +67,7 @@ def job_to_proto(job: Job) -> jobs_pb2.Job:
         update_time=ts(job.updated_at),
         expire_time=ts(job.expires_at),
         config=config_from_json(job.config_json),
+        audio_retained=bool(job.audio_retained),
     )
 
 

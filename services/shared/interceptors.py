@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from services.shared import errors, metrics
-from services.shared.context import REQUEST_ID_HEADER, new_request_id, request_id_var
+from services.shared.context import REQUEST_ID_HEADER, CallAudit, audit_var, new_request_id, request_id_var
 from services.shared.domain import MAX_REQUEST_ID_CHARS
 from services.shared.status import abort, code_for
 
@@ -63,6 +63,8 @@ class _Call:
         # Read now: touching the call's C-core state after it ended (a client that went away) can crash.
         self.peer = context.peer()
         self.token = request_id_var.set(self.rid)
+        self.audit = CallAudit()
+        self.audit_token = audit_var.set(self.audit)
         self.headers_sent = False
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
@@ -113,14 +115,24 @@ class _Call:
         metrics.RPC_SECONDS.labels(self.method).observe(elapsed)
         quiet = self.method.startswith(_QUIET) and name in ("OK", "CANCELLED")
         level = logging.DEBUG if quiet else (logging.INFO if name in ("OK", "CANCELLED") else logging.WARNING)
+        a = self.audit
         log.log(
             level,
             "%s %s %.1fms",
             self.method,
             name,
             elapsed * 1000,
-            extra={"peer": self.peer, "error": self.error},
+            extra={
+                "method": self.method,
+                "status": name,
+                "tenant": a.tenant or "-",
+                "key_id": a.key_id or "-",
+                "audio_bytes": a.audio_bytes,
+                "peer": self.peer,
+                "error": self.error,
+            },
         )
+        audit_var.reset(self.audit_token)
         request_id_var.reset(self.token)
 
 
