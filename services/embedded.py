@@ -11,7 +11,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import secrets
 from dataclasses import dataclass, field
+
+from pydantic import SecretStr
 
 from services.gateway.config import GatewaySettings
 from services.gateway.server import Gateway
@@ -68,16 +71,21 @@ async def start_stack(
     transcriber_settings: TranscriberSettings | None = None,
     jobstore_settings: JobstoreSettings | None = None,
 ) -> Stack:
-    tset = transcriber_settings or TranscriberSettings()
+    # The internal servers listen on loopback; a token made for this run still keeps other local
+    # users off them (they see every tenant's audio).
+    gset = gateway_settings or GatewaySettings()
+    token = {"service_token": gset.service_token or SecretStr(secrets.token_urlsafe(32))}
+    tset = (transcriber_settings or TranscriberSettings()).model_copy(update=token)
     transcriber = await create_transcriber(tset, host="127.0.0.1", port=0)
     jset = (jobstore_settings or JobstoreSettings()).model_copy(
-        update={"data_dir": data_dir, "requeue_running_on_start": True}
+        update={"data_dir": data_dir, "requeue_running_on_start": True, **token}
     )
     jobstore = await create_jobstore(jset, host="127.0.0.1", port=0)
-    gset = (gateway_settings or GatewaySettings()).model_copy(
+    gset = gset.model_copy(
         update={
             "transcriber_address": f"127.0.0.1:{transcriber.port}",
             "jobstore_address": f"127.0.0.1:{jobstore.port}",
+            **token,
         }
     )
     gateway = await create_gateway(gset, host=host, port=port)
