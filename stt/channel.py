@@ -66,6 +66,17 @@ def normalize_target(address: str) -> str:
     return f"dns:///{address}"
 
 
+def _list_host(target: str) -> str | None:
+    """For an `ipv4:a:p,b:p` / `ipv6:[a]:p,...` list of gateways, the host the certificates are
+    checked against (the first one's), since gRPC would check the whole list as one name."""
+    for scheme in ("ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            first = target[len(scheme) :].split(",")[0].lstrip("/")
+            host = first.rsplit(":", 1)[0] if first.count(":") == 1 or first.startswith("[") else first
+            return host.strip("[]") or None
+    return None
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -112,7 +123,7 @@ def secure_or_insecure_channel(
     target = normalize_target(address)
     if creds is None:
         return grpc.aio.insecure_channel(target, options=options)
-    server_name = server_name or os.environ.get("STT_TLS_SERVER_NAME") or None
+    server_name = server_name or os.environ.get("STT_TLS_SERVER_NAME") or _list_host(target)
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.aio.secure_channel(target, creds, options=options)
