@@ -52,6 +52,48 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 ErrorMapper = Callable[[BaseException], errors.ServiceError | None]
 
 
+class _Malformed:
+    """Stands for a request message that did not parse (bad wire format, invalid UTF-8 in a string
+    field, ...), so the call gets INVALID_ARGUMENT instead of gRPC's own INTERNAL."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def error(self) -> errors.InvalidInput:
+        return errors.InvalidInput(
+            f"the request message is not valid protobuf for this method ({type(self.exc).__name__})",
+            reason="BAD_FIELD_VALUE",
+        )
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:
+            return _Malformed(exc)
+
+    return parse
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for item in requests:
+        if isinstance(item, _Malformed):
+            raise item.error()
+        yield item
+
+
+def _check_request(request: Any, streaming: bool) -> Any:
+    if streaming:
+        return _checked(request)
+    if isinstance(request, _Malformed):
+        raise request.error()
+    return request
+
+
 class _Call:
     """Bookkeeping for one RPC: request id, timing, final code, access log and metrics."""
 
@@ -137,12 +179,12 @@ class _Call:
 
 
 def _wrap_unary(
-    method: str, behavior: Callable[..., Awaitable[Any]], mapper: ErrorMapper | None
+    method: str, behavior: Callable[..., Awaitable[Any]], mapper: ErrorMapper | None, streaming: bool = False
 ) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(method, context, mapper)
         try:
-            response = await behavior(request, context)
+            response = await behavior(_check_request(request, streaming), context)
             await call.headers()
             return response
         except BaseException as exc:
@@ -154,12 +196,12 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[..., Any], mapper: ErrorMapper | None
+    method: str, behavior: Callable[..., Any], mapper: ErrorMapper | None, streaming: bool = False
 ) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = _Call(method, context, mapper)
         try:
-            result = behavior(request, context)
+            result = behavior(_check_request(request, streaming), context)
             if inspect.isasyncgen(result):
                 async for item in result:
                     await call.headers()
@@ -193,7 +235,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
         kwargs = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:
@@ -202,7 +244,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, handler.stream_unary, self.mapper), **kwargs
+                _wrap_unary(method, handler.stream_unary, self.mapper, streaming=True), **kwargs
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
@@ -210,6 +252,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(method, handler.stream_stream, self.mapper), **kwargs
+                _wrap_stream(method, handler.stream_stream, self.mapper, streaming=True), **kwargs
             )
         return handler
