@@ -38,7 +38,7 @@ FUZZ = settings(
 )
 FIELDS = settings(FUZZ, max_examples=LONG or 80)
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
-REASONS = {n.removeprefix("ERROR_REASON_") for n in common_pb2.ErrorReason.keys()}
+REASONS = {n.removeprefix("ERROR_REASON_") for n, _ in common_pb2.ErrorReason.items()}
 CALL_TIMEOUT = 90.0
 STREAM_ENCODINGS = {
     "ogg.opus": common_pb2.AUDIO_ENCODING_OGG_OPUS,

@@ -86,6 +86,21 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield item
 
 
+# A call refused while its client is still sending: read (and drop) what it sends for this long
+# before ending the call. grpc.aio clients report INTERNAL "Internal error from Core" instead of the
+# real status when the status arrives in the middle of one of their writes.
+DRAIN_SECONDS = 0.3
+
+
+async def _drain(requests: Any, seconds: float = DRAIN_SECONDS) -> None:
+    async def read_all() -> None:
+        async for _ in requests:
+            pass
+
+    with contextlib.suppress(Exception, asyncio.CancelledError):
+        await asyncio.wait_for(read_all(), seconds)
+
+
 def _check_request(request: Any, streaming: bool) -> Any:
     if streaming:
         return _checked(request)
@@ -188,6 +203,8 @@ def _wrap_unary(
             await call.headers()
             return response
         except BaseException as exc:
+            if streaming and isinstance(exc, errors.ServiceError):
+                await _drain(request)
             await call.fail(exc)
         finally:
             call.done()
@@ -212,6 +229,8 @@ def _wrap_stream(
             call.code = grpc.StatusCode.CANCELLED
             raise
         except BaseException as exc:
+            if streaming and isinstance(exc, errors.ServiceError):
+                await _drain(request)
             await call.fail(exc)
         finally:
             call.done()
