@@ -453,7 +453,9 @@ def test_grpc_service_probes_and_ports(target: str, app: str) -> None:
         )
     if app == "transcriber":
         startup = c.get("startupProbe")
-        assert startup and startup.get("grpc", {}).get("port") == probe_port, "transcriber: no gRPC startupProbe"
+        assert startup and startup.get("grpc", {}).get("port") == probe_port, (
+            "transcriber: no gRPC startupProbe"
+        )
         budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
         assert budget >= 300, f"transcriber: the startupProbe allows only {budget}s to load the model"
 
@@ -1096,7 +1098,9 @@ def test_prod_is_mutual_tls_on_every_hop() -> None:
     assert "gateway" in certs["stt-tls-gateway"]["spec"]["dnsNames"]
     for app, var in (("transcriber", "STT_TRANSCRIBER_ADDRESS"), ("jobstore", "STT_JOBSTORE_ADDRESS")):
         host = (str_env(gateway_env, var) or "").rsplit(":", 1)[0]
-        assert host in certs[f"stt-tls-{app}"]["spec"]["dnsNames"], f"{app}'s certificate does not name {host}"
+        assert host in certs[f"stt-tls-{app}"]["spec"]["dnsNames"], (
+            f"{app}'s certificate does not name {host}"
+        )
     ca_issuer = issuers[certs["stt-tls-gateway"]["spec"]["issuerRef"]["name"]]
     assert ca_issuer["spec"]["ca"]["secretName"] in certs, "the CA issuer's Secret is not a Certificate"
 

@@ -17,7 +17,7 @@ from services.gateway import audio as audio_mod
 from services.gateway.auth import Caller, current_caller, require_write
 from services.gateway.config import GatewaySettings
 from services.gateway.jobstore_client import JobstoreClient
-from services.gateway.quotas import Quotas, TenantQuota
+from services.gateway.quotas import QUOTA_USED, Quotas, TenantQuota
 from services.gateway.requests import ModelCaps, ValidConfig, validate_config
 from services.shared import formats
 from services.shared.context import audit
@@ -90,7 +90,10 @@ class JobsAPI:
         return caller
 
     async def usage(self, tenant: str) -> jobstore_pb2.TenantUsage:
-        return await self.jobstore.call("GetTenantUsage", jobstore_pb2.TenantUsageRequest(tenant=tenant))
+        used = await self.jobstore.call("GetTenantUsage", jobstore_pb2.TenantUsageRequest(tenant=tenant))
+        QUOTA_USED.labels(tenant, "queued_jobs").set(used.queued_jobs)
+        QUOTA_USED.labels(tenant, "stored_audio_bytes").set(used.stored_audio_bytes)
+        return used
 
     async def drain(self) -> None:
         """Shutdown: end WatchJob streams now with UNAVAILABLE (clients reconnect to another gateway)
