@@ -20,7 +20,7 @@ from services.gateway.jobs_servicer import JobsServicer
 from services.gateway.jobstore_client import JobstoreClient
 from services.gateway.pool import TranscriberPool
 from services.gateway.quotas import ByteBudget, Quotas, inflight_var
-from services.gateway.speech import JobLimits, SpeechAPI
+from services.gateway.speech import BODY_COPIES, JobLimits, SpeechAPI
 from services.gateway.speech_servicer import SpeechServicer
 from services.shared.channel import InternalCredentials
 from services.shared.errors import ServiceError
@@ -200,7 +200,7 @@ class RecognizeAdmission(grpc.aio.ServerInterceptor):
         if details.method != RECOGNIZE or not self.budget.limit or caller is DENIED or caller.read_only:
             return await continuation(details)
         try:
-            reservation = await self.budget.reserve(self.max_bytes)
+            reservation = await self.budget.reserve(self.max_bytes * BODY_COPIES)
         except ServiceError as exc:
             handler = await continuation(details)
             err = exc
