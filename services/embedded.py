@@ -102,11 +102,16 @@ async def run(port: int, data_dir: str, host: str = "127.0.0.1") -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """`stt up` (the SDK's CLI finds this through the `stt.server` entry point)."""
+    from services.shared import tracing
     from services.shared.config import CommonSettings
     from services.shared.logging import setup_logging
 
     common = CommonSettings()
     setup_logging(common.log_level, common.log_format)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(args.port, args.data_dir, host=args.host))
+    tracing.configure("up", common.tracing)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run(args.port, args.data_dir, host=args.host))
+    finally:
+        tracing.shutdown()
     return 0

@@ -14,6 +14,15 @@ RPC_SECONDS = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 RPC_IN_FLIGHT = Gauge("stt_rpc_in_flight", "RPCs in progress", ["method"])
+# The gateway's view of its transcriber pool (what the "no transcriber serving" alert watches).
+TRANSCRIBERS = Gauge(
+    "stt_gateway_transcribers", "Transcriber endpoints this gateway knows, by readiness", ["state"]
+)
+DECODE_REJECTIONS = Counter(
+    "stt_decode_rejections_total",
+    "Audio refused while checking or decoding it (recordings, job uploads, streams), by error reason",
+    ["reason"],
+)
 
 _started: set[int] = set()
 
