@@ -19,7 +19,7 @@ from services.gateway.pool import TranscriberPool
 from services.gateway.speech import JobLimits, SpeechAPI
 from services.gateway.speech_servicer import SpeechServicer
 from services.shared.errors import ServiceError
-from services.shared.metrics import TRANSCRIBERS
+from services.shared.metrics import TRANSCRIBERS, set_known_tenants
 from services.shared.server import NOT_SERVING, SERVING, RunningServer, Service, start_server
 from stt.v1 import jobs_pb2, jobs_pb2_grpc, speech_pb2, speech_pb2_grpc
 
@@ -83,6 +83,7 @@ async def create_server(
     speech = SpeechServicer(speech_api, server_info)
     jobs = JobsServicer(jobs_api)
     authenticator = Authenticator(settings.tenants_by_key())
+    set_known_tenants(settings.tenants_by_key().values())  # the only tenant label values (metrics)
     running = await start_server(
         [
             Service(SPEECH, lambda s: speech_pb2_grpc.add_SpeechServicer_to_server(speech, s)),
