@@ -72,6 +72,7 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
             trace_parent=tracing.traceparent(),  # this call's trace: the job's spans continue it
         )
         job, created = await self.store.create_job(new, pieces())
+        tracing.set_attributes({"stt.job_id": job.id, "stt.created": created})
         return jobstore_pb2.StoreCreateJobResponse(job=stored_job(job), created=created)
 
     async def GetJob(
