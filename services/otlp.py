@@ -2,7 +2,7 @@
 system tests. Not a collector: it keeps spans in memory and appends each to a JSON-lines file.
 
     python -m services.otlp serve [--port 4317] [--out traces.jsonl]   # receive (services export here)
-    python -m services.otlp show traces.jsonl [--trace ID] [--last 5]  # print traces as trees
+    python -m services.otlp show traces.jsonl [--trace ID | --job ID] [--last 5]  # traces as trees
 
 Point the services at it with OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317. For a real UI, run
 any OTLP-capable backend (Jaeger, Tempo, an OpenTelemetry Collector) and point the variable there.
@@ -211,11 +211,16 @@ def main(argv: list[str] | None = None) -> None:
     show = sub.add_parser("show", help="print received traces as trees")
     show.add_argument("file")
     show.add_argument("--trace", help="only this trace id")
+    show.add_argument("--job", help="only the trace of this job")
     show.add_argument("--last", type=int, default=5, help="the N most recent traces (default 5)")
     args = p.parse_args(argv)
     if args.command == "show":
         traces = by_trace(load(args.file))
-        if args.trace:
+        if args.job:
+            chosen = [
+                t for t in traces.values() if any(s.attributes.get("stt.job_id") == args.job for s in t)
+            ]
+        elif args.trace:
             chosen = [traces[args.trace]] if args.trace in traces else []
         else:
             chosen = sorted(traces.values(), key=lambda ss: max(s.end_ns for s in ss))[-args.last :]
