@@ -495,6 +495,7 @@ _JOB_FIELDS: list[tuple[str, dict[str, Any], str]] = [
     ("prompt", {"type": "string"}, "text that biases decoding"),
     ("priority", {"type": "string", "enum": ["high", "normal", "low"]}, "queue priority (default normal)"),
     ("request_id", {"type": "string"}, "idempotency key (also the Idempotency-Key header)"),
+    ("word_timestamps", {"type": "boolean"}, "word times in the json transcript"),
     ("keep_audio", {"type": "boolean"}, "keep the audio after completion (for retry)"),
     ("beam_size", {"type": "integer"}, "beam size (0: the server default)"),
     ("temperature", {"type": "number"}, "0..1"),
@@ -610,6 +611,7 @@ def _job_metadata(params: dict[str, str], idempotency_key: str, size: int) -> jo
         config=common_pb2.RecognitionConfig(
             language_code=params.get("language", ""),
             initial_prompt=params.get("prompt", ""),
+            enable_word_time_offsets=params.get("word_timestamps", "").lower() in ("1", "true", "yes", "on"),
             beam_size=number("beam_size", int),
             temperature=number("temperature", float),
         ),

@@ -179,6 +179,7 @@ $("#download-json").addEventListener("click", () =>
 $("#submit-job").addEventListener("click", async () => {
   const form = new FormData();
   form.append("file", currentFile, currentFile.name);
+  form.append("word_timestamps", "true");
   const lang = $("#language").value.trim();
   if (lang) form.append("language", lang);
   try {
