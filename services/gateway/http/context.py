@@ -20,8 +20,11 @@ class HttpContext:
     jobs: JobsAPI
     auth: Authenticator
     server_info: Callable[[], Awaitable[speech_pb2.ServerInfo]]
-    # Set when the gateway starts draining: live sockets finish their audio and close (1012).
+    # Set when the gateway starts draining (no new connections; /readyz says not ready).
     draining: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set a little before the drain's grace runs out: live sockets still open then end their audio,
+    # send its final results and close with 1012. Sockets that end before it are not disturbed.
+    cut: asyncio.Event = field(default_factory=asyncio.Event)
     # Live WebSocket sessions in progress (the drain waits for them).
     live: set[asyncio.Task[None]] = field(default_factory=set)
     live_done: asyncio.Event = field(default_factory=asyncio.Event)

@@ -16,8 +16,10 @@ admission, policy and resumption as the gRPC door):
   and `.completed` with the whole turn. `input_audio_buffer.commit` ends the current audio (all of
   it transcribed and completed); `clear` drops it.
 
-Drain: on SIGTERM both finish the audio already received, send what it gives, send an error with
-code "draining" and close with 1012 (service restart): the client reconnects to another gateway.
+Drain (SIGTERM): live sockets go on while the shutdown grace lasts; those still open a little
+before it runs out (the last quarter, at most 5 s) end their audio there, get the final results of
+everything the server has read, an error with code "draining", and close with 1012 (service
+restart): the client reconnects to another gateway.
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ async def _native(ws: WebSocket, sock: Socket, ctx: HttpContext) -> None:
 
     session = asyncio.ensure_future(pump())
     feed.consumer = session
-    drained = asyncio.ensure_future(ctx.draining.wait())
+    drained = asyncio.ensure_future(ctx.cut.wait())
     recv: asyncio.Future[Any] | None = None
     try:
         while not feed.ended:
@@ -445,6 +447,8 @@ class RealtimeConnection:
         self.item: _Item | None = None
         self.previous: str | None = None
         self.utterance_end_seen = False
+        self.completions = 0
+        self.billed = 0.0  # stream seconds accounted to completed items (their usage)
 
     # -- server events --------------------------------------------------------------------------------
 
@@ -484,14 +488,16 @@ class RealtimeConnection:
             item_id=item.id,
             content_index=0,
             transcript=" ".join(item.texts),
-            usage={"type": "duration", "seconds": math.ceil(seconds)},
+            usage={"type": "duration", "seconds": math.ceil(max(0.0, seconds - self.billed))},
         )
         self.previous = item.id
         self.item = None
+        self.completions += 1
+        self.billed = max(self.billed, seconds)
 
     async def on_response(self, resp: speech_pb2.StreamingRecognizeResponse) -> None:
         manual = self.session.turn_detection is None
-        seconds = resp.total_billed_seconds
+        seconds = self.offset + resp.total_billed_seconds
         kind = resp.speech_event_type
         if kind == speech_pb2.SPEECH_EVENT_TYPE_SPEECH_ACTIVITY_BEGIN and not manual:
             if self.item is not None and (self.item.texts or self.item.stopped):
@@ -547,7 +553,7 @@ class RealtimeConnection:
                 last = resp.total_billed_seconds or last
                 await self.on_response(resp)
             if self.item is not None:
-                await self._complete(self.item, last)
+                await self._complete(self.item, self.offset + last)
 
         self.feed = feed
         self.task = asyncio.ensure_future(pump())
@@ -610,7 +616,7 @@ async def realtime(ws: WebSocket, ctx: HttpContext) -> None:
 
 
 async def _realtime_loop(ws: WebSocket, conn: RealtimeConnection, ctx: HttpContext) -> None:
-    drained = asyncio.ensure_future(ctx.draining.wait())
+    drained = asyncio.ensure_future(ctx.cut.wait())
     recv: asyncio.Future[Any] | None = None
     try:
         while True:
@@ -670,10 +676,12 @@ async def _realtime_event(conn: RealtimeConnection, raw: str | bytes | None) -> 
                 raise InvalidInput(
                     "the input audio buffer is empty: nothing to commit", reason="EMPTY_AUDIO", field="audio"
                 )
-            item = conn.item
+            before = conn.completions
             await conn.finish()
-            if item is not None:
-                await conn._commit(item)
+            if conn.completions == before:
+                # Nothing was left to complete (the buffer since the last turn held no speech): the
+                # commit still gets its item, with an empty transcript, as OpenAI's does.
+                await conn._complete(await conn._new_item(), conn.billed)
         elif kind == "input_audio_buffer.clear":
             await conn.clear()
             await conn.emit("input_audio_buffer.cleared")

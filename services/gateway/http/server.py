@@ -1,9 +1,9 @@
 """The HTTP front door's server: uvicorn on the gateway's own event loop (no thread, no second
 process), started and drained with the gRPC server.
 
-Drain (SIGTERM): `begin_drain` stops accepting connections and tells live sockets to finish their
-audio; `stop` then waits (within the shutdown grace) for live sockets and in-flight requests, and
-cancels what is left.
+Drain (SIGTERM): `begin_drain` stops accepting connections; live sockets go on until shortly before
+the shutdown grace ends, then finish the audio they have and close (see live.py); `stop` waits for
+them and for in-flight requests within the grace, and cancels what is left.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from services.gateway.http.context import HttpContext
 
 log = logging.getLogger("gateway.http")
 
-WS_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # one WebSocket message (a Realtime append is base64 JSON)
+WS_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+CUT_MARGIN = 5.0  # seconds of the drain's grace kept for live sockets' last results  # one WebSocket message (a Realtime append is base64 JSON)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -63,6 +64,7 @@ class HttpServer:
         self.server = uvicorn.Server(self.config)
         self._deadline: float | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._cut_timer: asyncio.TimerHandle | None = None
         self._stopped = False
 
     async def start(self) -> None:
@@ -81,15 +83,20 @@ class HttpServer:
         self.ctx.draining.set()
         for server in self.server.servers:
             server.close()
+        # Live sockets are cut before the grace ends, leaving time for their last results.
+        cut_after = max(0.0, self.grace - min(CUT_MARGIN, self.grace * 0.25))
+        self._cut_timer = asyncio.get_running_loop().call_later(cut_after, self.ctx.cut.set)
 
     async def stop(self, grace: float | None = None) -> None:
         """Wait for live sockets and in-flight requests (until the grace is over), then close."""
         if self._stopped:
             return
         self._stopped = True
-        if grace is not None:
+        if grace is not None and grace < self.grace:
             self.grace = grace
             self._deadline = None
+            if self._cut_timer is not None:
+                self._cut_timer.cancel()
         await self.begin_drain()
         assert self._deadline is not None
         remaining = max(0.0, self._deadline - time.monotonic())
@@ -104,4 +111,6 @@ class HttpServer:
             log.exception("error while stopping the HTTP server")
         if self._ticker is not None:
             await self._ticker
+        if self._cut_timer is not None:
+            self._cut_timer.cancel()
         log.info("http stopped")
