@@ -90,17 +90,23 @@ function baseName(name) {
 function renderTranscript(result) {
   const box = $("#transcript");
   box.textContent = "";
-  const words = result.words || [];
-  for (const seg of result.segments || []) {
+  const segments = result.segments || [];
+  // Each word goes to exactly one segment: the last one that starts at or before it.
+  const bySegment = segments.map(() => []);
+  for (const w of result.words || []) {
+    let i = segments.length - 1;
+    while (i > 0 && segments[i].start > w.start + 0.005) i--;
+    if (i >= 0) bySegment[i].push(w);
+  }
+  segments.forEach((seg, i) => {
     const line = document.createElement("span");
     line.className = "segment";
     const time = document.createElement("span");
     time.className = "time";
-    time.textContent = clock(seg.start, ".").slice(3, 9);
+    time.textContent = clock(seg.start, ".").slice(3, 8);
     line.appendChild(time);
-    const inSeg = words.filter((w) => w.start >= seg.start - 0.01 && w.start < seg.end + 0.01);
-    if (!inSeg.length) line.appendChild(document.createTextNode(seg.text.trim()));
-    for (const w of inSeg) {
+    if (!bySegment[i].length) line.appendChild(document.createTextNode(seg.text.trim()));
+    for (const w of bySegment[i]) {
       const span = document.createElement("span");
       span.className = "word";
       span.textContent = w.word;
@@ -111,7 +117,7 @@ function renderTranscript(result) {
       line.appendChild(document.createTextNode(" "));
     }
     box.appendChild(line);
-  }
+  });
 }
 
 $("#transcript").addEventListener("click", (e) => {
