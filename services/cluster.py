@@ -297,7 +297,8 @@ async def main(argv: list[str] | None = None) -> None:
         await cluster.start(transcribers=args.transcribers, gateways=args.gateways)
         lines = [
             f"  gateways:     {', '.join(g.address for g in cluster.gateways)}",
-            f"  http:         {', '.join(f'http://127.0.0.1:{g.http_port}/' for g in cluster.gateways if g.http_port)}",
+            "  http:         "
+            + ", ".join(f"http://127.0.0.1:{g.http_port}/" for g in cluster.gateways if g.http_port),
             f"  transcribers: {', '.join(t.address for t in cluster.transcribers)}",
             f"                (the gateways re-read {cluster.transcriber_list} every second)",
             f"  jobstore:     {cluster.jobstore.address if cluster.jobstore else '-'} on {args.database_url}",

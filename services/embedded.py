@@ -97,7 +97,9 @@ async def run(
     gset = GatewaySettings()
     if not http:
         gset = gset.model_copy(update={"http_enabled": False})
-    stack = await start_stack(port=port, host=host, data_dir=data_dir, gateway_settings=gset, http_port=http_port)
+    stack = await start_stack(
+        port=port, host=host, data_dir=data_dir, gateway_settings=gset, http_port=http_port
+    )
     try:
         await stack.wait_ready()
         log.info(

@@ -76,7 +76,9 @@ def browser(mic_wav: Path, downloads: Path) -> Iterator[Any]:
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
-    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.execute_cdp_cmd(
+        "Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)}
+    )
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     try:
         yield driver
@@ -156,7 +158,15 @@ async def test_page_file_transcript_downloads_and_job(browser: Any, gateway: Gat
     assert abs(got["position"] - got["clicked"]) < 0.5
     assert got["srt"].startswith("1\n00:00:00,") and " --> " in got["srt"]
     assert got["vtt"].startswith("WEBVTT\n\n")
-    assert wer(JFK.text, " ".join(line for line in got["srt"].splitlines() if line and "-->" not in line and not line.isdigit())) <= 0.15
+    assert (
+        wer(
+            JFK.text,
+            " ".join(
+                line for line in got["srt"].splitlines() if line and "-->" not in line and not line.isdigit()
+            ),
+        )
+        <= 0.15
+    )
     assert got["bar"][0] == got["bar"][1] > 0
     assert got["links"] == ["text", "srt", "vtt", "json"]
 

@@ -431,10 +431,14 @@ def test_gateway_serves_http_through_its_service(target: str) -> None:
     port = int(str_env(env_of(objs, c), "STT_HTTP_PORT") or HTTP_PORT)
     http = container_port(c, "http")
     assert http is not None and http["containerPort"] == port, "gateway: containerPort http != STT_HTTP_PORT"
-    assert str_env(env_of(objs, c), "STT_HTTP_ENABLED") in (None, "true", "1"), "gateway: HTTP is switched off"
+    assert str_env(env_of(objs, c), "STT_HTTP_ENABLED") in (None, "true", "1"), (
+        "gateway: HTTP is switched off"
+    )
     svc = find(objs, "Service", "gateway")
     ports = {p["name"]: p for p in svc["spec"]["ports"]}
-    assert "http" in ports and ports["http"]["targetPort"] in ("http", port), "Service/gateway has no http port"
+    assert "http" in ports and ports["http"]["targetPort"] in ("http", port), (
+        "Service/gateway has no http port"
+    )
 
 
 def _ingress_backends(ingress: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:

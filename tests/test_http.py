@@ -4,7 +4,6 @@ gateway (gRPC and HTTP on one event loop) with a real transcriber and jobstore."
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections.abc import AsyncIterator
@@ -19,12 +18,16 @@ from services.gateway.server import create_server as create_gateway
 from stt.client import AsyncClient
 from tests.conftest import gateway_settings, wait_serving
 from tests.support import audio
-from tests.support.speech import by_name, load_16k
+from tests.support.speech import RealClip, by_name, load_16k
 from tests.support.text import normalize, wer
 
 KEY = "sk-test-acme"
 JFK = by_name("jfk_inaugural_16k")
 HARVARD = by_name("harvard_osr_0010_8k")
+
+
+def upload(clip: RealClip) -> tuple[str, bytes]:
+    return clip.path.name, clip.path.read_bytes()
 
 
 def base_url(gw: Gateway) -> str:
@@ -52,7 +55,9 @@ async def locked(transcriber, jobstore) -> AsyncIterator[Gateway]:  # type: igno
 
 @pytest.fixture(scope="module")
 def oai(gateway: Gateway) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=base_url(gateway) + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.AsyncOpenAI(
+        base_url=base_url(gateway) + "/v1", api_key="unused", max_retries=0, timeout=120
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,20 +80,16 @@ async def test_models_lists_the_loaded_model_and_the_whisper_alias(oai: openai.A
 
 
 async def test_json_and_text_formats(oai: openai.AsyncOpenAI):
-    with open(JFK.path, "rb") as fh:
-        result = await oai.audio.transcriptions.create(model="whisper-1", file=fh)
+    result = await oai.audio.transcriptions.create(model="whisper-1", file=upload(JFK))
     assert wer(JFK.text, result.text) <= 0.15, result.text
     assert result.usage is not None and result.usage.seconds == 11  # type: ignore[union-attr]
-    with open(JFK.path, "rb") as fh:
-        text = await oai.audio.transcriptions.create(model="whisper-1", file=fh, response_format="text")
+    text = await oai.audio.transcriptions.create(model="whisper-1", file=upload(JFK), response_format="text")
     assert isinstance(text, str) and text.strip() == result.text
 
 
 async def test_subtitle_formats(oai: openai.AsyncOpenAI):
-    with open(JFK.path, "rb") as fh:
-        srt = await oai.audio.transcriptions.create(model="whisper-1", file=fh, response_format="srt")
-    with open(JFK.path, "rb") as fh:
-        vtt = await oai.audio.transcriptions.create(model="whisper-1", file=fh, response_format="vtt")
+    srt = await oai.audio.transcriptions.create(model="whisper-1", file=upload(JFK), response_format="srt")
+    vtt = await oai.audio.transcriptions.create(model="whisper-1", file=upload(JFK), response_format="vtt")
     cues = [c.split("\n") for c in srt.strip().split("\n\n")]
     assert [c[0] for c in cues] == [str(i) for i in range(1, len(cues) + 1)]
     times = [re.fullmatch(r"(\d\d:\d\d:\d\d,\d\d\d) --> (\d\d:\d\d:\d\d,\d\d\d)", c[1]) for c in cues]
@@ -100,14 +101,13 @@ async def test_subtitle_formats(oai: openai.AsyncOpenAI):
 
 
 async def test_verbose_json_with_words_and_segments(oai: openai.AsyncOpenAI):
-    with open(JFK.path, "rb") as fh:
-        result = await oai.audio.transcriptions.create(
-            model="whisper-1",
-            file=fh,
-            response_format="verbose_json",
-            timestamp_granularities=["word", "segment"],
-            language="en",
-        )
+    result = await oai.audio.transcriptions.create(
+        model="whisper-1",
+        file=upload(JFK),
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+        language="en",
+    )
     assert result.language == "english"
     assert result.duration == pytest.approx(JFK.seconds, abs=0.1)
     assert result.segments and result.words
@@ -119,20 +119,19 @@ async def test_verbose_json_with_words_and_segments(oai: openai.AsyncOpenAI):
     for seg in result.segments:  # each segment's words lie inside it
         inside = [w for w in result.words if seg.start - 0.05 <= w.start < seg.end]
         assert wer(seg.text, " ".join(w.word for w in inside)) <= 0.34, (seg.text, inside)
-    with open(JFK.path, "rb") as fh:
-        only_words = await oai.audio.transcriptions.create(
-            model="whisper-1", file=fh, response_format="verbose_json", timestamp_granularities=["word"]
-        )
+    only_words = await oai.audio.transcriptions.create(
+        model="whisper-1", file=upload(JFK), response_format="verbose_json", timestamp_granularities=["word"]
+    )
     assert only_words.words and not only_words.segments
-    with open(JFK.path, "rb") as fh:
-        default = await oai.audio.transcriptions.create(model="whisper-1", file=fh, response_format="verbose_json")
+    default = await oai.audio.transcriptions.create(
+        model="whisper-1", file=upload(JFK), response_format="verbose_json"
+    )
     assert default.segments and not default.words
 
 
 async def test_stream_true_sends_deltas_then_done(oai: openai.AsyncOpenAI):
-    with open(HARVARD.path, "rb") as fh:
-        stream = await oai.audio.transcriptions.create(model="whisper-1", file=fh, stream=True)
-        events = [event async for event in stream]
+    stream = await oai.audio.transcriptions.create(model="whisper-1", file=upload(HARVARD), stream=True)
+    events = [event async for event in stream]
     kinds = [e.type for e in events]
     assert kinds[-1] == "transcript.text.done" and set(kinds[:-1]) == {"transcript.text.delta"}
     assert len(kinds) > 3  # one delta per segment of a 34 s recording
@@ -142,10 +141,13 @@ async def test_stream_true_sends_deltas_then_done(oai: openai.AsyncOpenAI):
 
 
 async def test_prompt_and_language_reach_the_model(oai: openai.AsyncOpenAI):
-    with open(by_name("ami_ES2011a_headset0_40-46s").path, "rb") as fh:
-        result = await oai.audio.transcriptions.create(
-            model="whisper-1", file=fh, language="en", prompt="Abigail Claflin, Abbie.", temperature=0
-        )
+    result = await oai.audio.transcriptions.create(
+        model="whisper-1",
+        file=upload(by_name("ami_ES2011a_headset0_40-46s")),
+        language="en",
+        prompt="Abigail Claflin, Abbie.",
+        temperature=0,
+    )
     assert "claflin" in normalize(result.text) or "abbie" in normalize(result.text), result.text
 
 
@@ -153,7 +155,9 @@ async def test_errors_in_the_shape_the_openai_client_raises(locked: Gateway):
     oai = openai.AsyncOpenAI(base_url=base_url(locked) + "/v1", api_key=KEY, max_retries=0, timeout=60)
     # Not audio.
     with pytest.raises(openai.BadRequestError) as bad:
-        await oai.audio.transcriptions.create(model="whisper-1", file=("notes.wav", b"this is not audio" * 50))
+        await oai.audio.transcriptions.create(
+            model="whisper-1", file=("notes.wav", b"this is not audio" * 50)
+        )
     assert bad.value.code == "undecodable_audio" and bad.value.param == "file"
     assert bad.value.type == "invalid_request_error" and bad.value.request_id
     # A valid file over the duration limit (8 s here).
@@ -166,18 +170,17 @@ async def test_errors_in_the_shape_the_openai_client_raises(locked: Gateway):
         await oai.audio.transcriptions.create(model="whisper-1", file=("big.wav", b"\0" * (2 * 1024 * 1024)))
     assert too_big.value.status_code == 413 and too_big.value.code == "audio_too_large"
     # A language the English-only model cannot do: the field is named as the form field.
-    with open(JFK.path, "rb") as fh:
-        with pytest.raises(openai.BadRequestError) as lang:
-            await oai.audio.transcriptions.create(model="whisper-1", file=fh, language="de")
+    with pytest.raises(openai.BadRequestError) as lang:
+        await oai.audio.transcriptions.create(model="whisper-1", file=upload(JFK), language="de")
     assert lang.value.code == "language_not_supported" and lang.value.param == "language"
     # Unknown model.
-    with open(JFK.path, "rb") as fh:
-        with pytest.raises(openai.NotFoundError):
-            await oai.audio.transcriptions.create(model="whisper-9", file=fh)
+    with pytest.raises(openai.NotFoundError):
+        await oai.audio.transcriptions.create(model="whisper-9", file=upload(JFK))
     # stream=true with a subtitle format.
-    with open(JFK.path, "rb") as fh:
-        with pytest.raises(openai.BadRequestError) as streamed:
-            await oai.audio.transcriptions.create(model="whisper-1", file=fh, response_format="srt", stream=True)  # type: ignore[call-overload]
+    with pytest.raises(openai.BadRequestError) as streamed:
+        await oai.audio.transcriptions.create(
+            model="whisper-1", file=upload(JFK), response_format="srt", stream=True
+        )  # type: ignore[call-overload]
     assert streamed.value.param == "stream"
     # A bad key, and none.
     for key in ("sk-wrong", ""):
@@ -198,10 +201,15 @@ async def test_http_and_grpc_give_the_same_transcript(oai: openai.AsyncOpenAI, c
     data = JFK.path.read_bytes()
     over_grpc = await client.recognize(data, word_timestamps=True)
     over_http = await oai.audio.transcriptions.create(
-        model="whisper-1", file=("jfk.flac", data), response_format="verbose_json", timestamp_granularities=["word"]
+        model="whisper-1",
+        file=("jfk.flac", data),
+        response_format="verbose_json",
+        timestamp_granularities=["word"],
     )
     assert over_http.text == over_grpc.transcript
-    assert [w.word for w in over_http.words or []] == [w.word.strip() for r in over_grpc.results for w in r.words]
+    assert [w.word for w in over_http.words or []] == [
+        w.word.strip() for r in over_grpc.results for w in r.words
+    ]
 
 
 # -- jobs over REST ----------------------------------------------------------------------------------------
@@ -233,7 +241,9 @@ async def test_job_lifecycle_over_rest(http: httpx.AsyncClient):
         assert resp.headers["content-type"].startswith("text/event-stream")
         async for kind, event in _sse(resp):
             assert kind == "job"
-            seen.append((event["job"]["status"], event["job"]["chunks_completed"], event["job"]["chunks_total"]))
+            seen.append(
+                (event["job"]["status"], event["job"]["chunks_completed"], event["job"]["chunks_total"])
+            )
     assert seen[-1][0] == "completed" and seen[-1][1] == seen[-1][2] >= 2
     done = [c for _, c, _ in seen]
     assert done == sorted(done)
@@ -276,7 +286,9 @@ async def test_job_from_a_raw_body_and_bad_uploads(http: httpx.AsyncClient):
     assert wer(JFK.text, text) <= 0.2
     bad = await http.post("/v1/jobs", files={"file": ("x.wav", b"not audio" * 100)})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "file"
-    bad_priority = await http.post("/v1/jobs", files={"file": ("a.flac", JFK.path.read_bytes())}, data={"priority": "urgent"})
+    bad_priority = await http.post(
+        "/v1/jobs", files={"file": ("a.flac", JFK.path.read_bytes())}, data={"priority": "urgent"}
+    )
     assert bad_priority.status_code == 400 and bad_priority.json()["error"]["param"] == "priority"
     no_file = await http.post("/v1/jobs", files={"other": ("a.flac", b"x")})
     assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
@@ -291,7 +303,9 @@ async def test_jobs_need_the_key_and_tenants_do_not_see_each_other(locked: Gatew
         assert denied.status_code == 401 and denied.json()["error"]["code"] == "unauthenticated"
         assert denied.headers["www-authenticate"] == "Bearer"
         created = await c.post(
-            "/v1/jobs", files={"file": ("jfk.flac", JFK.path.read_bytes())}, headers={"authorization": f"Bearer {KEY}"}
+            "/v1/jobs",
+            files={"file": ("jfk.flac", JFK.path.read_bytes())},
+            headers={"authorization": f"Bearer {KEY}"},
         )
         assert created.status_code == 200, created.text
         job_id = created.json()["job_id"]

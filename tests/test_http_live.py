@@ -178,7 +178,9 @@ async def test_native_protocol_with_webm_opus_as_mediarecorder_sends_it(gateway:
     data = live_webm(np.concatenate([load_16k(LIBRI), audio.silence(1.0)]))
     finals, interims = [], []
     async with connect(ws_url(gateway, "/v1/stream")) as ws:
-        await ws.send(json.dumps({"config": {"encoding": "WEBM_OPUS", "language_code": "en"}, "interim_results": True}))
+        await ws.send(
+            json.dumps({"config": {"encoding": "WEBM_OPUS", "language_code": "en"}, "interim_results": True})
+        )
         for i in range(0, len(data), 1000):  # ~250 ms of 32 kbit/s Opus per message
             await ws.send(data[i : i + 1000])
             await asyncio.sleep(0.01)
@@ -212,20 +214,33 @@ async def test_native_protocol_errors_and_keys(transcriber, jobstore):  # type: 
                 pass
         assert denied.value.response.status_code == 401
         # Browsers pass the key as a subprotocol; the server answers with the other one.
-        async with connect(ws_url(gw, "/v1/stream"), subprotocols=["stt", f"openai-insecure-api-key.{KEY}"]) as ws:  # type: ignore[list-item]
+        async with connect(
+            ws_url(gw, "/v1/stream"), subprotocols=["stt", f"openai-insecure-api-key.{KEY}"]
+        ) as ws:  # type: ignore[list-item]
             assert ws.subprotocol == "stt"
-            await ws.send(json.dumps({"config": {"encoding": "LINEAR16", "sample_rate_hz": 16000, "language_code": "de"}}))
+            await ws.send(
+                json.dumps(
+                    {"config": {"encoding": "LINEAR16", "sample_rate_hz": 16000, "language_code": "de"}}
+                )
+            )
             error = json.loads(await ws.recv())["error"]
-            assert error["code"] == "language_not_supported" and error["param"] == "streaming_config.config.language_code"
+            assert (
+                error["code"] == "language_not_supported"
+                and error["param"] == "streaming_config.config.language_code"
+            )
             with pytest.raises(ConnectionClosed):
                 await ws.recv()
             assert ws.close_code == 1008
-        async with connect(ws_url(gw, "/v1/stream"), additional_headers={"authorization": f"Bearer {KEY}"}) as ws:
+        async with connect(
+            ws_url(gw, "/v1/stream"), additional_headers={"authorization": f"Bearer {KEY}"}
+        ) as ws:
             await ws.send(b"audio before any config")
             error = json.loads(await ws.recv())["error"]
             assert error["code"] == "missing_config"
         oai = realtime_client(gw, KEY)
-        async with oai.beta.realtime.connect(model="whisper-1", extra_query={"intent": "transcription"}) as conn:
+        async with oai.beta.realtime.connect(
+            model="whisper-1", extra_query={"intent": "transcription"}
+        ) as conn:
             await conn.recv()
             await conn.send({"type": "input_audio_buffer.append", "audio": "%%% not base64"})  # type: ignore[arg-type]
             bad = await asyncio.wait_for(conn.recv(), 10)
@@ -251,7 +266,9 @@ async def test_drain_lets_live_sockets_finish_and_cuts_the_rest(transcriber, job
     async def offline(samples: np.ndarray) -> str:
         resp = await gw.speech.recognize(
             speech_pb2.RecognizeRequest(
-                config=common_pb2.RecognitionConfig(encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000),
+                config=common_pb2.RecognitionConfig(
+                    encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000
+                ),
                 content=pcm16(samples, 16000),
             )
         )

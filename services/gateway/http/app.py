@@ -140,15 +140,23 @@ def create_app(ctx: HttpContext) -> Any:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
-                          "code": "not_found" if exc.status_code == 404 else None}}  # fmt: skip
+        body = {
+            "error": {
+                "message": str(exc.detail),
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "not_found" if exc.status_code == 404 else None,
+            }
+        }
         return JSONResponse(body, status_code=exc.status_code, headers=dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error in %s %s", request.method, request.url.path)
         rid = request_id_var.get()
-        return _error_response(Internal(f"internal error; report it with request id {rid}", reason="INTERNAL"))
+        return _error_response(
+            Internal(f"internal error; report it with request id {rid}", reason="INTERNAL")
+        )
 
     # -- OpenAI-compatible -------------------------------------------------------------------------
 
@@ -229,13 +237,21 @@ def create_app(ctx: HttpContext) -> Any:
         try:
             resp = await ctx.speech.recognize(request)
         except ServiceError as exc:
-            raise exc.relocated({"content": "file", "config.language_code": "language",
-                                 "config.initial_prompt": "prompt", "config.temperature": "temperature",
-                                 "config.": ""}) from None  # fmt: skip
+            raise exc.relocated(
+                {
+                    "content": "file",
+                    "config.language_code": "language",
+                    "config.initial_prompt": "prompt",
+                    "config.temperature": "temperature",
+                    "config.": "",
+                }
+            ) from None
         duration = resp.metadata.audio_duration_seconds
         usage = {"type": "duration", "seconds": math.ceil(duration)}
         if stream:
-            return StreamingResponse(_deltas(resp, usage), media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(
+                _deltas(resp, usage), media_type="text/event-stream", headers=SSE_HEADERS
+            )
         segments = _segments(resp)
         if response_format == "json":
             return JSONResponse({"text": resp.transcript, "usage": usage})
@@ -250,7 +266,7 @@ def create_app(ctx: HttpContext) -> Any:
                 doc["segments"] = [
                     {
                         "id": i,
-                        "seek": int(round(r.start_seconds * 100)),
+                        "seek": round(r.start_seconds * 100),
                         "start": round(r.start_seconds, 3),
                         "end": round(r.end_seconds, 3),
                         "text": r.transcript,
@@ -264,15 +280,22 @@ def create_app(ctx: HttpContext) -> Any:
                 ]
             if "word" in granular:
                 doc["words"] = [
-                    {"word": w.word.strip(), "start": round(w.start_seconds, 3), "end": round(w.end_seconds, 3)}
+                    {
+                        "word": w.word.strip(),
+                        "start": round(w.start_seconds, 3),
+                        "end": round(w.end_seconds, 3),
+                    }
                     for r in resp.results
                     for w in r.words
                 ]
             doc["usage"] = usage
             return JSONResponse(doc)
         rendered = formats.render(segments, response_format)
-        media = {"text": "text/plain; charset=utf-8", "srt": "application/x-subrip; charset=utf-8",
-                 "vtt": "text/vtt; charset=utf-8"}[response_format]  # fmt: skip
+        media = {
+            "text": "text/plain; charset=utf-8",
+            "srt": "application/x-subrip; charset=utf-8",
+            "vtt": "text/vtt; charset=utf-8",
+        }[response_format]
         return PlainTextResponse(rendered, media_type=media)
 
     # -- jobs ----------------------------------------------------------------------------------------
@@ -317,7 +340,9 @@ def create_app(ctx: HttpContext) -> Any:
             form = await request.form(max_files=1, max_fields=32)
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
-                raise InvalidInput("the multipart body needs a `file` part", reason="MISSING_FIELD", field="file")
+                raise InvalidInput(
+                    "the multipart body needs a `file` part", reason="MISSING_FIELD", field="file"
+                )
             params.update({k: v for k, v in form.items() if isinstance(v, str)})
             params.setdefault("filename", getattr(upload, "filename", "") or "")
             chunks = _upload_chunks(upload)
@@ -333,8 +358,12 @@ def create_app(ctx: HttpContext) -> Any:
             raise exc.relocated(JOB_FIELDS) from None
         return JSONResponse(to_json(job))
 
-    @app.get("/v1/jobs", tags=["jobs"], summary="List jobs, newest first",
-             responses={200: {"description": "A page of jobs", **_ref("ListJobsResponse")}, **ERRORS})  # fmt: skip
+    @app.get(
+        "/v1/jobs",
+        tags=["jobs"],
+        summary="List jobs, newest first",
+        responses={200: {"description": "A page of jobs", **_ref("ListJobsResponse")}, **ERRORS},
+    )
     async def list_jobs(
         status: str = Query("", description="queued, running, completed, failed or cancelled (default: all)"),
         page_size: int = Query(0, description="0: the server default"),
@@ -343,7 +372,8 @@ def create_app(ctx: HttpContext) -> Any:
         number = enum_number(jobs_pb2.JobStatus.DESCRIPTOR, status) if status else 0
         if number is None:
             raise InvalidInput(
-                f"unknown status {status!r}; use one of {', '.join(enum_names(jobs_pb2.JobStatus.DESCRIPTOR)[1:])}",
+                f"unknown status {status!r}; use one of "
+                + ", ".join(enum_names(jobs_pb2.JobStatus.DESCRIPTOR)[1:]),
                 reason="BAD_FIELD_VALUE",
                 field="status",
             )
@@ -353,8 +383,12 @@ def create_app(ctx: HttpContext) -> Any:
         )
         return JSONResponse(to_json(resp))
 
-    @app.get("/v1/jobs/{job_id}", tags=["jobs"], summary="Get a job",
-             responses={200: {"description": "The job", **_ref("Job")}, **ERRORS})  # fmt: skip
+    @app.get(
+        "/v1/jobs/{job_id}",
+        tags=["jobs"],
+        summary="Get a job",
+        responses={200: {"description": "The job", **_ref("Job")}, **ERRORS},
+    )
     async def get_job(job_id: str) -> JSONResponse:
         return JSONResponse(to_json(await ctx.jobs.get_job(current_tenant(), job_id)))
 
@@ -373,18 +407,31 @@ def create_app(ctx: HttpContext) -> Any:
         first = await anext(events)  # errors (not found, ...) before the stream starts
         return StreamingResponse(_job_sse(first, events), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    @app.post("/v1/jobs/{job_id}/cancel", tags=["jobs"], summary="Cancel a job",
-              responses={200: {"description": "The job", **_ref("Job")}, **ERRORS})  # fmt: skip
+    @app.post(
+        "/v1/jobs/{job_id}/cancel",
+        tags=["jobs"],
+        summary="Cancel a job",
+        responses={200: {"description": "The job", **_ref("Job")}, **ERRORS},
+    )
     async def cancel_job(job_id: str) -> JSONResponse:
         return JSONResponse(to_json(await ctx.jobs.cancel_job(current_tenant(), job_id)))
 
-    @app.post("/v1/jobs/{job_id}/retry", tags=["jobs"], summary="Run a FAILED or CANCELLED job again",
-              responses={200: {"description": "The job", **_ref("Job")}, **ERRORS})  # fmt: skip
+    @app.post(
+        "/v1/jobs/{job_id}/retry",
+        tags=["jobs"],
+        summary="Run a FAILED or CANCELLED job again",
+        responses={200: {"description": "The job", **_ref("Job")}, **ERRORS},
+    )
     async def retry_job(job_id: str) -> JSONResponse:
         return JSONResponse(to_json(await ctx.jobs.retry_job(current_tenant(), job_id)))
 
-    @app.delete("/v1/jobs/{job_id}", tags=["jobs"], summary="Delete a job and its results",
-                status_code=204, responses=ERRORS)  # fmt: skip
+    @app.delete(
+        "/v1/jobs/{job_id}",
+        tags=["jobs"],
+        summary="Delete a job and its results",
+        status_code=204,
+        responses=ERRORS,
+    )
     async def delete_job(job_id: str) -> Response:
         await ctx.jobs.delete_job(current_tenant(), job_id)
         return Response(status_code=204)
@@ -393,8 +440,13 @@ def create_app(ctx: HttpContext) -> Any:
         "/v1/jobs/{job_id}/transcript",
         tags=["jobs"],
         summary="A COMPLETED job's transcript",
-        responses={200: {"content": {m.split(";")[0]: {} for m in TRANSCRIPT_MEDIA.values()},
-                         "description": "The transcript"}, **ERRORS},  # fmt: skip
+        responses={
+            200: {
+                "content": {m.split(";")[0]: {} for m in TRANSCRIPT_MEDIA.values()},
+                "description": "The transcript",
+            },
+            **ERRORS,
+        },
     )
     async def job_transcript(
         job_id: str, format: Literal["text", "json", "srt", "vtt"] = Query("text")
@@ -403,13 +455,21 @@ def create_app(ctx: HttpContext) -> Any:
         transcript = await ctx.jobs.transcript(current_tenant(), job_id, number or 0)
         return Response(transcript.content, media_type=TRANSCRIPT_MEDIA[format])
 
-    @app.get("/v1/queue", tags=["jobs"], summary="Queue statistics per priority",
-             responses={200: {"description": "Queue statistics", **_ref("QueueStats")}, **ERRORS})  # fmt: skip
+    @app.get(
+        "/v1/queue",
+        tags=["jobs"],
+        summary="Queue statistics per priority",
+        responses={200: {"description": "Queue statistics", **_ref("QueueStats")}, **ERRORS},
+    )
     async def queue_stats() -> JSONResponse:
         return JSONResponse(to_json(await ctx.jobs.queue_stats(current_tenant())))
 
-    @app.get("/v1/info", tags=["server"], summary="Model, limits, features and your quotas",
-             responses={200: {"description": "Server info", **_ref("ServerInfo")}, **ERRORS})  # fmt: skip
+    @app.get(
+        "/v1/info",
+        tags=["server"],
+        summary="Model, limits, features and your quotas",
+        responses={200: {"description": "Server info", **_ref("ServerInfo")}, **ERRORS},
+    )
     async def server_info() -> JSONResponse:
         return JSONResponse(to_json(await ctx.server_info()))
 
@@ -460,12 +520,19 @@ def create_app(ctx: HttpContext) -> Any:
             return app.openapi_schema
         from fastapi.openapi.utils import get_openapi
 
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
         comps = schema.setdefault("components", {})
         defs = comps.setdefault("schemas", {})
         defs["Error"] = _error_schema()
-        for desc in (jobs_pb2.Job.DESCRIPTOR, jobs_pb2.ListJobsResponse.DESCRIPTOR, jobs_pb2.JobEvent.DESCRIPTOR,
-                     jobs_pb2.QueueStats.DESCRIPTOR, speech_pb2.ServerInfo.DESCRIPTOR):  # fmt: skip
+        for desc in (
+            jobs_pb2.Job.DESCRIPTOR,
+            jobs_pb2.ListJobsResponse.DESCRIPTOR,
+            jobs_pb2.JobEvent.DESCRIPTOR,
+            jobs_pb2.QueueStats.DESCRIPTOR,
+            speech_pb2.ServerInfo.DESCRIPTOR,
+        ):
             add_schema(desc, defs)
         comps["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         schema["security"] = [{"bearer": []}]
@@ -537,12 +604,16 @@ async def _deltas(resp: speech_pb2.RecognizeResponse, usage: dict[str, Any]) -> 
     for r in resp.results:
         text = r.transcript.strip()
         if text:
-            yield _sse({"type": "transcript.text.delta", "delta": (" " if sent else "") + text, "logprobs": []})
+            yield _sse(
+                {"type": "transcript.text.delta", "delta": (" " if sent else "") + text, "logprobs": []}
+            )
             sent = True
     yield _sse({"type": "transcript.text.done", "text": resp.transcript, "logprobs": [], "usage": usage})
 
 
-async def _job_sse(first: jobs_pb2.JobEvent, events: AsyncIterator[jobs_pb2.JobEvent]) -> AsyncIterator[bytes]:
+async def _job_sse(
+    first: jobs_pb2.JobEvent, events: AsyncIterator[jobs_pb2.JobEvent]
+) -> AsyncIterator[bytes]:
     yield _sse(to_json(first), "job")
     nxt: asyncio.Future[jobs_pb2.JobEvent] | None = None
     try:
@@ -588,8 +659,9 @@ def _job_metadata(params: dict[str, str], idempotency_key: str, size: int) -> jo
         try:
             return kind(raw)
         except ValueError:
-            raise InvalidInput(f"{name} must be a number, not {raw[:40]!r}", reason="BAD_FIELD_VALUE",
-                               field=name) from None  # fmt: skip
+            raise InvalidInput(
+                f"{name} must be a number, not {raw[:40]!r}", reason="BAD_FIELD_VALUE", field=name
+            ) from None
 
     priority = 0
     if params.get("priority"):

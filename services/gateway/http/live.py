@@ -564,9 +564,7 @@ class RealtimeConnection:
         try:
             data = base64.b64decode(str(audio_b64), validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidInput(
-                "audio must be base64", reason="BAD_FIELD_VALUE", field="audio"
-            ) from None
+            raise InvalidInput("audio must be base64", reason="BAD_FIELD_VALUE", field="audio") from None
         pcm = self.session.pcm(data)
         if len(pcm) % 2:
             raise InvalidInput(

@@ -41,7 +41,11 @@ def is_open(path: str) -> bool:
 
 
 def valid_request_id(value: str | None) -> bool:
-    return bool(value) and len(value or "") <= MAX_REQUEST_ID_CHARS and all(33 <= ord(c) <= 126 for c in value or "")
+    return (
+        bool(value)
+        and len(value or "") <= MAX_REQUEST_ID_CHARS
+        and all(33 <= ord(c) <= 126 for c in value or "")
+    )
 
 
 def token_of(scope: Scope, headers: Headers) -> str:
@@ -111,9 +115,9 @@ class FrontDoor:
                     limit = self.body_limit(scope)
                     declared = headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > limit:
-                        exc = _too_large(limit)
-                        state["status"], state["error"] = 413, exc.message
-                        await self.deny(scope, receive, send, exc, rid)
+                        too_big = _too_large(limit)
+                        state["status"], state["error"] = 413, too_big.message
+                        await self.deny(scope, receive, send, too_big, rid)
                         return
                     receive = _limited(receive, limit)
                 await self.app(scope, receive, send_with_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf import timestamp_pb2
-from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 _TIMESTAMP = timestamp_pb2.Timestamp.DESCRIPTOR.full_name
@@ -24,31 +24,31 @@ _INTS = {
 _FLOATS = {FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT}
 
 
-def _prefix(enum: EnumDescriptor) -> str:
+def _prefix(enum: Any) -> str:
     names = [v.name for v in enum.values]
     first = names[0]
     return first[: first.rfind("_UNSPECIFIED") + 1] if first.endswith("_UNSPECIFIED") else ""
 
 
-def enum_name(enum: EnumDescriptor, number: int) -> str:
+def enum_name(enum: Any, number: int) -> str:
     value = enum.values_by_number.get(number)
     if value is None:
         return str(number)
     return value.name.removeprefix(_prefix(enum)).lower()
 
 
-def enum_number(enum: EnumDescriptor, name: str) -> int | None:
-    """"high", "HIGH" or "PRIORITY_HIGH" -> its number; None if unknown."""
+def enum_number(enum: Any, name: str) -> int | None:
+    """ "high", "HIGH" or "PRIORITY_HIGH" -> its number; None if unknown."""
     key = name.strip().upper()
     value = enum.values_by_name.get(key) or enum.values_by_name.get(_prefix(enum) + key)
     return value.number if value is not None else None
 
 
-def enum_names(enum: EnumDescriptor) -> list[str]:
+def enum_names(enum: Any) -> list[str]:
     return [enum_name(enum, v.number) for v in enum.values]
 
 
-def _value(field: FieldDescriptor, value: Any) -> Any:
+def _value(field: Any, value: Any) -> Any:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         if field.message_type.full_name == _TIMESTAMP:
             ts: timestamp_pb2.Timestamp = value
@@ -67,6 +67,7 @@ def _value(field: FieldDescriptor, value: Any) -> Any:
 
 def to_json(msg: Message) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    field: Any
     for field in msg.DESCRIPTOR.fields:
         value = getattr(msg, field.name)
         if _is_repeated(field):
@@ -82,14 +83,14 @@ def to_json(msg: Message) -> dict[str, Any]:
     return out
 
 
-def _is_repeated(field: FieldDescriptor) -> bool:
+def _is_repeated(field: Any) -> bool:
     return bool(field.is_repeated)
 
 
 # -- JSON Schema ------------------------------------------------------------------------------------
 
 
-def _field_schema(field: FieldDescriptor, defs: dict[str, Any]) -> dict[str, Any]:
+def _field_schema(field: Any, defs: dict[str, Any]) -> dict[str, Any]:
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         if field.message_type.full_name == _TIMESTAMP:
             item: dict[str, Any] = {"type": ["string", "null"], "format": "date-time"}
@@ -116,11 +117,11 @@ def _field_schema(field: FieldDescriptor, defs: dict[str, Any]) -> dict[str, Any
     return item
 
 
-def schema_name(desc: Descriptor) -> str:
+def schema_name(desc: Any) -> str:
     return desc.name
 
 
-def add_schema(desc: Descriptor, defs: dict[str, Any]) -> str:
+def add_schema(desc: Any, defs: dict[str, Any]) -> str:
     """Add the JSON Schema of `desc` (and of the messages it uses) to `defs`; return its name."""
     name = schema_name(desc)
     if name in defs:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import time
 from typing import Any
@@ -22,8 +23,8 @@ from services.gateway.http.context import HttpContext
 
 log = logging.getLogger("gateway.http")
 
-WS_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-CUT_MARGIN = 5.0  # seconds of the drain's grace kept for live sockets' last results  # one WebSocket message (a Realtime append is base64 JSON)
+WS_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # one WebSocket message (a Realtime append is base64 JSON)
+CUT_MARGIN = 5.0  # seconds of the drain's grace kept for live sockets' last results
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -59,7 +60,7 @@ class HttpServer:
             ws_ping_interval=20.0,
             ws_ping_timeout=20.0,
             timeout_keep_alive=30,
-            timeout_graceful_shutdown=grace,
+            timeout_graceful_shutdown=max(1, math.ceil(grace)),
         )
         self.server = uvicorn.Server(self.config)
         self._deadline: float | None = None
@@ -103,7 +104,7 @@ class HttpServer:
         if self.ctx.live:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.ctx.live_done.wait(), remaining)
-        self.config.timeout_graceful_shutdown = max(0.05, self._deadline - time.monotonic())
+        self.config.timeout_graceful_shutdown = max(1, math.ceil(self._deadline - time.monotonic()))
         self.server.should_exit = True
         try:
             await self.server.shutdown(sockets=[self.sock])
