@@ -152,3 +152,31 @@ async def test_sdk_error_for_unreachable_server():
         with pytest.raises(SttError) as err:
             await client.recognize(b"x", timeout=3)
     assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def test_model_failures_are_retryable_server_errors(transcriber: Transcriber, gateway, short_clip):
+    """A model call that fails (out of memory, ...) is UNAVAILABLE / MODEL_ERROR, not the client's
+    fault: the pool tries again, and a failure that persists reaches the client as retryable."""
+    engine = transcriber.engine
+    real = engine._decode_group
+    failures = {"left": 1}
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise MemoryError("injected: out of memory in a model call")
+        return real(*args, **kwargs)
+
+    engine._decode_group = failing  # type: ignore[method-assign]
+    try:
+        async with AsyncClient(f"127.0.0.1:{gateway.port}") as client:
+            wav = audio.encode(short_clip.samples, "wav")
+            resp = await client.recognize(wav, timeout=120)  # one failure: retried, then fine
+            assert wer(short_clip.text, resp.transcript) <= 0.15 and failures["left"] == 0
+            failures["left"] = 10**6
+            with pytest.raises(SttError) as err:
+                await client.recognize(wav, timeout=120)
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE and err.value.reason == "MODEL_ERROR"
+            assert err.value.retry_after is not None
+    finally:
+        engine._decode_group = real  # type: ignore[method-assign]

@@ -266,8 +266,10 @@ class TranscriberPool:
             result = convert.window_result_from_proto(resp)
             self.stats.served_by[result.served_by] += 1
             return result
+        if last is not None:  # keep the transcriber's reason (e.g. MODEL_ERROR)
+            raise error_from_rpc(last, prefix=f"transcriber (after {attempts} attempts): ") from None
         raise Unavailable(
-            f"transcribers unavailable after {attempts} attempts: {last.details() if last else 'none ready'}",
+            f"transcribers unavailable after {attempts} attempts",
             reason="TRANSCRIBER_UNAVAILABLE",
             retry_after_seconds=1.0,
         )
