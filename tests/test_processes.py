@@ -142,7 +142,7 @@ async def test_cli_jobs_and_stream(gateway, short_clip, tmp_path):
     code, out, _ = await _run("--server", server, "jobs", "list", "--status", "completed")
     assert code == 0 and job_id in out
     code, out, _ = await _run("--server", server, "jobs", "get", job_id)
-    assert code == 0 and json.loads(out)["status"] == "COMPLETED"
+    assert code == 0 and json.loads(out)["status"] == "JOB_STATUS_COMPLETED"
     code, out, _ = await _run("--server", server, "queue")
     assert code == 0 and "HIGH" in out and "workers" in out
     code, _, err = await _run("--server", server, "jobs", "cancel", job_id)
