@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import StreamingResponse
 
-from services.gateway.auth import current_caller, current_tenant
+from services.gateway.auth import current_tenant
 from services.gateway.http import live
 from services.gateway.http.context import HttpContext
 from services.gateway.http.errors import body_of, headers_of, status_of
@@ -688,6 +688,3 @@ def _job_metadata(params: dict[str, str], idempotency_key: str, size: int) -> jo
             temperature=number("temperature", float),
         ),
     )
-
-
-__all__ = ["create_app", "current_caller"]
