@@ -50,7 +50,9 @@ class ServiceProcess:
         self.name = name
         self.label = label or name
         self.requested_port = port
-        self.env = {**os.environ, "STT_HOST": "127.0.0.1", **(env or {})}
+        # Gateways serve HTTP on a free port unless told otherwise (several run on one machine).
+        http_default = {"STT_HTTP_PORT": "0"} if name == "gateway" else {}
+        self.env = {**os.environ, "STT_HOST": "127.0.0.1", **http_default, **(env or {})}
         self.args = args or []
         self.dir = Path(log_dir or tempfile.mkdtemp(prefix=f"stt-{name}-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -60,6 +62,7 @@ class ServiceProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
         self.port = port
+        self.http_port: int | None = None  # a gateway's HTTP front door, once started
 
     @property
     def address(self) -> str:
@@ -76,6 +79,7 @@ class ServiceProcess:
 
     async def start(self, timeout: float = 60.0) -> ServiceProcess:
         self.port_file.unlink(missing_ok=True)
+        Path(f"{self.port_file}.http").unlink(missing_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", f"services.{self.name}", "--port", str(self.requested_port),
             "--port-file", str(self.port_file), *self.args,
@@ -92,6 +96,8 @@ class ServiceProcess:
                 raise TimeoutError(f"{self.label} did not start:\n{self.log()[-3000:]}")
             await asyncio.sleep(0.05)
         self.port = int(self.port_file.read_text().strip())
+        http_file = Path(f"{self.port_file}.http")
+        self.http_port = int(http_file.read_text().strip()) if http_file.exists() else None
         if not self.requested_port:
             self.requested_port = self.port  # a restart comes back on the same port
         return self
@@ -314,6 +320,8 @@ async def main(argv: list[str] | None = None) -> None:
         await cluster.start(transcribers=args.transcribers, gateways=args.gateways)
         lines = [
             f"  gateways:     {', '.join(g.address for g in cluster.gateways)}",
+            "  http:         "
+            + ", ".join(f"http://127.0.0.1:{g.http_port}/" for g in cluster.gateways if g.http_port),
             f"  transcribers: {', '.join(t.address for t in cluster.transcribers)}",
             f"                (the gateways re-read {cluster.transcriber_list} every second)",
             f"  jobstore:     {cluster.jobstore.address if cluster.jobstore else '-'} on {args.database_url}",

@@ -39,6 +39,10 @@ class Stack:
         return self.gateway.port
 
     @property
+    def http_port(self) -> int | None:
+        return self.gateway.http_port
+
+    @property
     def servers(self) -> list[RunningServer]:
         """In stop order: the public surface first, then the state, the model last."""
         return [self.gateway.running, self.jobstore.running, self.transcriber.running]
@@ -67,7 +71,10 @@ async def start_stack(
     gateway_settings: GatewaySettings | None = None,
     transcriber_settings: TranscriberSettings | None = None,
     jobstore_settings: JobstoreSettings | None = None,
+    http_port: int | None = None,
 ) -> Stack:
+    """`http_port`: the HTTP front door's port (default STT_HTTP_PORT, 8000); it is off when the
+    gateway settings say `http_enabled=False`."""
     tset = transcriber_settings or TranscriberSettings()
     transcriber = await create_transcriber(tset, host="127.0.0.1", port=0)
     jset = (jobstore_settings or JobstoreSettings()).model_copy(
@@ -80,12 +87,19 @@ async def start_stack(
             "jobstore_address": f"127.0.0.1:{jobstore.port}",
         }
     )
-    gateway = await create_gateway(gset, host=host, port=port)
+    gateway = await create_gateway(gset, host=host, port=port, http_port=http_port)
     return Stack(gateway, transcriber, jobstore)
 
 
-async def run(port: int, data_dir: str, host: str = "127.0.0.1") -> None:
-    stack = await start_stack(port=port, host=host, data_dir=data_dir)
+async def run(
+    port: int, data_dir: str, host: str = "127.0.0.1", *, http: bool = True, http_port: int | None = None
+) -> None:
+    gset = GatewaySettings()
+    if not http:
+        gset = gset.model_copy(update={"http_enabled": False})
+    stack = await start_stack(
+        port=port, host=host, data_dir=data_dir, gateway_settings=gset, http_port=http_port
+    )
     try:
         await stack.wait_ready()
         log.info(
@@ -95,6 +109,12 @@ async def run(port: int, data_dir: str, host: str = "127.0.0.1") -> None:
             data_dir,
             stack.port,
         )
+        if stack.http_port is not None:
+            shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::", "::1") else host
+            log.info(
+                "http: page http://%s:%d/ , OpenAI-compatible API http://%s:%d/v1 , docs http://%s:%d/docs",
+                shown, stack.http_port, shown, stack.http_port, shown, stack.http_port,
+            )  # fmt: skip
     except TimeoutError:
         log.error("model did not load; see the errors above")
     await run_until_signalled(stack.servers)
@@ -111,7 +131,15 @@ def cli(args: argparse.Namespace) -> int:
     tracing.configure("up", common.tracing)
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run(args.port, args.data_dir, host=args.host))
+            asyncio.run(
+                run(
+                    args.port,
+                    args.data_dir,
+                    host=args.host,
+                    http=not getattr(args, "no_http", False),
+                    http_port=getattr(args, "http_port", None),
+                )
+            )
     finally:
         tracing.shutdown()
     return 0

@@ -358,6 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051, help="gateway port (default 50051)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--data-dir", default="./data", help="keep jobs and audio here (default ./data)")
+    p.add_argument(
+        "--http-port", type=int, default=None,
+        help="HTTP port: OpenAI-compatible API, jobs over REST, WebSockets, the web page "
+        "(default STT_HTTP_PORT or 8000)",
+    )  # fmt: skip
+    p.add_argument("--no-http", action="store_true", help="do not serve HTTP (gRPC only)")
     p.set_defaults(func=cmd_up)
 
     p = command("transcribe", "transcribe a file and print the transcript")

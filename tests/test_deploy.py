@@ -62,7 +62,9 @@ SETTINGS: dict[str, type[BaseSettings]] = {
 DEFAULT_TERMINATION_GRACE = 30  # Kubernetes' default terminationGracePeriodSeconds
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 # Secrets the manifests may reference; they are created by hand (README), never committed.
-KNOWN_SECRETS = {"stt-secrets", "stt-datastores", "stt-postgres"}
+KNOWN_SECRETS = {"stt-secrets", "stt-datastores", "stt-postgres", "stt-tls"}
+# The gateway's HTTP front door (OpenAI-compatible API, jobs over REST, WebSockets, the page).
+HTTP_PORT = int(GatewaySettings.model_fields["http_port"].default)
 # The Prometheus Operator's kinds (no schema in kubernetes-validate): the part of their CRD schemas
 # (monitoring.coreos.com/v1) our objects use, strict, so a misspelt field is an error here too.
 _STR = {"type": "string"}
@@ -506,6 +508,67 @@ def test_references_resolve(target: str) -> None:
         assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     for pdb in of_kind(objs, "PodDisruptionBudget"):
         assert pods_selected(objs, pdb["spec"]["selector"]), f"PDB/{pdb['metadata']['name']} selects no pods"
+
+
+# --------------------------------------------------------------------------------------------
+# Policy: the gateway's HTTP front door
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_gateway_serves_http_through_its_service(target: str) -> None:
+    objs = render(target)
+    c = container(objs, "gateway")
+    port = int(str_env(env_of(objs, c), "STT_HTTP_PORT") or HTTP_PORT)
+    http = container_port(c, "http")
+    assert http is not None and http["containerPort"] == port, "gateway: containerPort http != STT_HTTP_PORT"
+    assert str_env(env_of(objs, c), "STT_HTTP_ENABLED") in (None, "true", "1"), (
+        "gateway: HTTP is switched off"
+    )
+    svc = find(objs, "Service", "gateway")
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert "http" in ports and ports["http"]["targetPort"] in ("http", port), (
+        "Service/gateway has no http port"
+    )
+
+
+def _ingress_backends(ingress: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    out = []
+    for rule in ingress["spec"].get("rules", []):
+        for path in rule.get("http", {}).get("paths", []):
+            out.append((path["path"], path["pathType"], path["backend"]["service"]))
+    return out
+
+
+def test_prod_ingress_routes_http_and_websockets_to_the_gateway() -> None:
+    objs = render("overlays/prod")
+    ingresses = of_kind(objs, "Ingress")
+    assert ingresses, "no Ingress for the HTTP front door"
+    svc = find(objs, "Service", "gateway")
+    http_port = next(p for p in svc["spec"]["ports"] if p["name"] == "http")
+    for ing in ingresses:
+        backends = _ingress_backends(ing)
+        # One prefix rule for / covers the API, the page and the WebSocket paths.
+        assert ("/", "Prefix") in [(path, kind) for path, kind, _ in backends]
+        for _, _, backend in backends:
+            assert backend["name"] == "gateway"
+            assert backend["port"].get("name") == "http" or backend["port"].get("number") == http_port["port"]
+        notes = ing["metadata"].get("annotations", {})
+        # Live streams stay open for a long time; uploads can be as large as a job.
+        assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+        assert int(notes["nginx.ingress.kubernetes.io/proxy-send-timeout"]) >= 3600
+        body = notes["nginx.ingress.kubernetes.io/proxy-body-size"]
+        assert body.endswith("m") and int(body[:-1]) * 1024 * 1024 >= GatewaySettings().max_job_bytes
+        assert notes.get("nginx.ingress.kubernetes.io/proxy-buffering") == "off", "SSE would be buffered"
+        for tls in ing["spec"].get("tls", []):
+            assert tls["secretName"] in KNOWN_SECRETS
+
+
+def test_prod_network_policy_opens_the_http_port() -> None:
+    objs = render("overlays/prod")
+    gateway_labels = pod_template(find(objs, "Deployment", "gateway"))["metadata"]["labels"]
+    public = [r for r in _ingress_rules_for(objs, gateway_labels) if _rule_allows_port(r, HTTP_PORT)]
+    assert any(not r.get("from") for r in public), "the gateway's HTTP port is not open"
 
 
 # --------------------------------------------------------------------------------------------

@@ -211,3 +211,28 @@ def test_log_lines_carry_trace_and_span_ids(spans) -> None:
     assert "trace_id" not in outside
     ctx = s.get_span_context()
     assert inside["trace_id"] == f"{ctx.trace_id:032x}" and inside["span_id"] == f"{ctx.span_id:016x}"
+
+
+async def test_the_http_door_traces_its_requests_too(gateway, spans):
+    """POST /v1/audio/transcriptions with a caller's traceparent: the HTTP SERVER span continues it and
+    the transcriber's spans are its children, as for gRPC."""
+    import httpx
+
+    clip = by_name("librispeech_2412-153948-0000")
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=120) as http:
+        resp = await http.post(
+            "/v1/audio/transcriptions",
+            files={"file": ("clip.flac", audio.encode(load_16k(clip), "flac"), "audio/flac")},
+            data={"model": "whisper-1"},
+            headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"},
+        )
+    assert resp.status_code == 200, resp.text
+    got = collected(spans)
+    root = one(got, "HTTP POST /v1/audio/transcriptions")
+    assert format(root.context.trace_id, "032x") == trace_id
+    assert root.attributes["http.response.status_code"] == 200
+    trace = trace_of(got, root)
+    client = next(s for s in named(trace, TRANSCRIBE) if s.kind.name == "CLIENT")
+    assert parent_of(got, client) is root
+    assert named(trace, "transcriber.model")

@@ -63,12 +63,28 @@ class GatewaySettings(CommonSettings):
     # API keys: "key1:tenantA,key2:tenantB". Empty: no authentication, every caller is tenant "default".
     api_keys: SecretStr | None = None
 
+    # The HTTP front door (OpenAI-compatible REST, jobs over REST, WebSockets, the web page), served
+    # by the same process and event loop as the gRPC server.
+    http_enabled: bool = True
+    http_port: int = 8000
+    # Model names /v1/audio/transcriptions accepts besides the loaded model's own name.
+    http_model_aliases: str = "whisper-1"
+    # Origins allowed to call the API from a browser page served elsewhere (CORS): "*" or a
+    # comma-separated list; empty: same origin only.
+    http_cors_origins: str = ""
+
     def vad(self) -> VadSettings:
         return VadSettings(
             threshold=self.vad_threshold,
             min_silence_ms=self.vad_min_silence_ms,
             speech_pad_ms=self.vad_speech_pad_ms,
         )
+
+    def model_aliases(self) -> list[str]:
+        return [a.strip() for a in self.http_model_aliases.split(",") if a.strip()]
+
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.http_cors_origins.split(",") if o.strip()]
 
     def tenants_by_key(self) -> dict[str, str]:
         raw = self.api_keys.get_secret_value() if self.api_keys else ""

@@ -33,8 +33,9 @@ from services.gateway.chunking import VadSettings, Window, merge, plan_windows, 
 from services.gateway.jobqueue import ChunkInfo, ClaimedJob, JobQueue, Lease
 from services.gateway.recognize import first_leaf
 from services.shared import tracing
+from services.shared.backoff import Backoff
 from services.shared.context import job_id_var
-from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, WorkClass
+from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, WorkClass, join_text
 from services.shared.errors import Aborted, InvalidInput, LimitExceeded, NotFound, ServiceError, Unavailable
 from services.shared.pcm import from_pcm16
 
@@ -99,19 +100,19 @@ class Dispatcher:
         self._slots = []
 
     async def _slot(self, index: int) -> None:
-        backoff = 0.2
+        backoff = Backoff(maximum=5.0)
         while not self._stopping:
             try:
                 job = await self.queue.claim(
                     self.config.worker_id, self.config.lease_seconds, self.config.claim_wait_seconds
                 )
-                backoff = 0.2
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # jobstore unreachable: keep trying
-                log.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                delay = backoff.next()
+                log.warning("claim failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
                 continue
             if job is not None:
                 await self._process(job)
@@ -182,16 +183,16 @@ class Dispatcher:
         """A write to the jobstore, retried while it is briefly unavailable (a restart, a database
         failover) for as long as the lease would last; fencing makes the retries safe."""
         deadline = time.monotonic() + lease.seconds
-        backoff = 0.2
+        backoff = Backoff(maximum=3.0)
         while True:
             try:
                 return await call()
             except Unavailable as exc:
-                if time.monotonic() + backoff > deadline:
+                delay = backoff.next()
+                if time.monotonic() + delay > deadline:
                     raise
                 log.warning("%s: jobstore unavailable (%s); retrying", what, exc.message)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 3.0)
+                await asyncio.sleep(delay)
 
     async def _work(self, job: ClaimedJob, lease: Lease) -> str:
         spool = tempfile.mkdtemp(prefix=f"stt-job-{job.job_id}-", dir=self.config.spool_dir)
@@ -253,7 +254,7 @@ class Dispatcher:
         segments = [s for c in final for s in c.segments]
         languages = Counter(c.language for c in final if c.language)
         language = languages.most_common(1)[0][0] if languages else (job.options.language or "")
-        transcript = " ".join(s.text.strip() for s in segments if s.text.strip())
+        transcript = join_text(segments)
         await self._persist(lease, "complete", lambda: self.queue.complete_job(lease, transcript, language))
         return "completed"
 

@@ -12,6 +12,8 @@ from services.gateway.audio import Limits
 from services.gateway.auth import Authenticator, AuthInterceptor
 from services.gateway.config import GatewaySettings
 from services.gateway.dispatcher import Dispatcher, DispatcherConfig, default_worker_id
+from services.gateway.http.context import HttpContext
+from services.gateway.http.server import HttpServer
 from services.gateway.jobs import JobsAPI
 from services.gateway.jobs_servicer import JobsServicer
 from services.gateway.jobstore_client import JobstoreClient
@@ -40,18 +42,32 @@ class Gateway:
     speech: SpeechAPI
     jobs: JobsAPI
     auth: Authenticator
+    http: HttpServer | None = None
 
     @property
     def port(self) -> int:
         return self.running.port
 
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP front door's port (None when it is off)."""
+        return self.http.port if self.http is not None else None
+
     async def stop(self, grace: float | None = None) -> None:
+        if self.http is not None and grace is not None:
+            self.http.grace = grace
         await self.running.stop(grace)
 
 
 async def create_server(
-    settings: GatewaySettings, *, port: int | None = None, host: str | None = None
+    settings: GatewaySettings,
+    *,
+    port: int | None = None,
+    host: str | None = None,
+    http_port: int | None = None,
 ) -> Gateway:
+    """The gateway's gRPC server and, unless `settings.http_enabled` is off, its HTTP front door on
+    `http_port` (default `settings.http_port`; 0 picks a free port), on the same event loop."""
     pool = TranscriberPool(
         settings.transcriber_address,
         refresh_seconds=settings.transcriber_refresh_seconds,
@@ -96,6 +112,25 @@ async def create_server(
         interceptors=[AuthInterceptor(authenticator)] if authenticator.enabled else [],
     )
     running.on_drain(jobs_api.drain)
+    http = None
+    if settings.http_enabled:
+        ctx = HttpContext(settings, speech_api, jobs_api, authenticator, server_info)
+        try:
+            http = HttpServer(
+                ctx,
+                host if host is not None else settings.host,
+                settings.http_port if http_port is None else http_port,
+                settings.shutdown_grace_seconds,
+            )
+            await http.start()
+        except BaseException:
+            await running.stop(0)
+            await pool.close()
+            await jobstore.close()
+            raise
+        # SIGTERM: stop accepting HTTP connections and end live sockets' audio while gRPC drains;
+        # the HTTP side finishes (within the same grace) before the pool and jobstore close.
+        running.on_drain(http.begin_drain)
     dispatcher = None
     if settings.dispatch_concurrency > 0:
         dispatcher = Dispatcher(
@@ -125,7 +160,10 @@ async def create_server(
     running.on_stop(pool.close)
     running.on_stop(jobstore.close)
     running.on_stop(stop_monitor)
-    return Gateway(running, pool, jobstore, dispatcher, speech_api, jobs_api, authenticator)
+    if http is not None:
+        # After the pool and jobstore are registered, so it runs before they close.
+        running.on_stop(http.stop)
+    return Gateway(running, pool, jobstore, dispatcher, speech_api, jobs_api, authenticator, http)
 
 
 async def _monitor_dependencies(running: RunningServer, pool: TranscriberPool) -> None:

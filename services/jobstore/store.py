@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.jobstore.blobs import BlobStore
 from services.jobstore.events import EventBus, wait
 from services.jobstore.models import Chunk, ChunkState, Job, Priority, Status, UTCDateTime
-from services.shared.domain import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Segment
+from services.shared.domain import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Segment, join_text, join_texts
 from services.shared.errors import Aborted, InvalidInput, NotFound, WrongState
 
 log = logging.getLogger("jobstore")
@@ -220,7 +220,7 @@ class Store:
                     .order_by(Chunk.idx)
                 )
             ).scalars()
-            return " ".join(t.strip() for t in texts if t and t.strip())
+            return join_texts(texts)
 
     async def read_audio(self, job_id: str, tenant: str | None = None) -> AsyncIterator[bytes]:
         job = await self.get_job(job_id, tenant)
@@ -502,7 +502,7 @@ class Store:
     ) -> ChunkUpdate:
         """Checkpoint one chunk. The first recorded result of a chunk stands."""
         now = utcnow()
-        text = " ".join(seg.text.strip() for seg in segments if seg.text.strip())
+        text = join_text(segments)
         async with self.sessions.begin() as s:
             await self._fence(s, lease)
             chunk = await s.get(Chunk, (lease.job_id, index))

@@ -50,6 +50,10 @@ async def serve_main(
     tracing.configure(name, settings.tracing)
     try:
         app: App = await create(settings, port=args.port)
+        http_port = getattr(app, "http_port", None)
+        if args.port_file and http_port is not None:
+            # The gateway's HTTP front door; written first, so it is there once the port file is.
+            write_port_file(f"{args.port_file}.http", http_port)
         write_port_file(args.port_file, app.port)
         await run_until_signalled([app.running])
     finally:

@@ -275,6 +275,42 @@ def end_rpc(handle: Any, code: str, code_value: int, error: str = "") -> None:
         context.detach(token)
 
 
+def start_http(method: str, path: str, headers: Mapping[str, str]) -> Any:
+    """The SERVER span of one HTTP request or WebSocket (the HTTP front door), current until
+    end_http; continues a `traceparent` header. Returns a handle for end_http, or None."""
+    if not _on:
+        return None
+    from opentelemetry import context, propagate, trace
+
+    parent = propagate.extract(dict(headers))
+    sp = _tracer.start_span(
+        f"HTTP {method}",
+        context=parent,
+        kind=_kind(SERVER),
+        attributes={"http.request.method": method, "url.path": path},
+    )
+    token = context.attach(trace.set_span_in_context(sp, parent))
+    return sp, token
+
+
+def end_http(handle: Any, status: int, route: str | None = None) -> None:
+    if handle is None:
+        return
+    from opentelemetry import context
+    from opentelemetry.trace import Status, StatusCode
+
+    sp, token = handle
+    if route:
+        sp.update_name(f"{sp.name} {route}")
+        sp.set_attribute("http.route", route)
+    sp.set_attribute("http.response.status_code", status)
+    if status >= 500:
+        sp.set_status(Status(StatusCode.ERROR, str(status)))
+    sp.end()
+    with contextlib.suppress(Exception):
+        context.detach(token)
+
+
 def _carrier(metadata: Metadata | None) -> dict[str, str]:
     return {k: v for k, v in metadata or () if isinstance(v, str)}
 
