@@ -293,9 +293,10 @@ def start_http(method: str, path: str, headers: Mapping[str, str]) -> Any:
     return sp, token
 
 
-def end_http(handle: Any, status: int, route: str | None = None) -> None:
+def end_http(handle: Any, status: Any, route: str | None = None) -> None:
     if handle is None:
         return
+    status = int(status or 0)
     from opentelemetry import context
     from opentelemetry.trace import Status, StatusCode
 

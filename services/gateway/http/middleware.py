@@ -126,7 +126,7 @@ class FrontDoor:
                 caller_var.reset(caller_token)
         finally:
             self.log(scope, method, state, started, caller)
-            tracing.end_http(trace, int(state["status"] or 0), getattr(scope.get("route"), "path", None))
+            tracing.end_http(trace, state["status"], getattr(scope.get("route"), "path", None))
             request_id_var.reset(rid_token)
 
     async def deny(self, scope: Scope, receive: Receive, send: Send, exc: ServiceError, rid: str) -> None:
