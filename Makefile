@@ -47,8 +47,8 @@ setup: $(GENERATED) ## venv + protos: everything `stt` needs
 run: setup ## run the whole stack embedded (gateway + transcriber + jobstore) on localhost:50051
 	$(BIN)/stt up $(RUN_ARGS)
 
-cluster: setup ## run a local multi-process cluster (see README)
-	$(BIN)/python -m services.cluster $(CLUSTER_ARGS)
+cluster: setup ## run a local multi-process cluster (see README); TRACING=1: traces to a local receiver
+	$(BIN)/python -m services.cluster $(if $(TRACING),--tracing) $(CLUSTER_ARGS)
 
 test: setup $(SYSDEPS) $(BUF) ## run the whole test suite (unit, service, system)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,6 +1,7 @@
 """A local multi-process cluster on loopback, wired like the Kubernetes deployment.
 
     make cluster            # or: python -m services.cluster [--transcribers 3] [--gateways 2]
+    make cluster TRACING=1  # or: --tracing: traces to a local OTLP receiver (services/otlp.py)
 
 Starts a jobstore (on PostgreSQL and Redis), N transcribers and M gateways as separate processes.
 Gateways find transcribers the way they find pods behind a headless Service: they re-read the
@@ -281,13 +282,35 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--redis-url", default=os.environ.get("STT_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--data-dir", default="./data/cluster")
     parser.add_argument("--quiet", action="store_true", help="do not echo the services' logs")
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="start a local OTLP receiver and send every service's traces to it",
+    )
+    parser.add_argument(
+        "--otlp-endpoint", help="send traces to this OTLP/gRPC endpoint instead (e.g. http://127.0.0.1:4317)"
+    )
     args = parser.parse_args(argv)
     await ensure_database(args.database_url)
+    data_dir = os.path.abspath(args.data_dir)
+    receiver = None
+    trace_env: dict[str, str] = {}
+    if args.tracing and not args.otlp_endpoint:
+        from services.otlp import start_receiver
+
+        os.makedirs(data_dir, exist_ok=True)
+        receiver = await start_receiver(out=os.path.join(data_dir, "traces.jsonl"))
+        trace_env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+    elif args.otlp_endpoint:
+        trace_env["OTEL_EXPORTER_OTLP_ENDPOINT"] = args.otlp_endpoint
+    if trace_env:
+        trace_env["OTEL_BSP_SCHEDULE_DELAY"] = "1000"  # spans show up within a second
     cluster = LocalCluster(
         args.database_url,
         args.redis_url or None,
-        data_dir=os.path.abspath(args.data_dir),
+        data_dir=data_dir,
         echo=not args.quiet,
+        common_env=trace_env,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -305,11 +328,23 @@ async def main(argv: list[str] | None = None) -> None:
             f"  logs:         {cluster.logs}",
             f"  try:          STT_SERVER={cluster.gateway_target} stt transcribe FILE",
         ]
+        metrics = [p.metrics_url for p in cluster.processes if p.metrics_url]
+        lines.append(f"  metrics:      {metrics[0]} (and {len(metrics) - 1} more: each process)")
+        if receiver is not None and receiver.receiver.out is not None:
+            out = receiver.receiver.out
+            lines += [
+                f"  traces:       OTLP receiver on {receiver.endpoint}, spans appended to {out}",
+                f"                python -m services.otlp show {out}   (the latest traces as trees)",
+            ]
+        elif args.otlp_endpoint:
+            lines.append(f"  traces:       sent to {args.otlp_endpoint}")
         print("cluster is up:\n" + "\n".join(lines), flush=True)
         await stop.wait()
     finally:
         print("stopping the cluster...", flush=True)
         await cluster.stop()
+        if receiver is not None:
+            await receiver.stop()
 
 
 if __name__ == "__main__":

@@ -122,19 +122,24 @@ async def run(
 
 def cli(args: argparse.Namespace) -> int:
     """`stt up` (the SDK's CLI finds this through the `stt.server` entry point)."""
+    from services.shared import tracing
     from services.shared.config import CommonSettings
     from services.shared.logging import setup_logging
 
     common = CommonSettings()
     setup_logging(common.log_level, common.log_format)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(
-            run(
-                args.port,
-                args.data_dir,
-                host=args.host,
-                http=not getattr(args, "no_http", False),
-                http_port=getattr(args, "http_port", None),
+    tracing.configure("up", common.tracing)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(
+                run(
+                    args.port,
+                    args.data_dir,
+                    host=args.host,
+                    http=not getattr(args, "no_http", False),
+                    http_port=getattr(args, "http_port", None),
+                )
             )
-        )
+    finally:
+        tracing.shutdown()
     return 0

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -64,6 +65,89 @@ WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 KNOWN_SECRETS = {"stt-secrets", "stt-datastores", "stt-postgres", "stt-tls"}
 # The gateway's HTTP front door (OpenAI-compatible API, jobs over REST, WebSockets, the page).
 HTTP_PORT = int(GatewaySettings.model_fields["http_port"].default)
+# The Prometheus Operator's kinds (no schema in kubernetes-validate): the part of their CRD schemas
+# (monitoring.coreos.com/v1) our objects use, strict, so a misspelt field is an error here too.
+_STR = {"type": "string"}
+_LABELS = {"type": "object", "additionalProperties": _STR}
+_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"matchLabels": _LABELS, "matchExpressions": {"type": "array"}},
+}
+_META = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": _STR, "namespace": _STR, "labels": _LABELS, "annotations": _LABELS},
+}
+_RULE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["expr"],
+    "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+    "properties": {
+        "record": _STR, "alert": _STR, "expr": _STR, "for": _STR, "keep_firing_for": _STR,
+        "labels": _LABELS, "annotations": _LABELS,
+    },
+}  # fmt: skip
+CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": _STR, "kind": _STR, "metadata": _META,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["selector", "podMetricsEndpoints"],
+                "properties": {
+                    "jobLabel": _STR, "podTargetLabels": {"type": "array", "items": _STR},
+                    "selector": _SELECTOR,
+                    "namespaceSelector": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"any": {"type": "boolean"}, "matchNames": {"type": "array"}},
+                    },
+                    "podMetricsEndpoints": {
+                        "type": "array", "minItems": 1,
+                        "items": {
+                            "type": "object", "additionalProperties": False,
+                            "properties": {
+                                "port": _STR, "path": _STR, "scheme": {"enum": ["http", "https"]},
+                                "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                "honorLabels": {"type": "boolean"}, "relabelings": {"type": "array"},
+                                "metricRelabelings": {"type": "array"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": _STR, "kind": _STR, "metadata": _META,
+            "spec": {
+                "type": "object", "additionalProperties": False, "required": ["groups"],
+                "properties": {
+                    "groups": {
+                        "type": "array", "minItems": 1,
+                        "items": {
+                            "type": "object", "additionalProperties": False, "required": ["name", "rules"],
+                            "properties": {
+                                "name": _STR, "interval": _STR, "limit": {"type": "integer"},
+                                "rules": {"type": "array", "minItems": 1, "items": _RULE},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}  # fmt: skip
 
 DOCKERFILES = {
     "services/gateway/Dockerfile": "gateway",
@@ -259,6 +343,13 @@ def test_objects_match_kubernetes_schema(target: str) -> None:
     errors = []
     for o in render(target):
         name = f"{o['kind']}/{o['metadata']['name']}"
+        crd = CRD_SCHEMAS.get((o["apiVersion"], o["kind"]))
+        if crd is not None:
+            try:
+                jsonschema.validate(o, crd)
+            except jsonschema.ValidationError as exc:
+                errors.append(f"{name}: {exc.message} (at {'/'.join(str(p) for p in exc.path)})")
+            continue
         try:
             kubernetes_validate.validate(o, KUBE_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -771,6 +862,54 @@ def test_prod_network_policies_isolate_the_backends() -> None:
         if _rule_allows_port(r, GRPC_SERVICES["gateway"][1])
     ]
     assert any(not r.get("from") for r in public), "the gateway's public port is not open"
+
+
+# --------------------------------------------------------------------------------------------
+# Monitoring (component `monitoring`, in prod): PodMonitor, PrometheusRule, Grafana dashboard.
+# tests/test_observability.py runs promtool on the rules and checks the metric names against the
+# services' /metrics.
+# --------------------------------------------------------------------------------------------
+
+
+def test_schema_validation_of_operator_kinds_rejects_a_typo() -> None:
+    monitor = copy.deepcopy(find(render("overlays/prod"), "PodMonitor", "stt"))
+    monitor["spec"]["podMetricEndpoints"] = monitor["spec"].pop("podMetricsEndpoints")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(monitor, CRD_SCHEMAS[("monitoring.coreos.com/v1", "PodMonitor")])
+
+
+def test_prod_is_monitored() -> None:
+    """The PodMonitor scrapes the metrics port of gateway, transcriber and jobstore, labelled by app;
+    the rules and the dashboard are in the same namespace."""
+    objs = render("overlays/prod")
+    monitor = find(objs, "PodMonitor", "stt")
+    spec = monitor["spec"]
+    scraped = pods_selected(objs, spec["selector"])
+    names = {w["metadata"]["name"] for w in scraped}
+    assert set(GRPC_SERVICES) <= names, f"the PodMonitor selects {sorted(names)}"
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert endpoint.get("path", "/metrics") == "/metrics"
+    for app in GRPC_SERVICES:
+        pod = pod_template(find(objs, "Deployment", app))
+        assert pod["metadata"]["labels"].get(spec["jobLabel"]) == app, f"{app}: no {spec['jobLabel']} label"
+        port = container_port(container(objs, app), endpoint["port"])
+        assert port is not None and port["containerPort"] == METRICS_PORT, (
+            f"{app}: no {endpoint['port']} port"
+        )
+    rules = find(objs, "PrometheusRule", "stt")
+    alerts = {r["alert"] for g in rules["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert {
+        "STTNoTranscriberServing",
+        "STTJobQueueAgeGrowing",
+        "STTHighErrorRatio",
+        "STTStreamLatencySLOBurn",
+    } <= alerts
+    dashboard = find(objs, "ConfigMap", "stt-grafana-dashboard")
+    assert dashboard["metadata"]["labels"].get("grafana_dashboard") == "1"
+    (content,) = dashboard["data"].values()
+    assert json.loads(content)["uid"] == "stt-overview"
+    for o in (monitor, rules, dashboard):
+        assert o["metadata"]["namespace"] == NAMESPACES["overlays/prod"]
 
 
 # --------------------------------------------------------------------------------------------

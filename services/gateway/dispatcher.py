@@ -27,10 +27,12 @@ import numpy as np
 from prometheus_client import Counter as PCounter
 from prometheus_client import Gauge, Histogram
 
+from services.gateway import observe
 from services.gateway.audio import Limits, decode_to_file
 from services.gateway.chunking import VadSettings, Window, merge, plan_windows, speech_regions_long
 from services.gateway.jobqueue import ChunkInfo, ClaimedJob, JobQueue, Lease
 from services.gateway.recognize import first_leaf
+from services.shared import tracing
 from services.shared.backoff import Backoff
 from services.shared.context import job_id_var
 from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, WorkClass, join_text
@@ -119,7 +121,9 @@ class Dispatcher:
         lease = Lease(job.job_id, self.config.worker_id, job.epoch, self.config.lease_seconds)
         token = job_id_var.set(job.job_id)
         started = time.monotonic()
-        work = asyncio.create_task(self._work(job, lease), name=f"job-{job.job_id}")
+        span = observe.job_started(job, self.config.worker_id)
+        with tracing.activate(span):  # the work (not the heartbeats) continues the job's trace
+            work = asyncio.create_task(self._work(job, lease), name=f"job-{job.job_id}")
         self.active[job.job_id] = work
         heartbeat = asyncio.create_task(self._heartbeat(lease, work), name=f"heartbeat-{job.job_id}")
         RUNNING.inc()
@@ -151,6 +155,7 @@ class Dispatcher:
             RUNNING.dec()
             JOBS.labels(outcome).inc()
             JOB_SECONDS.observe(time.monotonic() - started)
+            tracing.end(span, {"stt.outcome": outcome})
             job_id_var.reset(token)
 
     async def _heartbeat(self, lease: Lease, work: asyncio.Task[str]) -> None:
@@ -272,7 +277,11 @@ class Dispatcher:
         window = Window(start, end)
         while not failed.is_set():
             try:
-                result = await self.transcribe(audio, job.options, WorkClass.BATCH)
+                result = await tracing.traced(
+                    "job.chunk",
+                    self.transcribe(audio, job.options, WorkClass.BATCH),
+                    {"stt.chunk_index": chunk.index, "stt.audio_seconds": round(chunk.end - chunk.start, 3)},
+                )
             except InvalidInput as exc:
                 # The request itself is wrong (e.g. a language the model cannot do): no retry helps.
                 failed.set()

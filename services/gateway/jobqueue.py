@@ -27,6 +27,10 @@ class ClaimedJob:
     channels: int
     chunks_total: int
     retry_count: int
+    # For the job's trace: the stored context to continue, when it was created (Unix seconds), priority.
+    trace_parent: str = ""
+    created_at: float = 0.0
+    priority: str = ""
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ import grpc
 
 from services.gateway.jobqueue import ChunkInfo, ClaimedJob, Lease
 from services.gateway.requests import decode_options, encoding_name
+from services.shared import tracing
 from services.shared.channel import internal_channel
 from services.shared.context import REQUEST_ID_HEADER, request_id_var
 from services.shared.convert import segment_from_proto, segment_to_proto
@@ -51,14 +52,15 @@ class JobstoreClient:
         await self.channel.close()
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((REQUEST_ID_HEADER, request_id_var.get() or "-"),)
+        return tracing.inject(((REQUEST_ID_HEADER, request_id_var.get() or "-"),))
 
     async def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         """A unary call with the client's deadline and request id; errors become domain errors."""
         try:
-            return await getattr(self.stub, method)(
-                request, timeout=timeout or self.timeout, metadata=self.metadata()
-            )
+            with tracing.span(f"{SERVICE}/{method}", kind=tracing.CLIENT, child_only=True):
+                return await getattr(self.stub, method)(
+                    request, timeout=timeout or self.timeout, metadata=self.metadata()
+                )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, unavailable_reason="STORE_UNAVAILABLE") from None
 
@@ -104,6 +106,9 @@ class JobstoreClient:
             channels=job.config.audio_channel_count,
             chunks_total=job.chunks_total,
             retry_count=job.retry_count,
+            trace_parent=resp.job.trace_parent,
+            created_at=job.create_time.ToNanoseconds() / 1e9,
+            priority=jobs_pb2.Priority.Name(job.priority).removeprefix("PRIORITY_"),
         )
 
     async def heartbeat(self, lease: Lease) -> bool:

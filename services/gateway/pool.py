@@ -27,11 +27,11 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.gateway.requests import ModelCaps
-from services.shared import convert
+from services.shared import convert, tracing
 from services.shared.backoff import Backoff
 from services.shared.channel import internal_channel
 from services.shared.context import REQUEST_ID_HEADER, request_id_var
-from services.shared.domain import DecodeOptions, WindowResult, WorkClass
+from services.shared.domain import SAMPLE_RATE, DecodeOptions, WindowResult, WorkClass
 from services.shared.errors import Unavailable
 from services.shared.internal.v1 import transcriber_pb2, transcriber_pb2_grpc
 from services.shared.pcm import to_pcm16
@@ -40,6 +40,7 @@ from services.shared.status import error_from_rpc
 log = logging.getLogger("gateway.pool")
 
 TRANSCRIBER_SERVICE = "stt.internal.v1.Transcriber"
+TRANSCRIBE_METHOD = f"{TRANSCRIBER_SERVICE}/Transcribe"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 MAX_WINDOW_BYTES = 30 * 16000 * 2 + 64 * 1024
 
@@ -244,6 +245,7 @@ class TranscriberPool:
             work_class=convert.work_class_to_proto(work_class),
         )
         metadata = ((REQUEST_ID_HEADER, request_id_var.get() or "-"),)
+        seconds = round(audio.shape[0] / SAMPLE_RATE, 3)
         tried: set[str] = set()
         attempts = max(3, len(self.endpoints) + 1)
         last: grpc.aio.AioRpcError | None = None
@@ -252,9 +254,19 @@ class TranscriberPool:
             tried.add(ep.address)
             ep.outstanding += 1
             try:
-                resp = await ep.stub.Transcribe(
-                    request, timeout=timeout or self.call_timeout, metadata=metadata
-                )
+                with tracing.span(
+                    TRANSCRIBE_METHOD,
+                    {
+                        "server.address": ep.address,
+                        "stt.work_class": work_class.name,
+                        "stt.audio_seconds": seconds,
+                    },
+                    kind=tracing.CLIENT,
+                    child_only=True,
+                ):
+                    resp = await ep.stub.Transcribe(
+                        request, timeout=timeout or self.call_timeout, metadata=tracing.inject(metadata)
+                    )
             except grpc.aio.AioRpcError as exc:
                 last = exc
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:

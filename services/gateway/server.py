@@ -21,6 +21,7 @@ from services.gateway.pool import TranscriberPool
 from services.gateway.speech import JobLimits, SpeechAPI
 from services.gateway.speech_servicer import SpeechServicer
 from services.shared.errors import ServiceError
+from services.shared.metrics import TRANSCRIBERS, set_known_tenants
 from services.shared.server import NOT_SERVING, SERVING, RunningServer, Service, start_server
 from stt.v1 import jobs_pb2, jobs_pb2_grpc, speech_pb2, speech_pb2_grpc
 
@@ -98,6 +99,7 @@ async def create_server(
     speech = SpeechServicer(speech_api, server_info)
     jobs = JobsServicer(jobs_api)
     authenticator = Authenticator(settings.tenants_by_key())
+    set_known_tenants(settings.tenants_by_key().values())  # the only tenant label values (metrics)
     running = await start_server(
         [
             Service(SPEECH, lambda s: speech_pb2_grpc.add_SpeechServicer_to_server(speech, s)),
@@ -167,5 +169,7 @@ async def create_server(
 async def _monitor_dependencies(running: RunningServer, pool: TranscriberPool) -> None:
     while True:
         changed = pool.changed()
+        TRANSCRIBERS.labels("serving").set(pool.serving_count)
+        TRANSCRIBERS.labels("not_serving").set(len(pool.endpoints) - pool.serving_count)
         await running.health.set(DEP_TRANSCRIBERS, SERVING if pool.serving_count else NOT_SERVING)
         await changed

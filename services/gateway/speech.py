@@ -18,6 +18,7 @@ from prometheus_client import Gauge
 from services.gateway import audio as audio_mod
 from services.gateway.auth import current_caller
 from services.gateway.config import GatewaySettings
+from services.gateway.observe import StreamObserver
 from services.gateway.pool import TranscriberPool
 from services.gateway.recognize import recognize
 from services.gateway.requests import (
@@ -30,6 +31,7 @@ from services.gateway.requests import (
 )
 from services.gateway.stream_decoder import StreamDecoder, make_decoder
 from services.gateway.streaming import Event, EventType, StreamingSession, StreamPolicy
+from services.shared import tracing
 from services.shared.context import request_id_var
 from services.shared.domain import (
     DEFAULT_PAGE_SIZE,
@@ -122,6 +124,9 @@ class SpeechAPI:
             vad=self.vad,
             max_parallel=self.settings.max_parallel_windows,
         )
+        tracing.set_attributes(
+            {"stt.audio_seconds": round(result.duration, 3), "stt.windows": len(result.windows)}
+        )
         return speech_pb2.RecognizeResponse(
             results=[
                 result_from_segment(s, language=result.language, words=cfg.word_timestamps, utterance_index=i)
@@ -161,13 +166,16 @@ class SpeechAPI:
                 field="streaming_config",
             )
         cfg = first.streaming_config
-        session, decoder, max_seconds = self._open_stream(cfg)
+        observer = StreamObserver()
+        session, decoder, max_seconds = self._open_stream(cfg, observer)
         words = cfg.config.enable_word_time_offsets
         STREAMS.inc()
         reader = asyncio.create_task(self._read_stream(requests, session, decoder, max_seconds))
         reader.add_done_callback(lambda t: _propagate(t, session))
         try:
             async for ev in session.events():
+                if ev.is_final:
+                    observer.final(ev.words, ev.start, ev.end)
                 yield stream_response(ev, session, words=words)
             if reader.done() and not reader.cancelled() and reader.result():
                 raise LimitExceeded(
@@ -177,12 +185,13 @@ class SpeechAPI:
                 )
         finally:
             STREAMS.dec()
+            observer.closed()
             reader.cancel()
             decoder.close()
             await asyncio.gather(reader, return_exceptions=True)
 
     def _open_stream(
-        self, cfg: speech_pb2.StreamingRecognitionConfig
+        self, cfg: speech_pb2.StreamingRecognitionConfig, observer: StreamObserver
     ) -> tuple[StreamingSession, StreamDecoder, float]:
         if not cfg.HasField("config"):
             raise InvalidInput(
@@ -207,7 +216,7 @@ class SpeechAPI:
             options.beam_size = self.settings.stream_beam_size
         s = self.settings
         session = StreamingSession(
-            self.pool.transcribe,
+            observer.transcribe(self.pool.transcribe),
             options,
             StreamPolicy(
                 step=s.stream_step_seconds,
@@ -225,6 +234,7 @@ class SpeechAPI:
         def sink(samples: Any) -> None:
             try:
                 session.add_audio(samples)
+                observer.arrived(session.received_seconds)
             except ServiceError as exc:
                 session.fail(exc)
 

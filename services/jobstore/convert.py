@@ -77,6 +77,7 @@ def stored_job(job: Job, *, with_transcript: bool = False) -> jobstore_pb2.Store
         lease_epoch=job.lease_epoch,
         lease_expire_time=ts(job.lease_expires_at),
         transcript=(job.transcript or "") if with_transcript else "",
+        trace_parent=job.trace_parent or "",
     )
 
 

@@ -96,6 +96,9 @@ class Job(Base):
     completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # The trace context (W3C traceparent) of the call that created the job: whoever runs the job
+    # continues that trace (services.shared.tracing). Empty when tracing is off.
+    trace_parent: Mapped[str | None] = mapped_column(String(64))
 
     chunks: Mapped[list[Chunk]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="Chunk.idx"

@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import empty_pb2
 
-from services.jobstore import convert
+from services.jobstore import convert, metrics
 from services.jobstore.convert import STATUS_NAMES, chunk_to_proto, stored_job, ts
 from services.jobstore.store import Lease, NewJob, Span, Store
+from services.shared import tracing
 from services.shared.convert import segment_from_proto
 from services.shared.errors import InvalidInput
 from services.shared.internal.v1 import jobstore_pb2, jobstore_pb2_grpc
@@ -68,8 +69,10 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
             config=convert.config_to_json(meta.config),
             audio_duration=meta.audio_duration_seconds,
             max_attempts=meta.max_attempts,
+            trace_parent=tracing.traceparent(),  # this call's trace: the job's spans continue it
         )
         job, created = await self.store.create_job(new, pieces())
+        tracing.set_attributes({"stt.job_id": job.id, "stt.created": created})
         return jobstore_pb2.StoreCreateJobResponse(job=stored_job(job), created=created)
 
     async def GetJob(
@@ -197,6 +200,7 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
         job = await self.store.complete_job(
             _lease(request.lease), request.transcript, request.language_code or None
         )
+        metrics.completed(job)
         return stored_job(job)
 
     async def FailJob(

@@ -48,6 +48,7 @@ class NewJob:
     config: dict[str, Any]
     audio_duration: float
     max_attempts: int
+    trace_parent: str = ""
 
 
 @dataclass(slots=True)
@@ -158,6 +159,7 @@ class Store:
             chunks_completed=0,
             created_at=now,
             updated_at=now,
+            trace_parent=new.trace_parent or None,
         )
         try:
             async with self.sessions.begin() as s:

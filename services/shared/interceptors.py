@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from services.shared import errors, metrics
+from services.shared import errors, metrics, tracing
 from services.shared.context import REQUEST_ID_HEADER, new_request_id, request_id_var
 from services.shared.domain import MAX_REQUEST_ID_CHARS
 from services.shared.status import abort, code_for
@@ -63,6 +63,11 @@ class _Call:
         # Read now: touching the call's C-core state after it ended (a client that went away) can crash.
         self.peer = context.peer()
         self.token = request_id_var.set(self.rid)
+        self.trace = (
+            tracing.start_rpc(method, context.invocation_metadata(), quiet=method.startswith(_QUIET))
+            if tracing.enabled()
+            else None
+        )
         self.headers_sent = False
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
@@ -120,6 +125,9 @@ class _Call:
             name,
             elapsed * 1000,
             extra={"peer": self.peer, "error": self.error},
+        )
+        tracing.end_rpc(
+            self.trace, name, self.code.value[0] if isinstance(self.code, grpc.StatusCode) else 2, self.error
         )
         request_id_var.reset(self.token)
 

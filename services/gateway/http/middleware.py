@@ -16,7 +16,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from services.gateway.auth import ANONYMOUS, Caller, caller_var
 from services.gateway.http.context import HttpContext
 from services.gateway.http.errors import body_of, headers_of, status_of
-from services.shared import metrics
+from services.shared import metrics, tracing
 from services.shared.context import REQUEST_ID_HEADER, new_request_id, request_id_var
 from services.shared.domain import MAX_REQUEST_ID_CHARS
 from services.shared.errors import LimitExceeded, ServiceError, Unauthenticated
@@ -86,10 +86,11 @@ class FrontDoor:
         rid = headers.get(REQUEST_ID_HEADER)
         rid = rid if rid is not None and valid_request_id(rid) else new_request_id()
         rid_token = request_id_var.set(rid)
+        method = scope.get("method", "WS")
+        trace = tracing.start_http(method, scope["path"], headers) if tracing.enabled() else None
         started = time.perf_counter()
         state = {"status": 0, "error": ""}
         caller: Caller = ANONYMOUS
-        method = scope.get("method", "WS")
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -125,6 +126,7 @@ class FrontDoor:
                 caller_var.reset(caller_token)
         finally:
             self.log(scope, method, state, started, caller)
+            tracing.end_http(trace, state["status"], getattr(scope.get("route"), "path", None))
             request_id_var.reset(rid_token)
 
     async def deny(self, scope: Scope, receive: Receive, send: Send, exc: ServiceError, rid: str) -> None:
