@@ -104,6 +104,7 @@ class JobstoreClient:
             channels=job.config.audio_channel_count,
             chunks_total=job.chunks_total,
             retry_count=job.retry_count,
+            interruption_count=job.interruption_count,
         )
 
     async def heartbeat(self, lease: Lease) -> bool:
@@ -148,9 +149,12 @@ class JobstoreClient:
             ),
         )
 
-    async def fail_chunk(self, lease: Lease, index: int, error: str) -> bool:
+    async def fail_chunk(self, lease: Lease, index: int, error: str, reason: str) -> bool:
         resp = await self.call(
-            "FailChunk", jobstore_pb2.FailChunkRequest(lease=_lease(lease), index=index, error_message=error)
+            "FailChunk",
+            jobstore_pb2.FailChunkRequest(
+                lease=_lease(lease), index=index, error_message=error, reason=reason
+            ),
         )
         return bool(resp.job_failed)
 
@@ -162,8 +166,10 @@ class JobstoreClient:
             ),
         )
 
-    async def fail_job(self, lease: Lease, error: str) -> None:
-        await self.call("FailJob", jobstore_pb2.FailJobRequest(lease=_lease(lease), error_message=error))
+    async def fail_job(self, lease: Lease, error: str, reason: str) -> None:
+        await self.call(
+            "FailJob", jobstore_pb2.FailJobRequest(lease=_lease(lease), error_message=error, reason=reason)
+        )
 
     async def release(self, lease: Lease) -> None:
         await self.call("ReleaseJob", _lease(lease))
