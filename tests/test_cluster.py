@@ -7,7 +7,6 @@ import asyncio
 import os
 import subprocess
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -19,6 +18,7 @@ from stt.errors import SttError
 from stt.v1 import jobs_pb2
 from tests.support import audio
 from tests.support.datastores import REDIS_URL, postgres_database, redis_prefix
+from tests.support.metrics import metric, scrape
 from tests.support.text import wer
 
 pytestmark = pytest.mark.system
@@ -48,22 +48,6 @@ async def cluster() -> AsyncIterator[LocalCluster]:
 @pytest.fixture(scope="module")
 def recording(long_clip) -> bytes:
     return audio.encode(np.concatenate([long_clip.samples, long_clip.samples]), "flac")
-
-
-def scrape(p: ServiceProcess) -> str:
-    assert p.metrics_url
-    with urllib.request.urlopen(p.metrics_url, timeout=5) as resp:
-        return resp.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def transcribe_calls(p: ServiceProcess) -> float:

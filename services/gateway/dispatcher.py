@@ -38,8 +38,9 @@ from services.gateway.audio import Limits, decode_to_file
 from services.gateway.chunking import VadSettings, Window, merge, plan_windows, speech_regions_long
 from services.gateway.jobqueue import ChunkInfo, ClaimedJob, JobQueue, Lease
 from services.gateway.recognize import first_leaf
+from services.shared.backoff import Backoff
 from services.shared.context import job_id_var
-from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, WorkClass
+from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, WorkClass, join_text
 from services.shared.errors import Aborted, InvalidInput, LimitExceeded, NotFound, ServiceError, Unavailable
 from services.shared.pcm import from_pcm16
 from services.shared.spool import Spool
@@ -118,19 +119,19 @@ class Dispatcher:
         self._slots = []
 
     async def _slot(self, index: int) -> None:
-        backoff = 0.2
+        backoff = Backoff(maximum=5.0)
         while not self._stopping:
             try:
                 job = await self.queue.claim(
                     self.config.worker_id, self.config.lease_seconds, self.config.claim_wait_seconds
                 )
-                backoff = 0.2
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # jobstore unreachable: keep trying
-                log.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                delay = backoff.next()
+                log.warning("claim failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
                 continue
             if job is not None:
                 await self._process(job)
@@ -198,16 +199,16 @@ class Dispatcher:
         """A write to the jobstore, retried while it is briefly unavailable (a restart, a database
         failover) for as long as the lease would last; fencing makes the retries safe."""
         deadline = time.monotonic() + lease.seconds
-        backoff = 0.2
+        backoff = Backoff(maximum=3.0)
         while True:
             try:
                 return await call()
             except Unavailable as exc:
-                if time.monotonic() + backoff > deadline:
+                delay = backoff.next()
+                if time.monotonic() + delay > deadline:
                     raise
                 log.warning("%s: jobstore unavailable (%s); retrying", what, exc.message)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 3.0)
+                await asyncio.sleep(delay)
 
     async def _work(self, job: ClaimedJob, lease: Lease) -> str:
         spool = await asyncio.to_thread(self.spool.mkdtemp, f"job-{job.job_id}-")
@@ -271,7 +272,7 @@ class Dispatcher:
         segments = [s for c in final for s in c.segments]
         languages = Counter(c.language for c in final if c.language)
         language = languages.most_common(1)[0][0] if languages else (job.options.language or "")
-        transcript = " ".join(s.text.strip() for s in segments if s.text.strip())
+        transcript = join_text(segments)
         await self._persist(lease, "complete", lambda: self.queue.complete_job(lease, transcript, language))
         return "completed"
 
@@ -292,7 +293,7 @@ class Dispatcher:
         end = round(chunk.end * SAMPLE_RATE)
         audio = from_pcm16(pcm[start:end])
         window = Window(start, end)
-        wait = self.config.capacity_retry_seconds
+        waits = Backoff(self.config.capacity_retry_seconds, self.config.max_capacity_retry_seconds)
         while not failed.is_set():
             try:
                 result = await self.transcribe(audio, job.options, WorkClass.BATCH)
@@ -305,11 +306,11 @@ class Dispatcher:
             except ServiceError as exc:
                 if exc.reason in NOT_THE_JOBS_FAULT:
                     CHUNKS.labels("waiting").inc()
+                    wait = waits.next()
                     log.warning(
                         "chunk %d waits for capacity (%s); retrying in %.1fs", chunk.index, exc.message, wait
                     )
                     await asyncio.sleep(wait)
-                    wait = min(wait * 2, self.config.max_capacity_retry_seconds)
                     continue
                 CHUNKS.labels("error").inc()
                 log.warning("chunk %d failed: %s", chunk.index, exc.message)

@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.gateway.requests import ModelCaps
 from services.shared import convert
+from services.shared.backoff import Backoff
 from services.shared.channel import internal_channel
 from services.shared.context import REQUEST_ID_HEADER, request_id_var
 from services.shared.domain import DecodeOptions, WindowResult, WorkClass
@@ -158,7 +159,7 @@ class TranscriberPool:
     async def _watch(self, ep: Endpoint) -> None:
         """Follow the endpoint's health; reconnect with backoff when the stream breaks."""
         stub = health_pb2_grpc.HealthStub(ep.channel)
-        backoff = 0.2
+        backoff = Backoff(maximum=2.0)
         while True:
             try:
                 call = stub.Watch(health_pb2.HealthCheckRequest(service=TRANSCRIBER_SERVICE))
@@ -166,14 +167,13 @@ class TranscriberPool:
                     if resp.status == SERVING and ep.info is None:
                         ep.info = await self._info(ep)
                     self._set_serving(ep, resp.status == SERVING)
-                    backoff = 0.2
+                    backoff.reset()
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError:
                 pass
             self._set_serving(ep, False)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            await asyncio.sleep(backoff.next())
 
     async def _info(self, ep: Endpoint) -> transcriber_pb2.TranscriberInfo | None:
         try:
@@ -266,8 +266,10 @@ class TranscriberPool:
             result = convert.window_result_from_proto(resp)
             self.stats.served_by[result.served_by] += 1
             return result
+        if last is not None:  # keep the transcriber's reason (e.g. MODEL_ERROR)
+            raise error_from_rpc(last, prefix=f"transcriber (after {attempts} attempts): ") from None
         raise Unavailable(
-            f"transcribers unavailable after {attempts} attempts: {last.details() if last else 'none ready'}",
+            f"transcribers unavailable after {attempts} attempts",
             reason="TRANSCRIBER_UNAVAILABLE",
             retry_after_seconds=1.0,
         )

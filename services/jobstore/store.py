@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.jobstore.blobs import BlobStore
 from services.jobstore.events import EventBus, wait
 from services.jobstore.models import Chunk, ChunkState, Job, Priority, Status, UTCDateTime
-from services.shared.domain import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Segment
+from services.shared.domain import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Segment, join_text, join_texts
 from services.shared.errors import Aborted, InvalidInput, NotFound, WrongState
 
 log = logging.getLogger("jobstore")
@@ -235,7 +235,7 @@ class Store:
                     .order_by(Chunk.idx)
                 )
             ).scalars()
-            return " ".join(t.strip() for t in texts if t and t.strip())
+            return join_texts(texts)
 
     async def audio_retained(self, jobs: Sequence[Job]) -> set[str]:
         """Ids of the jobs whose audio is still stored (what Job.audio_retained reports)."""
@@ -545,7 +545,7 @@ class Store:
     ) -> ChunkUpdate:
         """Checkpoint one chunk. The first recorded result of a chunk stands."""
         now = utcnow()
-        text = " ".join(seg.text.strip() for seg in segments if seg.text.strip())
+        text = join_text(segments)
         async with self.sessions.begin() as s:
             await self._fence(s, lease, stall_count=0)  # progress: the stall streak ends
             chunk = await s.get(Chunk, (lease.job_id, index))

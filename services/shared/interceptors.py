@@ -124,8 +124,32 @@ class _Call:
         request_id_var.reset(self.token)
 
 
+DRAIN_SECONDS = 0.5
+
+
+async def _drain(requests: Any) -> None:
+    """Before failing a client-streaming call, read what the client is still sending for a moment.
+
+    A gRPC C-core client (Python, Ruby, C#, PHP, ...) whose write is in flight when the error
+    arrives reports "INTERNAL: Internal error from Core" instead of our status; a client that has
+    finished writing (or writes at real-time pace) then sees the real error."""
+    if requests is None or not hasattr(requests, "__aiter__"):
+        return
+
+    async def consume() -> None:
+        async for _ in requests:
+            pass
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(consume(), timeout=DRAIN_SECONDS)
+
+
 def _wrap_unary(
-    method: str, behavior: Callable[..., Awaitable[Any]], mapper: ErrorMapper | None
+    method: str,
+    behavior: Callable[..., Awaitable[Any]],
+    mapper: ErrorMapper | None,
+    *,
+    client_streaming: bool = False,
 ) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(method, context, mapper)
@@ -134,6 +158,8 @@ def _wrap_unary(
             await call.headers()
             return response
         except BaseException as exc:
+            if client_streaming and isinstance(exc, Exception):
+                await _drain(request)
             await call.fail(exc)
         finally:
             call.done()
@@ -142,7 +168,7 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[..., Any], mapper: ErrorMapper | None
+    method: str, behavior: Callable[..., Any], mapper: ErrorMapper | None, *, client_streaming: bool = False
 ) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = _Call(method, context, mapper)
@@ -158,6 +184,8 @@ def _wrap_stream(
             call.code = grpc.StatusCode.CANCELLED
             raise
         except BaseException as exc:
+            if client_streaming and isinstance(exc, Exception):
+                await _drain(request)
             await call.fail(exc)
         finally:
             call.done()
@@ -190,7 +218,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, handler.stream_unary, self.mapper), **kwargs
+                _wrap_unary(method, handler.stream_unary, self.mapper, client_streaming=True), **kwargs
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
@@ -198,6 +226,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(method, handler.stream_stream, self.mapper), **kwargs
+                _wrap_stream(method, handler.stream_stream, self.mapper, client_streaming=True), **kwargs
             )
         return handler
