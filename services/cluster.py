@@ -228,6 +228,7 @@ class LocalCluster:
                 "STT_TRANSCRIBER_REFRESH_SECONDS": "1",
                 "STT_JOBSTORE_ADDRESS": self.jobstore.address,
                 "STT_WORKER_ID": label,
+                "STT_SPOOL_DIR": os.path.join(self.data_dir, "spool"),
                 **self._metrics_env(),
                 **self.common_env,
                 **self.gateway_env,

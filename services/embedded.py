@@ -2,7 +2,8 @@
 
 Each service runs its real gRPC server (on a loopback port) exactly as it does in its own process
 or pod; only the addresses are wired here. Jobs and audio live in the data directory (SQLite and
-files), so a restart resumes queued and running jobs.
+files, scratch space in <data>/spool), so a restart resumes queued and running jobs and removes
+whatever the previous run left half-written.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 from dataclasses import dataclass, field
 
 from services.gateway.config import GatewaySettings
@@ -85,6 +87,8 @@ async def start_stack(
         update={
             "transcriber_address": f"127.0.0.1:{transcriber.port}",
             "jobstore_address": f"127.0.0.1:{jobstore.port}",
+            # Uploads and job audio are spooled on the data volume, with the jobs.
+            "spool_dir": os.path.join(data_dir, "spool"),
         }
     )
     gateway = await create_gateway(gset, host=host, port=port, http_port=http_port)

@@ -130,7 +130,8 @@ class _Progress:
         width = 30
         filled = int(width * done / total) if total else 0
         bar = "#" * filled + "-" * (width - filled)
-        retry = f"  retry {job.retry_count}" if job.retry_count else ""
+        retry = f"  attempts charged {job.retry_count}/{job.max_attempts}" if job.retry_count else ""
+        retry += f"  interrupted {job.interruption_count}x" if job.interruption_count else ""
         line = f"[{bar}] {done}/{total or '?'} chunks  {enum_label(jobs_pb2.JobStatus, job.status)}{retry}"
         if line == self.last:
             return
@@ -167,8 +168,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             job = event.job
         progress.done()
         if job.status != jobs_pb2.JOB_STATUS_COMPLETED:
+            reason = f" ({job.failure_reason})" if job.failure_reason else ""
             print(
-                f"job {job.job_id} {enum_label(jobs_pb2.JobStatus, job.status)}: {job.error_message}",
+                f"job {job.job_id} {enum_label(jobs_pb2.JobStatus, job.status)}{reason}: {job.error_message}",
                 file=sys.stderr,
             )
             return 1

@@ -147,6 +147,17 @@ async def test_cli_jobs_and_stream(gateway, short_clip, tmp_path):
     assert code == 0 and "HIGH" in out and "workers" in out
     code, _, err = await _run("--server", server, "jobs", "cancel", job_id)
     assert code == 2 and "FAILED_PRECONDITION" in err
+    code, _, err = await _run("--server", server, "jobs", "retry", job_id)
+    assert code == 2 and "only FAILED or CANCELLED" in err  # COMPLETED: nothing to retry
+    code, other, _ = await _run("--server", server, "submit", str(wav), "--priority", "low")
+    other = other.strip()
+    code, out, _ = await _run("--server", server, "jobs", "cancel", other)
+    assert code == 0 and "CANCELLED" in out
+    code, out, err = await _run("--server", server, "jobs", "retry", other)
+    assert code == 0 and other in out and ("QUEUED" in out or "RUNNING" in out), err
+    code, _, _ = await _run("--server", server, "jobs", "watch", other)
+    code, out, _ = await _run("--server", server, "jobs", "get", other)
+    assert code == 0 and json.loads(out)["status"] == "JOB_STATUS_COMPLETED"
     code, out, _ = await _run("--server", server, "stream", str(wav), "--json")
     lines = [json.loads(line) for line in out.splitlines()]
     finals = [r["transcript"] for line in lines for r in line.get("results", []) if r.get("is_final")]

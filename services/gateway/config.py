@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 from pydantic import SecretStr
 
 from services.gateway.chunking import VadSettings
@@ -56,8 +59,11 @@ class GatewaySettings(CommonSettings):
     max_job_bytes: int = 1024 * 1024 * 1024
     max_job_seconds: float = 4 * 3600.0
     max_job_attempts: int = 3
-    # Where uploads and decoded audio are spooled (default: the system temp directory).
+    # Where uploads and decoded job audio are spooled (default: <system temp>/stt-spool; `stt up`
+    # uses <data dir>/spool). Each process works in its own subdirectory, removed when it stops;
+    # what a crashed process left is removed at start and every spool_sweep_seconds.
     spool_dir: str | None = None
+    spool_sweep_seconds: float = 60.0
     # Identity of this dispatcher in leases (default host:pid).
     worker_id: str | None = None
     # API keys: "key1:tenantA,key2:tenantB". Empty: no authentication, every caller is tenant "default".
@@ -72,6 +78,9 @@ class GatewaySettings(CommonSettings):
     # Origins allowed to call the API from a browser page served elsewhere (CORS): "*" or a
     # comma-separated list; empty: same origin only.
     http_cors_origins: str = ""
+
+    def spool_root(self) -> str:
+        return self.spool_dir or os.path.join(tempfile.gettempdir(), "stt-spool")
 
     def vad(self) -> VadSettings:
         return VadSettings(

@@ -5,6 +5,13 @@ job. No grpc here: the jobstore is a JobQueue, the pool a transcribe callable.
 Crash safety: every finished chunk is recorded at once (fenced by the lease epoch), so whoever holds
 the job next transcribes only what is missing. The chunk plan is recorded once and reused, so a
 resumed job produces the same chunks and hence the same transcript.
+
+Attempts are charged to the cause: a chunk error of the job's own (a model error, a timeout, every
+replica failing the call) is reported to the jobstore, which charges an attempt; a missing capacity
+(no transcriber ready, one draining or loading, a full queue, the jobstore away) is not the job's
+fault: the chunk waits with backoff and tries again, for as long as the lease is held. The job's
+spool (its audio and decoded samples) lives in this process's scratch space (services.shared.spool)
+and is removed when the work ends; whatever a crash left is removed at the next start.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from services.shared.context import job_id_var
 from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, WorkClass, join_text
 from services.shared.errors import Aborted, InvalidInput, LimitExceeded, NotFound, ServiceError, Unavailable
 from services.shared.pcm import from_pcm16
+from services.shared.spool import Spool
 
 log = logging.getLogger("gateway.dispatcher")
 
@@ -53,6 +61,11 @@ JOB_SECONDS = Histogram(
 CHUNKS = PCounter("stt_dispatcher_chunks_total", "Chunks transcribed", ["outcome"])
 RUNNING = Gauge("stt_dispatcher_running_jobs", "Jobs this dispatcher holds")
 
+# Errors that say capacity is missing, not that the chunk is bad: never charged to the job.
+NOT_THE_JOBS_FAULT = frozenset(
+    {"NO_TRANSCRIBER", "DRAINING", "MODEL_LOADING", "QUEUE_FULL", "STORE_UNAVAILABLE", "CAPACITY_EXHAUSTED"}
+)
+
 
 class JobStopped(Exception):
     """The job was cancelled, its lease lost, or this dispatcher is shutting down."""
@@ -67,6 +80,9 @@ class DispatcherConfig:
     claim_wait_seconds: float = 10.0
     max_parallel_chunks: int = 16
     chunk_retry_seconds: float = 1.0
+    # Waiting for capacity (not charged): first wait, doubling up to the max.
+    capacity_retry_seconds: float = 0.5
+    max_capacity_retry_seconds: float = 10.0
     limits: Limits = field(default_factory=lambda: Limits(1 << 30, 4 * 3600.0))
     vad: VadSettings = field(default_factory=VadSettings)
     spool_dir: str | None = None
@@ -77,10 +93,15 @@ def default_worker_id() -> str:
 
 
 class Dispatcher:
-    def __init__(self, queue: JobQueue, transcribe: TranscribeFn, config: DispatcherConfig) -> None:
+    def __init__(
+        self, queue: JobQueue, transcribe: TranscribeFn, config: DispatcherConfig, spool: Spool | None = None
+    ) -> None:
         self.queue = queue
         self.transcribe = transcribe
         self.config = config
+        self.spool = spool or Spool(
+            config.spool_dir or os.path.join(tempfile.gettempdir(), "stt-spool"), name="dispatcher"
+        )
         self._slots: list[asyncio.Task[None]] = []
         self._stopping = False
         self.active: dict[str, asyncio.Task[str]] = {}
@@ -195,7 +216,7 @@ class Dispatcher:
                 await asyncio.sleep(delay)
 
     async def _work(self, job: ClaimedJob, lease: Lease) -> str:
-        spool = tempfile.mkdtemp(prefix=f"stt-job-{job.job_id}-", dir=self.config.spool_dir)
+        spool = await asyncio.to_thread(self.spool.mkdtemp, f"job-{job.job_id}-")
         try:
             return await self._run(job, lease, spool)
         finally:
@@ -221,7 +242,7 @@ class Dispatcher:
                 channels=job.channels,
             )
         except (InvalidInput, LimitExceeded) as exc:
-            await self.queue.fail_job(lease, f"audio could not be decoded: {exc.message}")
+            await self.queue.fail_job(lease, f"audio could not be decoded: {exc.message}", exc.reason)
             return "failed"
         pcm = np.memmap(pcm_path, dtype="<i2", mode="r") if info.seconds > 0 else np.zeros(0, dtype="<i2")
         chunks = await self._plan(job, lease, pcm)
@@ -233,7 +254,9 @@ class Dispatcher:
             "transcribing %d of %d chunks%s",
             len(pending),
             len(chunks),
-            f" (resumed, attempt {job.retry_count + 1})" if len(pending) < len(chunks) else "",
+            f" (resumed after {job.interruption_count} interruptions, {job.retry_count} attempts charged)"
+            if len(pending) < len(chunks)
+            else "",
         )
         sem = asyncio.Semaphore(self.config.max_parallel_chunks)
         failed = asyncio.Event()
@@ -275,6 +298,7 @@ class Dispatcher:
         end = round(chunk.end * SAMPLE_RATE)
         audio = from_pcm16(pcm[start:end])
         window = Window(start, end)
+        waits = Backoff(self.config.capacity_retry_seconds, self.config.max_capacity_retry_seconds)
         while not failed.is_set():
             try:
                 result = await tracing.traced(
@@ -285,14 +309,24 @@ class Dispatcher:
             except InvalidInput as exc:
                 # The request itself is wrong (e.g. a language the model cannot do): no retry helps.
                 failed.set()
-                await self.queue.fail_job(lease, f"chunk {chunk.index}: {exc.message}")
+                await self.queue.fail_job(lease, f"chunk {chunk.index}: {exc.message}", exc.reason)
                 CHUNKS.labels("invalid").inc()
                 return
             except ServiceError as exc:
+                if exc.reason in NOT_THE_JOBS_FAULT:
+                    CHUNKS.labels("waiting").inc()
+                    wait = waits.next()
+                    log.warning(
+                        "chunk %d waits for capacity (%s); retrying in %.1fs", chunk.index, exc.message, wait
+                    )
+                    await asyncio.sleep(wait)
+                    continue
                 CHUNKS.labels("error").inc()
                 log.warning("chunk %d failed: %s", chunk.index, exc.message)
                 if await self._persist(
-                    lease, "fail chunk", partial(self.queue.fail_chunk, lease, chunk.index, exc.message)
+                    lease,
+                    "fail chunk",
+                    partial(self.queue.fail_chunk, lease, chunk.index, exc.message, exc.reason),
                 ):
                     failed.set()
                     return

@@ -109,6 +109,7 @@ class JobstoreClient:
             trace_parent=resp.job.trace_parent,
             created_at=job.create_time.ToNanoseconds() / 1e9,
             priority=jobs_pb2.Priority.Name(job.priority).removeprefix("PRIORITY_"),
+            interruption_count=job.interruption_count,
         )
 
     async def heartbeat(self, lease: Lease) -> bool:
@@ -153,9 +154,12 @@ class JobstoreClient:
             ),
         )
 
-    async def fail_chunk(self, lease: Lease, index: int, error: str) -> bool:
+    async def fail_chunk(self, lease: Lease, index: int, error: str, reason: str) -> bool:
         resp = await self.call(
-            "FailChunk", jobstore_pb2.FailChunkRequest(lease=_lease(lease), index=index, error_message=error)
+            "FailChunk",
+            jobstore_pb2.FailChunkRequest(
+                lease=_lease(lease), index=index, error_message=error, reason=reason
+            ),
         )
         return bool(resp.job_failed)
 
@@ -167,8 +171,10 @@ class JobstoreClient:
             ),
         )
 
-    async def fail_job(self, lease: Lease, error: str) -> None:
-        await self.call("FailJob", jobstore_pb2.FailJobRequest(lease=_lease(lease), error_message=error))
+    async def fail_job(self, lease: Lease, error: str, reason: str) -> None:
+        await self.call(
+            "FailJob", jobstore_pb2.FailJobRequest(lease=_lease(lease), error_message=error, reason=reason)
+        )
 
     async def release(self, lease: Lease) -> None:
         await self.call("ReleaseJob", _lease(lease))

@@ -23,6 +23,7 @@ from services.gateway.speech_servicer import SpeechServicer
 from services.shared.errors import ServiceError
 from services.shared.metrics import TRANSCRIBERS, set_known_tenants
 from services.shared.server import NOT_SERVING, SERVING, RunningServer, Service, start_server
+from services.shared.spool import Spool
 from stt.v1 import jobs_pb2, jobs_pb2_grpc, speech_pb2, speech_pb2_grpc
 
 log = logging.getLogger("gateway")
@@ -77,8 +78,11 @@ async def create_server(
     await pool.start()
     jobstore = JobstoreClient(settings.jobstore_address, timeout=settings.jobstore_timeout_seconds)
     decode_slots = asyncio.Semaphore(settings.max_concurrent_decodes)
+    # Scratch space for uploads and job audio: this process's own directory, so whatever a crash
+    # left behind (of this or another gateway sharing the volume) is removed now and by the sweeper.
+    spool = await asyncio.to_thread(Spool(settings.spool_root(), name="gateway").open)
     speech_api = SpeechAPI(settings, pool, decode_slots)
-    jobs_api = JobsAPI(settings, jobstore, decode_slots, caps=pool.caps)
+    jobs_api = JobsAPI(settings, jobstore, decode_slots, caps=pool.caps, spool=spool)
     max_message_bytes = settings.max_recognize_bytes + 64 * 1024
 
     async def server_info() -> speech_pb2.ServerInfo:
@@ -146,17 +150,24 @@ async def create_server(
                 vad=settings.vad(),
                 spool_dir=settings.spool_dir,
             ),
+            spool=spool,
         )
         dispatcher.start()
         # On SIGTERM: stop claiming and hand held jobs back first, then drain the API calls.
         running.on_drain(dispatcher.stop)
     monitor = asyncio.create_task(_monitor_dependencies(running, pool), name="dependency-monitor")
+    sweeper = asyncio.create_task(_sweep_spool(spool, settings.spool_sweep_seconds), name="spool-sweeper")
 
     async def stop_monitor() -> None:
-        monitor.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await monitor
+        for task in (monitor, sweeper):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
+    async def close_spool() -> None:
+        await asyncio.to_thread(spool.close)
+
+    running.on_stop(close_spool)
     running.on_stop(pool.close)
     running.on_stop(jobstore.close)
     running.on_stop(stop_monitor)
@@ -164,6 +175,15 @@ async def create_server(
         # After the pool and jobstore are registered, so it runs before they close.
         running.on_stop(http.stop)
     return Gateway(running, pool, jobstore, dispatcher, speech_api, jobs_api, authenticator, http)
+
+
+async def _sweep_spool(spool: Spool, seconds: float) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await asyncio.to_thread(spool.sweep)
+        except OSError as exc:
+            log.warning("spool sweep failed: %s", exc)
 
 
 async def _monitor_dependencies(running: RunningServer, pool: TranscriberPool) -> None:

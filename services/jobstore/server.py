@@ -44,20 +44,24 @@ async def build_store(settings: JobstoreSettings) -> tuple[Store, Callable[[], A
         await migrate.upgrade(engine)
     bus = EventBus(settings.redis_url, settings.redis_prefix)
     await bus.start()
+    blobs = FileBlobStore(settings.blob_dir())
     store = Store(
         db.sessionmaker(engine),
-        FileBlobStore(settings.blob_dir()),
+        blobs,
         bus,
         lease_seconds=settings.lease_seconds,
         max_attempts=settings.max_attempts,
         result_ttl=settings.result_ttl_seconds,
         failed_ttl=settings.failed_ttl_seconds,
         reconcile_seconds=settings.reconcile_seconds,
+        stalls_before_charge=settings.stalls_before_charge,
+        max_backoff_seconds=settings.max_interruption_backoff_seconds,
     )
 
     async def close() -> None:
         await bus.close()
         await engine.dispose()
+        blobs.close()
 
     return store, close
 

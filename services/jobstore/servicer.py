@@ -9,6 +9,7 @@ from google.protobuf import empty_pb2
 
 from services.jobstore import convert, metrics
 from services.jobstore.convert import STATUS_NAMES, chunk_to_proto, stored_job, ts
+from services.jobstore.models import Job
 from services.jobstore.store import Lease, NewJob, Span, Store
 from services.shared import tracing
 from services.shared.convert import segment_from_proto
@@ -39,6 +40,11 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
 
     def __init__(self, store: Store) -> None:
         self.store = store
+
+    async def _out(self, job: Job, *, with_transcript: bool = False) -> jobstore_pb2.StoredJob:
+        """The job as callers see it, with whether its audio is still stored."""
+        retained = job.id in await self.store.audio_retained([job])
+        return stored_job(job, with_transcript=with_transcript, audio_retained=retained)
 
     async def CreateJob(
         self,
@@ -73,7 +79,7 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
         )
         job, created = await self.store.create_job(new, pieces())
         tracing.set_attributes({"stt.job_id": job.id, "stt.created": created})
-        return jobstore_pb2.StoreCreateJobResponse(job=stored_job(job), created=created)
+        return jobstore_pb2.StoreCreateJobResponse(job=await self._out(job), created=created)
 
     async def GetJob(
         self, request: jobstore_pb2.StoreGetJobRequest, context: grpc.aio.ServicerContext
@@ -82,10 +88,9 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
             job = await self.store.find_by_request_id(request.tenant or "default", request.request_id)
             if job is None:
                 return jobstore_pb2.StoredJob()
-            return stored_job(job)
-        return stored_job(
-            await self.store.get_job(request.job_id, _tenant(request.tenant)), with_transcript=True
-        )
+            return await self._out(job)
+        job = await self.store.get_job(request.job_id, _tenant(request.tenant))
+        return await self._out(job, with_transcript=True)
 
     async def ListJobs(
         self, request: jobstore_pb2.StoreListJobsRequest, context: grpc.aio.ServicerContext
@@ -96,17 +101,20 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
             page_size=request.page_size,
             page_token=request.page_token,
         )
-        return jobstore_pb2.StoreListJobsResponse(jobs=[stored_job(j) for j in jobs], next_page_token=token)
+        retained = await self.store.audio_retained(jobs)
+        return jobstore_pb2.StoreListJobsResponse(
+            jobs=[stored_job(j, audio_retained=j.id in retained) for j in jobs], next_page_token=token
+        )
 
     async def CancelJob(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
     ) -> jobstore_pb2.StoredJob:
-        return stored_job(await self.store.cancel(request.job_id, _tenant(request.tenant)))
+        return await self._out(await self.store.cancel(request.job_id, _tenant(request.tenant)))
 
     async def RetryJob(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
     ) -> jobstore_pb2.StoredJob:
-        return stored_job(await self.store.retry(request.job_id, _tenant(request.tenant)))
+        return await self._out(await self.store.retry(request.job_id, _tenant(request.tenant)))
 
     async def DeleteJob(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
@@ -136,7 +144,10 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobs_pb2.JobEvent]:
         async for job, partial in self.store.watch(request.job_id, _tenant(request.tenant)):
-            yield jobs_pb2.JobEvent(job=convert.job_to_proto(job), partial_transcript=partial)
+            retained = job.id in await self.store.audio_retained([job])
+            yield jobs_pb2.JobEvent(
+                job=convert.job_to_proto(job, audio_retained=retained), partial_transcript=partial
+            )
 
     async def GetChunks(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
@@ -188,7 +199,9 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
     async def FailChunk(
         self, request: jobstore_pb2.FailChunkRequest, context: grpc.aio.ServicerContext
     ) -> jobstore_pb2.ChunkUpdateResponse:
-        up = await self.store.fail_chunk(_lease(request.lease), request.index, request.error_message)
+        up = await self.store.fail_chunk(
+            _lease(request.lease), request.index, request.error_message, request.reason
+        )
         return jobstore_pb2.ChunkUpdateResponse(
             chunks_completed=up.chunks_completed, chunks_total=up.chunks_total, job_failed=up.job_failed,
             attempts=up.attempts,
@@ -206,7 +219,9 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
     async def FailJob(
         self, request: jobstore_pb2.FailJobRequest, context: grpc.aio.ServicerContext
     ) -> jobstore_pb2.StoredJob:
-        return stored_job(await self.store.fail_job(_lease(request.lease), request.error_message))
+        return stored_job(
+            await self.store.fail_job(_lease(request.lease), request.error_message, request.reason)
+        )
 
     async def ReleaseJob(
         self, request: jobstore_pb2.LeaseRequest, context: grpc.aio.ServicerContext
