@@ -51,12 +51,14 @@ def job_started(job: ClaimedJob, worker_id: str) -> Any:
     attributes = {
         "stt.job_id": job.job_id,
         "stt.priority": job.priority or None,
-        "stt.attempt": job.retry_count + 1,
+        # The n-th run of the job: charged attempts and interruptions (restarts, drains) both count.
+        "stt.attempt": job.retry_count + job.interruption_count + 1,
+        "stt.attempts_charged": job.retry_count,
         "stt.worker_id": worker_id,
         "stt.lease_epoch": job.epoch,
         "stt.chunks_total": job.chunks_total or None,
     }
-    if job.retry_count == 0 and not job.chunks_total and job.created_at:
+    if job.retry_count + job.interruption_count == 0 and not job.chunks_total and job.created_at:
         wait = max(0.0, time.time() - job.created_at)
         queued = tracing.start_from(
             job.trace_parent,
