@@ -47,8 +47,8 @@ setup: $(GENERATED) ## venv + protos: everything `stt` needs
 run: setup ## run the whole stack embedded (gateway + transcriber + jobstore) on localhost:50051
 	$(BIN)/stt up $(RUN_ARGS)
 
-cluster: setup ## run a local multi-process cluster (see README)
-	$(BIN)/python -m services.cluster $(CLUSTER_ARGS)
+cluster: setup ## run a local multi-process cluster (see README); TRACING=1: traces to a local receiver
+	$(BIN)/python -m services.cluster $(if $(TRACING),--tracing) $(CLUSTER_ARGS)
 
 cluster-tls: setup ## the local cluster with mutual TLS on every hop (development CA in data/cluster/certs)
 	$(BIN)/python -m services.cluster --tls $(CLUSTER_ARGS)

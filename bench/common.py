@@ -375,7 +375,7 @@ class StackHolder:
         self.stack = await start_stack(
             port=0,
             data_dir=self.data_dir,
-            gateway_settings=GatewaySettings(host="127.0.0.1"),
+            gateway_settings=GatewaySettings(host="127.0.0.1", http_enabled=False),
             transcriber_settings=TranscriberSettings(host="127.0.0.1", cpu_threads=THREADS),
         )
         await self.stack.wait_ready(180)

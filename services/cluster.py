@@ -2,6 +2,7 @@
 
     make cluster            # or: python -m services.cluster [--transcribers 3] [--gateways 2]
     make cluster CLUSTER_ARGS=--tls     # mutual TLS on every hop (a development CA in DATA_DIR/certs)
+    make cluster TRACING=1  # or: --tracing: traces to a local OTLP receiver (services/otlp.py)
 
 Starts a jobstore (on PostgreSQL and Redis), N transcribers and M gateways as separate processes.
 Gateways find transcribers the way they find pods behind a headless Service: they re-read the
@@ -54,7 +55,9 @@ class ServiceProcess:
         self.name = name
         self.label = label or name
         self.requested_port = port
-        self.env = {**os.environ, "STT_HOST": "127.0.0.1", **(env or {})}
+        # Gateways serve HTTP on a free port unless told otherwise (several run on one machine).
+        http_default = {"STT_HTTP_PORT": "0"} if name == "gateway" else {}
+        self.env = {**os.environ, "STT_HOST": "127.0.0.1", **http_default, **(env or {})}
         self.args = args or []
         self.dir = Path(log_dir or tempfile.mkdtemp(prefix=f"stt-{name}-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +67,7 @@ class ServiceProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
         self.port = port
+        self.http_port: int | None = None  # a gateway's HTTP front door, once started
 
     @property
     def address(self) -> str:
@@ -80,6 +84,7 @@ class ServiceProcess:
 
     async def start(self, timeout: float = 60.0) -> ServiceProcess:
         self.port_file.unlink(missing_ok=True)
+        Path(f"{self.port_file}.http").unlink(missing_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", f"services.{self.name}", "--port", str(self.requested_port),
             "--port-file", str(self.port_file), *self.args,
@@ -96,6 +101,8 @@ class ServiceProcess:
                 raise TimeoutError(f"{self.label} did not start:\n{self.log()[-3000:]}")
             await asyncio.sleep(0.05)
         self.port = int(self.port_file.read_text().strip())
+        http_file = Path(f"{self.port_file}.http")
+        self.http_port = int(http_file.read_text().strip()) if http_file.exists() else None
         if not self.requested_port:
             self.requested_port = self.port  # a restart comes back on the same port
         return self
@@ -254,6 +261,7 @@ class LocalCluster:
                 "STT_TRANSCRIBER_REFRESH_SECONDS": "1",
                 "STT_JOBSTORE_ADDRESS": self.jobstore.address,
                 "STT_WORKER_ID": label,
+                "STT_SPOOL_DIR": os.path.join(self.data_dir, "spool"),
                 **self._metrics_env(),
                 **self._security_env("gateway"),
                 **self.common_env,
@@ -314,14 +322,36 @@ async def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="mutual TLS on every hop, with a development CA made in DATA_DIR/certs (stt certs)",
     )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="start a local OTLP receiver and send every service's traces to it",
+    )
+    parser.add_argument(
+        "--otlp-endpoint", help="send traces to this OTLP/gRPC endpoint instead (e.g. http://127.0.0.1:4317)"
+    )
     args = parser.parse_args(argv)
     await ensure_database(args.database_url)
+    data_dir = os.path.abspath(args.data_dir)
+    receiver = None
+    trace_env: dict[str, str] = {}
+    if args.tracing and not args.otlp_endpoint:
+        from services.otlp import start_receiver
+
+        os.makedirs(data_dir, exist_ok=True)
+        receiver = await start_receiver(out=os.path.join(data_dir, "traces.jsonl"))
+        trace_env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+    elif args.otlp_endpoint:
+        trace_env["OTEL_EXPORTER_OTLP_ENDPOINT"] = args.otlp_endpoint
+    if trace_env:
+        trace_env["OTEL_BSP_SCHEDULE_DELAY"] = "1000"  # spans show up within a second
     cluster = LocalCluster(
         args.database_url,
         args.redis_url or None,
-        data_dir=os.path.abspath(args.data_dir),
+        data_dir=data_dir,
         echo=not args.quiet,
         tls_dir=os.path.join(os.path.abspath(args.data_dir), "certs") if args.tls else None,
+        common_env=trace_env,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -331,6 +361,8 @@ async def main(argv: list[str] | None = None) -> None:
         await cluster.start(transcribers=args.transcribers, gateways=args.gateways)
         lines = [
             f"  gateways:     {', '.join(g.address for g in cluster.gateways)}",
+            "  http:         "
+            + ", ".join(f"http://127.0.0.1:{g.http_port}/" for g in cluster.gateways if g.http_port),
             f"  transcribers: {', '.join(t.address for t in cluster.transcribers)}",
             f"                (the gateways re-read {cluster.transcriber_list} every second)",
             f"  jobstore:     {cluster.jobstore.address if cluster.jobstore else '-'} on {args.database_url}",
@@ -343,11 +375,23 @@ async def main(argv: list[str] | None = None) -> None:
                 f"  mutual TLS:   add --tls-ca {d}/ca.pem --tls-cert {d}/client.pem --tls-key {d}/client.key"
                 " --tls-server-name gateway"
             )
+        metrics = [p.metrics_url for p in cluster.processes if p.metrics_url]
+        lines.append(f"  metrics:      {metrics[0]} (and {len(metrics) - 1} more: each process)")
+        if receiver is not None and receiver.receiver.out is not None:
+            out = receiver.receiver.out
+            lines += [
+                f"  traces:       OTLP receiver on {receiver.endpoint}, spans appended to {out}",
+                f"                python -m services.otlp show {out}   (the latest traces as trees)",
+            ]
+        elif args.otlp_endpoint:
+            lines.append(f"  traces:       sent to {args.otlp_endpoint}")
         print("cluster is up:\n" + "\n".join(lines), flush=True)
         await stop.wait()
     finally:
         print("stopping the cluster...", flush=True)
         await cluster.stop()
+        if receiver is not None:
+            await receiver.stop()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Each service runs its real gRPC server (on a loopback port) exactly as it does in its own process
 or pod; only the addresses are wired here. Jobs and audio live in the data directory (SQLite and
-files), so a restart resumes queued and running jobs.
+files, scratch space in <data>/spool), so a restart resumes queued and running jobs and removes
+whatever the previous run left half-written.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 from dataclasses import dataclass, field
 
@@ -42,6 +44,10 @@ class Stack:
         return self.gateway.port
 
     @property
+    def http_port(self) -> int | None:
+        return self.gateway.http_port
+
+    @property
     def servers(self) -> list[RunningServer]:
         """In stop order: the public surface first, then the state, the model last."""
         return [self.gateway.running, self.jobstore.running, self.transcriber.running]
@@ -70,7 +76,10 @@ async def start_stack(
     gateway_settings: GatewaySettings | None = None,
     transcriber_settings: TranscriberSettings | None = None,
     jobstore_settings: JobstoreSettings | None = None,
+    http_port: int | None = None,
 ) -> Stack:
+    """`http_port`: the HTTP front door's port (default STT_HTTP_PORT, 8000); it is off when the
+    gateway settings say `http_enabled=False`."""
     # The internal servers listen on loopback; a token made for this run still keeps other local
     # users off them (they see every tenant's audio).
     gset = gateway_settings or GatewaySettings()
@@ -86,14 +95,23 @@ async def start_stack(
             "transcriber_address": f"127.0.0.1:{transcriber.port}",
             "jobstore_address": f"127.0.0.1:{jobstore.port}",
             **token,
+            # Uploads and job audio are spooled on the data volume, with the jobs.
+            "spool_dir": os.path.join(data_dir, "spool"),
         }
     )
-    gateway = await create_gateway(gset, host=host, port=port)
+    gateway = await create_gateway(gset, host=host, port=port, http_port=http_port)
     return Stack(gateway, transcriber, jobstore)
 
 
-async def run(port: int, data_dir: str, host: str = "127.0.0.1") -> None:
-    stack = await start_stack(port=port, host=host, data_dir=data_dir)
+async def run(
+    port: int, data_dir: str, host: str = "127.0.0.1", *, http: bool = True, http_port: int | None = None
+) -> None:
+    gset = GatewaySettings()
+    if not http:
+        gset = gset.model_copy(update={"http_enabled": False})
+    stack = await start_stack(
+        port=port, host=host, data_dir=data_dir, gateway_settings=gset, http_port=http_port
+    )
     try:
         await stack.wait_ready()
         log.info(
@@ -103,6 +121,12 @@ async def run(port: int, data_dir: str, host: str = "127.0.0.1") -> None:
             data_dir,
             stack.port,
         )
+        if stack.http_port is not None:
+            shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::", "::1") else host
+            log.info(
+                "http: page http://%s:%d/ , OpenAI-compatible API http://%s:%d/v1 , docs http://%s:%d/docs",
+                shown, stack.http_port, shown, stack.http_port, shown, stack.http_port,
+            )  # fmt: skip
     except TimeoutError:
         log.error("model did not load; see the errors above")
     await run_until_signalled(stack.servers)
@@ -110,11 +134,24 @@ async def run(port: int, data_dir: str, host: str = "127.0.0.1") -> None:
 
 def cli(args: argparse.Namespace) -> int:
     """`stt up` (the SDK's CLI finds this through the `stt.server` entry point)."""
+    from services.shared import tracing
     from services.shared.config import CommonSettings
     from services.shared.logging import setup_logging
 
     common = CommonSettings()
     setup_logging(common.log_level, common.log_format)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(args.port, args.data_dir, host=args.host))
+    tracing.configure("up", common.tracing)
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(
+                run(
+                    args.port,
+                    args.data_dir,
+                    host=args.host,
+                    http=not getattr(args, "no_http", False),
+                    http_port=getattr(args, "http_port", None),
+                )
+            )
+    finally:
+        tracing.shutdown()
     return 0

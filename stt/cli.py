@@ -139,7 +139,8 @@ class _Progress:
         width = 30
         filled = int(width * done / total) if total else 0
         bar = "#" * filled + "-" * (width - filled)
-        retry = f"  retry {job.retry_count}" if job.retry_count else ""
+        retry = f"  attempts charged {job.retry_count}/{job.max_attempts}" if job.retry_count else ""
+        retry += f"  interrupted {job.interruption_count}x" if job.interruption_count else ""
         line = f"[{bar}] {done}/{total or '?'} chunks  {enum_label(jobs_pb2.JobStatus, job.status)}{retry}"
         if line == self.last:
             return
@@ -177,8 +178,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
             job = event.job
         progress.done()
         if job.status != jobs_pb2.JOB_STATUS_COMPLETED:
+            reason = f" ({job.failure_reason})" if job.failure_reason else ""
             print(
-                f"job {job.job_id} {enum_label(jobs_pb2.JobStatus, job.status)}: {job.error_message}",
+                f"job {job.job_id} {enum_label(jobs_pb2.JobStatus, job.status)}{reason}: {job.error_message}",
                 file=sys.stderr,
             )
             return 1
@@ -375,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=50051, help="gateway port (default 50051)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--data-dir", default="./data", help="keep jobs and audio here (default ./data)")
+    p.add_argument(
+        "--http-port", type=int, default=None,
+        help="HTTP port: OpenAI-compatible API, jobs over REST, WebSockets, the web page "
+        "(default STT_HTTP_PORT or 8000)",
+    )  # fmt: skip
+    p.add_argument("--no-http", action="store_true", help="do not serve HTTP (gRPC only)")
     p.set_defaults(func=cmd_up)
 
     p = command("certs", "make a development CA and certificates for every service (needs the server)")

@@ -15,6 +15,7 @@ import asyncio
 import functools
 import os
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from pathlib import Path
@@ -164,6 +165,32 @@ def segments_of(results: Any) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+async def _write_stream(
+    call: Any, first: speech_pb2.StreamingRecognizeRequest, audio: AsyncIterable[bytes] | Iterable[bytes]
+) -> None:
+    """Write the config, then the audio, then half-close; stop quietly once the call has ended."""
+    try:
+        await call.write(first)
+        if isinstance(audio, AsyncIterable):
+            async for chunk in audio:
+                await call.write(speech_pb2.StreamingRecognizeRequest(audio_content=chunk))
+        else:
+            # A blocking source (a microphone, a file read at real-time pace) is read in a thread.
+            chunks = iter(audio)
+
+            def pull() -> bytes | None:
+                return next(chunks, None)
+
+            while True:
+                piece: bytes | None = await asyncio.to_thread(pull)
+                if piece is None:
+                    break
+                await call.write(speech_pb2.StreamingRecognizeRequest(audio_content=piece))
+        await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        return  # the call is over: its status is what the reader reports
 
 
 def _rpc_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -384,31 +411,29 @@ class AsyncClient:
             )
         )
 
-        async def requests() -> AsyncIterator[speech_pb2.StreamingRecognizeRequest]:
-            yield first
-            if isinstance(audio, AsyncIterable):
-                async for chunk in audio:
-                    yield speech_pb2.StreamingRecognizeRequest(audio_content=chunk)
-                return
-            # A blocking source (a microphone, a file read at real-time pace) is read in a thread.
-            chunks = iter(audio)
-
-            def pull() -> bytes | None:
-                return next(chunks, None)
-
-            while True:
-                piece: bytes | None = await asyncio.to_thread(pull)
-                if piece is None:
-                    return
-                yield speech_pb2.StreamingRecognizeRequest(audio_content=piece)
-
-        call = self.speech.StreamingRecognize(requests(), timeout=timeout, metadata=self.metadata)
+        # The requests are written by a task of our own rather than handed to grpc as an iterator:
+        # when the server ends the call while a write is due, grpc's iterator consumer can replace
+        # the server's status with "INTERNAL: Internal error from Core"; a failed write here just
+        # stops writing, and the call's own status is what the caller sees.
+        call = self.speech.StreamingRecognize(timeout=timeout, metadata=self.metadata)
+        deadline = time.monotonic() + timeout if timeout else None
+        writer = asyncio.create_task(_write_stream(call, first, audio))
         try:
-            async for resp in call:
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    break
                 yield resp
+            await writer  # a failure of the audio source itself surfaces here
         except grpc.aio.AioRpcError as exc:
-            raise SttError.from_rpc_error(exc) from None
+            err = SttError.from_rpc_error(exc)
+            if err.code == grpc.StatusCode.INTERNAL and deadline and time.monotonic() >= deadline - 0.05:
+                # grpc's C core reports a write cut off by the deadline as an internal error.
+                raise SttError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+            raise err from None
         finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
             call.cancel()
 
     # -- health ------------------------------------------------------------------------------------

@@ -39,7 +39,10 @@ def jobstore_settings(data_dir: str, **kw: object) -> JobstoreSettings:
 
 
 def gateway_settings(transcribers: str, **kw: object) -> GatewaySettings:
-    return GatewaySettings(host="127.0.0.1", transcriber_address=transcribers, **{**GATEWAY_LIMITS, **kw})  # type: ignore[arg-type]
+    # http_port 0: every test gateway's HTTP front door on a free port (never the default 8000).
+    return GatewaySettings(
+        host="127.0.0.1", transcriber_address=transcribers, **{**GATEWAY_LIMITS, "http_port": 0, **kw}
+    )  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import asyncio
 import os
 import subprocess
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -19,6 +18,7 @@ from stt.errors import SttError
 from stt.v1 import jobs_pb2
 from tests.support import audio
 from tests.support.datastores import REDIS_URL, postgres_database, redis_prefix
+from tests.support.metrics import metric, scrape
 from tests.support.text import wer
 
 pytestmark = pytest.mark.system
@@ -48,22 +48,6 @@ async def cluster() -> AsyncIterator[LocalCluster]:
 @pytest.fixture(scope="module")
 def recording(long_clip) -> bytes:
     return audio.encode(np.concatenate([long_clip.samples, long_clip.samples]), "flac")
-
-
-def scrape(p: ServiceProcess) -> str:
-    assert p.metrics_url
-    with urllib.request.urlopen(p.metrics_url, timeout=5) as resp:
-        return resp.read().decode()
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def transcribe_calls(p: ServiceProcess) -> float:
@@ -158,6 +142,43 @@ async def test_rolling_restart_loses_no_job_and_shows_no_error(cluster: LocalClu
         finals = await asyncio.gather(*[_done(c, j, 240) for j in jobs])
     assert [f.status for f in finals] == [jobs_pb2.JOB_STATUS_COMPLETED] * len(jobs)
     assert len(set(jobs)) == len(jobs)
+
+
+async def test_rolling_sigterm_of_every_gateway_during_long_jobs_charges_no_attempt(
+    cluster: LocalCluster, recording, long_clip
+):
+    """Each gateway in turn drains (SIGTERM) while it holds long jobs: it hands them back, another
+    gateway resumes them from their last chunk, and nothing is charged to the jobs."""
+    async with AsyncClient(cluster.gateway_target) as c:
+        ref = await _done(c, (await c.submit(recording)).job_id, 240)
+        ref_text = (await c.transcript(ref.job_id)).content
+        ids = [(await c.submit(recording, request_id=f"long-{i}")).job_id for i in range(3)]
+
+        async def held() -> dict[str, jobs_pb2.Job]:
+            return {i: await c.get_job(i) for i in ids}
+
+        for gateway in list(cluster.gateways):
+            deadline = time.monotonic() + 120
+            while True:  # the jobs are under way (at least one chunk done on each running job)
+                jobs = await held()
+                running = [j for j in jobs.values() if j.status == jobs_pb2.JOB_STATUS_RUNNING]
+                if running and all(j.chunks_completed >= 1 for j in running):
+                    break
+                assert time.monotonic() < deadline, jobs
+                await asyncio.sleep(0.1)
+            gateway.signal(15)
+            assert await gateway.wait_exit(60) == 0, gateway.log()[-2000:]
+            await gateway.start()
+        finals = [await _done(c, i, 300) for i in ids]
+        texts = [(await c.transcript(i)).content for i in ids]
+    assert [f.status for f in finals] == [jobs_pb2.JOB_STATUS_COMPLETED] * 3
+    assert [f.retry_count for f in finals] == [0, 0, 0]  # no attempt charged
+    assert sum(f.interruption_count for f in finals) >= 2  # each drain handed work back
+    assert texts == [ref_text] * 3
+    logs = "".join(g.log() for g in cluster.gateways)
+    assert logs.count("job handed back on shutdown") >= 2
+    assert cluster.jobstore is not None
+    assert "worker lost" not in cluster.jobstore.log()  # every job was handed back, none timed out
 
 
 def _pg(action: str) -> None:

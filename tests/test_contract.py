@@ -113,3 +113,13 @@ def test_the_sdk_imports_without_the_servers(tmp_path: Path):
     assert out.returncode == 2, out.stderr
     assert "needs the server" in out.stderr and "pip install" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_every_error_reason_is_in_the_client_docs():
+    doc = (ROOT / "docs" / "api.md").read_text()
+    missing = [
+        n.removeprefix("ERROR_REASON_")
+        for n, v in common_pb2.ErrorReason.items()
+        if v and f"`{n.removeprefix('ERROR_REASON_')}`" not in doc
+    ]
+    assert not missing, f"document these reasons in docs/api.md: {missing}"

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -61,10 +62,95 @@ SETTINGS: dict[str, type[BaseSettings]] = {
 DEFAULT_TERMINATION_GRACE = 30  # Kubernetes' default terminationGracePeriodSeconds
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 # Secrets the manifests may reference; they are created by hand (README), never committed.
-KNOWN_SECRETS = {"stt-secrets", "stt-datastores", "stt-postgres"}
 # cert-manager resources (CRDs, so not in the Kubernetes schema): checked by the TLS rules below.
 CERT_MANAGER = "cert-manager.io/v1"
 TLS_DIR = "/etc/stt/tls"
+KNOWN_SECRETS = {"stt-secrets", "stt-datastores", "stt-postgres", "stt-tls"}
+# The gateway's HTTP front door (OpenAI-compatible API, jobs over REST, WebSockets, the page).
+HTTP_PORT = int(GatewaySettings.model_fields["http_port"].default)
+# The Prometheus Operator's kinds (no schema in kubernetes-validate): the part of their CRD schemas
+# (monitoring.coreos.com/v1) our objects use, strict, so a misspelt field is an error here too.
+_STR = {"type": "string"}
+_LABELS = {"type": "object", "additionalProperties": _STR}
+_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"matchLabels": _LABELS, "matchExpressions": {"type": "array"}},
+}
+_META = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": _STR, "namespace": _STR, "labels": _LABELS, "annotations": _LABELS},
+}
+_RULE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["expr"],
+    "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+    "properties": {
+        "record": _STR, "alert": _STR, "expr": _STR, "for": _STR, "keep_firing_for": _STR,
+        "labels": _LABELS, "annotations": _LABELS,
+    },
+}  # fmt: skip
+CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": _STR, "kind": _STR, "metadata": _META,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["selector", "podMetricsEndpoints"],
+                "properties": {
+                    "jobLabel": _STR, "podTargetLabels": {"type": "array", "items": _STR},
+                    "selector": _SELECTOR,
+                    "namespaceSelector": {
+                        "type": "object", "additionalProperties": False,
+                        "properties": {"any": {"type": "boolean"}, "matchNames": {"type": "array"}},
+                    },
+                    "podMetricsEndpoints": {
+                        "type": "array", "minItems": 1,
+                        "items": {
+                            "type": "object", "additionalProperties": False,
+                            "properties": {
+                                "port": _STR, "path": _STR, "scheme": {"enum": ["http", "https"]},
+                                "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                                "honorLabels": {"type": "boolean"}, "relabelings": {"type": "array"},
+                                "metricRelabelings": {"type": "array"},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": _STR, "kind": _STR, "metadata": _META,
+            "spec": {
+                "type": "object", "additionalProperties": False, "required": ["groups"],
+                "properties": {
+                    "groups": {
+                        "type": "array", "minItems": 1,
+                        "items": {
+                            "type": "object", "additionalProperties": False, "required": ["name", "rules"],
+                            "properties": {
+                                "name": _STR, "interval": _STR, "limit": {"type": "integer"},
+                                "rules": {"type": "array", "minItems": 1, "items": _RULE},
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}  # fmt: skip
 
 DOCKERFILES = {
     "services/gateway/Dockerfile": "gateway",
@@ -260,8 +346,15 @@ def test_objects_match_kubernetes_schema(target: str) -> None:
     errors = []
     for o in render(target):
         name = f"{o['kind']}/{o['metadata']['name']}"
-        if o["apiVersion"] == CERT_MANAGER:
+        if o["apiVersion"] == CERT_MANAGER:  # checked by test_prod_is_mutual_tls_on_every_hop
             assert o["kind"] in ("Certificate", "Issuer", "ClusterIssuer"), name
+            continue
+        crd = CRD_SCHEMAS.get((o["apiVersion"], o["kind"]))
+        if crd is not None:
+            try:
+                jsonschema.validate(o, crd)
+            except jsonschema.ValidationError as exc:
+                errors.append(f"{name}: {exc.message} (at {'/'.join(str(p) for p in exc.path)})")
             continue
         try:
             kubernetes_validate.validate(o, KUBE_VERSION, strict=True)
@@ -421,6 +514,67 @@ def test_references_resolve(target: str) -> None:
         assert hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     for pdb in of_kind(objs, "PodDisruptionBudget"):
         assert pods_selected(objs, pdb["spec"]["selector"]), f"PDB/{pdb['metadata']['name']} selects no pods"
+
+
+# --------------------------------------------------------------------------------------------
+# Policy: the gateway's HTTP front door
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_gateway_serves_http_through_its_service(target: str) -> None:
+    objs = render(target)
+    c = container(objs, "gateway")
+    port = int(str_env(env_of(objs, c), "STT_HTTP_PORT") or HTTP_PORT)
+    http = container_port(c, "http")
+    assert http is not None and http["containerPort"] == port, "gateway: containerPort http != STT_HTTP_PORT"
+    assert str_env(env_of(objs, c), "STT_HTTP_ENABLED") in (None, "true", "1"), (
+        "gateway: HTTP is switched off"
+    )
+    svc = find(objs, "Service", "gateway")
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    assert "http" in ports and ports["http"]["targetPort"] in ("http", port), (
+        "Service/gateway has no http port"
+    )
+
+
+def _ingress_backends(ingress: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    out = []
+    for rule in ingress["spec"].get("rules", []):
+        for path in rule.get("http", {}).get("paths", []):
+            out.append((path["path"], path["pathType"], path["backend"]["service"]))
+    return out
+
+
+def test_prod_ingress_routes_http_and_websockets_to_the_gateway() -> None:
+    objs = render("overlays/prod")
+    ingresses = of_kind(objs, "Ingress")
+    assert ingresses, "no Ingress for the HTTP front door"
+    svc = find(objs, "Service", "gateway")
+    http_port = next(p for p in svc["spec"]["ports"] if p["name"] == "http")
+    for ing in ingresses:
+        backends = _ingress_backends(ing)
+        # One prefix rule for / covers the API, the page and the WebSocket paths.
+        assert ("/", "Prefix") in [(path, kind) for path, kind, _ in backends]
+        for _, _, backend in backends:
+            assert backend["name"] == "gateway"
+            assert backend["port"].get("name") == "http" or backend["port"].get("number") == http_port["port"]
+        notes = ing["metadata"].get("annotations", {})
+        # Live streams stay open for a long time; uploads can be as large as a job.
+        assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+        assert int(notes["nginx.ingress.kubernetes.io/proxy-send-timeout"]) >= 3600
+        body = notes["nginx.ingress.kubernetes.io/proxy-body-size"]
+        assert body.endswith("m") and int(body[:-1]) * 1024 * 1024 >= GatewaySettings().max_job_bytes
+        assert notes.get("nginx.ingress.kubernetes.io/proxy-buffering") == "off", "SSE would be buffered"
+        for tls in ing["spec"].get("tls", []):
+            assert tls["secretName"] in KNOWN_SECRETS
+
+
+def test_prod_network_policy_opens_the_http_port() -> None:
+    objs = render("overlays/prod")
+    gateway_labels = pod_template(find(objs, "Deployment", "gateway"))["metadata"]["labels"]
+    public = [r for r in _ingress_rules_for(objs, gateway_labels) if _rule_allows_port(r, HTTP_PORT)]
+    assert any(not r.get("from") for r in public), "the gateway's HTTP port is not open"
 
 
 # --------------------------------------------------------------------------------------------
@@ -724,6 +878,54 @@ def test_prod_network_policies_isolate_the_backends() -> None:
         if _rule_allows_port(r, GRPC_SERVICES["gateway"][1])
     ]
     assert any(not r.get("from") for r in public), "the gateway's public port is not open"
+
+
+# --------------------------------------------------------------------------------------------
+# Monitoring (component `monitoring`, in prod): PodMonitor, PrometheusRule, Grafana dashboard.
+# tests/test_observability.py runs promtool on the rules and checks the metric names against the
+# services' /metrics.
+# --------------------------------------------------------------------------------------------
+
+
+def test_schema_validation_of_operator_kinds_rejects_a_typo() -> None:
+    monitor = copy.deepcopy(find(render("overlays/prod"), "PodMonitor", "stt"))
+    monitor["spec"]["podMetricEndpoints"] = monitor["spec"].pop("podMetricsEndpoints")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(monitor, CRD_SCHEMAS[("monitoring.coreos.com/v1", "PodMonitor")])
+
+
+def test_prod_is_monitored() -> None:
+    """The PodMonitor scrapes the metrics port of gateway, transcriber and jobstore, labelled by app;
+    the rules and the dashboard are in the same namespace."""
+    objs = render("overlays/prod")
+    monitor = find(objs, "PodMonitor", "stt")
+    spec = monitor["spec"]
+    scraped = pods_selected(objs, spec["selector"])
+    names = {w["metadata"]["name"] for w in scraped}
+    assert set(GRPC_SERVICES) <= names, f"the PodMonitor selects {sorted(names)}"
+    (endpoint,) = spec["podMetricsEndpoints"]
+    assert endpoint.get("path", "/metrics") == "/metrics"
+    for app in GRPC_SERVICES:
+        pod = pod_template(find(objs, "Deployment", app))
+        assert pod["metadata"]["labels"].get(spec["jobLabel"]) == app, f"{app}: no {spec['jobLabel']} label"
+        port = container_port(container(objs, app), endpoint["port"])
+        assert port is not None and port["containerPort"] == METRICS_PORT, (
+            f"{app}: no {endpoint['port']} port"
+        )
+    rules = find(objs, "PrometheusRule", "stt")
+    alerts = {r["alert"] for g in rules["spec"]["groups"] for r in g["rules"] if "alert" in r}
+    assert {
+        "STTNoTranscriberServing",
+        "STTJobQueueAgeGrowing",
+        "STTHighErrorRatio",
+        "STTStreamLatencySLOBurn",
+    } <= alerts
+    dashboard = find(objs, "ConfigMap", "stt-grafana-dashboard")
+    assert dashboard["metadata"]["labels"].get("grafana_dashboard") == "1"
+    (content,) = dashboard["data"].values()
+    assert json.loads(content)["uid"] == "stt-overview"
+    for o in (monitor, rules, dashboard):
+        assert o["metadata"]["namespace"] == NAMESPACES["overlays/prod"]
 
 
 # --------------------------------------------------------------------------------------------

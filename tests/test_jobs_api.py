@@ -27,6 +27,7 @@ from tests.support.text import wer
 
 async def _stack(transcriber: Transcriber, data_dir: str, **gw: object) -> tuple[JobstoreApp, Gateway]:
     js = await create_jobstore(jobstore_settings(data_dir), port=0)
+    gw.setdefault("spool_dir", os.path.join(data_dir, "spool"))
     g = await create_gateway(
         gateway_settings(f"127.0.0.1:{transcriber.port}", jobstore_address=f"127.0.0.1:{js.port}", **gw),
         port=0,
@@ -146,7 +147,8 @@ async def test_upload_over_the_size_limit_and_cut_off_uploads_leave_nothing(
             await asyncio.sleep(0.3)
             assert await _count_jobs(c) == 0
         assert _blobs(js) == 0
-        assert not [f for f in os.listdir(tmp_path) if f.startswith("stt-upload")]
+        assert g.jobs.spool.root == str(tmp_path / "spool") and g.jobs.spool.files() == []
+        assert js.store.blobs.spool.files() == []  # type: ignore[attr-defined]
     finally:
         await g.stop(0)
         await js.stop(0)
@@ -240,15 +242,27 @@ async def test_list_filters_and_pages(one_slot, short_clip):
     assert not (await c.list_jobs(status="failed")).jobs
 
 
-async def test_a_chunk_that_keeps_failing_fails_its_job_only(transcriber, tmp_path, long_clip, short_clip):
-    """Failure injected in front of the real pool for one job's audio; other jobs carry on."""
+def _first_window_samples(data: bytes) -> int:
+    from services.gateway.audio import Limits, decode
+    from services.gateway.chunking import VadSettings, plan_windows, speech_regions
+
+    decoded = decode(data, limits=Limits(10**8, 600)).samples
+    w = plan_windows(decoded, speech_regions(decoded, VadSettings()))
+    return w[0].end - w[0].start
+
+
+async def test_a_chunk_that_keeps_failing_fails_its_job_only_and_retry_runs_it_again(
+    transcriber, tmp_path, long_clip, short_clip
+):
+    """Failure injected in front of the real pool for one job's audio; other jobs carry on. Once
+    the fault is gone, RetryJob runs the failed job again under its id and request id."""
     js, g = await _stack(transcriber, str(tmp_path), dispatch_concurrency=2)
     real = g.pool.transcribe
     bad_len = None
 
     async def flaky(samples, options, work_class):  # type: ignore[no-untyped-def]
         if bad_len is not None and samples.shape[0] == bad_len:
-            raise Unavailable("injected transcriber failure", reason="INJECTED")
+            raise Unavailable("injected model failure", reason="MODEL_ERROR")
         return await real(samples, options, work_class)
 
     g.dispatcher.transcribe = flaky  # type: ignore[union-attr]
@@ -256,22 +270,92 @@ async def test_a_chunk_that_keeps_failing_fails_its_job_only(transcriber, tmp_pa
     try:
         async with AsyncClient(f"127.0.0.1:{g.port}") as c:
             short = audio.encode(short_clip.samples, "wav")
-            from services.gateway.audio import Limits, decode
-            from services.gateway.chunking import VadSettings, plan_windows, speech_regions
-
-            decoded = decode(short, limits=Limits(10**8, 600)).samples
-            w = plan_windows(decoded, speech_regions(decoded, VadSettings()))
-            bad_len = w[0].end - w[0].start
-            bad = await c.submit(short)
+            bad_len = _first_window_samples(short)
+            bad = await c.submit(short, request_id="will-fail")
             good = await c.submit(audio.encode(long_clip.samples, "flac"))
             bad_done, good_done = await c.wait(bad.job_id), await c.wait(good.job_id)
-        assert bad_done.status == jobs_pb2.JOB_STATUS_FAILED
-        assert "chunk 0" in bad_done.error_message and "failed 3 times" in bad_done.error_message
-        assert "injected transcriber failure" in bad_done.error_message
-        assert good_done.status == jobs_pb2.JOB_STATUS_COMPLETED
+            assert bad_done.status == jobs_pb2.JOB_STATUS_FAILED
+            assert "chunk 0" in bad_done.error_message and "failed 3 times" in bad_done.error_message
+            assert "injected model failure" in bad_done.error_message
+            assert bad_done.failure_reason == "MODEL_ERROR" and bad_done.retry_count == 3
+            assert bad_done.audio_retained
+            assert good_done.status == jobs_pb2.JOB_STATUS_COMPLETED and good_done.retry_count == 0
+
+            bad_len = None  # the fault is gone
+            queued = await c.retry_job(bad.job_id)
+            assert queued.job_id == bad.job_id and queued.status in (
+                jobs_pb2.JOB_STATUS_QUEUED,
+                jobs_pb2.JOB_STATUS_RUNNING,
+            )
+            assert queued.retry_count == 0 and not queued.failure_reason and not queued.error_message
+            again = await c.retry_job(bad.job_id)  # idempotent while it is queued or running
+            assert again.job_id == bad.job_id
+            done = await c.wait(bad.job_id)
+            assert done.status == jobs_pb2.JOB_STATUS_COMPLETED and done.retry_count == 0
+            assert wer(short_clip.text, (await c.transcript(bad.job_id)).content) <= 0.15
+            same = await c.submit(short, request_id="will-fail")  # the key still names this job
+            assert same.job_id == bad.job_id and same.status == jobs_pb2.JOB_STATUS_COMPLETED
+            with pytest.raises(SttError) as err:
+                await c.retry_job(bad.job_id)
+            assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+            assert err.value.reason == "JOB_NOT_RETRYABLE"
+            with pytest.raises(SttError) as err:
+                await c.retry_job("0" * 32)
+            assert err.value.code == grpc.StatusCode.NOT_FOUND
     finally:
         await g.stop(0)
         await js.stop(0)
+
+
+async def test_waiting_for_a_transcriber_is_not_charged(transcriber, tmp_path, short_clip):
+    """No transcriber ready (as during a restart of every replica): the chunk waits and retries;
+    the job completes with no attempt charged."""
+    js, g = await _stack(transcriber, str(tmp_path), dispatch_concurrency=1)
+    real = g.pool.transcribe
+    refusals = 0
+
+    async def none_ready(samples, options, work_class):  # type: ignore[no-untyped-def]
+        nonlocal refusals
+        if refusals < 6:
+            refusals += 1
+            raise Unavailable("no transcriber is ready (injected)", reason="NO_TRANSCRIBER")
+        return await real(samples, options, work_class)
+
+    g.dispatcher.transcribe = none_ready  # type: ignore[union-attr]
+    g.dispatcher.config.capacity_retry_seconds = 0.01  # type: ignore[union-attr]
+    try:
+        async with AsyncClient(f"127.0.0.1:{g.port}") as c:
+            job = await c.submit(audio.encode(short_clip.samples, "wav"))
+            done = await c.wait(job.job_id)
+        assert refusals == 6
+        assert done.status == jobs_pb2.JOB_STATUS_COMPLETED and done.retry_count == 0
+    finally:
+        await g.stop(0)
+        await js.stop(0)
+
+
+async def test_cancelled_job_retried_and_audio_retained(one_slot, long_clip):
+    c, _, js = one_slot
+    job = await c.submit(audio.encode(long_clip.samples, "flac"), request_id="to-cancel")
+    assert job.audio_retained
+    async for event in c.watch_job(job.job_id):
+        if event.job.chunks_completed >= 1:
+            break
+    cancelled = await c.cancel_job(job.job_id)
+    assert cancelled.status == jobs_pb2.JOB_STATUS_CANCELLED and cancelled.audio_retained
+    same = await c.submit(b"ignored", request_id="to-cancel")  # the key returns the job, whatever state
+    assert same.job_id == job.job_id and same.status == jobs_pb2.JOB_STATUS_CANCELLED
+    await c.retry_job(job.job_id)
+    done = await c.wait(job.job_id)
+    assert done.status == jobs_pb2.JOB_STATUS_COMPLETED and done.chunks_completed == done.chunks_total
+    assert wer(long_clip.text, (await c.transcript(job.job_id)).content) <= 0.15
+    # audio_retained says whether the audio is there, whoever removed it.
+    stored = await js.store.get_job(job.job_id)
+    await js.store.blobs.delete(stored.blob_key)
+    gone = await c.get_job(job.job_id)
+    assert not gone.audio_retained
+    listed = [j for j in (await c.list_jobs()).jobs if j.job_id == job.job_id]
+    assert listed and not listed[0].audio_retained
 
 
 async def test_api_keys_and_tenants(transcriber, tmp_path, short_clip):

@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import func, select, text
 
 from services.jobstore import db, migrate
@@ -64,14 +65,35 @@ def _blob_count(store: Store) -> int:
     return sum(len(files) for d, _, files in os.walk(root) if ".tmp" not in d)
 
 
+def _head() -> str:
+
+    head = ScriptDirectory.from_config(migrate.alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head
+
+
 async def test_migrations_upgrade_an_empty_database_and_back(store: Store):
     engine = store.engine  # type: ignore[attr-defined]
     async with engine.connect() as conn:
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
-    assert version == "0002"
+    assert version == _head()
     await migrate.downgrade(engine, "base")
     await migrate.upgrade(engine)
     await _create(store)
+
+
+async def test_migrated_schema_matches_the_models(store: Store):
+    """Every model change has its migration (autogenerate finds nothing to do)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from services.jobstore.models import Base
+
+    def diff(conn):  # type: ignore[no-untyped-def]
+        return compare_metadata(MigrationContext.configure(conn), Base.metadata)
+
+    async with store.engine.connect() as conn:  # type: ignore[attr-defined]
+        assert await conn.run_sync(diff) == []
 
 
 async def test_create_get_and_duplicate_request_id(store: Store):
@@ -104,7 +126,7 @@ async def test_cut_off_upload_leaves_no_job_and_no_blob(store: Store):
         await store.create_job(_new(request_id="cut"), broken())
     assert await store.find_by_request_id("t1", "cut") is None
     assert _blob_count(store) == 0
-    assert os.listdir(store.blobs.tmp) == []  # type: ignore[attr-defined]
+    assert store.blobs.spool.files() == []  # type: ignore[attr-defined]
 
 
 async def test_oversized_upload_is_refused(store: Store):
@@ -151,18 +173,83 @@ async def test_claim_waits_for_new_work(store: Store):
     assert claimed is not None and claimed.id == job.id and claimed.lease_epoch == 1
 
 
-async def test_lease_expiry_requeues_with_retry_then_fails_past_max_attempts(store: Store):
+async def _lose_worker(store: Store, job_id: str) -> Job:
+    """Claim the job under a short lease, let it expire, reap it."""
+    claimed = await store.claim("w", lease_seconds=0.05, wait_seconds=5)
+    assert claimed is not None and claimed.id == job_id
+    await asyncio.sleep(0.1)
+    assert job_id in await store.reap_expired()
+    return await store.get_job(job_id)
+
+
+async def test_lost_workers_are_interruptions_not_charged_attempts(store: Store):
+    store.backoff_seconds = 0.01
     job = await _create(store)
-    for attempt in range(1, 4):
-        claimed = await store.claim("w", lease_seconds=0.05)
-        assert claimed is not None and claimed.lease_epoch == attempt
-        await asyncio.sleep(0.1)
-        await store.reap_expired()
-        after = await store.get_job(job.id)
-        assert after.retry_count == attempt
-    assert after.status == Status.FAILED
-    assert "lease expired" in (after.error_message or "")
+    for n in range(1, store.stalls_before_charge + 1):
+        after = await _lose_worker(store, job.id)
+        assert (after.status, after.retry_count, after.interruption_count) == (Status.QUEUED, 0, n)
+        assert "worker stopped responding" in (after.error_message or "")
+    assert after.stall_count == store.stalls_before_charge and after.failure_reason is None
+
+
+async def test_progress_ends_the_stall_streak(store: Store):
+    store.backoff_seconds = 0.01
+    job = await _create(store)
+    for _ in range(store.stalls_before_charge):
+        await _lose_worker(store, job.id)
+    claimed = await store.claim("w", wait_seconds=5)
+    lease = Lease(job.id, "w", claimed.lease_epoch)  # type: ignore[union-attr]
+    await store.set_plan(lease, [Span(0, 0, 10), Span(1, 10, 20)])  # progress
+    assert (await store.get_job(job.id)).stall_count == 0
+    await store.release(lease)
+    for _ in range(store.stalls_before_charge):
+        after = await _lose_worker(store, job.id)
+    assert after.retry_count == 0 and after.interruption_count == 2 * store.stalls_before_charge + 1
+    claimed = await store.claim("w", wait_seconds=5)
+    lease = Lease(job.id, "w", claimed.lease_epoch)  # type: ignore[union-attr]
+    await store.complete_chunk(lease, 0, [Segment(0, 5, "hello")], "en")  # progress again
+    assert (await store.get_job(job.id)).stall_count == 0
+
+
+async def test_a_job_that_keeps_losing_its_worker_without_progress_fails(store: Store):
+    """Poison protection: past the allowance, each interruption in a row without progress is
+    charged, and the job FAILS with WORKER_LOST when its attempts are used up."""
+    store.backoff_seconds = 0.01
+    job = await _create(store)
+    allowance = store.stalls_before_charge
+    for n in range(1, allowance + job.max_attempts + 1):
+        after = await _lose_worker(store, job.id)
+        assert after.retry_count == max(0, n - allowance)
+    assert after.status == Status.FAILED and after.failure_reason == "WORKER_LOST"
+    assert "lost 8 times in a row" in (after.error_message or "")
     assert after.expires_at is not None
+
+
+async def test_backoff_delays_the_next_claim_after_stalls(store: Store):
+    store.backoff_seconds = 0.5
+    job = await _create(store)
+    assert store.backoff(1) == 0.0 and store.backoff(2) == 0.5 and store.backoff(3) == 1.0
+    assert store.backoff(50) == store.max_backoff_seconds
+    await _lose_worker(store, job.id)  # the first one: no wait
+    after = await _lose_worker(store, job.id)
+    assert after.not_before is not None and after.not_before > dt.datetime.now(dt.UTC)
+    assert await store.claim("w") is None  # not yet
+    claimed = await store.claim("w", wait_seconds=5)  # waits for the backoff to pass
+    assert claimed is not None and claimed.id == job.id
+    assert claimed.not_before is not None and dt.datetime.now(dt.UTC) >= claimed.not_before
+
+
+async def test_restart_requeues_running_jobs_as_interruptions(store: Store):
+    job = await _create(store)
+    queued = await _create(store)
+    claimed = await store.claim("w", lease_seconds=300)
+    assert claimed is not None and claimed.id == job.id
+    assert await store.reap_expired() == []  # the lease is still valid
+    assert await store.reap_expired(all_running=True) == [job.id]
+    after = await store.get_job(job.id)
+    assert (after.status, after.retry_count, after.interruption_count) == (Status.QUEUED, 0, 1)
+    assert "restarted" in (after.error_message or "")
+    assert (await store.get_job(queued.id)).interruption_count == 0
 
 
 async def test_stale_holder_cannot_write(store: Store):
@@ -223,16 +310,42 @@ async def test_failing_chunk_fails_the_job_after_max_attempts(store: Store):
     claimed = await store.claim("w")
     assert claimed is not None and claimed.id == job.id
     lease = Lease(job.id, "w", claimed.lease_epoch)
-    await store.set_plan(lease, [Span(0, 0, 30)])
+    await store.set_plan(lease, [Span(0, 0, 30), Span(1, 30, 40)])
     for attempt in (1, 2):
-        up = await store.fail_chunk(lease, 0, "transcriber exploded")
+        up = await store.fail_chunk(lease, 0, "transcriber exploded", "MODEL_ERROR")
         assert up.attempts == attempt and not up.job_failed
-    up = await store.fail_chunk(lease, 0, "transcriber exploded")
+        assert (await store.get_job(job.id)).retry_count == attempt
+    up = await store.fail_chunk(lease, 0, "transcriber exploded", "MODEL_ERROR")
     assert up.job_failed
     failed = await store.get_job(job.id)
-    assert failed.status == Status.FAILED
+    assert failed.status == Status.FAILED and failed.retry_count == 3
+    assert failed.failure_reason == "MODEL_ERROR"
     assert "chunk 0 (0.0-30.0s) failed 3 times: transcriber exploded" in (failed.error_message or "")
     assert (await store.get_job(other.id)).status == Status.QUEUED  # other jobs unaffected
+
+
+async def test_attempts_are_counted_for_the_whole_job(store: Store):
+    job = await _create(store)
+    claimed = await store.claim("w")
+    lease = Lease(job.id, "w", claimed.lease_epoch)  # type: ignore[union-attr]
+    await store.set_plan(lease, [Span(i, 10 * i, 10 * i + 10) for i in range(3)])
+    assert not (await store.fail_chunk(lease, 0, "boom", "MODEL_ERROR")).job_failed
+    assert not (await store.fail_chunk(lease, 1, "slow", "DEADLINE_EXCEEDED")).job_failed
+    up = await store.fail_chunk(lease, 2, "all replicas failed", "TRANSCRIBER_UNAVAILABLE")
+    assert up.job_failed and up.attempts == 1
+    failed = await store.get_job(job.id)
+    assert failed.failure_reason == "TRANSCRIBER_UNAVAILABLE" and "attempt 3 of 3" in (
+        failed.error_message or ""
+    )
+
+
+async def test_fail_job_records_the_reason(store: Store):
+    job = await _create(store)
+    claimed = await store.claim("w")
+    await store.fail_job(Lease(job.id, "w", claimed.lease_epoch), "no longer decodes", "UNDECODABLE_AUDIO")  # type: ignore[union-attr]
+    failed = await store.get_job(job.id)
+    assert failed.status == Status.FAILED and failed.failure_reason == "UNDECODABLE_AUDIO"
+    assert failed.retry_count == 0
 
 
 async def test_cancel_queued_and_running(store: Store):
@@ -254,10 +367,13 @@ async def test_cancel_queued_and_running(store: Store):
 
 async def test_release_returns_the_job_without_counting_an_attempt(store: Store):
     job = await _create(store)
-    claimed = await store.claim("w")
-    await store.release(Lease(job.id, "w", claimed.lease_epoch))  # type: ignore[union-attr]
-    after = await store.get_job(job.id)
-    assert after.status == Status.QUEUED and after.retry_count == 0 and after.worker_id is None
+    for n in range(1, 2 * store.stalls_before_charge + store.max_attempts):
+        claimed = await store.claim("w")
+        assert claimed is not None and claimed.id == job.id  # no backoff: it left in good order
+        await store.release(Lease(job.id, "w", claimed.lease_epoch))
+        after = await store.get_job(job.id)
+        assert (after.status, after.retry_count, after.interruption_count) == (Status.QUEUED, 0, n)
+        assert after.worker_id is None and after.stall_count == 0 and after.not_before is None
 
 
 async def test_list_pages_and_filters(store: Store):
@@ -356,3 +472,76 @@ async def test_delete_removes_rows_and_audio(store: Store):
     with pytest.raises(NotFound):
         await store.chunks(job.id)
     assert _blob_count(store) == 0
+
+
+async def test_retry_in_every_state(store: Store):
+    """FAILED and CANCELLED go back to the queue with a fresh budget and the same id and request
+    id; QUEUED and RUNNING are returned unchanged; COMPLETED is refused."""
+    queued = await _create(store, request_id="q")
+    assert (await store.retry(queued.id, "t1")).status == Status.QUEUED
+    running_job = await _create(store)
+    completed_job = await _create(store)
+    failed_job = await _create(store, request_id="f")
+    # queued (claim order is creation order): running_job is claimed second, after `queued`.
+    await store.cancel(queued.id, "t1")
+    claimed = await store.claim("w")
+    assert claimed is not None and claimed.id == running_job.id
+    running = await store.retry(running_job.id, "t1")
+    assert running.status == Status.RUNNING and running.lease_epoch == claimed.lease_epoch
+
+    c = await store.claim("w")
+    assert c is not None and c.id == completed_job.id
+    lease = Lease(c.id, "w", c.lease_epoch)
+    await store.set_plan(lease, [Span(0, 0, 5)])
+    await store.complete_chunk(lease, 0, [Segment(0, 5, "done")], "en")
+    await store.complete_job(lease, "done", "en")
+    with pytest.raises(WrongState) as err:
+        await store.retry(completed_job.id, "t1")
+    assert err.value.reason == "JOB_NOT_RETRYABLE"
+
+    f = await store.claim("w")
+    assert f is not None and f.id == failed_job.id
+    lease = Lease(f.id, "w", f.lease_epoch)
+    await store.set_plan(lease, [Span(0, 0, 5), Span(1, 5, 10)])
+    await store.complete_chunk(lease, 0, [Segment(0, 5, "kept")], "en")
+    for _ in range(3):
+        up = await store.fail_chunk(lease, 1, "boom", "MODEL_ERROR")
+    assert up.job_failed
+    again = await store.retry(failed_job.id, "t1")
+    assert (again.id, again.request_id, again.status) == (failed_job.id, "f", Status.QUEUED)
+    assert (again.retry_count, again.interruption_count, again.failure_reason) == (0, 0, None)
+    assert again.error_message is None and again.expires_at is None and again.completed_at is None
+    chunks = await store.chunks(failed_job.id)
+    assert [(ch.status, ch.attempts) for ch in chunks] == [("COMPLETED", 1), ("PENDING", 0)]
+    assert chunks[0].text == "kept"
+    # The same request_id keeps returning the same job.
+    same, created = await store.create_job(_new(request_id="f"), _pieces(b"new upload"))
+    assert not created and same.id == failed_job.id
+    # A retried job runs again and its old holder is fenced out.
+    r = await store.claim("w2")
+    assert r is not None and r.id == failed_job.id and r.lease_epoch == f.lease_epoch + 1
+    with pytest.raises(Aborted):
+        await store.complete_chunk(lease, 1, [Segment(5, 10, "stale")], "en")
+
+    cancelled = await store.retry(queued.id, "t1")
+    assert cancelled.status == Status.QUEUED and cancelled.id == queued.id
+    with pytest.raises(NotFound):
+        await store.retry(queued.id, "someone-else")
+
+
+async def test_retry_needs_the_audio_and_concurrent_retries_agree(store: Store):
+    job = await _create(store)
+    gone = await _create(store)
+    for j in (job, gone):
+        await store.cancel(j.id, "t1")
+    assert await store.audio_retained([job, gone]) == {job.id, gone.id}
+    await store.blobs.delete(gone.blob_key)
+    assert await store.audio_retained([job, gone]) == {job.id}
+    with pytest.raises(WrongState) as err:
+        await store.retry(gone.id, "t1")
+    assert err.value.reason == "AUDIO_NOT_KEPT"
+    assert (await store.get_job(gone.id)).status == Status.CANCELLED
+    results = await asyncio.gather(*[store.retry(job.id, "t1") for _ in range(5)])
+    assert {r.status for r in results} == {Status.QUEUED}
+    assert (await store.claim("w")).id == job.id  # type: ignore[union-attr]
+    assert await store.claim("w") is None  # queued once

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 
+import httpx
 import pytest
 
 from services.gateway.server import create_server as create_gateway
@@ -81,9 +82,10 @@ async def test_cli_transcribe_formats_and_health(gateway, short_clip, tmp_path):
 
 
 async def test_stt_up_runs_the_stack_and_stops_cleanly_on_ctrl_c(short_clip, tmp_path):
-    port = free_port()
+    port, http_port = free_port(), free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "stt.cli", "up", "--port", str(port), "--data-dir", str(tmp_path / "data"),
+        "--http-port", str(http_port),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
         env={**os.environ, "STT_LOG_LEVEL": "INFO", "STT_CPU_THREADS": "2"},
     )  # fmt: skip
@@ -98,6 +100,14 @@ async def test_stt_up_runs_the_stack_and_stops_cleanly_on_ctrl_c(short_clip, tmp
                 await asyncio.sleep(0.1)
             resp = await client.recognize(audio.encode(short_clip.samples, "mp3"), timeout=60)
         assert wer(short_clip.text, resp.transcript) <= 0.15
+        # The HTTP front door is up on the same stack.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=60) as http:
+            models = (await http.get("/v1/models")).json()
+            assert "whisper-1" in [m["id"] for m in models["data"]]
+            form = {"model": "whisper-1", "response_format": "text"}
+            files = {"file": ("clip.wav", audio.encode(short_clip.samples, "wav"))}
+            text = (await http.post("/v1/audio/transcriptions", data=form, files=files)).text
+            assert wer(short_clip.text, text) <= 0.15
         proc.send_signal(signal.SIGINT)
         out, _ = await asyncio.wait_for(proc.communicate(), timeout=30)
         assert proc.returncode == 0, out.decode()[-2000:]
@@ -132,11 +142,22 @@ async def test_cli_jobs_and_stream(gateway, short_clip, tmp_path):
     code, out, _ = await _run("--server", server, "jobs", "list", "--status", "completed")
     assert code == 0 and job_id in out
     code, out, _ = await _run("--server", server, "jobs", "get", job_id)
-    assert code == 0 and json.loads(out)["status"] == "COMPLETED"
+    assert code == 0 and json.loads(out)["status"] == "JOB_STATUS_COMPLETED"
     code, out, _ = await _run("--server", server, "queue")
     assert code == 0 and "HIGH" in out and "workers" in out
     code, _, err = await _run("--server", server, "jobs", "cancel", job_id)
     assert code == 2 and "FAILED_PRECONDITION" in err
+    code, _, err = await _run("--server", server, "jobs", "retry", job_id)
+    assert code == 2 and "only FAILED or CANCELLED" in err  # COMPLETED: nothing to retry
+    code, other, _ = await _run("--server", server, "submit", str(wav), "--priority", "low")
+    other = other.strip()
+    code, out, _ = await _run("--server", server, "jobs", "cancel", other)
+    assert code == 0 and "CANCELLED" in out
+    code, out, err = await _run("--server", server, "jobs", "retry", other)
+    assert code == 0 and other in out and ("QUEUED" in out or "RUNNING" in out), err
+    code, _, _ = await _run("--server", server, "jobs", "watch", other)
+    code, out, _ = await _run("--server", server, "jobs", "get", other)
+    assert code == 0 and json.loads(out)["status"] == "JOB_STATUS_COMPLETED"
     code, out, _ = await _run("--server", server, "stream", str(wav), "--json")
     lines = [json.loads(line) for line in out.splitlines()]
     finals = [r["transcript"] for line in lines for r in line.get("results", []) if r.get("is_final")]

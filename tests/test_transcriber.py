@@ -20,8 +20,10 @@ from stt.client import AsyncClient
 from stt.errors import SttError
 from tests.conftest import gateway_settings, transcriber_settings
 from tests.support import audio
+from tests.support.metrics import metric, scrape
 from tests.support.procs import ServiceProcess, free_port
 from tests.support.text import wer
+from tests.support.waiting import until
 
 
 def _request(samples: np.ndarray, **opts: object) -> transcriber_pb2.TranscribeRequest:
@@ -105,7 +107,19 @@ async def test_client_retries_while_no_transcriber_is_ready(short_clip):
 
 
 async def test_sigterm_drains_in_flight_calls(short_clip):
-    proc = ServiceProcess("transcriber", env={"STT_CPU_THREADS": "2", "STT_SHUTDOWN_GRACE_SECONDS": "30"})
+    proc = ServiceProcess(
+        "transcriber",
+        env={
+            "STT_CPU_THREADS": "2",
+            "STT_SHUTDOWN_GRACE_SECONDS": "30",
+            "STT_METRICS_PORT": str(free_port()),
+        },
+    )
+
+    def in_flight() -> bool:
+        text = scrape(proc)
+        return metric(text, "stt_rpc_in_flight", method="/stt.internal.v1.Transcriber/Transcribe") >= 3
+
     try:
         await proc.start()
         async with grpc.aio.insecure_channel(proc.address) as ch:
@@ -121,7 +135,9 @@ async def test_sigterm_drains_in_flight_calls(short_clip):
             calls = [
                 asyncio.ensure_future(stub.Transcribe(_request(long_window), timeout=60)) for _ in range(3)
             ]
-            await asyncio.sleep(0.3)
+            # SIGTERM once the transcriber has all three calls (its access log shows them in flight
+            # as soon as they are running): in-flight calls must finish.
+            await until(in_flight, what="three calls in flight")
             proc.signal(signal.SIGTERM)
             results = await asyncio.gather(*calls)
             assert all(r.segments for r in results)  # every in-flight call finished
@@ -136,3 +152,31 @@ async def test_sdk_error_for_unreachable_server():
         with pytest.raises(SttError) as err:
             await client.recognize(b"x", timeout=3)
     assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+async def test_model_failures_are_retryable_server_errors(transcriber: Transcriber, gateway, short_clip):
+    """A model call that fails (out of memory, ...) is UNAVAILABLE / MODEL_ERROR, not the client's
+    fault: the pool tries again, and a failure that persists reaches the client as retryable."""
+    engine = transcriber.engine
+    real = engine._decode_group
+    failures = {"left": 1}
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise MemoryError("injected: out of memory in a model call")
+        return real(*args, **kwargs)
+
+    engine._decode_group = failing  # type: ignore[method-assign]
+    try:
+        async with AsyncClient(f"127.0.0.1:{gateway.port}") as client:
+            wav = audio.encode(short_clip.samples, "wav")
+            resp = await client.recognize(wav, timeout=120)  # one failure: retried, then fine
+            assert wer(short_clip.text, resp.transcript) <= 0.15 and failures["left"] == 0
+            failures["left"] = 10**6
+            with pytest.raises(SttError) as err:
+                await client.recognize(wav, timeout=120)
+            assert err.value.code == grpc.StatusCode.UNAVAILABLE and err.value.reason == "MODEL_ERROR"
+            assert err.value.retry_after is not None
+    finally:
+        engine._decode_group = real  # type: ignore[method-assign]

@@ -19,7 +19,8 @@ import av.error
 import numpy as np
 
 from services.shared.domain import SAMPLE_RATE
-from services.shared.errors import InvalidInput, LimitExceeded
+from services.shared.errors import InvalidInput, LimitExceeded, ServiceError
+from services.shared.metrics import DECODE_REJECTIONS
 from services.shared.pcm import from_pcm16, to_pcm16
 
 log = logging.getLogger("gateway.audio")
@@ -106,8 +107,10 @@ def _too_long(seconds: float, limits: Limits, *, declared: bool) -> LimitExceede
 
 def check_size(size: int, limits: Limits) -> None:
     if size == 0:
+        DECODE_REJECTIONS.labels("EMPTY_AUDIO").inc()
         raise InvalidInput("audio is empty", reason="EMPTY_AUDIO", field="content")
     if size > limits.max_bytes:
+        DECODE_REJECTIONS.labels("AUDIO_TOO_LARGE").inc()
         raise LimitExceeded(
             f"audio is {size} bytes; the limit is {limits.max_bytes} bytes",
             reason="AUDIO_TOO_LARGE",
@@ -456,6 +459,22 @@ def iter_source(
     info = info if info is not None else AudioInfo()
     size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
     check_size(size, limits)
+    try:
+        yield from _iter_checked(source, size, limits, encoding, sample_rate, channels, info)
+    except ServiceError as exc:
+        DECODE_REJECTIONS.labels(exc.reason).inc()
+        raise
+
+
+def _iter_checked(
+    source: bytes | str,
+    size: int,
+    limits: Limits,
+    encoding: str,
+    sample_rate: int,
+    channels: int,
+    info: AudioInfo,
+) -> Iterator[np.ndarray]:
     if encoding != "LINEAR16":
         yield from iter_container(source, limits, encoding or None, info)
         return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Literal
 
 from pydantic import SecretStr
@@ -59,8 +61,11 @@ class GatewaySettings(CommonSettings):
     max_job_bytes: int = 1024 * 1024 * 1024
     max_job_seconds: float = 4 * 3600.0
     max_job_attempts: int = 3
-    # Where uploads and decoded audio are spooled (default: the system temp directory).
+    # Where uploads and decoded job audio are spooled (default: <system temp>/stt-spool; `stt up`
+    # uses <data dir>/spool). Each process works in its own subdirectory, removed when it stops;
+    # what a crashed process left is removed at start and every spool_sweep_seconds.
     spool_dir: str | None = None
+    spool_sweep_seconds: float = 60.0
     # Identity of this dispatcher in leases (default host:pid).
     worker_id: str | None = None
     # API keys: entries `KEY:TENANT[:ro]` or `sha256:HEX:TENANT[:ro]`, comma-separated (several per
@@ -81,6 +86,18 @@ class GatewaySettings(CommonSettings):
     # how long a call waits for room before RESOURCE_EXHAUSTED (SERVER_BUSY). 0: no limit.
     max_inflight_bytes: int = 256 * 1024 * 1024
     inflight_wait_seconds: float = 10.0
+    # The HTTP front door (OpenAI-compatible REST, jobs over REST, WebSockets, the web page), served
+    # by the same process and event loop as the gRPC server.
+    http_enabled: bool = True
+    http_port: int = 8000
+    # Model names /v1/audio/transcriptions accepts besides the loaded model's own name.
+    http_model_aliases: str = "whisper-1"
+    # Origins allowed to call the API from a browser page served elsewhere (CORS): "*" or a
+    # comma-separated list; empty: same origin only.
+    http_cors_origins: str = ""
+
+    def spool_root(self) -> str:
+        return self.spool_dir or os.path.join(tempfile.gettempdir(), "stt-spool")
 
     def vad(self) -> VadSettings:
         return VadSettings(
@@ -105,3 +122,9 @@ class GatewaySettings(CommonSettings):
     def quotas(self) -> Quotas:
         default = self.default_quota()
         return Quotas(default, parse_tenant_quotas(self.tenant_quotas, default))
+
+    def model_aliases(self) -> list[str]:
+        return [a.strip() for a in self.http_model_aliases.split(",") if a.strip()]
+
+    def cors_origins(self) -> list[str]:
+        return [o.strip() for o in self.http_cors_origins.split(",") if o.strip()]

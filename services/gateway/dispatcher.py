@@ -5,6 +5,13 @@ job. No grpc here: the jobstore is a JobQueue, the pool a transcribe callable.
 Crash safety: every finished chunk is recorded at once (fenced by the lease epoch), so whoever holds
 the job next transcribes only what is missing. The chunk plan is recorded once and reused, so a
 resumed job produces the same chunks and hence the same transcript.
+
+Attempts are charged to the cause: a chunk error of the job's own (a model error, a timeout, every
+replica failing the call) is reported to the jobstore, which charges an attempt; a missing capacity
+(no transcriber ready, one draining or loading, a full queue, the jobstore away) is not the job's
+fault: the chunk waits with backoff and tries again, for as long as the lease is held. The job's
+spool (its audio and decoded samples) lives in this process's scratch space (services.shared.spool)
+and is removed when the work ends; whatever a crash left is removed at the next start.
 """
 
 from __future__ import annotations
@@ -27,14 +34,18 @@ import numpy as np
 from prometheus_client import Counter as PCounter
 from prometheus_client import Gauge, Histogram
 
+from services.gateway import observe
 from services.gateway.audio import Limits, decode_to_file
 from services.gateway.chunking import VadSettings, Window, merge, plan_windows, speech_regions_long
 from services.gateway.jobqueue import ChunkInfo, ClaimedJob, JobQueue, Lease
 from services.gateway.recognize import first_leaf
+from services.shared import tracing
+from services.shared.backoff import Backoff
 from services.shared.context import job_id_var
-from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, WorkClass
+from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, WorkClass, join_text
 from services.shared.errors import Aborted, InvalidInput, LimitExceeded, NotFound, ServiceError, Unavailable
 from services.shared.pcm import from_pcm16
+from services.shared.spool import Spool
 
 log = logging.getLogger("gateway.dispatcher")
 
@@ -50,6 +61,11 @@ JOB_SECONDS = Histogram(
 CHUNKS = PCounter("stt_dispatcher_chunks_total", "Chunks transcribed", ["outcome"])
 RUNNING = Gauge("stt_dispatcher_running_jobs", "Jobs this dispatcher holds")
 
+# Errors that say capacity is missing, not that the chunk is bad: never charged to the job.
+NOT_THE_JOBS_FAULT = frozenset(
+    {"NO_TRANSCRIBER", "DRAINING", "MODEL_LOADING", "QUEUE_FULL", "STORE_UNAVAILABLE", "CAPACITY_EXHAUSTED"}
+)
+
 
 class JobStopped(Exception):
     """The job was cancelled, its lease lost, or this dispatcher is shutting down."""
@@ -64,6 +80,9 @@ class DispatcherConfig:
     claim_wait_seconds: float = 10.0
     max_parallel_chunks: int = 16
     chunk_retry_seconds: float = 1.0
+    # Waiting for capacity (not charged): first wait, doubling up to the max.
+    capacity_retry_seconds: float = 0.5
+    max_capacity_retry_seconds: float = 10.0
     limits: Limits = field(default_factory=lambda: Limits(1 << 30, 4 * 3600.0))
     vad: VadSettings = field(default_factory=VadSettings)
     spool_dir: str | None = None
@@ -74,10 +93,15 @@ def default_worker_id() -> str:
 
 
 class Dispatcher:
-    def __init__(self, queue: JobQueue, transcribe: TranscribeFn, config: DispatcherConfig) -> None:
+    def __init__(
+        self, queue: JobQueue, transcribe: TranscribeFn, config: DispatcherConfig, spool: Spool | None = None
+    ) -> None:
         self.queue = queue
         self.transcribe = transcribe
         self.config = config
+        self.spool = spool or Spool(
+            config.spool_dir or os.path.join(tempfile.gettempdir(), "stt-spool"), name="dispatcher"
+        )
         self._slots: list[asyncio.Task[None]] = []
         self._stopping = False
         self.active: dict[str, asyncio.Task[str]] = {}
@@ -97,19 +121,19 @@ class Dispatcher:
         self._slots = []
 
     async def _slot(self, index: int) -> None:
-        backoff = 0.2
+        backoff = Backoff(maximum=5.0)
         while not self._stopping:
             try:
                 job = await self.queue.claim(
                     self.config.worker_id, self.config.lease_seconds, self.config.claim_wait_seconds
                 )
-                backoff = 0.2
+                backoff.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # jobstore unreachable: keep trying
-                log.warning("claim failed (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                delay = backoff.next()
+                log.warning("claim failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
                 continue
             if job is not None:
                 await self._process(job)
@@ -118,7 +142,9 @@ class Dispatcher:
         lease = Lease(job.job_id, self.config.worker_id, job.epoch, self.config.lease_seconds)
         token = job_id_var.set(job.job_id)
         started = time.monotonic()
-        work = asyncio.create_task(self._work(job, lease), name=f"job-{job.job_id}")
+        span = observe.job_started(job, self.config.worker_id)
+        with tracing.activate(span):  # the work (not the heartbeats) continues the job's trace
+            work = asyncio.create_task(self._work(job, lease), name=f"job-{job.job_id}")
         self.active[job.job_id] = work
         heartbeat = asyncio.create_task(self._heartbeat(lease, work), name=f"heartbeat-{job.job_id}")
         RUNNING.inc()
@@ -150,6 +176,7 @@ class Dispatcher:
             RUNNING.dec()
             JOBS.labels(outcome).inc()
             JOB_SECONDS.observe(time.monotonic() - started)
+            tracing.end(span, {"stt.outcome": outcome})
             job_id_var.reset(token)
 
     async def _heartbeat(self, lease: Lease, work: asyncio.Task[str]) -> None:
@@ -177,19 +204,19 @@ class Dispatcher:
         """A write to the jobstore, retried while it is briefly unavailable (a restart, a database
         failover) for as long as the lease would last; fencing makes the retries safe."""
         deadline = time.monotonic() + lease.seconds
-        backoff = 0.2
+        backoff = Backoff(maximum=3.0)
         while True:
             try:
                 return await call()
             except Unavailable as exc:
-                if time.monotonic() + backoff > deadline:
+                delay = backoff.next()
+                if time.monotonic() + delay > deadline:
                     raise
                 log.warning("%s: jobstore unavailable (%s); retrying", what, exc.message)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 3.0)
+                await asyncio.sleep(delay)
 
     async def _work(self, job: ClaimedJob, lease: Lease) -> str:
-        spool = tempfile.mkdtemp(prefix=f"stt-job-{job.job_id}-", dir=self.config.spool_dir)
+        spool = await asyncio.to_thread(self.spool.mkdtemp, f"job-{job.job_id}-")
         try:
             return await self._run(job, lease, spool)
         finally:
@@ -215,7 +242,7 @@ class Dispatcher:
                 channels=job.channels,
             )
         except (InvalidInput, LimitExceeded) as exc:
-            await self.queue.fail_job(lease, f"audio could not be decoded: {exc.message}")
+            await self.queue.fail_job(lease, f"audio could not be decoded: {exc.message}", exc.reason)
             return "failed"
         pcm = np.memmap(pcm_path, dtype="<i2", mode="r") if info.seconds > 0 else np.zeros(0, dtype="<i2")
         chunks = await self._plan(job, lease, pcm)
@@ -227,7 +254,9 @@ class Dispatcher:
             "transcribing %d of %d chunks%s",
             len(pending),
             len(chunks),
-            f" (resumed, attempt {job.retry_count + 1})" if len(pending) < len(chunks) else "",
+            f" (resumed after {job.interruption_count} interruptions, {job.retry_count} attempts charged)"
+            if len(pending) < len(chunks)
+            else "",
         )
         sem = asyncio.Semaphore(self.config.max_parallel_chunks)
         failed = asyncio.Event()
@@ -248,7 +277,7 @@ class Dispatcher:
         segments = [s for c in final for s in c.segments]
         languages = Counter(c.language for c in final if c.language)
         language = languages.most_common(1)[0][0] if languages else (job.options.language or "")
-        transcript = " ".join(s.text.strip() for s in segments if s.text.strip())
+        transcript = join_text(segments)
         await self._persist(lease, "complete", lambda: self.queue.complete_job(lease, transcript, language))
         return "completed"
 
@@ -269,20 +298,35 @@ class Dispatcher:
         end = round(chunk.end * SAMPLE_RATE)
         audio = from_pcm16(pcm[start:end])
         window = Window(start, end)
+        waits = Backoff(self.config.capacity_retry_seconds, self.config.max_capacity_retry_seconds)
         while not failed.is_set():
             try:
-                result = await self.transcribe(audio, job.options, WorkClass.BATCH)
+                result = await tracing.traced(
+                    "job.chunk",
+                    self.transcribe(audio, job.options, WorkClass.BATCH),
+                    {"stt.chunk_index": chunk.index, "stt.audio_seconds": round(chunk.end - chunk.start, 3)},
+                )
             except InvalidInput as exc:
                 # The request itself is wrong (e.g. a language the model cannot do): no retry helps.
                 failed.set()
-                await self.queue.fail_job(lease, f"chunk {chunk.index}: {exc.message}")
+                await self.queue.fail_job(lease, f"chunk {chunk.index}: {exc.message}", exc.reason)
                 CHUNKS.labels("invalid").inc()
                 return
             except ServiceError as exc:
+                if exc.reason in NOT_THE_JOBS_FAULT:
+                    CHUNKS.labels("waiting").inc()
+                    wait = waits.next()
+                    log.warning(
+                        "chunk %d waits for capacity (%s); retrying in %.1fs", chunk.index, exc.message, wait
+                    )
+                    await asyncio.sleep(wait)
+                    continue
                 CHUNKS.labels("error").inc()
                 log.warning("chunk %d failed: %s", chunk.index, exc.message)
                 if await self._persist(
-                    lease, "fail chunk", partial(self.queue.fail_chunk, lease, chunk.index, exc.message)
+                    lease,
+                    "fail chunk",
+                    partial(self.queue.fail_chunk, lease, chunk.index, exc.message, exc.reason),
                 ):
                     failed.set()
                     return

@@ -27,6 +27,11 @@ class ClaimedJob:
     channels: int
     chunks_total: int
     retry_count: int
+    # For the job's trace: the stored context to continue, when it was created (Unix seconds), priority.
+    trace_parent: str = ""
+    created_at: float = 0.0
+    priority: str = ""
+    interruption_count: int = 0
 
 
 @dataclass(slots=True)
@@ -51,10 +56,10 @@ class JobQueue(Protocol):
     async def complete_chunk(
         self, lease: Lease, index: int, segments: list[Segment], language: str
     ) -> None: ...
-    async def fail_chunk(self, lease: Lease, index: int, error: str) -> bool:
-        """True if the job failed because of it."""
+    async def fail_chunk(self, lease: Lease, index: int, error: str, reason: str) -> bool:
+        """Charge an attempt for a chunk's own error; True if the job failed because of it."""
         ...
 
     async def complete_job(self, lease: Lease, transcript: str, language: str) -> None: ...
-    async def fail_job(self, lease: Lease, error: str) -> None: ...
+    async def fail_job(self, lease: Lease, error: str, reason: str) -> None: ...
     async def release(self, lease: Lease) -> None: ...

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import tempfile
 from collections.abc import AsyncIterator, Callable
 
 from services.gateway import audio as audio_mod
@@ -24,6 +23,7 @@ from services.shared.context import audit
 from services.shared.domain import MAX_REQUEST_ID_CHARS
 from services.shared.errors import InvalidInput, LimitExceeded, ServiceError, Unavailable, WrongState
 from services.shared.internal.v1 import jobstore_pb2
+from services.shared.spool import Spool
 from stt.v1 import common_pb2, jobs_pb2
 
 PIECE = 256 * 1024
@@ -72,12 +72,16 @@ class JobsAPI:
         decode_slots: asyncio.Semaphore,
         caps: Callable[[], ModelCaps | None] = lambda: None,
         quotas: Quotas | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.settings = settings
         self.quotas = quotas or Quotas(TenantQuota())
         self.jobstore = jobstore
         self.decode_slots = decode_slots
         self.caps = caps
+        # Uploads are spooled here while they are checked (removed when the call ends; what a crash
+        # left is removed at the next start).
+        self.spool = spool or Spool(settings.spool_root(), name="uploads")
         self.limits = audio_mod.Limits(settings.max_job_bytes, settings.max_job_seconds)
         self.draining = asyncio.Event()
 
@@ -143,7 +147,7 @@ class JobsAPI:
                 return existing.job  # a retried upload: the job the first attempt created
         used = await self.usage(tenant)
         self.quotas.check_jobs(caller, used.queued_jobs, used.stored_audio_bytes)
-        fd, path = tempfile.mkstemp(prefix="stt-upload-", dir=self.settings.spool_dir)
+        fd, path = await asyncio.to_thread(self.spool.mkstemp, "upload-")
         try:
             size = 0
             with os.fdopen(fd, "wb") as fh:

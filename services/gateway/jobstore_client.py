@@ -12,6 +12,7 @@ import grpc
 
 from services.gateway.jobqueue import ChunkInfo, ClaimedJob, Lease
 from services.gateway.requests import decode_options, encoding_name
+from services.shared import tracing
 from services.shared.channel import InternalCredentials, internal_channel
 from services.shared.context import REQUEST_ID_HEADER, request_id_var
 from services.shared.convert import segment_from_proto, segment_to_proto
@@ -71,14 +72,15 @@ class JobstoreClient:
             await ch.close()
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return ((REQUEST_ID_HEADER, request_id_var.get() or "-"), *self.creds.metadata)
+        return tracing.inject(((REQUEST_ID_HEADER, request_id_var.get() or "-"), *self.creds.metadata))
 
     async def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         """A unary call with the client's deadline and request id; errors become domain errors."""
         try:
-            return await getattr(self.stub, method)(
-                request, timeout=timeout or self.timeout, metadata=self.metadata()
-            )
+            with tracing.span(f"{SERVICE}/{method}", kind=tracing.CLIENT, child_only=True):
+                return await getattr(self.stub, method)(
+                    request, timeout=timeout or self.timeout, metadata=self.metadata()
+                )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, unavailable_reason="STORE_UNAVAILABLE") from None
 
@@ -124,6 +126,10 @@ class JobstoreClient:
             channels=job.config.audio_channel_count,
             chunks_total=job.chunks_total,
             retry_count=job.retry_count,
+            trace_parent=resp.job.trace_parent,
+            created_at=job.create_time.ToNanoseconds() / 1e9,
+            priority=jobs_pb2.Priority.Name(job.priority).removeprefix("PRIORITY_"),
+            interruption_count=job.interruption_count,
         )
 
     async def heartbeat(self, lease: Lease) -> bool:
@@ -173,9 +179,12 @@ class JobstoreClient:
             ),
         )
 
-    async def fail_chunk(self, lease: Lease, index: int, error: str) -> bool:
+    async def fail_chunk(self, lease: Lease, index: int, error: str, reason: str) -> bool:
         resp = await self.call(
-            "FailChunk", jobstore_pb2.FailChunkRequest(lease=_lease(lease), index=index, error_message=error)
+            "FailChunk",
+            jobstore_pb2.FailChunkRequest(
+                lease=_lease(lease), index=index, error_message=error, reason=reason
+            ),
         )
         return bool(resp.job_failed)
 
@@ -187,8 +196,10 @@ class JobstoreClient:
             ),
         )
 
-    async def fail_job(self, lease: Lease, error: str) -> None:
-        await self.call("FailJob", jobstore_pb2.FailJobRequest(lease=_lease(lease), error_message=error))
+    async def fail_job(self, lease: Lease, error: str, reason: str) -> None:
+        await self.call(
+            "FailJob", jobstore_pb2.FailJobRequest(lease=_lease(lease), error_message=error, reason=reason)
+        )
 
     async def release(self, lease: Lease) -> None:
         await self.call("ReleaseJob", _lease(lease))

@@ -27,10 +27,11 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.gateway.requests import ModelCaps
-from services.shared import convert
+from services.shared import convert, tracing
+from services.shared.backoff import Backoff
 from services.shared.channel import InternalCredentials, internal_channel
 from services.shared.context import REQUEST_ID_HEADER, request_id_var
-from services.shared.domain import DecodeOptions, WindowResult, WorkClass
+from services.shared.domain import SAMPLE_RATE, DecodeOptions, WindowResult, WorkClass
 from services.shared.errors import Unavailable
 from services.shared.internal.v1 import transcriber_pb2, transcriber_pb2_grpc
 from services.shared.pcm import to_pcm16
@@ -39,6 +40,7 @@ from services.shared.status import error_from_rpc
 log = logging.getLogger("gateway.pool")
 
 TRANSCRIBER_SERVICE = "stt.internal.v1.Transcriber"
+TRANSCRIBE_METHOD = f"{TRANSCRIBER_SERVICE}/Transcribe"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 MAX_WINDOW_BYTES = 30 * 16000 * 2 + 64 * 1024
 
@@ -192,7 +194,7 @@ class TranscriberPool:
     async def _watch(self, ep: Endpoint) -> None:
         """Follow the endpoint's health; reconnect with backoff when the stream breaks."""
         stub = health_pb2_grpc.HealthStub(ep.channel)
-        backoff = 0.2
+        backoff = Backoff(maximum=2.0)
         while True:
             try:
                 call = stub.Watch(health_pb2.HealthCheckRequest(service=TRANSCRIBER_SERVICE))
@@ -200,14 +202,13 @@ class TranscriberPool:
                     if resp.status == SERVING and ep.info is None:
                         ep.info = await self._info(ep)
                     self._set_serving(ep, resp.status == SERVING)
-                    backoff = 0.2
+                    backoff.reset()
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError:
                 pass
             self._set_serving(ep, False)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 2.0)
+            await asyncio.sleep(backoff.next())
 
     async def _info(self, ep: Endpoint) -> transcriber_pb2.TranscriberInfo | None:
         try:
@@ -280,6 +281,7 @@ class TranscriberPool:
             work_class=convert.work_class_to_proto(work_class),
         )
         metadata = ((REQUEST_ID_HEADER, request_id_var.get() or "-"), *self.creds.metadata)
+        seconds = round(audio.shape[0] / SAMPLE_RATE, 3)
         tried: set[str] = set()
         attempts = max(3, len(self.endpoints) + 1)
         last: grpc.aio.AioRpcError | None = None
@@ -288,9 +290,19 @@ class TranscriberPool:
             tried.add(ep.address)
             ep.outstanding += 1
             try:
-                resp = await ep.stub.Transcribe(
-                    request, timeout=timeout or self.call_timeout, metadata=metadata
-                )
+                with tracing.span(
+                    TRANSCRIBE_METHOD,
+                    {
+                        "server.address": ep.address,
+                        "stt.work_class": work_class.name,
+                        "stt.audio_seconds": seconds,
+                    },
+                    kind=tracing.CLIENT,
+                    child_only=True,
+                ):
+                    resp = await ep.stub.Transcribe(
+                        request, timeout=timeout or self.call_timeout, metadata=tracing.inject(metadata)
+                    )
             except grpc.aio.AioRpcError as exc:
                 last = exc
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
@@ -302,8 +314,10 @@ class TranscriberPool:
             result = convert.window_result_from_proto(resp)
             self.stats.served_by[result.served_by] += 1
             return result
+        if last is not None:  # keep the transcriber's reason (e.g. MODEL_ERROR)
+            raise error_from_rpc(last, prefix=f"transcriber (after {attempts} attempts): ") from None
         raise Unavailable(
-            f"transcribers unavailable after {attempts} attempts: {last.details() if last else 'none ready'}",
+            f"transcribers unavailable after {attempts} attempts",
             reason="TRANSCRIBER_UNAVAILABLE",
             retry_after_seconds=1.0,
         )

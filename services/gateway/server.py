@@ -15,6 +15,8 @@ from services.gateway.audio import Limits
 from services.gateway.auth import DENIED, Authenticator, AuthInterceptor, current_caller
 from services.gateway.config import GatewaySettings
 from services.gateway.dispatcher import Dispatcher, DispatcherConfig, default_worker_id
+from services.gateway.http.context import HttpContext
+from services.gateway.http.server import HttpServer
 from services.gateway.jobs import JobsAPI
 from services.gateway.jobs_servicer import JobsServicer
 from services.gateway.jobstore_client import JobstoreClient
@@ -24,8 +26,10 @@ from services.gateway.speech import BODY_COPIES, JobLimits, SpeechAPI
 from services.gateway.speech_servicer import SpeechServicer
 from services.shared.channel import InternalCredentials
 from services.shared.errors import ServiceError
+from services.shared.metrics import TRANSCRIBERS, set_known_tenants
 from services.shared.security import check_exposure, guarded
 from services.shared.server import NOT_SERVING, SERVING, RunningServer, Service, start_server
+from services.shared.spool import Spool
 from stt.v1 import jobs_pb2, jobs_pb2_grpc, speech_pb2, speech_pb2_grpc
 
 log = logging.getLogger("gateway")
@@ -47,18 +51,32 @@ class Gateway:
     auth: Authenticator
     quotas: Quotas
     budget: ByteBudget
+    http: HttpServer | None = None
 
     @property
     def port(self) -> int:
         return self.running.port
 
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP front door's port (None when it is off)."""
+        return self.http.port if self.http is not None else None
+
     async def stop(self, grace: float | None = None) -> None:
+        if self.http is not None and grace is not None:
+            self.http.grace = grace
         await self.running.stop(grace)
 
 
 async def create_server(
-    settings: GatewaySettings, *, port: int | None = None, host: str | None = None
+    settings: GatewaySettings,
+    *,
+    port: int | None = None,
+    host: str | None = None,
+    http_port: int | None = None,
 ) -> Gateway:
+    """The gateway's gRPC server and, unless `settings.http_enabled` is off, its HTTP front door on
+    `http_port` (default `settings.http_port`; 0 picks a free port), on the same event loop."""
     host = host if host is not None else settings.host
     # Fail closed: bad key entries or quotas stop the start; no keys off loopback too (unless
     # STT_ALLOW_ANONYMOUS=true, which is warned about at start and in the health list).
@@ -81,8 +99,11 @@ async def create_server(
         settings.jobstore_address, timeout=settings.jobstore_timeout_seconds, creds=creds
     )
     decode_slots = asyncio.Semaphore(settings.max_concurrent_decodes)
+    # Scratch space for uploads and job audio: this process's own directory, so whatever a crash
+    # left behind (of this or another gateway sharing the volume) is removed now and by the sweeper.
+    spool = await asyncio.to_thread(Spool(settings.spool_root(), name="gateway").open)
     speech_api = SpeechAPI(settings, pool, decode_slots, quotas=quotas, budget=budget)
-    jobs_api = JobsAPI(settings, jobstore, decode_slots, caps=pool.caps, quotas=quotas)
+    jobs_api = JobsAPI(settings, jobstore, decode_slots, caps=pool.caps, spool=spool, quotas=quotas)
     max_message_bytes = settings.max_recognize_bytes + 64 * 1024
 
     async def server_info() -> speech_pb2.ServerInfo:
@@ -109,6 +130,7 @@ async def create_server(
 
     speech = SpeechServicer(speech_api, server_info)
     jobs = JobsServicer(jobs_api)
+    set_known_tenants(authenticator.tenants)  # the only tenant label values (metrics)
     running = await start_server(
         [
             Service(SPEECH, lambda s: speech_pb2_grpc.add_SpeechServicer_to_server(speech, s)),
@@ -125,6 +147,25 @@ async def create_server(
         anonymous=anonymous,
     )
     running.on_drain(jobs_api.drain)
+    http = None
+    if settings.http_enabled:
+        ctx = HttpContext(settings, speech_api, jobs_api, authenticator, server_info)
+        try:
+            http = HttpServer(
+                ctx,
+                host if host is not None else settings.host,
+                settings.http_port if http_port is None else http_port,
+                settings.shutdown_grace_seconds,
+            )
+            await http.start()
+        except BaseException:
+            await running.stop(0)
+            await pool.close()
+            await jobstore.close()
+            raise
+        # SIGTERM: stop accepting HTTP connections and end live sockets' audio while gRPC drains;
+        # the HTTP side finishes (within the same grace) before the pool and jobstore close.
+        running.on_drain(http.begin_drain)
     dispatcher = None
     if settings.dispatch_concurrency > 0:
         dispatcher = Dispatcher(
@@ -140,16 +181,19 @@ async def create_server(
                 vad=settings.vad(),
                 spool_dir=settings.spool_dir,
             ),
+            spool=spool,
         )
         dispatcher.start()
         # On SIGTERM: stop claiming and hand held jobs back first, then drain the API calls.
         running.on_drain(dispatcher.stop)
     monitor = asyncio.create_task(_monitor_dependencies(running, pool), name="dependency-monitor")
+    sweeper = asyncio.create_task(_sweep_spool(spool, settings.spool_sweep_seconds), name="spool-sweeper")
 
     async def stop_monitor() -> None:
-        monitor.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await monitor
+        for task in (monitor, sweeper):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     rotation = asyncio.create_task(_follow_client_certificates(pool, jobstore), name="tls-rotation")
 
@@ -158,11 +202,20 @@ async def create_server(
         with contextlib.suppress(asyncio.CancelledError):
             await rotation
 
+    async def close_spool() -> None:
+        await asyncio.to_thread(spool.close)
+
+    running.on_stop(close_spool)
     running.on_stop(pool.close)
     running.on_stop(jobstore.close)
     running.on_stop(stop_monitor)
     running.on_stop(stop_rotation)
-    return Gateway(running, pool, jobstore, dispatcher, speech_api, jobs_api, authenticator, quotas, budget)
+    if http is not None:
+        # After the pool and jobstore are registered, so it runs before they close.
+        running.on_stop(http.stop)
+    return Gateway(
+        running, pool, jobstore, dispatcher, speech_api, jobs_api, authenticator, quotas, budget, http
+    )
 
 
 async def _follow_client_certificates(
@@ -229,8 +282,19 @@ class RecognizeAdmission(grpc.aio.ServerInterceptor):
         )
 
 
+async def _sweep_spool(spool: Spool, seconds: float) -> None:
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await asyncio.to_thread(spool.sweep)
+        except OSError as exc:
+            log.warning("spool sweep failed: %s", exc)
+
+
 async def _monitor_dependencies(running: RunningServer, pool: TranscriberPool) -> None:
     while True:
         changed = pool.changed()
+        TRANSCRIBERS.labels("serving").set(pool.serving_count)
+        TRANSCRIBERS.labels("not_serving").set(len(pool.endpoints) - pool.serving_count)
         await running.health.set(DEP_TRANSCRIBERS, SERVING if pool.serving_count else NOT_SERVING)
         await changed

@@ -18,6 +18,7 @@ from prometheus_client import Gauge
 from services.gateway import audio as audio_mod
 from services.gateway.auth import current_caller, require_write
 from services.gateway.config import GatewaySettings
+from services.gateway.observe import StreamObserver
 from services.gateway.pool import TranscriberPool
 from services.gateway.quotas import ByteBudget, Quotas, Reservation, TenantQuota, inflight_var
 from services.gateway.recognize import recognize
@@ -32,6 +33,7 @@ from services.gateway.requests import (
 )
 from services.gateway.stream_decoder import StreamDecoder, make_decoder
 from services.gateway.streaming import Event, EventType, StreamingSession, StreamPolicy
+from services.shared import tracing
 from services.shared.context import audit, request_id_var
 from services.shared.domain import (
     DEFAULT_PAGE_SIZE,
@@ -178,6 +180,9 @@ class SpeechAPI:
         )
 
     def _response(self, result: Any, cfg: ValidConfig, started: float) -> speech_pb2.RecognizeResponse:
+        tracing.set_attributes(
+            {"stt.audio_seconds": round(result.duration, 3), "stt.windows": len(result.windows)}
+        )
         return speech_pb2.RecognizeResponse(
             results=[
                 result_from_segment(s, language=result.language, words=cfg.word_timestamps, utterance_index=i)
@@ -219,10 +224,13 @@ class SpeechAPI:
                 field="streaming_config",
             )
         cfg = first.streaming_config
-        session, decoder, max_seconds = self._open_stream(cfg)
+        observer = StreamObserver()
+        session, decoder, max_seconds = self._open_stream(cfg, observer)
         try:
             async with self.quotas.slot(caller, "concurrent_streams"):
-                async for response in self._run_stream(requests, cfg, session, decoder, max_seconds):
+                async for response in self._run_stream(
+                    requests, cfg, session, decoder, max_seconds, observer
+                ):
                     yield response
         finally:
             decoder.close()
@@ -234,6 +242,7 @@ class SpeechAPI:
         session: StreamingSession,
         decoder: StreamDecoder,
         max_seconds: float,
+        observer: StreamObserver,
     ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
         words = cfg.config.enable_word_time_offsets
         STREAMS.inc()
@@ -241,6 +250,8 @@ class SpeechAPI:
         reader.add_done_callback(lambda t: _propagate(t, session))
         try:
             async for ev in session.events():
+                if ev.is_final:
+                    observer.final(ev.words, ev.start, ev.end)
                 yield stream_response(ev, session, words=words)
             if reader.done() and not reader.cancelled() and reader.result():
                 raise LimitExceeded(
@@ -250,12 +261,13 @@ class SpeechAPI:
                 )
         finally:
             STREAMS.dec()
+            observer.closed()
             reader.cancel()
             decoder.close()
             await asyncio.gather(reader, return_exceptions=True)
 
     def _open_stream(
-        self, cfg: speech_pb2.StreamingRecognitionConfig
+        self, cfg: speech_pb2.StreamingRecognitionConfig, observer: StreamObserver
     ) -> tuple[StreamingSession, StreamDecoder, float]:
         if not cfg.HasField("config"):
             raise InvalidInput(
@@ -280,7 +292,7 @@ class SpeechAPI:
             options.beam_size = self.settings.stream_beam_size
         s = self.settings
         session = StreamingSession(
-            self.pool.transcribe,
+            observer.transcribe(self.pool.transcribe),
             options,
             StreamPolicy(
                 step=s.stream_step_seconds,
@@ -298,6 +310,7 @@ class SpeechAPI:
         def sink(samples: Any) -> None:
             try:
                 session.add_audio(samples)
+                observer.arrived(session.received_seconds)
             except ServiceError as exc:
                 session.fail(exc)
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from services.gateway.audio import AV_ERRORS, CODECS, Limits, Linear16Decoder, Resampler, check_stream
 from services.shared.errors import Internal, InvalidInput, ServiceError
+from services.shared.metrics import DECODE_REJECTIONS
 
 log = logging.getLogger("gateway.stream_decoder")
 
@@ -55,6 +56,8 @@ class StreamDecoder:
         """Abandon decoding (client gone); frees the worker."""
 
     def _fail(self, exc: BaseException) -> None:
+        if isinstance(exc, ServiceError):
+            DECODE_REJECTIONS.labels(exc.reason).inc()
         if not self.done.done():
             self.done.set_exception(exc)
 

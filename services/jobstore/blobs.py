@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 
 from services.shared.errors import LimitExceeded
+from services.shared.spool import Spool
 
 PIECE = 256 * 1024
 
@@ -37,12 +38,24 @@ class BlobStore(ABC):
     async def keys_older_than(self, seconds: float) -> list[str]:
         """Keys of blobs written more than `seconds` ago (for orphan sweeps)."""
 
+    async def existing(self, keys: list[str]) -> set[str]:
+        """The keys among `keys` whose blob is stored."""
+        return {k for k in keys if await self.exists(k)}
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release local resources (scratch space)."""
+
 
 class FileBlobStore(BlobStore):
     def __init__(self, root: str) -> None:
         self.root = root
+        # Uploads are written here first and renamed into place when whole; what a crash left in
+        # .tmp is removed when the next process opens it, and by every sweep.
         self.tmp = os.path.join(root, ".tmp")
-        os.makedirs(self.tmp, exist_ok=True)
+        self.spool = Spool(self.tmp, name="blobs").open()
+
+    def close(self) -> None:
+        self.spool.close()
 
     def path(self, key: str) -> str:
         if not key or "/" in key or key.startswith("."):
@@ -51,7 +64,7 @@ class FileBlobStore(BlobStore):
 
     async def write(self, key: str, pieces: AsyncIterator[bytes], *, max_bytes: int | None = None) -> int:
         final = self.path(key)
-        tmp = os.path.join(self.tmp, f"{key}.{uuid.uuid4().hex}")
+        tmp = os.path.join(self.spool.dir, f"{key}.{uuid.uuid4().hex}")
         size = 0
         fh = await asyncio.to_thread(open, tmp, "wb")
         try:
@@ -88,6 +101,11 @@ class FileBlobStore(BlobStore):
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(os.path.isfile, self.path(key))
 
+    async def existing(self, keys: list[str]) -> set[str]:
+        if not keys:
+            return set()
+        return await asyncio.to_thread(lambda: {k for k in keys if os.path.isfile(self.path(k))})
+
     async def keys_older_than(self, seconds: float) -> list[str]:
         cutoff = time.time() - seconds
 
@@ -97,10 +115,7 @@ class FileBlobStore(BlobStore):
                 if not sub.is_dir() or sub.name.startswith("."):
                     continue
                 out += [f.name for f in os.scandir(sub.path) if f.is_file() and f.stat().st_mtime < cutoff]
-            # Interrupted uploads left in .tmp
-            for f in os.scandir(self.tmp):
-                if f.stat().st_mtime < cutoff:
-                    _unlink(f.path)
+            self.spool.sweep()  # interrupted uploads of processes that are gone
             return out
 
         return await asyncio.to_thread(scan)

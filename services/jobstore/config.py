@@ -28,7 +28,13 @@ class JobstoreSettings(CommonSettings):
     lease_seconds: float = 30.0
     reap_interval_seconds: float = 1.0
     max_attempts: int = 3
-    # At start, put RUNNING jobs straight back in the queue (counting a retry) instead of waiting for
+    # Interruptions (restarts, drains, lost workers) are not charged as attempts, except when a job
+    # keeps losing its worker with no progress in between: each one after this many in a row is
+    # charged, so a job that keeps killing its worker FAILS (WORKER_LOST) instead of looping. After
+    # the second in a row the job also waits before its next claim (1 s, doubling, up to the max).
+    stalls_before_charge: int = 5
+    max_interruption_backoff_seconds: float = 60.0
+    # At start, put RUNNING jobs straight back in the queue (an interruption) instead of waiting for
     # their leases to expire. Only safe when this process's own dispatcher is the only worker, as in
     # the embedded `stt up`.
     requeue_running_on_start: bool = False

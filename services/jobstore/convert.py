@@ -46,7 +46,7 @@ def config_from_json(raw: str) -> common_pb2.RecognitionConfig:
     )
 
 
-def job_to_proto(job: Job) -> jobs_pb2.Job:
+def job_to_proto(job: Job, *, audio_retained: bool = False) -> jobs_pb2.Job:
     return jobs_pb2.Job(
         job_id=job.id,
         status=_STATUS[job.status],
@@ -57,27 +57,32 @@ def job_to_proto(job: Job) -> jobs_pb2.Job:
         audio_duration_seconds=job.audio_duration,
         request_id=job.request_id or "",
         retry_count=job.retry_count,
+        interruption_count=job.interruption_count,
         max_attempts=job.max_attempts,
         chunks_total=job.chunks_total,
         chunks_completed=job.chunks_completed,
         error_message=job.error_message or "",
+        failure_reason=(job.failure_reason or "") if job.status == "FAILED" else "",
+        audio_retained=audio_retained,
         create_time=ts(job.created_at),
         start_time=ts(job.started_at),
         complete_time=ts(job.completed_at),
         update_time=ts(job.updated_at),
         expire_time=ts(job.expires_at),
         config=config_from_json(job.config_json),
-        audio_retained=bool(job.audio_retained),
     )
 
 
-def stored_job(job: Job, *, with_transcript: bool = False) -> jobstore_pb2.StoredJob:
+def stored_job(
+    job: Job, *, with_transcript: bool = False, audio_retained: bool = False
+) -> jobstore_pb2.StoredJob:
     return jobstore_pb2.StoredJob(
-        job=job_to_proto(job),
+        job=job_to_proto(job, audio_retained=audio_retained),
         tenant=job.tenant,
         lease_epoch=job.lease_epoch,
         lease_expire_time=ts(job.lease_expires_at),
         transcript=(job.transcript or "") if with_transcript else "",
+        trace_parent=job.trace_parent or "",
     )
 
 

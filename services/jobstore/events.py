@@ -12,6 +12,8 @@ import contextlib
 import logging
 from typing import Any
 
+from services.shared.backoff import Backoff
+
 log = logging.getLogger("jobstore.events")
 
 
@@ -130,7 +132,7 @@ class EventBus:
             log.warning("redis publish failed (%s); watchers fall back to polling", exc)
 
     async def _listen(self) -> None:
-        backoff = 0.2
+        backoff = Backoff(maximum=5.0)
         while True:
             pubsub = None
             try:
@@ -138,7 +140,7 @@ class EventBus:
                 pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(self._events, self._wake)
                 self.connected.set()
-                backoff = 0.2
+                backoff.reset()
                 log.info("subscribed to redis job events")
                 async for msg in pubsub.listen():
                     data = msg.get("data")
@@ -153,11 +155,11 @@ class EventBus:
                 raise
             except Exception as exc:
                 self.connected.clear()
-                log.warning("redis subscription lost (%s); retrying in %.1fs", exc, backoff)
+                delay = backoff.next()
+                log.warning("redis subscription lost (%s); retrying in %.1fs", exc, delay)
                 # Anything may have changed while we were deaf: wake every waiter to re-check SQL.
                 self._local.notify(WAKE)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(delay)
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):

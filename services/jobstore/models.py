@@ -88,8 +88,18 @@ class Job(Base):
     worker_id: Mapped[str | None] = mapped_column(String(256))
     lease_epoch: Mapped[int] = mapped_column(BigInteger, default=0)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # Attempts charged to the job (errors it caused); it FAILS when this reaches max_attempts.
     retry_count: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    # Interruptions not charged: restarts, drains, lost workers.
+    interruption_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Interruptions in a row with no progress (a chunk or the plan recorded) in between: past the
+    # allowance, a job that keeps losing its worker is suspected of killing it and is charged.
+    stall_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Not claimable before this time (backoff after interruptions without progress).
+    not_before: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # Why it FAILED: an stt.v1.ErrorReason name.
+    failure_reason: Mapped[str | None] = mapped_column(String(64))
     chunks_total: Mapped[int] = mapped_column(Integer, default=0)
     chunks_completed: Mapped[int] = mapped_column(Integer, default=0)
     transcript: Mapped[str | None] = mapped_column(Text)
@@ -100,6 +110,9 @@ class Job(Base):
     completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
     expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # The trace context (W3C traceparent) of the call that created the job: whoever runs the job
+    # continues that trace (services.shared.tracing). Empty when tracing is off.
+    trace_parent: Mapped[str | None] = mapped_column(String(64))
 
     chunks: Mapped[list[Chunk]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True, order_by="Chunk.idx"

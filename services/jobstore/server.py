@@ -9,14 +9,11 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from prometheus_client import Gauge
-
-from services.jobstore import db, migrate
+from services.jobstore import db, metrics, migrate
 from services.jobstore.blobs import FileBlobStore
 from services.jobstore.config import JobstoreSettings
 from services.jobstore.crypto import Sealer
 from services.jobstore.events import EventBus
-from services.jobstore.models import Priority
 from services.jobstore.servicer import JobStoreServicer
 from services.jobstore.store import Store
 from services.shared.errors import ServiceError, Unavailable
@@ -53,9 +50,10 @@ async def build_store(settings: JobstoreSettings) -> tuple[Store, Callable[[], A
         await migrate.upgrade(engine)
     bus = EventBus(settings.redis_url, settings.redis_prefix)
     await bus.start()
+    blobs = FileBlobStore(settings.blob_dir())
     store = Store(
         db.sessionmaker(engine),
-        FileBlobStore(settings.blob_dir()),
+        blobs,
         bus,
         lease_seconds=settings.lease_seconds,
         max_attempts=settings.max_attempts,
@@ -64,29 +62,16 @@ async def build_store(settings: JobstoreSettings) -> tuple[Store, Callable[[], A
         reconcile_seconds=settings.reconcile_seconds,
         max_blob_bytes=settings.max_blob_bytes or None,
         sealer=sealer,
+        stalls_before_charge=settings.stalls_before_charge,
+        max_backoff_seconds=settings.max_interruption_backoff_seconds,
     )
 
     async def close() -> None:
         await bus.close()
         await engine.dispose()
+        blobs.close()
 
     return store, close
-
-
-QUEUED = Gauge("stt_jobs_queued", "Queued jobs per priority", ["priority"])
-RUNNING = Gauge("stt_jobs_running", "Running jobs per priority", ["priority"])
-OLDEST_WAIT = Gauge(
-    "stt_jobs_oldest_wait_seconds", "Wait of the oldest queued job per priority", ["priority"]
-)
-
-
-async def export_queue_metrics(store: Store) -> None:
-    stats = await store.queue_stats()
-    for p in stats.priorities:
-        name = Priority(p.priority).name
-        QUEUED.labels(name).set(p.pending)
-        RUNNING.labels(name).set(p.running)
-        OLDEST_WAIT.labels(name).set(p.oldest_wait)
 
 
 def database_errors(exc: BaseException) -> ServiceError | None:
@@ -139,12 +124,10 @@ async def create_server(
     )
     tasks = [
         asyncio.create_task(
-            _every(settings.reap_interval_seconds, store.reap_expired, "reaper"), name="reaper"
+            _every(settings.reap_interval_seconds, lambda: metrics.reap(store), "reaper"), name="reaper"
         ),
         asyncio.create_task(_every(settings.sweep_interval_seconds, store.sweep, "sweeper"), name="sweeper"),
-        asyncio.create_task(
-            _every(5.0, lambda: export_queue_metrics(store), "metrics"), name="queue-metrics"
-        ),
+        asyncio.create_task(_every(5.0, lambda: metrics.export(store), "metrics"), name="queue-metrics"),
     ]
 
     async def stop_tasks() -> None:

@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import empty_pb2
 
-from services.jobstore import convert
+from services.jobstore import convert, metrics
 from services.jobstore.convert import STATUS_NAMES, chunk_to_proto, stored_job, ts
+from services.jobstore.models import Job
 from services.jobstore.store import Lease, NewJob, Span, Store
+from services.shared import tracing
 from services.shared.convert import segment_from_proto
 from services.shared.errors import InvalidInput
 from services.shared.internal.v1 import jobstore_pb2, jobstore_pb2_grpc
@@ -61,6 +63,11 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
             queued_jobs=usage.queued_jobs, stored_audio_bytes=usage.stored_audio_bytes
         )
 
+    async def _out(self, job: Job, *, with_transcript: bool = False) -> jobstore_pb2.StoredJob:
+        """The job as callers see it, with whether its audio is still stored."""
+        retained = job.id in await self.store.audio_retained([job])
+        return stored_job(job, with_transcript=with_transcript, audio_retained=retained)
+
     async def CreateJob(
         self,
         request_iterator: AsyncIterator[jobstore_pb2.StoreCreateJobRequest],
@@ -93,9 +100,11 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
             keep_audio=meta.keep_audio,
             max_queued_jobs=meta.quota.max_queued_jobs,
             max_stored_audio_bytes=meta.quota.max_stored_audio_bytes,
+            trace_parent=tracing.traceparent(),  # this call's trace: the job's spans continue it
         )
         job, created = await self.store.create_job(new, pieces())
-        return jobstore_pb2.StoreCreateJobResponse(job=stored_job(job), created=created)
+        tracing.set_attributes({"stt.job_id": job.id, "stt.created": created})
+        return jobstore_pb2.StoreCreateJobResponse(job=await self._out(job), created=created)
 
     async def GetJob(
         self, request: jobstore_pb2.StoreGetJobRequest, context: grpc.aio.ServicerContext
@@ -104,8 +113,9 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
             job = await self.store.find_by_request_id(_required_tenant(request.tenant), request.request_id)
             if job is None:
                 return jobstore_pb2.StoredJob()
-            return stored_job(job)
-        return stored_job(await self.store.get_job(request.job_id, _tenant(request)), with_transcript=True)
+            return await self._out(job)
+        job = await self.store.get_job(request.job_id, _tenant(request))
+        return await self._out(job, with_transcript=True)
 
     async def ListJobs(
         self, request: jobstore_pb2.StoreListJobsRequest, context: grpc.aio.ServicerContext
@@ -116,17 +126,20 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
             page_size=request.page_size,
             page_token=request.page_token,
         )
-        return jobstore_pb2.StoreListJobsResponse(jobs=[stored_job(j) for j in jobs], next_page_token=token)
+        retained = await self.store.audio_retained(jobs)
+        return jobstore_pb2.StoreListJobsResponse(
+            jobs=[stored_job(j, audio_retained=j.id in retained) for j in jobs], next_page_token=token
+        )
 
     async def CancelJob(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
     ) -> jobstore_pb2.StoredJob:
-        return stored_job(await self.store.cancel(request.job_id, _tenant(request)))
+        return await self._out(await self.store.cancel(request.job_id, _tenant(request)))
 
     async def RetryJob(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
     ) -> jobstore_pb2.StoredJob:
-        return stored_job(await self.store.retry(request.job_id, _tenant(request)))
+        return await self._out(await self.store.retry(request.job_id, _tenant(request)))
 
     async def DeleteJob(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
@@ -156,7 +169,10 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobs_pb2.JobEvent]:
         async for job, partial in self.store.watch(request.job_id, _tenant(request)):
-            yield jobs_pb2.JobEvent(job=convert.job_to_proto(job), partial_transcript=partial)
+            retained = job.id in await self.store.audio_retained([job])
+            yield jobs_pb2.JobEvent(
+                job=convert.job_to_proto(job, audio_retained=retained), partial_transcript=partial
+            )
 
     async def GetChunks(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
@@ -208,7 +224,9 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
     async def FailChunk(
         self, request: jobstore_pb2.FailChunkRequest, context: grpc.aio.ServicerContext
     ) -> jobstore_pb2.ChunkUpdateResponse:
-        up = await self.store.fail_chunk(_lease(request.lease), request.index, request.error_message)
+        up = await self.store.fail_chunk(
+            _lease(request.lease), request.index, request.error_message, request.reason
+        )
         return jobstore_pb2.ChunkUpdateResponse(
             chunks_completed=up.chunks_completed, chunks_total=up.chunks_total, job_failed=up.job_failed,
             attempts=up.attempts,
@@ -220,12 +238,15 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
         job = await self.store.complete_job(
             _lease(request.lease), request.transcript, request.language_code or None
         )
+        metrics.completed(job)
         return stored_job(job)
 
     async def FailJob(
         self, request: jobstore_pb2.FailJobRequest, context: grpc.aio.ServicerContext
     ) -> jobstore_pb2.StoredJob:
-        return stored_job(await self.store.fail_job(_lease(request.lease), request.error_message))
+        return stored_job(
+            await self.store.fail_job(_lease(request.lease), request.error_message, request.reason)
+        )
 
     async def ReleaseJob(
         self, request: jobstore_pb2.LeaseRequest, context: grpc.aio.ServicerContext

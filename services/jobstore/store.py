@@ -5,6 +5,17 @@ status=RUNNING) made first in its transaction, so it holds the job row (PostgreS
 lock (SQLite) until commit: a holder whose lease expired or was taken over gets `Aborted` and
 changes nothing. Claims on PostgreSQL use `FOR UPDATE SKIP LOCKED`; on SQLite the conditional
 UPDATE alone makes them exclusive.
+
+Attempts are charged to the cause (see docs/jobs.md):
+- a chunk that fails with an error of its own (the dispatcher reports only those: a model error, a
+  call that timed out, every replica failing it) charges one attempt (`retry_count + 1`);
+- an interruption (a restart, a drain, a worker whose lease expired) is not charged: it counts in
+  `interruption_count`, and the job goes back to the queue keeping its finished chunks. Graceful
+  releases are always free. Lost workers are free too unless the job keeps losing them without
+  progress: each interruption after `stalls_before_charge` in a row with no chunk (or plan)
+  recorded in between charges an attempt, and the job waits a growing backoff before its next
+  claim, so a job that keeps killing its worker FAILS (reason WORKER_LOST) instead of looping;
+- the job FAILS when `retry_count` reaches `max_attempts`, with `failure_reason` set.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from services.jobstore.blobs import BlobStore
 from services.jobstore.crypto import Sealer
 from services.jobstore.events import EventBus, wait
 from services.jobstore.models import Chunk, ChunkState, Job, Priority, Status, UTCDateTime
-from services.shared.domain import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Segment
+from services.shared.domain import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Segment, join_text, join_texts
 from services.shared.errors import Aborted, InvalidInput, LimitExceeded, NotFound, QuotaExceeded, WrongState
 
 log = logging.getLogger("jobstore")
@@ -53,6 +64,7 @@ class NewJob:
     # The tenant's quotas (0: no limit), checked against its usage before the job is stored.
     max_queued_jobs: int = 0
     max_stored_audio_bytes: int = 0
+    trace_parent: str = ""
 
 
 @dataclass(slots=True)
@@ -119,6 +131,9 @@ class Store:
         reconcile_seconds: float = 2.0,
         max_blob_bytes: int | None = None,
         sealer: Sealer | None = None,
+        stalls_before_charge: int = 5,
+        backoff_seconds: float = 1.0,
+        max_backoff_seconds: float = 60.0,
     ) -> None:
         self.sessions = sessions
         self.blobs = blobs
@@ -130,6 +145,9 @@ class Store:
         self.reconcile_seconds = reconcile_seconds
         self.max_blob_bytes = max_blob_bytes
         self.sealer = sealer or Sealer()
+        self.stalls_before_charge = stalls_before_charge
+        self.backoff_seconds = backoff_seconds
+        self.max_backoff_seconds = max_backoff_seconds
         self._seen_workers: dict[str, float] = {}
 
     # -- creating and reading ---------------------------------------------------------------------
@@ -181,6 +199,7 @@ class Store:
             chunks_completed=0,
             created_at=now,
             updated_at=now,
+            trace_parent=new.trace_parent or None,
         )
         try:
             async with self.sessions.begin() as s:
@@ -294,8 +313,14 @@ class Store:
                     .order_by(Chunk.idx)
                 )
             ).scalars()
-            opened = (self.sealer.open_text(t) for t in texts)
-            return " ".join(t.strip() for t in opened if t and t.strip())
+            return join_texts(self.sealer.open_text(t) for t in texts)
+
+    async def audio_retained(self, jobs: Sequence[Job]) -> set[str]:
+        """Ids of the jobs whose audio is still stored (what Job.audio_retained reports): the job
+        says so (its audio is deleted on completion unless kept) and the blob is there."""
+        kept = [j for j in jobs if j.audio_retained]
+        keys = await self.blobs.existing([j.blob_key for j in kept])
+        return {j.id for j in kept if j.blob_key in keys}
 
     async def read_audio(self, job_id: str, tenant: str | None = None) -> AsyncIterator[bytes]:
         job = await self.get_job(job_id, tenant)
@@ -312,7 +337,14 @@ class Store:
             notice = self.bus.job_future(job_id)  # registered before reading: no change slips by
             try:
                 job = await self.get_job(job_id, tenant)
-                state = (job.status, job.chunks_completed, job.chunks_total, job.retry_count, job.updated_at)
+                state = (
+                    job.status,
+                    job.chunks_completed,
+                    job.chunks_total,
+                    job.retry_count,
+                    job.interruption_count,
+                    job.updated_at,
+                )
                 if state != last:
                     last = state
                     yield job, await self.partial_text(job_id)
@@ -353,10 +385,14 @@ class Store:
         return await self.get_job(job_id, tenant)
 
     async def retry(self, job_id: str, tenant: str | None = None) -> Job:
-        """Queue a FAILED or CANCELLED job again under its id, with a fresh attempt budget. Chunks
-        already transcribed are kept; failed ones start over."""
+        """Queue a FAILED or CANCELLED job again under its id (and request_id), with a fresh attempt
+        budget: its counters start from 0. Chunks already transcribed are kept; the others start
+        over. Idempotent: a QUEUED or RUNNING job (e.g. one a first RetryJob call already queued)
+        is returned unchanged. COMPLETED: JOB_NOT_RETRYABLE; audio gone: AUDIO_NOT_KEPT."""
         job = await self.get_job(job_id, tenant)
         retryable = (Status.FAILED, Status.CANCELLED)
+        if job.status in (Status.QUEUED, Status.RUNNING):
+            return job
         if job.status not in retryable:
             raise WrongState(
                 f"job {job_id} is {job.status}; only FAILED or CANCELLED jobs can be retried",
@@ -374,7 +410,11 @@ class Store:
                 .values(
                     status=Status.QUEUED,
                     retry_count=0,
+                    interruption_count=0,
+                    stall_count=0,
+                    not_before=None,
                     error_message=None,
+                    failure_reason=None,
                     worker_id=None,
                     lease_expires_at=None,
                     completed_at=None,
@@ -382,13 +422,15 @@ class Store:
                     updated_at=now,
                 )
             )
-            if res.rowcount != 1:  # type: ignore[attr-defined]
-                raise WrongState(f"job {job_id} changed state; try again", reason="JOB_NOT_RETRYABLE")
-            await s.execute(
-                update(Chunk)
-                .where(Chunk.job_id == job_id, Chunk.status == ChunkState.FAILED)
-                .values(status=ChunkState.PENDING, attempts=0, error=None)
-            )
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                await s.execute(
+                    update(Chunk)
+                    .where(Chunk.job_id == job_id, Chunk.status != ChunkState.COMPLETED)
+                    .values(status=ChunkState.PENDING, attempts=0, error=None)
+                )
+        if res.rowcount != 1:  # type: ignore[attr-defined]
+            # Changed under us: retried by a concurrent call (fine), or completed/deleted.
+            return await self.retry(job_id, tenant)
         log.info("job queued again", extra={"job_id": job_id})
         await self.bus.publish_wake()
         await self.bus.publish_job(job_id)
@@ -474,7 +516,10 @@ class Store:
                 candidate = (
                     await s.execute(
                         select(Job.id)
-                        .where(Job.status == Status.QUEUED)
+                        .where(
+                            Job.status == Status.QUEUED,
+                            or_(Job.not_before.is_(None), Job.not_before <= now),
+                        )
                         .order_by(Job.priority.desc(), Job.created_at, Job.id)
                         .limit(1)
                         .with_for_update(skip_locked=True)
@@ -504,6 +549,7 @@ class Store:
                     "worker": worker_id,
                     "epoch": job.lease_epoch,
                     "retry": job.retry_count,
+                    "interruptions": job.interruption_count,
                 },
             )
             await self.bus.publish_job(job.id)
@@ -570,7 +616,9 @@ class Store:
                           status=ChunkState.PENDING, attempts=0)
                     for sp in spans
                 )  # fmt: skip
-                await s.execute(update(Job).where(Job.id == lease.job_id).values(chunks_total=len(spans)))
+                await s.execute(
+                    update(Job).where(Job.id == lease.job_id).values(chunks_total=len(spans), stall_count=0)
+                )
         await self.bus.publish_job(lease.job_id)
         return await self.chunks(lease.job_id)
 
@@ -579,9 +627,9 @@ class Store:
     ) -> ChunkUpdate:
         """Checkpoint one chunk. The first recorded result of a chunk stands."""
         now = utcnow()
-        text = " ".join(seg.text.strip() for seg in segments if seg.text.strip())
+        text = join_text(segments)
         async with self.sessions.begin() as s:
-            await self._fence(s, lease)
+            await self._fence(s, lease, stall_count=0)  # progress: the stall streak ends
             chunk = await s.get(Chunk, (lease.job_id, index))
             if chunk is None:
                 raise InvalidInput(
@@ -618,8 +666,9 @@ class Store:
         await s.execute(update(Job).where(Job.id == job_id).values(chunks_completed=done))
         return int(done), int(total)
 
-    async def fail_chunk(self, lease: Lease, index: int, error: str) -> ChunkUpdate:
-        """Count a failed attempt; past max attempts the job FAILS with the chunk's reason."""
+    async def fail_chunk(self, lease: Lease, index: int, error: str, reason: str = "") -> ChunkUpdate:
+        """Charge one attempt for a chunk that failed with an error of its own (`reason`: its
+        ErrorReason name). When the job's charged attempts reach max_attempts, it FAILS."""
         now = utcnow()
         async with self.sessions.begin() as s:
             await self._fence(s, lease)
@@ -633,7 +682,8 @@ class Store:
                 done, total = await self._recount(s, lease.job_id)
                 return ChunkUpdate(done, total, chunk.attempts)
             attempts = chunk.attempts + 1
-            failed = attempts >= job.max_attempts
+            charged = job.retry_count + 1
+            failed = charged >= job.max_attempts
             await s.execute(
                 update(Chunk)
                 .where(Chunk.job_id == lease.job_id, Chunk.idx == index)
@@ -645,25 +695,30 @@ class Store:
                 )
             )
             done, total = await self._recount(s, lease.job_id)
+            span = f"{chunk.start_time:.1f}-{chunk.end_time:.1f}s"
+            times = "once" if attempts == 1 else f"{attempts} times"
+            message = f"chunk {index} ({span}) failed {times}: {error}"
+            values: dict[str, Any] = {"retry_count": charged}
             if failed:
-                span = f"{chunk.start_time:.1f}-{chunk.end_time:.1f}s"
-                reason = f"chunk {index} ({span}) failed {attempts} times: {error}"
-                await s.execute(
-                    update(Job).where(Job.id == lease.job_id).values(**self._failed_values(reason))
+                values |= self._failed_values(
+                    f"{message} (attempt {charged} of {job.max_attempts})", reason or "MODEL_ERROR"
                 )
+            await s.execute(update(Job).where(Job.id == lease.job_id).values(**values))
         if failed:
-            log.warning("job failed", extra={"job_id": lease.job_id, "error": reason})
+            log.warning("job failed", extra={"job_id": lease.job_id, "error": message})
         await self.bus.publish_job(lease.job_id)
         return ChunkUpdate(done, total, attempts, failed)
 
-    def _failed_values(self, reason: str) -> dict[str, Any]:
+    def _failed_values(self, message: str, reason: str) -> dict[str, Any]:
         now = utcnow()
         return {
             "status": Status.FAILED,
-            "error_message": reason[:4000],
+            "error_message": message[:4000],
+            "failure_reason": reason[:64] or "INTERNAL",
             "completed_at": now,
             "updated_at": now,
             "lease_expires_at": None,
+            "not_before": None,
             "expires_at": now + dt.timedelta(seconds=self.failed_ttl),
         }
 
@@ -692,6 +747,7 @@ class Store:
                     completed_at=now,
                     lease_expires_at=None,
                     error_message=None,
+                    failure_reason=None,
                     expires_at=now + dt.timedelta(seconds=self.result_ttl),
                 )
             )
@@ -717,17 +773,28 @@ class Store:
             await self.blobs.delete(key)
             log.info("audio deleted on completion", extra={"job_id": job_id})
 
-    async def fail_job(self, lease: Lease, error: str) -> Job:
+    async def fail_job(self, lease: Lease, error: str, reason: str = "") -> Job:
+        """The job cannot succeed (e.g. its audio no longer decodes): FAILED now, no retry."""
         async with self.sessions.begin() as s:
-            await self._fence(s, lease, **self._failed_values(error))
+            await self._fence(s, lease, **self._failed_values(error, reason))
         log.warning("job failed", extra={"job_id": lease.job_id, "error": error})
         await self.bus.publish_job(lease.job_id)
         return await self.get_job(lease.job_id)
 
     async def release(self, lease: Lease) -> Job:
-        """Hand the job back to the queue (graceful shutdown); no attempt is counted."""
+        """Hand the job back to the queue (graceful shutdown): an interruption, never charged, no
+        backoff, and it does not add to the stall streak (the worker left in good order)."""
         async with self.sessions.begin() as s:
-            await self._fence(s, lease, status=Status.QUEUED, worker_id=None, lease_expires_at=None)
+            await self._fence(
+                s,
+                lease,
+                status=Status.QUEUED,
+                worker_id=None,
+                lease_expires_at=None,
+                not_before=None,
+                interruption_count=Job.interruption_count + 1,
+                error_message="interrupted: its worker shut down and handed it back; resumes on the next",
+            )
         log.info("job released", extra={"job_id": lease.job_id})
         await self.bus.publish_wake()
         await self.bus.publish_job(lease.job_id)
@@ -735,48 +802,71 @@ class Store:
 
     # -- housekeeping -------------------------------------------------------------------------------
 
+    def backoff(self, stalls: int) -> float:
+        """Seconds a job waits before its next claim after `stalls` interruptions in a row without
+        progress: none after the first, then 1, 2, 4, ... up to the maximum."""
+        if stalls <= 1:
+            return 0.0
+        return float(min(self.max_backoff_seconds, self.backoff_seconds * 2 ** (stalls - 2)))
+
     async def reap_expired(self, *, all_running: bool = False) -> list[str]:
-        """Expired leases go back to the queue with retry_count + 1, or FAIL past max attempts.
-        all_running: treat every lease as expired (a single-process restart)."""
+        """Jobs whose worker is gone go back to the queue: those whose lease expired, or with
+        all_running every RUNNING job (a single-process stack restarting). An interruption, not
+        charged, unless the job keeps losing its worker without progress (see the module doc)."""
         now = utcnow()
+        cause = "the service restarted while it ran" if all_running else "its worker stopped responding"
         expired = (Job.status == Status.RUNNING) & (true() if all_running else Job.lease_expires_at < now)
+        requeued: list[str] = []
+        failed: list[str] = []
         async with self.sessions.begin() as s:
-            requeued = list(
-                (
-                    await s.execute(
-                        update(Job)
-                        .where(expired, Job.retry_count + 1 < Job.max_attempts)
-                        .values(
-                            status=Status.QUEUED,
-                            retry_count=Job.retry_count + 1,
-                            worker_id=None,
-                            lease_expires_at=None,
-                            updated_at=now,
-                            error_message="lease expired: the worker stopped responding; retrying",
-                        )
-                        .returning(Job.id)
+            rows = (
+                await s.execute(
+                    select(
+                        Job.id,
+                        Job.lease_epoch,
+                        Job.retry_count,
+                        Job.max_attempts,
+                        Job.interruption_count,
+                        Job.stall_count,
                     )
-                ).scalars()
-            )
-            failed = list(
-                (
-                    await s.execute(
-                        update(Job)
-                        .where(expired, Job.retry_count + 1 >= Job.max_attempts)
-                        .values(
-                            retry_count=Job.retry_count + 1,
-                            **self._failed_values(
-                                "lease expired on the last allowed attempt: the worker stopped responding"
-                            ),
-                        )
-                        .returning(Job.id)
+                    .where(expired)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            for job_id, epoch, retries, max_attempts, interruptions, stalls in rows:
+                stalls += 1
+                charged = stalls > self.stalls_before_charge
+                retries += int(charged)
+                values: dict[str, Any] = {
+                    "interruption_count": interruptions + 1,
+                    "stall_count": stalls,
+                    "retry_count": retries,
+                }
+                if charged and retries >= max_attempts:
+                    values |= self._failed_values(
+                        f"its worker was lost {stalls} times in a row while holding it, with no progress in "
+                        f"between (last: {cause}): the job is presumed to be what stops it",
+                        "WORKER_LOST",
                     )
-                ).scalars()
-            )
+                else:
+                    note = f"; charged ({stalls} in a row without progress)" if charged else ""
+                    values |= {
+                        "status": Status.QUEUED,
+                        "worker_id": None,
+                        "lease_expires_at": None,
+                        "updated_at": now,
+                        "not_before": now + dt.timedelta(seconds=self.backoff(stalls)),
+                        "error_message": f"interrupted: {cause}; resumes on the next worker{note}",
+                    }
+                res = await s.execute(
+                    update(Job).where(expired, Job.id == job_id, Job.lease_epoch == epoch).values(**values)
+                )
+                if res.rowcount == 1:  # type: ignore[attr-defined]
+                    (failed if values["status"] == Status.FAILED else requeued).append(job_id)
         for job_id in requeued:
-            log.warning("lease expired; job requeued", extra={"job_id": job_id})
+            log.warning("worker lost (%s); job requeued", cause, extra={"job_id": job_id})
         for job_id in failed:
-            log.warning("lease expired; job failed after max attempts", extra={"job_id": job_id})
+            log.warning("worker lost again without progress; job failed", extra={"job_id": job_id})
         if requeued:
             await self.bus.publish_wake()
         for job_id in requeued + failed:

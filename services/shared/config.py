@@ -26,6 +26,8 @@ class CommonSettings(BaseSettings):
     shutdown_grace_seconds: float = 10.0
     # Port for Prometheus metrics over HTTP; 0 disables the endpoint.
     metrics_port: int = 0
+    # OpenTelemetry traces over OTLP (also on when OTEL_EXPORTER_OTLP_ENDPOINT is set; see tracing.py).
+    tracing: bool = False
     # Server-side keepalive and connection ageing (so new pods behind a Service get traffic).
     keepalive_time_seconds: float = 30.0
     keepalive_timeout_seconds: float = 10.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -109,5 +110,10 @@ class WindowResult:
     model: str = ""
 
 
-def join_text(segments: list[Segment]) -> str:
-    return " ".join(s.text.strip() for s in segments if s.text.strip())
+def join_texts(texts: Iterable[str | None]) -> str:
+    """The one way pieces of transcript are joined: stripped, empty ones skipped, one space between."""
+    return " ".join(t.strip() for t in texts if t and t.strip())
+
+
+def join_text(segments: Iterable[Segment]) -> str:
+    return join_texts(s.text for s in segments)

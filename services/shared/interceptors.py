@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from services.shared import errors, metrics
+from services.shared import errors, metrics, tracing
 from services.shared.context import REQUEST_ID_HEADER, CallAudit, audit_var, new_request_id, request_id_var
 from services.shared.domain import MAX_REQUEST_ID_CHARS
 from services.shared.status import abort, code_for
@@ -86,21 +86,6 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield item
 
 
-# A call refused while its client is still sending: read (and drop) what it sends for this long
-# before ending the call. grpc.aio clients report INTERNAL "Internal error from Core" instead of the
-# real status when the status arrives in the middle of one of their writes.
-DRAIN_SECONDS = 0.3
-
-
-async def _drain(requests: Any, seconds: float = DRAIN_SECONDS) -> None:
-    async def read_all() -> None:
-        async for _ in requests:
-            pass
-
-    with contextlib.suppress(Exception, asyncio.CancelledError):
-        await asyncio.wait_for(read_all(), seconds)
-
-
 def _check_request(request: Any, streaming: bool) -> Any:
     if streaming:
         return _checked(request)
@@ -122,6 +107,11 @@ class _Call:
         self.token = request_id_var.set(self.rid)
         self.audit = CallAudit()
         self.audit_token = audit_var.set(self.audit)
+        self.trace = (
+            tracing.start_rpc(method, context.invocation_metadata(), quiet=method.startswith(_QUIET))
+            if tracing.enabled()
+            else None
+        )
         self.headers_sent = False
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
@@ -190,20 +180,47 @@ class _Call:
             },
         )
         audit_var.reset(self.audit_token)
+        tracing.end_rpc(
+            self.trace, name, self.code.value[0] if isinstance(self.code, grpc.StatusCode) else 2, self.error
+        )
         request_id_var.reset(self.token)
 
 
+DRAIN_SECONDS = 0.5
+
+
+async def _drain(requests: Any) -> None:
+    """Before failing a client-streaming call, read what the client is still sending for a moment.
+
+    A gRPC C-core client (Python, Ruby, C#, PHP, ...) whose write is in flight when the error
+    arrives reports "INTERNAL: Internal error from Core" instead of our status; a client that has
+    finished writing (or writes at real-time pace) then sees the real error."""
+    if requests is None or not hasattr(requests, "__aiter__"):
+        return
+
+    async def consume() -> None:
+        async for _ in requests:
+            pass
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(consume(), timeout=DRAIN_SECONDS)
+
+
 def _wrap_unary(
-    method: str, behavior: Callable[..., Awaitable[Any]], mapper: ErrorMapper | None, streaming: bool = False
+    method: str,
+    behavior: Callable[..., Awaitable[Any]],
+    mapper: ErrorMapper | None,
+    *,
+    client_streaming: bool = False,
 ) -> Callable[..., Awaitable[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(method, context, mapper)
         try:
-            response = await behavior(_check_request(request, streaming), context)
+            response = await behavior(_check_request(request, client_streaming), context)
             await call.headers()
             return response
         except BaseException as exc:
-            if streaming and isinstance(exc, errors.ServiceError):
+            if client_streaming and isinstance(exc, Exception):
                 await _drain(request)
             await call.fail(exc)
         finally:
@@ -213,12 +230,12 @@ def _wrap_unary(
 
 
 def _wrap_stream(
-    method: str, behavior: Callable[..., Any], mapper: ErrorMapper | None, streaming: bool = False
+    method: str, behavior: Callable[..., Any], mapper: ErrorMapper | None, *, client_streaming: bool = False
 ) -> Callable[..., AsyncIterator[Any]]:
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = _Call(method, context, mapper)
         try:
-            result = behavior(_check_request(request, streaming), context)
+            result = behavior(_check_request(request, client_streaming), context)
             if inspect.isasyncgen(result):
                 async for item in result:
                     await call.headers()
@@ -229,7 +246,7 @@ def _wrap_stream(
             call.code = grpc.StatusCode.CANCELLED
             raise
         except BaseException as exc:
-            if streaming and isinstance(exc, errors.ServiceError):
+            if client_streaming and isinstance(exc, Exception):
                 await _drain(request)
             await call.fail(exc)
         finally:
@@ -263,7 +280,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                _wrap_unary(method, handler.stream_unary, self.mapper, streaming=True), **kwargs
+                _wrap_unary(method, handler.stream_unary, self.mapper, client_streaming=True), **kwargs
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
@@ -271,6 +288,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             )
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(method, handler.stream_stream, self.mapper, streaming=True), **kwargs
+                _wrap_stream(method, handler.stream_stream, self.mapper, client_streaming=True), **kwargs
             )
         return handler

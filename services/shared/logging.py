@@ -1,6 +1,7 @@
 """Logging setup: readable console lines locally, one JSON object per line in production.
 
-Every record carries the request id and job id from contextvars when set.
+Every record carries the request id and job id from contextvars when set, and the trace and span
+ids when tracing is on (services.shared.tracing).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 import time
 from typing import Any
 
+from services.shared import tracing
 from services.shared.context import job_id_var, request_id_var
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -22,6 +24,8 @@ class _ContextFilter(logging.Filter):
             record.request_id = request_id_var.get()
         if not getattr(record, "job_id", None):
             record.job_id = job_id_var.get()
+        if (ids := tracing.log_ids()) is not None:
+            record.trace_id, record.span_id = ids
         return True
 
 

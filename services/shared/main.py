@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
-from services.shared import metrics
+from services.shared import metrics, tracing
 from services.shared.config import CommonSettings
 from services.shared.logging import setup_logging
 from services.shared.server import RunningServer, run_until_signalled, write_port_file
@@ -47,6 +47,14 @@ async def serve_main(
         await commands[command](settings)
         return
     metrics.serve_metrics(settings.metrics_port, settings.host)
-    app: App = await create(settings, port=args.port)
-    write_port_file(args.port_file, app.port)
-    await run_until_signalled([app.running])
+    tracing.configure(name, settings.tracing)
+    try:
+        app: App = await create(settings, port=args.port)
+        http_port = getattr(app, "http_port", None)
+        if args.port_file and http_port is not None:
+            # The gateway's HTTP front door; written first, so it is there once the port file is.
+            write_port_file(f"{args.port_file}.http", http_port)
+        write_port_file(args.port_file, app.port)
+        await run_until_signalled([app.running])
+    finally:
+        tracing.shutdown()  # export the spans still buffered

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.shared import tracing
 from services.shared.domain import SAMPLE_RATE, WindowResult, WorkClass
 from services.shared.errors import Unavailable
 from services.transcriber.engine import WindowRequest
@@ -42,6 +43,13 @@ WAIT_SECONDS = Histogram(
     ["work_class"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+BUSY_SECONDS = Counter(
+    "stt_transcriber_model_busy_seconds_total",
+    "Seconds model calls ran (summed over workers): busy ratio = rate / stt_transcriber_model_workers",
+)
+WORKERS = Gauge(
+    "stt_transcriber_model_workers", "Model calls this transcriber runs at once (STT_NUM_WORKERS)"
+)
 
 
 @dataclass(order=True)
@@ -51,6 +59,10 @@ class _Item:
     work_class: WorkClass = field(compare=False)
     future: asyncio.Future[WindowResult] = field(compare=False)
     enqueued: float = field(compare=False, default_factory=time.perf_counter)
+    # Set by the worker before the future resolves (for the window's trace spans).
+    started: float = field(compare=False, default=0.0)
+    finished: float = field(compare=False, default=0.0)
+    batch_size: int = field(compare=False, default=0)
 
 
 class Batcher:
@@ -71,6 +83,7 @@ class Batcher:
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
         self._workers = max(1, workers)
+        WORKERS.set(self._workers)
         self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="model")
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -116,6 +129,7 @@ class Batcher:
         finally:
             if not fut.done():
                 fut.cancel()  # the caller went away: the worker skips this window
+            _trace(item)
 
     def _take(self) -> list[_Item]:
         batch: list[_Item] = []
@@ -152,11 +166,14 @@ class Batcher:
                 results = [exc] * len(batch)
             finally:
                 self.busy -= 1
-            elapsed = time.perf_counter() - now
+            finished = time.perf_counter()
+            elapsed = finished - now
+            BUSY_SECONDS.inc(elapsed)
             audio = sum(i.req.audio.shape[0] for i in batch) / SAMPLE_RATE
             if audio > 0:
                 RTF.observe(elapsed / audio)
             for item, res in zip(batch, results, strict=True):
+                item.started, item.finished, item.batch_size = now, finished, len(batch)
                 AUDIO_SECONDS.labels(item.work_class.name).inc(item.req.audio.shape[0] / SAMPLE_RATE)
                 if item.future.done():
                     continue
@@ -164,3 +181,18 @@ class Batcher:
                     item.future.set_exception(res)
                 else:
                     item.future.set_result(res)
+
+
+def _trace(item: _Item) -> None:
+    """The window's time in the queue and in its model call, as spans of the caller's trace."""
+    if not tracing.enabled() or not item.finished:
+        return
+    attributes = {
+        "stt.work_class": item.work_class.name,
+        "stt.audio_seconds": round(item.req.audio.shape[0] / SAMPLE_RATE, 3),
+        "stt.batch_size": item.batch_size,
+        "stt.queue_wait_seconds": round(item.started - item.enqueued, 4),
+        "stt.model_seconds": round(item.finished - item.started, 4),
+    }
+    tracing.record("transcriber.queue", item.enqueued, item.started, attributes)
+    tracing.record("transcriber.model", item.started, item.finished, attributes)

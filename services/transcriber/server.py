@@ -7,6 +7,8 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from prometheus_client import Gauge
+
 from services.shared.internal.v1 import transcriber_pb2, transcriber_pb2_grpc
 from services.shared.security import InternalAuthInterceptor, check_exposure, internal_auth
 from services.shared.server import RunningServer, Service, start_server
@@ -18,6 +20,7 @@ from services.transcriber.servicer import MAX_PCM_BYTES, TranscriberServicer
 log = logging.getLogger("transcriber")
 
 SERVICE_NAME = transcriber_pb2.DESCRIPTOR.services_by_name["Transcriber"].full_name
+READY = Gauge("stt_transcriber_ready", "1 once the model is loaded and the transcriber serves, else 0")
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Transcriber:
         if not self.engine.ready:
             await asyncio.to_thread(self.engine.load)
         await self.running.set_serving(True)
+        READY.set(1)
 
     async def stop(self, grace: float | None = None) -> None:
         await self.running.stop(grace)
@@ -78,6 +82,8 @@ async def create_server(
         anonymous=anonymous,
     )
     batcher.start()
+    READY.set(1 if engine.ready else 0)
+    running.on_drain(_not_ready)
     running.on_stop(batcher.close)
     app = Transcriber(running, engine, batcher)
     if load:
@@ -91,6 +97,10 @@ async def _load(app: Transcriber) -> None:
         await app.load()
     except Exception:
         log.exception("model failed to load; staying NOT_SERVING")
+
+
+async def _not_ready() -> None:
+    READY.set(0)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

@@ -1,0 +1,330 @@
+"""Live transcription over WebSocket with real clients: the official `openai` package speaking the
+Realtime transcription protocol (beta `transcription_session.update` and GA `session.update`), and a
+plain WebSocket client sending Opus/WebM as a browser's MediaRecorder does (native protocol)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+from typing import Any
+
+import av
+import numpy as np
+import openai
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from services.gateway.server import Gateway
+from services.gateway.server import create_server as create_gateway
+from stt.v1 import common_pb2, speech_pb2
+from tests.conftest import gateway_settings, wait_serving
+from tests.support import audio
+from tests.support.speech import by_name, load_16k
+from tests.support.text import normalize, wer
+
+LIBRI = by_name("librispeech_2412-153948-0000")
+JFK = by_name("jfk_inaugural_16k")
+KEY = "sk-live-acme"
+
+
+def ws_url(gw: Gateway, path: str) -> str:
+    return f"ws://127.0.0.1:{gw.http_port}{path}"
+
+
+def realtime_client(gw: Gateway, key: str) -> openai.AsyncOpenAI:
+    # The beta client always picks wss:// unless websocket_base_url says otherwise.
+    return openai.AsyncOpenAI(
+        base_url=f"http://127.0.0.1:{gw.http_port}/v1", websocket_base_url=ws_url(gw, "/v1"), api_key=key
+    )
+
+
+def pcm16(samples: np.ndarray, rate: int) -> bytes:
+    return audio.encode(samples, "raw", rate=rate)
+
+
+def live_webm(samples: np.ndarray) -> bytes:
+    """Opus in WebM written as a live stream (no seeking back, no cues), as MediaRecorder writes it."""
+    pcm = (np.clip(audio.resample(samples, 16000, 48000), -1, 1) * 32767).astype(np.int16)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="webm", options={"live": "1"}) as out:
+        stream = out.add_stream("libopus", rate=48000, layout="mono")
+        for i in range(0, len(pcm), 960):
+            block = pcm[i : i + 960]
+            if len(block) < 960:
+                block = np.pad(block, (0, 960 - len(block)))
+            frame = av.AudioFrame.from_ndarray(block.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = 48000
+            frame.pts = i
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def libri_24k() -> bytes:
+    samples = np.concatenate([load_16k(LIBRI), audio.silence(1.5)])
+    return pcm16(samples, 24000)
+
+
+async def _append_all(send: Any, data: bytes, *, chunk: int = 4800, pace: float = 0.02) -> None:
+    """100 ms appends at 5x real time."""
+    for i in range(0, len(data), chunk):
+        await send(base64.b64encode(data[i : i + chunk]).decode())
+        await asyncio.sleep(pace)
+
+
+async def test_realtime_beta_protocol_with_the_openai_client(gateway: Gateway, libri_24k: bytes):
+    oai = realtime_client(gateway, "unused")
+    async with oai.beta.realtime.connect(model="whisper-1", extra_query={"intent": "transcription"}) as conn:
+        created = await conn.recv()
+        assert created.type == "transcription_session.created"
+        # Client commits (no server VAD): one item for the whole buffer.
+        await conn.transcription_session.update(
+            session={
+                "input_audio_format": "pcm16",
+                "input_audio_transcription": {"model": "whisper-1", "language": "en"},
+                "turn_detection": None,  # type: ignore[typeddict-item]
+            }
+        )
+        updated = await asyncio.wait_for(conn.recv(), 10)
+        assert updated.type == "transcription_session.updated"
+        assert updated.session.turn_detection is None  # type: ignore[union-attr]
+
+        async def append(b64: str) -> None:
+            await conn.input_audio_buffer.append(audio=b64)
+
+        await _append_all(append, libri_24k)
+        await conn.input_audio_buffer.commit()
+        events = []
+        async with asyncio.timeout(120):
+            while True:
+                event = await conn.recv()
+                events.append(event)
+                if event.type == "conversation.item.input_audio_transcription.completed":
+                    break
+    kinds = [e.type for e in events]
+    assert "input_audio_buffer.committed" in kinds and "conversation.item.created" in kinds
+    deltas = [e for e in events if e.type == "conversation.item.input_audio_transcription.delta"]
+    done = events[-1]
+    assert deltas and {d.item_id for d in deltas} == {done.item_id}  # type: ignore[union-attr]
+    assert "".join(d.delta for d in deltas) == done.transcript  # type: ignore[union-attr]
+    assert wer(LIBRI.text, done.transcript) <= 0.2, done.transcript  # type: ignore[union-attr]
+    assert done.usage.seconds == pytest.approx(LIBRI.seconds + 1.5, abs=1)  # type: ignore[union-attr]
+
+
+async def test_realtime_ga_protocol_with_server_vad_turns(gateway: Gateway):
+    # Two sentences with a pause: two turns, each started, stopped, committed and completed.
+    samples = np.concatenate([load_16k(JFK), audio.silence(1.5), load_16k(LIBRI), audio.silence(1.5)])
+    data = pcm16(samples, 24000)
+    oai = realtime_client(gateway, "unused")
+    async with oai.realtime.connect(model="whisper-1", extra_query={"intent": "transcription"}) as conn:
+        assert (await conn.recv()).type == "session.created"
+        await conn.session.update(
+            session={
+                "type": "transcription",
+                "audio": {
+                    "input": {
+                        "format": {"type": "audio/pcm", "rate": 24000},
+                        "transcription": {"model": "whisper-1", "language": "en"},
+                        "turn_detection": {"type": "server_vad", "silence_duration_ms": 500},
+                    }
+                },
+            }
+        )
+        assert (await asyncio.wait_for(conn.recv(), 10)).type == "session.updated"
+
+        async def append(b64: str) -> None:
+            await conn.input_audio_buffer.append(audio=b64)
+
+        sender = asyncio.create_task(_append_all(append, data))
+        started: list[str] = []
+        completed: dict[str, str] = {}
+        deltas: dict[str, str] = {}
+        events = []
+        async with asyncio.timeout(120):
+            while not (sender.done() and started and set(completed) >= set(started)):
+                event = await conn.recv()
+                events.append(event)
+                if event.type == "input_audio_buffer.speech_started":
+                    started.append(event.item_id)
+                elif event.type == "conversation.item.input_audio_transcription.delta":
+                    deltas[event.item_id] = deltas.get(event.item_id, "") + (event.delta or "")
+                elif event.type == "conversation.item.input_audio_transcription.completed":
+                    completed[event.item_id] = event.transcript
+        await sender
+    texts = [completed[i] for i in started if completed[i].strip()]
+    assert len(texts) >= 2, texts
+    assert wer(JFK.text + " " + LIBRI.text, " ".join(texts)) <= 0.2, texts
+    for item, text in completed.items():
+        assert deltas.get(item, "") == text
+    stops = [e for e in events if e.type == "input_audio_buffer.speech_stopped"]
+    begins = [e for e in events if e.type == "input_audio_buffer.speech_started"]
+    assert len(begins) == len(stops) == len(started)
+    for begin, stop in zip(begins, stops, strict=True):  # turns in order, on the stream's clock
+        assert begin.item_id == stop.item_id and begin.audio_start_ms < stop.audio_end_ms
+    assert begins[0].audio_start_ms < 1000
+    second = (JFK.seconds + 1.5) * 1000  # where the second recording starts
+    assert any(abs(b.audio_start_ms - second) < 1000 for b in begins), [b.audio_start_ms for b in begins]
+    assert stops[-1].audio_end_ms <= (JFK.seconds + LIBRI.seconds + 1.6) * 1000
+
+
+async def test_native_protocol_with_webm_opus_as_mediarecorder_sends_it(gateway: Gateway):
+    data = live_webm(np.concatenate([load_16k(LIBRI), audio.silence(1.0)]))
+    finals, interims = [], []
+    async with connect(ws_url(gateway, "/v1/stream")) as ws:
+        await ws.send(
+            json.dumps({"config": {"encoding": "WEBM_OPUS", "language_code": "en"}, "interim_results": True})
+        )
+        for i in range(0, len(data), 1000):  # ~250 ms of 32 kbit/s Opus per message
+            await ws.send(data[i : i + 1000])
+            await asyncio.sleep(0.01)
+        await ws.send(json.dumps({"type": "end"}))
+        async with asyncio.timeout(120):
+            async for message in ws:
+                resp = json.loads(message)
+                assert "error" not in resp, resp
+                for r in resp["results"]:
+                    (finals if r["is_final"] else interims).append(r)
+        assert ws.close_code == 1000
+    text = " ".join(r["transcript"] for r in finals)
+    assert wer(LIBRI.text, text) <= 0.2, text
+    assert interims and all(0 <= r["stability"] < 1 for r in interims)
+    ends = [r["end_seconds"] for r in finals]
+    assert ends == sorted(ends) and ends[-1] <= LIBRI.seconds + 1.1
+
+
+async def test_native_protocol_errors_and_keys(transcriber, jobstore):  # type: ignore[no-untyped-def]
+    gw = await create_gateway(
+        gateway_settings(
+            f"127.0.0.1:{transcriber.port}", jobstore_address=f"127.0.0.1:{jobstore.port}",
+            api_keys=f"{KEY}:acme", dispatch_concurrency=0,
+        ),
+        port=0,
+    )  # fmt: skip
+    try:
+        await wait_serving(gw)
+        with pytest.raises(InvalidStatus) as denied:
+            async with connect(ws_url(gw, "/v1/stream")):
+                pass
+        assert denied.value.response.status_code == 401
+        # Browsers pass the key as a subprotocol; the server answers with the other one.
+        async with connect(
+            ws_url(gw, "/v1/stream"), subprotocols=["stt", f"openai-insecure-api-key.{KEY}"]
+        ) as ws:  # type: ignore[list-item]
+            assert ws.subprotocol == "stt"
+            await ws.send(
+                json.dumps(
+                    {"config": {"encoding": "LINEAR16", "sample_rate_hz": 16000, "language_code": "de"}}
+                )
+            )
+            error = json.loads(await ws.recv())["error"]
+            assert (
+                error["code"] == "language_not_supported"
+                and error["param"] == "streaming_config.config.language_code"
+            )
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1008
+        async with connect(
+            ws_url(gw, "/v1/stream"), additional_headers={"authorization": f"Bearer {KEY}"}
+        ) as ws:
+            await ws.send(b"audio before any config")
+            error = json.loads(await ws.recv())["error"]
+            assert error["code"] == "missing_config"
+        oai = realtime_client(gw, KEY)
+        async with oai.beta.realtime.connect(
+            model="whisper-1", extra_query={"intent": "transcription"}
+        ) as conn:
+            await conn.recv()
+            await conn.send({"type": "input_audio_buffer.append", "audio": "%%% not base64"})  # type: ignore[arg-type]
+            bad = await asyncio.wait_for(conn.recv(), 10)
+            assert bad.type == "error" and bad.error.param == "audio"  # type: ignore[union-attr]
+            await conn.send({"type": "response.create"})
+            unknown = await asyncio.wait_for(conn.recv(), 10)
+            assert unknown.type == "error" and unknown.error.param == "type"  # type: ignore[union-attr]
+    finally:
+        await gw.stop(0)
+
+
+async def test_drain_lets_live_sockets_finish_and_cuts_the_rest(transcriber, jobstore):  # type: ignore[no-untyped-def]
+    gw = await create_gateway(
+        gateway_settings(
+            f"127.0.0.1:{transcriber.port}", jobstore_address=f"127.0.0.1:{jobstore.port}",
+            dispatch_concurrency=0, shutdown_grace_seconds=8.0,
+        ),
+        port=0,
+    )  # fmt: skip
+    await wait_serving(gw)
+    speech = load_16k(LIBRI)
+
+    async def offline(samples: np.ndarray) -> str:
+        resp = await gw.speech.recognize(
+            speech_pb2.RecognizeRequest(
+                config=common_pb2.RecognitionConfig(
+                    encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000
+                ),
+                content=pcm16(samples, 16000),
+            )
+        )
+        return resp.transcript
+
+    async def stream(samples: np.ndarray, pace: float, started: asyncio.Event) -> tuple[list[str], Any, int]:
+        finals: list[str] = []
+        error = None
+        async with connect(ws_url(gw, "/v1/stream")) as ws:
+            await ws.send(json.dumps({"config": {"encoding": "LINEAR16", "sample_rate_hz": 16000}}))
+            data = pcm16(samples, 16000)
+
+            async def send() -> None:
+                with contextlib.suppress(ConnectionClosed):
+                    for i in range(0, len(data), 3200):  # 100 ms
+                        await ws.send(data[i : i + 3200])
+                        started.set()
+                        await asyncio.sleep(pace)
+                    await ws.send(json.dumps({"type": "end"}))
+
+            sender = asyncio.create_task(send())
+            with contextlib.suppress(ConnectionClosed):  # 1012 is not a normal close
+                while True:
+                    resp = json.loads(await ws.recv())
+                    if "error" in resp:
+                        error = resp["error"]
+                    else:
+                        finals += [r["transcript"] for r in resp["results"] if r["is_final"]]
+            sender.cancel()
+            return finals, error, ws.close_code or 0
+
+    short, long_ = speech[: 16000 * 4], speech
+    short_offline, long_offline = await offline(short), await offline(long_)
+    try:
+        a_started, b_started = asyncio.Event(), asyncio.Event()
+        long_task = asyncio.create_task(stream(long_, 0.1, b_started))  # real time: 11.7 s
+        await b_started.wait()
+        short_task = asyncio.create_task(stream(short, 0.02, a_started))
+        await a_started.wait()
+        stopping = asyncio.create_task(gw.stop())  # grace 8 s: live sockets are cut at 6 s
+        async with asyncio.timeout(60):
+            short_finals, short_error, short_code = await short_task
+            long_finals, long_error, long_code = await long_task
+            await stopping
+        # A new connection is refused once the drain has begun.
+        with pytest.raises(OSError):
+            async with connect(ws_url(gw, "/v1/stream"), open_timeout=5):
+                pass
+    finally:
+        await gw.stop(0)
+    # The short stream ended on its own during the drain: complete, closed normally.
+    assert short_code == 1000 and short_error is None
+    assert wer(short_offline, " ".join(short_finals)) <= 0.25, short_finals
+    # The long one was cut: final results for what the server had read, then "draining" and 1012.
+    assert long_code == 1012 and long_error is not None and long_error["code"] == "draining"
+    said = normalize(" ".join(long_finals)).split()
+    reference = normalize(long_offline).split()
+    assert 5 <= len(said) < len(reference)
+    assert wer(" ".join(reference[: len(said)]), " ".join(said)) <= 0.25, (reference, said)
