@@ -425,12 +425,12 @@ def _ca_key(pki: Path):  # type: ignore[no-untyped-def]
     return serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
 
 
-async def test_http2_streams_per_connection_are_capped(gateway):
+async def test_http2_streams_per_connection_are_capped(gateway, tmp_path):
     """A client gets at most max_concurrent_streams calls at once on one connection."""
     from tests.conftest import transcriber_settings  # noqa: F401  (the session servers are up)
 
     assert gateway.speech.settings.max_concurrent_streams == 100
-    server = await create_jobstore(jobstore_settings("/tmp/stt-streamcap", max_concurrent_streams=2), port=0)
+    server = await create_jobstore(jobstore_settings(str(tmp_path), max_concurrent_streams=2), port=0)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
             stub = health_pb2_grpc.HealthStub(ch)

@@ -17,15 +17,13 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("jobs") as batch:
-        batch.add_column(sa.Column("keep_audio", sa.Boolean(), nullable=False, server_default=sa.false()))
-        batch.add_column(sa.Column("audio_retained", sa.Boolean(), nullable=False, server_default=sa.true()))
+    op.add_column("jobs", sa.Column("keep_audio", sa.Boolean(), nullable=False, server_default=sa.false()))
+    op.add_column("jobs", sa.Column("audio_retained", sa.Boolean(), nullable=False, server_default=sa.true()))
     # Quota counts: a tenant's stored audio and its queued jobs.
     op.create_index("ix_jobs_tenant_status", "jobs", ["tenant", "status"])
 
 
 def downgrade() -> None:
     op.drop_index("ix_jobs_tenant_status", table_name="jobs")
-    with op.batch_alter_table("jobs") as batch:
-        batch.drop_column("audio_retained")
-        batch.drop_column("keep_audio")
+    op.drop_column("jobs", "audio_retained")
+    op.drop_column("jobs", "keep_audio")
