@@ -25,6 +25,7 @@ from services.gateway.quotas import ByteBudget, Quotas, inflight_var
 from services.gateway.speech import BODY_COPIES, JobLimits, SpeechAPI
 from services.gateway.speech_servicer import SpeechServicer
 from services.shared.channel import InternalCredentials
+from services.shared.context import call_cleanups_var
 from services.shared.errors import ServiceError
 from services.shared.metrics import TRANSCRIBERS, set_known_tenants
 from services.shared.security import check_exposure, guarded
@@ -263,6 +264,9 @@ class RecognizeAdmission(grpc.aio.ServerInterceptor):
 
             return guarded(handler, refuse)
         lapse = asyncio.get_running_loop().call_later(BODY_WAIT_SECONDS, reservation.release)
+        # Released when the call ends however it ends (also when it fails before the handler runs,
+        # e.g. a body that does not parse); the lapse covers a call that never reaches the handler.
+        call_cleanups_var.set([reservation.release, lapse.cancel])
         handler = await continuation(details)
         behavior = handler.unary_unary
 

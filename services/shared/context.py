@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
@@ -32,3 +33,10 @@ audit_var: contextvars.ContextVar[CallAudit | None] = contextvars.ContextVar("au
 def audit() -> CallAudit:
     """The current call's audit record (a throwaway one outside a call)."""
     return audit_var.get() or CallAudit()
+
+
+# Run when the current call ends, however it ends (even when it fails before its handler runs):
+# interceptors that take something for a call (e.g. memory for its body) register its release here.
+call_cleanups_var: contextvars.ContextVar[list[Callable[[], None]] | None] = contextvars.ContextVar(
+    "call_cleanups", default=None
+)

@@ -17,7 +17,14 @@ from typing import Any
 import grpc
 
 from services.shared import errors, metrics, tracing
-from services.shared.context import REQUEST_ID_HEADER, CallAudit, audit_var, new_request_id, request_id_var
+from services.shared.context import (
+    REQUEST_ID_HEADER,
+    CallAudit,
+    audit_var,
+    call_cleanups_var,
+    new_request_id,
+    request_id_var,
+)
 from services.shared.domain import MAX_REQUEST_ID_CHARS
 from services.shared.status import abort, code_for
 
@@ -107,6 +114,7 @@ class _Call:
         self.token = request_id_var.set(self.rid)
         self.audit = CallAudit()
         self.audit_token = audit_var.set(self.audit)
+        self.cleanups = call_cleanups_var.get()
         self.trace = (
             tracing.start_rpc(method, context.invocation_metadata(), quiet=method.startswith(_QUIET))
             if tracing.enabled()
@@ -180,6 +188,11 @@ class _Call:
             },
         )
         audit_var.reset(self.audit_token)
+        for fn in self.cleanups or ():
+            try:
+                fn()
+            except Exception:
+                log.exception("call cleanup failed")
         tracing.end_rpc(
             self.trace, name, self.code.value[0] if isinstance(self.code, grpc.StatusCode) else 2, self.error
         )
