@@ -59,7 +59,7 @@ certs: setup ## make a development CA and service/client certificates in $(CERTS
 
 FUZZ_EXAMPLES ?= 3000
 fuzz: setup $(SYSDEPS) ## long fuzz run: mutated audio of every container and malformed fields against the API
-	STT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -m "fuzz or not fuzz" -p no:cacheprovider $(PYTEST_ARGS)
+	STT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -o timeout=0 -s $(PYTEST_ARGS)
 
 test: setup $(SYSDEPS) $(BUF) ## run the whole test suite (unit, service, system)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
