@@ -50,6 +50,17 @@ run: setup ## run the whole stack embedded (gateway + transcriber + jobstore) on
 cluster: setup ## run a local multi-process cluster (see README); TRACING=1: traces to a local receiver
 	$(BIN)/python -m services.cluster $(if $(TRACING),--tracing) $(CLUSTER_ARGS)
 
+cluster-tls: setup ## the local cluster with mutual TLS on every hop (development CA in data/cluster/certs)
+	$(BIN)/python -m services.cluster --tls $(CLUSTER_ARGS)
+
+CERTS_DIR ?= certs
+certs: setup ## make a development CA and service/client certificates in $(CERTS_DIR) (stt certs)
+	$(BIN)/python -m services.certs $(CERTS_DIR)
+
+FUZZ_EXAMPLES ?= 3000
+fuzz: setup $(SYSDEPS) ## long fuzz run: mutated audio of every container and malformed fields against the API
+	STT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/test_fuzz.py -o timeout=0 -s $(PYTEST_ARGS)
+
 test: setup $(SYSDEPS) $(BUF) ## run the whole test suite (unit, service, system)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -88,4 +99,4 @@ clean: ## remove generated code and caches (keeps .venv)
 distclean: clean ## also remove .venv
 	rm -rf $(VENV)
 
-.PHONY: help venv protos buf sysdeps setup run cluster test test-fast lint fmt bench bench-quick clean distclean
+.PHONY: help venv protos buf sysdeps setup run cluster cluster-tls certs fuzz test test-fast lint fmt bench bench-quick clean distclean

@@ -1,12 +1,16 @@
 """A local multi-process cluster on loopback, wired like the Kubernetes deployment.
 
     make cluster            # or: python -m services.cluster [--transcribers 3] [--gateways 2]
+    make cluster CLUSTER_ARGS=--tls     # mutual TLS on every hop (a development CA in DATA_DIR/certs)
     make cluster TRACING=1  # or: --tracing: traces to a local OTLP receiver (services/otlp.py)
 
 Starts a jobstore (on PostgreSQL and Redis), N transcribers and M gateways as separate processes.
 Gateways find transcribers the way they find pods behind a headless Service: they re-read the
 transcriber list (a file here, DNS there) every second and balance each call over every SERVING one,
 so a transcriber started later gets work within seconds. Ctrl-C stops everything.
+
+Internal hops always carry a service token made for this run; with `tls_dir` every hop (client ->
+gateway included) is mutual TLS with the certificates of `services.certs`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -161,6 +166,10 @@ class LocalCluster:
     jobstore_env: dict[str, str] = field(default_factory=dict)
     metrics: bool = True
     common_env: dict[str, str] = field(default_factory=dict)
+    # Mutual TLS on every hop with the development certificates in this directory (made if missing).
+    tls_dir: str | None = None
+    # The internal hops' shared secret (a new one per cluster unless given).
+    service_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     transcribers: list[ServiceProcess] = field(default_factory=list)
     gateways: list[ServiceProcess] = field(default_factory=list)
     jobstore: ServiceProcess | None = None
@@ -181,13 +190,36 @@ class LocalCluster:
     def _metrics_env(self) -> dict[str, str]:
         return {"STT_METRICS_PORT": str(free_port())} if self.metrics else {}
 
+    def _security_env(self, service: str) -> dict[str, str]:
+        env = {"STT_SERVICE_TOKEN": self.service_token} if self.service_token else {}
+        if self.tls_dir:
+            d = self.tls_dir
+            env |= {
+                "STT_TLS_CERT_FILE": f"{d}/{service}.pem",
+                "STT_TLS_KEY_FILE": f"{d}/{service}.key",
+                "STT_TLS_CLIENT_CA_FILE": f"{d}/ca.pem",
+            }
+        return env
+
+    def client_tls(self) -> dict[str, str]:
+        """SDK/CLI arguments for a client of this cluster (empty without TLS)."""
+        if not self.tls_dir:
+            return {}
+        d = self.tls_dir
+        return {"tls_ca": f"{d}/ca.pem", "tls_cert": f"{d}/client.pem", "tls_key": f"{d}/client.key"}
+
     async def start(self, *, transcribers: int = 3, gateways: int = 2) -> LocalCluster:
         os.makedirs(self.data_dir, exist_ok=True)
+        if self.tls_dir:
+            from services.certs import make_dev_pki
+
+            if not os.path.exists(os.path.join(self.tls_dir, "jobstore.pem")):
+                make_dev_pki(self.tls_dir)
         self.transcriber_list.write_text("")
         await asyncio.gather(*[self.add_transcriber() for _ in range(transcribers)])
         env = {"STT_DATABASE_URL": self.database_url, "STT_DATA_DIR": self.data_dir,
-               "STT_REDIS_PREFIX": self.redis_prefix, **self._metrics_env(), **self.common_env,
-               **self.jobstore_env}  # fmt: skip
+               "STT_REDIS_PREFIX": self.redis_prefix, **self._metrics_env(),
+               **self._security_env("jobstore"), **self.common_env, **self.jobstore_env}  # fmt: skip
         if self.redis_url:
             env["STT_REDIS_URL"] = self.redis_url
         self.jobstore = ServiceProcess(
@@ -204,6 +236,7 @@ class LocalCluster:
             env={
                 "STT_CPU_THREADS": "1",
                 **self._metrics_env(),
+                **self._security_env("transcriber"),
                 **self.common_env,
                 **self.transcriber_env,
                 **env,
@@ -230,6 +263,7 @@ class LocalCluster:
                 "STT_WORKER_ID": label,
                 "STT_SPOOL_DIR": os.path.join(self.data_dir, "spool"),
                 **self._metrics_env(),
+                **self._security_env("gateway"),
                 **self.common_env,
                 **self.gateway_env,
                 **env,
@@ -284,6 +318,11 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", default="./data/cluster")
     parser.add_argument("--quiet", action="store_true", help="do not echo the services' logs")
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS on every hop, with a development CA made in DATA_DIR/certs (stt certs)",
+    )
+    parser.add_argument(
         "--tracing",
         action="store_true",
         help="start a local OTLP receiver and send every service's traces to it",
@@ -311,6 +350,7 @@ async def main(argv: list[str] | None = None) -> None:
         args.redis_url or None,
         data_dir=data_dir,
         echo=not args.quiet,
+        tls_dir=os.path.join(os.path.abspath(args.data_dir), "certs") if args.tls else None,
         common_env=trace_env,
     )
     stop = asyncio.Event()
@@ -329,6 +369,12 @@ async def main(argv: list[str] | None = None) -> None:
             f"  logs:         {cluster.logs}",
             f"  try:          STT_SERVER={cluster.gateway_target} stt transcribe FILE",
         ]
+        if cluster.tls_dir:
+            d = cluster.tls_dir
+            lines.append(
+                f"  mutual TLS:   add --tls-ca {d}/ca.pem --tls-cert {d}/client.pem --tls-key {d}/client.key"
+                " --tls-server-name gateway"
+            )
         metrics = [p.metrics_url for p in cluster.processes if p.metrics_url]
         lines.append(f"  metrics:      {metrics[0]} (and {len(metrics) - 1} more: each process)")
         if receiver is not None and receiver.receiver.out is not None:

@@ -13,7 +13,10 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
+
+from pydantic import SecretStr
 
 from services.gateway.config import GatewaySettings
 from services.gateway.server import Gateway
@@ -77,16 +80,21 @@ async def start_stack(
 ) -> Stack:
     """`http_port`: the HTTP front door's port (default STT_HTTP_PORT, 8000); it is off when the
     gateway settings say `http_enabled=False`."""
-    tset = transcriber_settings or TranscriberSettings()
+    # The internal servers listen on loopback; a token made for this run still keeps other local
+    # users off them (they see every tenant's audio).
+    gset = gateway_settings or GatewaySettings()
+    token = {"service_token": gset.service_token or SecretStr(secrets.token_urlsafe(32))}
+    tset = (transcriber_settings or TranscriberSettings()).model_copy(update=token)
     transcriber = await create_transcriber(tset, host="127.0.0.1", port=0)
     jset = (jobstore_settings or JobstoreSettings()).model_copy(
-        update={"data_dir": data_dir, "requeue_running_on_start": True}
+        update={"data_dir": data_dir, "requeue_running_on_start": True, **token}
     )
     jobstore = await create_jobstore(jset, host="127.0.0.1", port=0)
-    gset = (gateway_settings or GatewaySettings()).model_copy(
+    gset = gset.model_copy(
         update={
             "transcriber_address": f"127.0.0.1:{transcriber.port}",
             "jobstore_address": f"127.0.0.1:{jobstore.port}",
+            **token,
             # Uploads and job audio are spooled on the data volume, with the jobs.
             "spool_dir": os.path.join(data_dir, "spool"),
         }

@@ -2,8 +2,10 @@
 and a retry policy for UNAVAILABLE only. Deadlines on every call are the caller's job.
 
 TLS: `tls=True` uses the system's roots; `ca=FILE` trusts that CA (and implies TLS); `cert` + `key`
-present a client certificate (mTLS). Each falls back to its environment variable: STT_TLS (1/true),
-STT_TLS_CA_FILE, STT_TLS_CERT_FILE, STT_TLS_KEY_FILE.
+present a client certificate (mTLS); `server_name` is the name the server's certificate must carry
+when the address does not (an IP, or a list of gateways). Each falls back to its environment
+variable: STT_TLS (1/true), STT_TLS_CA_FILE, STT_TLS_CERT_FILE, STT_TLS_KEY_FILE,
+STT_TLS_SERVER_NAME. `tls=False` means plaintext whatever the environment says.
 """
 
 from __future__ import annotations
@@ -64,6 +66,17 @@ def normalize_target(address: str) -> str:
     return f"dns:///{address}"
 
 
+def _list_host(target: str) -> str | None:
+    """For an `ipv4:a:p,b:p` / `ipv6:[a]:p,...` list of gateways, the host the certificates are
+    checked against (the first one's), since gRPC would check the whole list as one name."""
+    for scheme in ("ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            first = target[len(scheme) :].split(",")[0].lstrip("/")
+            host = first.rsplit(":", 1)[0] if first.count(":") == 1 or first.startswith("[") else first
+            return host.strip("[]") or None
+    return None
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -79,6 +92,8 @@ def credentials(
     *, tls: bool | None = None, ca: str | None = None, cert: str | None = None, key: str | None = None
 ) -> grpc.ChannelCredentials | None:
     """TLS credentials from the arguments or STT_TLS_* (None: plaintext)."""
+    if tls is False:
+        return None
     ca = ca or os.environ.get("STT_TLS_CA_FILE") or None
     cert = cert or os.environ.get("STT_TLS_CERT_FILE") or None
     key = key or os.environ.get("STT_TLS_KEY_FILE") or None
@@ -100,6 +115,7 @@ def secure_or_insecure_channel(
     ca: str | None = None,
     cert: str | None = None,
     key: str | None = None,
+    server_name: str | None = None,
     max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> grpc.aio.Channel:
     options = channel_options(services, max_message_bytes=max_message_bytes, load_balancing="round_robin")
@@ -107,4 +123,7 @@ def secure_or_insecure_channel(
     target = normalize_target(address)
     if creds is None:
         return grpc.aio.insecure_channel(target, options=options)
+    server_name = server_name or os.environ.get("STT_TLS_SERVER_NAME") or _list_host(target)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.aio.secure_channel(target, creds, options=options)

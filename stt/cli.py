@@ -43,23 +43,32 @@ def _read_input(path: str) -> bytes:
         return fh.read()
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    """`stt up` ships with the server distribution, found through the `stt.server` entry point."""
+def _server_command(name: str, args: argparse.Namespace) -> int:
+    """Commands that ship with the server distribution (`up`, `certs`), found through the
+    `stt.server` entry point, so the SDK depends on none of the server's packages."""
     from importlib.metadata import entry_points
 
-    found = [ep for ep in entry_points(group="stt.server") if ep.name == "up"]
+    found = [ep for ep in entry_points(group="stt.server") if ep.name == name]
     try:
         if not found:
             raise ImportError("no stt.server entry point")
-        run_up = found[0].load()
+        run = found[0].load()
     except ImportError as exc:
         print(
-            f"error: `stt up` needs the server, which is not installed here ({exc}).\n"
+            f"error: `stt {name}` needs the server, which is not installed here ({exc}).\n"
             "  install it with: pip install 'stt-platform[all]'   (or `make run` in a checkout)",
             file=sys.stderr,
         )
         return 2
-    return int(run_up(args) or 0)
+    return int(run(args) or 0)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    return _server_command("up", args)
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    return _server_command("certs", args)
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
@@ -155,6 +164,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             filename=args.file if args.file != "-" else "stdin",
             priority=args.priority,
             request_id=args.request_id,
+            keep_audio=args.keep_audio,
             word_timestamps=True,
             **_config_kwargs(args),
         )
@@ -318,6 +328,12 @@ def _global_args(p: argparse.ArgumentParser, *, defaults: bool) -> None:
     g.add_argument(
         "--tls-key", default=d(None), metavar="FILE", help="client key for mTLS (env STT_TLS_KEY_FILE)"
     )
+    g.add_argument(
+        "--tls-server-name",
+        default=d(None),
+        metavar="NAME",
+        help="name the server's certificate must carry, if not the address (env STT_TLS_SERVER_NAME)",
+    )
 
 
 def _conn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -328,6 +344,7 @@ def _conn_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "tls_ca": args.tls_ca,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
+        "tls_server_name": args.tls_server_name,
     }
 
 
@@ -367,6 +384,12 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--no-http", action="store_true", help="do not serve HTTP (gRPC only)")
     p.set_defaults(func=cmd_up)
+
+    p = command("certs", "make a development CA and certificates for every service (needs the server)")
+    p.add_argument("dir", nargs="?", default="certs", help="output directory (default ./certs)")
+    p.add_argument("--force", action="store_true", help="make a new CA even if DIR has one")
+    p.add_argument("--days", type=int, default=825, help="validity of the certificates in days")
+    p.set_defaults(func=cmd_certs)
 
     p = command("transcribe", "transcribe a file and print the transcript")
     p.add_argument("file", help="audio file, or - for stdin")

@@ -213,8 +213,9 @@ class AsyncClient:
     """asyncio client. Use as `async with AsyncClient(server) as client: ...`.
 
     `api_key` (or env STT_API_KEY) is sent as `authorization: Bearer <key>` on every call.
-    TLS: `tls=True` (system roots), or `tls_ca` (a CA file); `tls_cert` + `tls_key` for mTLS; the
-    STT_TLS_* environment variables set the same. `timeout` is the default deadline of a call."""
+    TLS: `tls=True` (system roots), or `tls_ca` (a CA file); `tls_cert` + `tls_key` for mTLS;
+    `tls_server_name` when the certificate does not carry the address; the STT_TLS_* environment
+    variables set the same. `timeout` is the default deadline of a call."""
 
     def __init__(
         self,
@@ -226,12 +227,19 @@ class AsyncClient:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        tls_server_name: str | None = None,
     ) -> None:
         self.server = server or default_server()
         self.timeout = timeout
         self.metadata = _auth(api_key)
         self.channel = secure_or_insecure_channel(
-            self.server, PUBLIC_SERVICES, tls=tls, ca=tls_ca, cert=tls_cert, key=tls_key
+            self.server,
+            PUBLIC_SERVICES,
+            tls=tls,
+            ca=tls_ca,
+            cert=tls_cert,
+            key=tls_key,
+            server_name=tls_server_name,
         )
         self.speech = speech_pb2_grpc.SpeechStub(self.channel)
         self.jobs = jobs_pb2_grpc.JobsStub(self.channel)

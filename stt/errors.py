@@ -11,7 +11,8 @@ class SttError(Exception):
     """A call failed. `code` is the gRPC status code; the rest comes from the error details:
     `reason` (an stt.v1.ErrorReason name such as "TRUNCATED_AUDIO"), `fields` (BadRequest field
     path -> description), `retry_after` (seconds, from RetryInfo), `quota` (QuotaFailure
-    descriptions) and `request_id` (to match the server's logs)."""
+    descriptions, which name the quota) with `quota_subjects` (e.g. "tenant:acme") and `request_id`
+    (to match the server's logs)."""
 
     def __init__(
         self,
@@ -33,6 +34,7 @@ class SttError(Exception):
         self.retry_after = retry_after
         self.request_id = request_id
         self.quota = quota or []
+        self.quota_subjects: list[str] = []
         self.metadata = metadata or {}
 
     @classmethod
@@ -65,6 +67,7 @@ class SttError(Exception):
                 quota = error_details_pb2.QuotaFailure()
                 detail.Unpack(quota)
                 out.quota = [v.description for v in quota.violations]
+                out.quota_subjects = [v.subject for v in quota.violations]
         if not out.request_id and hasattr(exc, "trailing_metadata"):
             for key, value in exc.trailing_metadata() or ():
                 if key == "x-request-id" and isinstance(value, str):

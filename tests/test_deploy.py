@@ -62,6 +62,9 @@ SETTINGS: dict[str, type[BaseSettings]] = {
 DEFAULT_TERMINATION_GRACE = 30  # Kubernetes' default terminationGracePeriodSeconds
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 # Secrets the manifests may reference; they are created by hand (README), never committed.
+# cert-manager resources (CRDs, so not in the Kubernetes schema): checked by the TLS rules below.
+CERT_MANAGER = "cert-manager.io/v1"
+TLS_DIR = "/etc/stt/tls"
 KNOWN_SECRETS = {"stt-secrets", "stt-datastores", "stt-postgres", "stt-tls"}
 # The gateway's HTTP front door (OpenAI-compatible API, jobs over REST, WebSockets, the page).
 HTTP_PORT = int(GatewaySettings.model_fields["http_port"].default)
@@ -343,6 +346,9 @@ def test_objects_match_kubernetes_schema(target: str) -> None:
     errors = []
     for o in render(target):
         name = f"{o['kind']}/{o['metadata']['name']}"
+        if o["apiVersion"] == CERT_MANAGER:  # checked by test_prod_is_mutual_tls_on_every_hop
+            assert o["kind"] in ("Certificate", "Issuer", "ClusterIssuer"), name
+            continue
         crd = CRD_SCHEMAS.get((o["apiVersion"], o["kind"]))
         if crd is not None:
             try:
@@ -588,12 +594,22 @@ def test_grpc_service_probes_and_ports(target: str, app: str) -> None:
     assert grpc_port is not None and grpc_port["containerPort"] == port, (
         f"{app}: containerPort grpc != {port_var}"
     )
+    # With TLS the kubelet (which cannot do TLS) probes the plaintext health-only port.
+    health = str_env(env, "STT_HEALTH_PORT")
+    probe_port = int(health) if health and health != "0" else port
+    if probe_port != port:
+        health_port = container_port(c, "health")
+        assert health_port is not None and health_port["containerPort"] == probe_port
     for probe in ("readinessProbe", "livenessProbe"):
         assert probe in c, f"{app}: no {probe}"
-        assert c[probe].get("grpc", {}).get("port") == port, f"{app}: {probe} is not a gRPC probe on {port}"
+        assert c[probe].get("grpc", {}).get("port") == probe_port, (
+            f"{app}: {probe} is not a gRPC probe on {probe_port}"
+        )
     if app == "transcriber":
         startup = c.get("startupProbe")
-        assert startup and startup.get("grpc", {}).get("port") == port, "transcriber: no gRPC startupProbe"
+        assert startup and startup.get("grpc", {}).get("port") == probe_port, (
+            "transcriber: no gRPC startupProbe"
+        )
         budget = startup.get("periodSeconds", 10) * startup.get("failureThreshold", 3)
         assert budget >= 300, f"transcriber: the startupProbe allows only {budget}s to load the model"
 
@@ -1228,3 +1244,72 @@ def test_image_extra_provides_every_import(service: str) -> None:
         if files and not dists & closure:
             missing[module] = sorted(files)
     assert not missing, f"the [{service}] extra does not provide: {missing}"
+
+
+# --------------------------------------------------------------------------------------------
+# Security: authentication is required everywhere; prod is mutual TLS on every hop
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_api_keys_and_the_service_token_are_required(target: str) -> None:
+    """A missing or misnamed Secret must stop the pods (CreateContainerConfigError), never start an
+    open gateway or internal services that trust the network."""
+    objs = render(target)
+    gateway = env_of(objs, container(objs, "gateway"))
+    keys = gateway.get("STT_API_KEYS")
+    assert isinstance(keys, SecretRef) and keys.name == "stt-secrets" and not keys.optional, keys
+    for app in GRPC_SERVICES:
+        token = env_of(objs, container(objs, app)).get("STT_SERVICE_TOKEN")
+        assert isinstance(token, SecretRef) and token.name == "stt-secrets" and not token.optional, app
+        env = env_of(objs, container(objs, app))
+        assert str_env(env, "STT_ALLOW_ANONYMOUS") in (None, "false"), f"{app}: anonymous access"
+
+
+def _tls_secret(objs: list[dict[str, Any]], app: str) -> str:
+    pod = pod_template(find(objs, "Deployment", app))["spec"]
+    c = container(objs, app)
+    mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+    assert TLS_DIR in mounts, f"{app}: no TLS volume at {TLS_DIR}"
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts[TLS_DIR])
+    return str(volume["secret"]["secretName"])
+
+
+def test_prod_is_mutual_tls_on_every_hop() -> None:
+    objs = render("overlays/prod")
+    certs = {c["spec"]["secretName"]: c for c in of_kind(objs, "Certificate")}
+    issuers = {i["metadata"]["name"]: i for i in of_kind(objs, "Issuer")}
+    gateway_env = env_of(objs, container(objs, "gateway"))
+    for app in GRPC_SERVICES:
+        env = env_of(objs, container(objs, app))
+        secret = _tls_secret(objs, app)
+        assert str_env(env, "STT_TLS_CERT_FILE") == f"{TLS_DIR}/tls.crt", app
+        assert str_env(env, "STT_TLS_KEY_FILE") == f"{TLS_DIR}/tls.key", app
+        # The Secret is made (and renewed) by cert-manager, signed by the private CA, usable both ways.
+        cert = certs.get(secret)
+        assert cert is not None, f"{app}: no Certificate makes Secret {secret}"
+        assert {"server auth", "client auth"} <= set(cert["spec"]["usages"]), app
+        assert cert["spec"]["issuerRef"]["name"] in issuers, app
+        assert cert["spec"].get("renewBefore"), f"{app}: certificate is never renewed early"
+        if app != "gateway":  # internal services require a client certificate naming the gateway
+            assert str_env(env, "STT_TLS_CLIENT_CA_FILE") == f"{TLS_DIR}/ca.crt", app
+            assert "gateway" in (str_env(env, "STT_ALLOWED_CLIENTS") or "gateway").split(","), app
+    # The gateway trusts the CA for the servers it calls, and their certificates carry the names
+    # it dials (the headless Service name for the transcriber pods, dialled by IP).
+    assert str_env(gateway_env, "STT_TLS_CA_FILE") == f"{TLS_DIR}/ca.crt"
+    assert "gateway" in certs["stt-tls-gateway"]["spec"]["dnsNames"]
+    for app, var in (("transcriber", "STT_TRANSCRIBER_ADDRESS"), ("jobstore", "STT_JOBSTORE_ADDRESS")):
+        host = (str_env(gateway_env, var) or "").rsplit(":", 1)[0]
+        assert host in certs[f"stt-tls-{app}"]["spec"]["dnsNames"], (
+            f"{app}'s certificate does not name {host}"
+        )
+    ca_issuer = issuers[certs["stt-tls-gateway"]["spec"]["issuerRef"]["name"]]
+    assert ca_issuer["spec"]["ca"]["secretName"] in certs, "the CA issuer's Secret is not a Certificate"
+
+
+@pytest.mark.parametrize("target", ["base", "overlays/dev"])
+def test_tls_is_a_component_outside_prod(target: str) -> None:
+    objs = render(target)
+    assert not of_kind(objs, "Certificate")
+    for app in GRPC_SERVICES:
+        assert not str_env(env_of(objs, container(objs, app)), "STT_TLS_CERT_FILE"), app

@@ -213,9 +213,9 @@ async def test_cancel_running_job_frees_the_transcribers(one_slot, transcriber: 
 
 async def test_delete_removes_job_and_audio(one_slot, short_clip):
     c, _, js = one_slot
-    job = await c.submit(audio.encode(short_clip.samples, "wav"))
-    await c.wait(job.job_id)
-    assert _blobs(js) == 1
+    job = await c.submit(audio.encode(short_clip.samples, "wav"), keep_audio=True)
+    done = await c.wait(job.job_id)
+    assert done.audio_retained and _blobs(js) == 1
     await c.delete_job(job.job_id)
     with pytest.raises(SttError) as err:
         await c.get_job(job.job_id)

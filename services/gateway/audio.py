@@ -12,7 +12,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import av
 import av.error
@@ -55,6 +55,12 @@ SUPPORTED_TEXT = (
     "WAV, FLAC, MP3, OGG (Opus/Vorbis/FLAC), WebM/Matroska (Opus/Vorbis), M4A/MP4 (AAC/ALAC), AAC"
 )
 BLOCK_SECONDS = 1.0  # LINEAR16 is resampled in blocks of this size
+# What a stream may declare before we try to convert it (beyond: not audio we can use).
+MAX_CHANNELS = 16
+MIN_RATE, MAX_RATE = 1000, 768_000
+# Errors PyAV/FFmpeg raise for bad input (InvalidDataError, ArgumentError, MemoryError, ENOSYS, ...).
+# Never AttributeError or TypeError: those are our bugs and stay INTERNAL.
+AV_ERRORS = (av.error.FFmpegError, ValueError, MemoryError, OverflowError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +122,9 @@ def check_size(size: int, limits: Limits) -> None:
 class Resampler:
     """Any frames -> 16 kHz mono float32 ndarrays, counting samples against the limit."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, field: str = "content") -> None:
         self.limits = limits
+        self.field = field
         self.max_samples = int(limits.max_seconds * SAMPLE_RATE)
         self.samples = 0
         self._resampler: av.AudioResampler | None = None
@@ -126,6 +133,8 @@ class Resampler:
         return av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
 
     def _count(self, arr: np.ndarray) -> np.ndarray:
+        if not np.isfinite(arr).all():  # float PCM can carry NaN/inf (a corrupt file): silence them
+            arr = np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
         self.samples += arr.shape[0]
         if self.samples > self.max_samples:
             raise _too_long(self.samples / SAMPLE_RATE, self.limits, declared=False)
@@ -146,20 +155,76 @@ class Resampler:
             if frame is None:
                 return
             self._resampler = self._new()
+        if frame is not None:
+            check_frame(frame, self.field)
         try:
-            out = self._resampler.resample(frame)
-        except ValueError:
-            # The input changed format mid-stream: flush and start a new resampler.
-            out = self._resampler.resample(None)
-            self._resampler = self._new()
-            out += self._resampler.resample(frame)
+            try:
+                out = self._resampler.resample(frame)
+            except ValueError:
+                # The input changed format mid-stream: flush and start a new resampler.
+                out = self._resampler.resample(None)
+                self._resampler = self._new()
+                out += self._resampler.resample(frame)
+        except AV_ERRORS as exc:
+            raise InvalidInput(
+                f"the audio cannot be converted ({_av_msg(exc)}): its sample format, rate or channel "
+                "layout is not usable",
+                reason="UNDECODABLE_AUDIO",
+                field=self.field,
+            ) from None
         for f in out:
             yield self._count(f.to_ndarray().reshape(-1).astype(np.float32, copy=False))
 
 
+def check_frame(frame: av.AudioFrame, field: str = "content") -> None:
+    """Refuse frames no real recording has (a corrupt header can declare 255 channels or a rate of
+    2**31) before FFmpeg is asked to convert them."""
+    channels = frame.layout.nb_channels
+    if not 1 <= channels <= MAX_CHANNELS or not MIN_RATE <= (frame.sample_rate or 0) <= MAX_RATE:
+        raise InvalidInput(
+            f"the audio declares {channels} channels at {frame.sample_rate} Hz; supported: 1..{MAX_CHANNELS} "
+            f"channels at {MIN_RATE}..{MAX_RATE} Hz (the header is corrupt?)",
+            reason="UNDECODABLE_AUDIO",
+            field=field,
+        )
+
+
+def check_stream(stream: av.AudioStream, fmt: str) -> str:
+    """The stream's codec name, once its declared parameters are plausible."""
+    ctx = stream.codec_context
+    if ctx is None:  # FFmpeg has no decoder for it (e.g. WAV format tag 0x1234, WebM codec A_XXXX)
+        raise InvalidInput(
+            f"the audio codec in {fmt} is unknown (no decoder for it); supported: {SUPPORTED_TEXT}",
+            reason="UNSUPPORTED_CODEC",
+            field="content",
+        )
+    channels, rate = stream.channels or 0, stream.rate or 0
+    if channels > MAX_CHANNELS or rate < 0 or rate > MAX_RATE:
+        raise InvalidInput(
+            f"the {fmt} header declares {channels} channels at {rate} Hz; supported: 1..{MAX_CHANNELS} "
+            f"channels at {MIN_RATE}..{MAX_RATE} Hz",
+            reason="UNDECODABLE_AUDIO",
+            field="content",
+        )
+    return str(ctx.name)
+
+
 def iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: str | None = None,
                    info: AudioInfo | None = None) -> Iterator[np.ndarray]:  # fmt: skip
-    """Decode a container file (bytes or a path), yielding 16 kHz mono float32 blocks."""
+    """Decode a container file (bytes or a path), yielding 16 kHz mono float32 blocks. Whatever
+    FFmpeg raises about the bytes becomes INVALID_ARGUMENT (UNDECODABLE_AUDIO)."""
+    try:
+        yield from _iter_container(source, limits, encoding, info)
+    except AV_ERRORS as exc:
+        raise InvalidInput(
+            f"could not decode the audio ({_av_msg(exc)}); it is corrupt or not a supported file",
+            reason="UNDECODABLE_AUDIO",
+            field="content",
+        ) from None
+
+
+def _iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: str | None = None,
+                    info: AudioInfo | None = None) -> Iterator[np.ndarray]:  # fmt: skip
     info = info if info is not None else AudioInfo()
     fileobj = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
@@ -189,7 +254,7 @@ def iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: str
         if not container.streams.audio:
             raise InvalidInput("the file has no audio stream", reason="NO_AUDIO_STREAM", field="content")
         stream = container.streams.audio[0]
-        codec = stream.codec_context.name
+        codec = check_stream(stream, fmt)
         info.codec, info.sample_rate, info.channels = codec, stream.rate or 0, stream.channels or 0
         if codec not in CODECS:
             raise InvalidInput(
@@ -203,7 +268,7 @@ def iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: str
             raise _too_long(declared, limits, declared=True)
         resampler = Resampler(limits)
         errors = packets = 0
-        for packet in container.demux(stream):
+        for packet in _demux(container, stream):
             if packet.size == 0:
                 continue
             packets += 1
@@ -240,6 +305,21 @@ def iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: str
                 reason="TRUNCATED_AUDIO",
                 field="content",
             )
+
+
+def _demux(container: av.container.InputContainer, stream: av.AudioStream) -> Iterator[Any]:
+    """The stream's packets; a demuxer error ends them (what was read is still decoded, and the
+    truncation and corruption checks judge the result)."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.error.FFmpegError as exc:
+            log.debug("demuxing stopped: %s", _av_msg(exc))
+            return
+        yield packet
 
 
 def _declared_seconds(container: av.container.InputContainer, stream: av.AudioStream) -> float | None:

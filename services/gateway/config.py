@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Literal
 
 from pydantic import SecretStr
 
 from services.gateway.chunking import VadSettings
+from services.gateway.quotas import PRIORITIES, Quotas, TenantQuota, parse_tenant_quotas
 from services.shared.config import CommonSettings
 
 
@@ -66,9 +68,24 @@ class GatewaySettings(CommonSettings):
     spool_sweep_seconds: float = 60.0
     # Identity of this dispatcher in leases (default host:pid).
     worker_id: str | None = None
-    # API keys: "key1:tenantA,key2:tenantB". Empty: no authentication, every caller is tenant "default".
+    # API keys: entries `KEY:TENANT[:ro]` or `sha256:HEX:TENANT[:ro]`, comma-separated (several per
+    # tenant for rotation; `:ro` read-only). Empty: every caller is tenant "default", which the
+    # gateway allows only on loopback or with STT_ALLOW_ANONYMOUS=true.
     api_keys: SecretStr | None = None
 
+    # Per-tenant quotas (0: no limit), defaults for every tenant; STT_TENANT_QUOTAS (JSON) overrides
+    # them per tenant: {"acme": {"concurrent_streams": 2, "max_priority": "normal"}}.
+    quota_concurrent_streams: int = 50
+    quota_concurrent_recognize: int = 32
+    quota_queued_jobs: int = 1000
+    quota_stored_audio_bytes: int = 50 * 1024**3
+    quota_requests_per_second: float = 0.0
+    quota_max_priority: Literal["low", "normal", "high"] = "high"
+    tenant_quotas: str = ""
+    # Gateway-wide: request bytes held in memory at once (Recognize bodies and their decoding), and
+    # how long a call waits for room before RESOURCE_EXHAUSTED (SERVER_BUSY). 0: no limit.
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    inflight_wait_seconds: float = 10.0
     # The HTTP front door (OpenAI-compatible REST, jobs over REST, WebSockets, the web page), served
     # by the same process and event loop as the gRPC server.
     http_enabled: bool = True
@@ -89,17 +106,25 @@ class GatewaySettings(CommonSettings):
             speech_pad_ms=self.vad_speech_pad_ms,
         )
 
+    def api_key_entries(self) -> str:
+        return self.api_keys.get_secret_value() if self.api_keys else ""
+
+    def default_quota(self) -> TenantQuota:
+        return TenantQuota(
+            concurrent_streams=self.quota_concurrent_streams,
+            concurrent_recognize=self.quota_concurrent_recognize,
+            queued_jobs=self.quota_queued_jobs,
+            stored_audio_bytes=self.quota_stored_audio_bytes,
+            requests_per_second=self.quota_requests_per_second,
+            max_priority=PRIORITIES[self.quota_max_priority],
+        )
+
+    def quotas(self) -> Quotas:
+        default = self.default_quota()
+        return Quotas(default, parse_tenant_quotas(self.tenant_quotas, default))
+
     def model_aliases(self) -> list[str]:
         return [a.strip() for a in self.http_model_aliases.split(",") if a.strip()]
 
     def cors_origins(self) -> list[str]:
         return [o.strip() for o in self.http_cors_origins.split(",") if o.strip()]
-
-    def tenants_by_key(self) -> dict[str, str]:
-        raw = self.api_keys.get_secret_value() if self.api_keys else ""
-        out: dict[str, str] = {}
-        for item in raw.split(","):
-            key, _, tenant = item.strip().partition(":")
-            if key:
-                out[key] = tenant or "default"
-        return out

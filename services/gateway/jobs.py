@@ -13,10 +13,13 @@ import os
 from collections.abc import AsyncIterator, Callable
 
 from services.gateway import audio as audio_mod
+from services.gateway.auth import Caller, current_caller, require_write
 from services.gateway.config import GatewaySettings
 from services.gateway.jobstore_client import JobstoreClient
+from services.gateway.quotas import QUOTA_USED, Quotas, TenantQuota
 from services.gateway.requests import ModelCaps, ValidConfig, validate_config
 from services.shared import formats
+from services.shared.context import audit
 from services.shared.domain import MAX_REQUEST_ID_CHARS
 from services.shared.errors import InvalidInput, LimitExceeded, ServiceError, Unavailable, WrongState
 from services.shared.internal.v1 import jobstore_pb2
@@ -68,9 +71,11 @@ class JobsAPI:
         jobstore: JobstoreClient,
         decode_slots: asyncio.Semaphore,
         caps: Callable[[], ModelCaps | None] = lambda: None,
+        quotas: Quotas | None = None,
         spool: Spool | None = None,
     ) -> None:
         self.settings = settings
+        self.quotas = quotas or Quotas(TenantQuota())
         self.jobstore = jobstore
         self.decode_slots = decode_slots
         self.caps = caps
@@ -79,6 +84,20 @@ class JobsAPI:
         self.spool = spool or Spool(settings.spool_root(), name="uploads")
         self.limits = audio_mod.Limits(settings.max_job_bytes, settings.max_job_seconds)
         self.draining = asyncio.Event()
+
+    def admit(self, *, write: bool = False) -> Caller:
+        """Every call: the caller's request rate; writes also refuse read-only keys."""
+        caller = current_caller()
+        if write:
+            require_write(caller)
+        self.quotas.admit(caller)
+        return caller
+
+    async def usage(self, tenant: str) -> jobstore_pb2.TenantUsage:
+        used = await self.jobstore.call("GetTenantUsage", jobstore_pb2.TenantUsageRequest(tenant=tenant))
+        QUOTA_USED.labels(tenant, "queued_jobs").set(used.queued_jobs)
+        QUOTA_USED.labels(tenant, "stored_audio_bytes").set(used.stored_audio_bytes)
+        return used
 
     async def drain(self) -> None:
         """Shutdown: end WatchJob streams now with UNAVAILABLE (clients reconnect to another gateway)
@@ -115,20 +134,26 @@ class JobsAPI:
     async def create_job(
         self, tenant: str, meta: jobs_pb2.JobMetadata, chunks: AsyncIterator[bytes]
     ) -> jobs_pb2.Job:
-        """Validate, receive, check and store an upload; a known request_id returns its job."""
+        """Validate, receive, check and store an upload; a known request_id returns its job.
+        Quotas (priority, queued jobs, stored audio) are checked before the upload is read."""
+        caller = self.admit(write=True)
         cfg = self.check_metadata(meta)
+        self.quotas.check_priority(caller, meta.priority or jobs_pb2.PRIORITY_NORMAL)
         if meta.request_id:
             existing = await self.jobstore.call(
                 "GetJob", jobstore_pb2.StoreGetJobRequest(tenant=tenant, request_id=meta.request_id)
             )
             if existing.HasField("job"):
                 return existing.job  # a retried upload: the job the first attempt created
+        used = await self.usage(tenant)
+        self.quotas.check_jobs(caller, used.queued_jobs, used.stored_audio_bytes)
         fd, path = await asyncio.to_thread(self.spool.mkstemp, "upload-")
         try:
             size = 0
             with os.fdopen(fd, "wb") as fh:
                 async for piece in chunks:
                     size += len(piece)
+                    audit().audio_bytes += len(piece)
                     if size > self.limits.max_bytes:
                         raise LimitExceeded(
                             f"upload is over the {self.limits.max_bytes} byte limit",
@@ -158,6 +183,8 @@ class JobsAPI:
     async def _store(
         self, tenant: str, meta: jobs_pb2.JobMetadata, path: str, seconds: float
     ) -> jobs_pb2.Job:
+        quota = self.quotas.of(tenant)
+
         async def requests() -> AsyncIterator[jobstore_pb2.StoreCreateJobRequest]:
             yield jobstore_pb2.StoreCreateJobRequest(
                 metadata=jobstore_pb2.StoreJobMetadata(
@@ -168,6 +195,10 @@ class JobsAPI:
                     config=meta.config,
                     audio_duration_seconds=round(seconds, 3),
                     max_attempts=self.settings.max_job_attempts,
+                    keep_audio=meta.keep_audio,
+                    quota=jobstore_pb2.QuotaLimits(
+                        max_queued_jobs=quota.queued_jobs, max_stored_audio_bytes=quota.stored_audio_bytes
+                    ),
                 )
             )
             fh = await asyncio.to_thread(open, path, "rb")
@@ -187,9 +218,11 @@ class JobsAPI:
         )
 
     async def get_job(self, tenant: str, job_id: str) -> jobs_pb2.Job:
+        self.admit()
         return (await self.stored(tenant, job_id)).job
 
     async def list_jobs(self, tenant: str, request: jobs_pb2.ListJobsRequest) -> jobs_pb2.ListJobsResponse:
+        self.admit()
         if request.page_size < 0:
             raise InvalidInput("page_size must not be negative", reason="BAD_FIELD_VALUE", field="page_size")
         resp = await self.jobstore.call(
@@ -207,6 +240,7 @@ class JobsAPI:
 
     async def watch_job(self, tenant: str, job_id: str) -> AsyncIterator[jobs_pb2.JobEvent]:
         """The job now, then each visible change, until it is terminal (or this gateway drains)."""
+        self.admit()
         if self.draining.is_set():
             raise Unavailable("this gateway is shutting down; reconnect", reason="DRAINING")
         events = self.jobstore.watch(jobstore_pb2.StoreJobRef(tenant=tenant, job_id=job_id_of(job_id)))
@@ -232,19 +266,25 @@ class JobsAPI:
             await events.aclose()
 
     async def cancel_job(self, tenant: str, job_id: str) -> jobs_pb2.Job:
+        self.admit(write=True)
         ref = jobstore_pb2.StoreJobRef(tenant=tenant, job_id=job_id_of(job_id))
         return (await self.jobstore.call("CancelJob", ref)).job
 
     async def delete_job(self, tenant: str, job_id: str) -> None:
+        self.admit(write=True)
         await self.jobstore.call(
             "DeleteJob", jobstore_pb2.StoreJobRef(tenant=tenant, job_id=job_id_of(job_id))
         )
 
     async def retry_job(self, tenant: str, job_id: str) -> jobs_pb2.Job:
+        caller = self.admit(write=True)
+        used = await self.usage(tenant)
+        self.quotas.check_jobs(caller, used.queued_jobs, 0)
         ref = jobstore_pb2.StoreJobRef(tenant=tenant, job_id=job_id_of(job_id))
         return (await self.jobstore.call("RetryJob", ref)).job
 
     async def transcript(self, tenant: str, job_id: str, fmt_value: int) -> jobs_pb2.Transcript:
+        self.admit()
         fmt = FORMATS.get(fmt_value)  # type: ignore[call-overload]
         if fmt is None:
             raise InvalidInput(
@@ -280,7 +320,14 @@ class JobsAPI:
         )
 
     async def queue_stats(self, tenant: str) -> jobs_pb2.QueueStats:
-        return await self.jobstore.queue_stats()
+        """The queue per priority, and the calling tenant's quotas with their use."""
+        self.admit()
+        stats = await self.jobstore.queue_stats()
+        used = await self.usage(tenant)
+        stats.quotas.extend(
+            self.quotas.usage(tenant, queued=used.queued_jobs, stored=used.stored_audio_bytes)
+        )
+        return stats
 
     async def store_info(self) -> jobstore_pb2.StoreInfo:
         return await self.jobstore.call("GetStoreInfo", jobstore_pb2.GetStoreInfoRequest())

@@ -13,7 +13,7 @@ import grpc
 from services.gateway.jobqueue import ChunkInfo, ClaimedJob, Lease
 from services.gateway.requests import decode_options, encoding_name
 from services.shared import tracing
-from services.shared.channel import internal_channel
+from services.shared.channel import InternalCredentials, internal_channel
 from services.shared.context import REQUEST_ID_HEADER, request_id_var
 from services.shared.convert import segment_from_proto, segment_to_proto
 from services.shared.domain import Segment
@@ -42,17 +42,37 @@ def _chunk(c: jobstore_pb2.Chunk) -> ChunkInfo:
 
 
 class JobstoreClient:
-    def __init__(self, address: str, *, timeout: float = 30.0) -> None:
-        # 5 attempts with backoff on UNAVAILABLE (a restarting jobstore or database).
-        self.channel = internal_channel(address, [SERVICE], max_message_bytes=16 * 1024 * 1024)
-        self.stub = jobstore_pb2_grpc.JobStoreStub(self.channel)
+    def __init__(
+        self, address: str, *, timeout: float = 30.0, creds: InternalCredentials | None = None
+    ) -> None:
+        self.address = address
+        self.creds = creds or InternalCredentials()
         self.timeout = timeout
+        self._old: list[grpc.aio.Channel] = []
+        self._connect()
+
+    def _connect(self) -> None:
+        # 5 attempts with backoff on UNAVAILABLE (a restarting jobstore or database).
+        self.channel = internal_channel(
+            self.address, [SERVICE], max_message_bytes=16 * 1024 * 1024, creds=self.creds
+        )
+        self.stub = jobstore_pb2_grpc.JobStoreStub(self.channel)
+
+    def rotate_if_changed(self) -> bool:
+        """New connections with the renewed client certificate once its files change (the old
+        channel finishes its calls and is closed with the client)."""
+        if self.creds.tls is None or not self.creds.tls.changed():
+            return False
+        self._old.append(self.channel)
+        self._connect()
+        return True
 
     async def close(self) -> None:
-        await self.channel.close()
+        for ch in [*self._old, self.channel]:
+            await ch.close()
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return tracing.inject(((REQUEST_ID_HEADER, request_id_var.get() or "-"),))
+        return tracing.inject(((REQUEST_ID_HEADER, request_id_var.get() or "-"), *self.creds.metadata))
 
     async def call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         """A unary call with the client's deadline and request id; errors become domain errors."""
@@ -121,7 +141,9 @@ class JobstoreClient:
     async def read_audio(self, job_id: str) -> AsyncIterator[bytes]:
         try:
             call = self.stub.ReadAudio(
-                jobstore_pb2.StoreJobRef(job_id=job_id), timeout=600, metadata=self.metadata()
+                jobstore_pb2.StoreJobRef(job_id=job_id, all_tenants=True),
+                timeout=600,
+                metadata=self.metadata(),
             )
             async for piece in call:
                 yield piece.data
@@ -140,7 +162,10 @@ class JobstoreClient:
 
     async def chunks(self, job_id: str) -> list[ChunkInfo]:
         return [
-            _chunk(c) for c in (await self.call("GetChunks", jobstore_pb2.StoreJobRef(job_id=job_id))).chunks
+            _chunk(c)
+            for c in (
+                await self.call("GetChunks", jobstore_pb2.StoreJobRef(job_id=job_id, all_tenants=True))
+            ).chunks
         ]
 
     async def complete_chunk(self, lease: Lease, index: int, segments: list[Segment], language: str) -> None:

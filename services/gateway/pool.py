@@ -29,7 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.gateway.requests import ModelCaps
 from services.shared import convert, tracing
 from services.shared.backoff import Backoff
-from services.shared.channel import internal_channel
+from services.shared.channel import InternalCredentials, internal_channel
 from services.shared.context import REQUEST_ID_HEADER, request_id_var
 from services.shared.domain import SAMPLE_RATE, DecodeOptions, WindowResult, WorkClass
 from services.shared.errors import Unavailable
@@ -55,6 +55,8 @@ class Endpoint:
     cooldown_until: float = 0.0
     watch: asyncio.Task[None] | None = None
     info: transcriber_pb2.TranscriberInfo | None = None
+    # The name the replica's certificate carries (the DNS name it was found under), for TLS.
+    tls_name: str | None = None
 
     def available(self, now: float) -> bool:
         return self.serving and now >= self.cooldown_until
@@ -67,9 +69,17 @@ class PoolStats:
 
 class TranscriberPool:
     def __init__(
-        self, spec: str, *, refresh_seconds: float = 5.0, call_timeout: float = 120.0, ready_wait: float = 5.0
+        self,
+        spec: str,
+        *,
+        refresh_seconds: float = 5.0,
+        call_timeout: float = 120.0,
+        ready_wait: float = 5.0,
+        creds: InternalCredentials | None = None,
     ) -> None:
         self.spec = spec
+        self.creds = creds or InternalCredentials()
+        self._closing: set[asyncio.Task[None]] = set()
         self.ready_wait = ready_wait
         self.refresh_seconds = refresh_seconds
         self.call_timeout = call_timeout
@@ -106,15 +116,16 @@ class TranscriberPool:
 
     # -- membership ---------------------------------------------------------------------------
 
-    async def _resolve(self) -> set[str]:
-        out: set[str] = set()
+    async def _resolve(self) -> dict[str, str | None]:
+        """address -> the DNS name it was found under (None: the address is its own name)."""
+        out: dict[str, str | None] = {}
         for entry in (e.strip() for e in self.spec.split(",")):
             if not entry:
                 continue
             if entry.startswith("file:"):
-                out |= _read_address_file(entry[5:])
+                out.update(dict.fromkeys(_read_address_file(entry[5:])))
                 continue
-            out |= await _resolve_entry(entry)
+            out.update(await _resolve_entry(entry))
         return out
 
     async def _refresh(self) -> None:
@@ -123,9 +134,9 @@ class TranscriberPool:
         except Exception as exc:  # keep what we have if DNS hiccups
             log.warning("could not resolve transcribers %r: %s", self.spec, exc)
             return
-        for address in wanted - set(self.endpoints):
-            self._add(address)
-        for address in set(self.endpoints) - wanted:
+        for address in set(wanted) - set(self.endpoints):
+            self._add(address, wanted[address])
+        for address in set(self.endpoints) - set(wanted):
             await self._remove(address)
 
     async def _refresh_loop(self) -> None:
@@ -133,18 +144,41 @@ class TranscriberPool:
             await asyncio.sleep(self.refresh_seconds)
             await self._refresh()
 
-    def _add(self, address: str) -> None:
-        channel = internal_channel(
+    def _channel(self, address: str, tls_name: str | None) -> grpc.aio.Channel:
+        return internal_channel(
             address,
             [TRANSCRIBER_SERVICE],
             load_balancing=None,
             max_message_bytes=MAX_WINDOW_BYTES,
             max_attempts=1,
+            creds=self.creds,
+            server_name=tls_name,
         )
-        ep = Endpoint(address, channel, transcriber_pb2_grpc.TranscriberStub(channel))
+
+    def _add(self, address: str, tls_name: str | None = None) -> None:
+        channel = self._channel(address, tls_name)
+        ep = Endpoint(address, channel, transcriber_pb2_grpc.TranscriberStub(channel), tls_name=tls_name)
         ep.watch = asyncio.create_task(self._watch(ep), name=f"watch-{address}")
         self.endpoints[address] = ep
         log.info("transcriber endpoint added: %s", address)
+
+    def rotate_if_changed(self) -> bool:
+        """New channels (with the renewed client certificate) once its files change; calls in flight
+        on the old channels finish first."""
+        if self.creds.tls is None or not self.creds.tls.changed():
+            return False
+        for ep in self.endpoints.values():
+            old = ep.channel
+            ep.channel = self._channel(ep.address, ep.tls_name)
+            ep.stub = transcriber_pb2_grpc.TranscriberStub(ep.channel)
+            if ep.watch:
+                ep.watch.cancel()
+            ep.watch = asyncio.create_task(self._watch(ep), name=f"watch-{ep.address}")
+            task = asyncio.create_task(old.close(grace=self.call_timeout))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+        log.info("client certificate changed: reconnected to %d transcribers", len(self.endpoints))
+        return True
 
     async def _remove(self, address: str) -> None:
         ep = self.endpoints.pop(address, None)
@@ -178,7 +212,9 @@ class TranscriberPool:
 
     async def _info(self, ep: Endpoint) -> transcriber_pb2.TranscriberInfo | None:
         try:
-            return await ep.stub.GetInfo(transcriber_pb2.GetInfoRequest(), timeout=5.0)
+            return await ep.stub.GetInfo(
+                transcriber_pb2.GetInfoRequest(), timeout=5.0, metadata=self.creds.metadata
+            )
         except grpc.aio.AioRpcError as exc:
             log.warning("transcriber %s: GetInfo failed: %s", ep.address, exc.details())
             return None
@@ -244,7 +280,7 @@ class TranscriberPool:
             options=convert.options_to_proto(options),
             work_class=convert.work_class_to_proto(work_class),
         )
-        metadata = ((REQUEST_ID_HEADER, request_id_var.get() or "-"),)
+        metadata = ((REQUEST_ID_HEADER, request_id_var.get() or "-"), *self.creds.metadata)
         seconds = round(audio.shape[0] / SAMPLE_RATE, 3)
         tried: set[str] = set()
         attempts = max(3, len(self.endpoints) + 1)
@@ -295,18 +331,19 @@ def _read_address_file(path: str) -> set[str]:
         return set()
 
 
-async def _resolve_entry(entry: str) -> set[str]:
+async def _resolve_entry(entry: str) -> dict[str, str | None]:
     host, _, port = entry.rpartition(":")
     host = host.strip("[]")
     if not host or not port.isdigit():
         raise ValueError(f"transcriber address {entry!r} is not host:port")
     try:
         ipaddress.ip_address(host)
-        return {entry}
+        return {entry: None}
     except ValueError:
         pass
     infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
     ips = {str(info[4][0]) for info in infos}
     if all(ipaddress.ip_address(ip).is_loopback for ip in ips):
-        return {entry}  # localhost: one server, whatever families it resolves to
-    return {f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips}
+        return {entry: None}  # localhost: one server, whatever families it resolves to
+    # Each pod is dialled by IP; its certificate names the Service, so TLS checks that name.
+    return {(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"): host for ip in ips}

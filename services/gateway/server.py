@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import grpc
+
 from services.gateway.audio import Limits
-from services.gateway.auth import Authenticator, AuthInterceptor
+from services.gateway.auth import DENIED, Authenticator, AuthInterceptor, current_caller
 from services.gateway.config import GatewaySettings
 from services.gateway.dispatcher import Dispatcher, DispatcherConfig, default_worker_id
 from services.gateway.http.context import HttpContext
@@ -18,10 +21,14 @@ from services.gateway.jobs import JobsAPI
 from services.gateway.jobs_servicer import JobsServicer
 from services.gateway.jobstore_client import JobstoreClient
 from services.gateway.pool import TranscriberPool
-from services.gateway.speech import JobLimits, SpeechAPI
+from services.gateway.quotas import ByteBudget, Quotas, inflight_var
+from services.gateway.speech import BODY_COPIES, JobLimits, SpeechAPI
 from services.gateway.speech_servicer import SpeechServicer
+from services.shared.channel import InternalCredentials
+from services.shared.context import call_cleanups_var
 from services.shared.errors import ServiceError
 from services.shared.metrics import TRANSCRIBERS, set_known_tenants
+from services.shared.security import check_exposure, guarded
 from services.shared.server import NOT_SERVING, SERVING, RunningServer, Service, start_server
 from services.shared.spool import Spool
 from stt.v1 import jobs_pb2, jobs_pb2_grpc, speech_pb2, speech_pb2_grpc
@@ -43,6 +50,8 @@ class Gateway:
     speech: SpeechAPI
     jobs: JobsAPI
     auth: Authenticator
+    quotas: Quotas
+    budget: ByteBudget
     http: HttpServer | None = None
 
     @property
@@ -69,20 +78,33 @@ async def create_server(
 ) -> Gateway:
     """The gateway's gRPC server and, unless `settings.http_enabled` is off, its HTTP front door on
     `http_port` (default `settings.http_port`; 0 picks a free port), on the same event loop."""
+    host = host if host is not None else settings.host
+    # Fail closed: bad key entries or quotas stop the start; no keys off loopback too (unless
+    # STT_ALLOW_ANONYMOUS=true, which is warned about at start and in the health list).
+    authenticator = Authenticator(settings.api_key_entries())
+    anonymous = check_exposure(
+        "gateway", host, authenticated=authenticator.enabled, allow_anonymous=settings.allow_anonymous
+    )
+    quotas = settings.quotas()
+    budget = ByteBudget(settings.max_inflight_bytes, settings.inflight_wait_seconds)
+    creds = InternalCredentials.from_settings(settings)
     pool = TranscriberPool(
         settings.transcriber_address,
         refresh_seconds=settings.transcriber_refresh_seconds,
         call_timeout=settings.transcriber_timeout_seconds,
         ready_wait=settings.transcriber_ready_wait_seconds,
+        creds=creds,
     )
     await pool.start()
-    jobstore = JobstoreClient(settings.jobstore_address, timeout=settings.jobstore_timeout_seconds)
+    jobstore = JobstoreClient(
+        settings.jobstore_address, timeout=settings.jobstore_timeout_seconds, creds=creds
+    )
     decode_slots = asyncio.Semaphore(settings.max_concurrent_decodes)
     # Scratch space for uploads and job audio: this process's own directory, so whatever a crash
     # left behind (of this or another gateway sharing the volume) is removed now and by the sweeper.
     spool = await asyncio.to_thread(Spool(settings.spool_root(), name="gateway").open)
-    speech_api = SpeechAPI(settings, pool, decode_slots)
-    jobs_api = JobsAPI(settings, jobstore, decode_slots, caps=pool.caps, spool=spool)
+    speech_api = SpeechAPI(settings, pool, decode_slots, quotas=quotas, budget=budget)
+    jobs_api = JobsAPI(settings, jobstore, decode_slots, caps=pool.caps, spool=spool, quotas=quotas)
     max_message_bytes = settings.max_recognize_bytes + 64 * 1024
 
     async def server_info() -> speech_pb2.ServerInfo:
@@ -91,7 +113,14 @@ async def create_server(
             ttl, failed_ttl, attempts = store.result_ttl_seconds, store.failed_ttl_seconds, store.max_attempts
         except ServiceError:  # the jobstore is down: report what this gateway knows
             ttl, failed_ttl, attempts = 0.0, 0.0, settings.max_job_attempts
+        try:
+            used = await jobs_api.usage(current_caller().tenant)
+            queued, stored = used.queued_jobs, used.stored_audio_bytes
+        except ServiceError:
+            queued, stored = 0, 0
         return speech_api.server_info(
+            queued_jobs=queued,
+            stored_audio_bytes=stored,
             jobs=JobLimits(
                 settings.max_job_bytes, settings.max_job_seconds, settings.max_job_attempts or attempts
             ),
@@ -102,18 +131,21 @@ async def create_server(
 
     speech = SpeechServicer(speech_api, server_info)
     jobs = JobsServicer(jobs_api)
-    authenticator = Authenticator(settings.tenants_by_key())
-    set_known_tenants(settings.tenants_by_key().values())  # the only tenant label values (metrics)
+    set_known_tenants(authenticator.tenants)  # the only tenant label values (metrics)
     running = await start_server(
         [
             Service(SPEECH, lambda s: speech_pb2_grpc.add_SpeechServicer_to_server(speech, s)),
             Service(JOBS, lambda s: jobs_pb2_grpc.add_JobsServicer_to_server(jobs, s)),
         ],
         settings=settings,
-        host=host if host is not None else settings.host,
+        host=host,
         port=settings.gateway_port if port is None else port,
         max_message_bytes=max_message_bytes,
-        interceptors=[AuthInterceptor(authenticator)] if authenticator.enabled else [],
+        interceptors=[
+            AuthInterceptor(authenticator),
+            RecognizeAdmission(budget, max_message_bytes),
+        ],
+        anonymous=anonymous,
     )
     running.on_drain(jobs_api.drain)
     http = None
@@ -164,6 +196,13 @@ async def create_server(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    rotation = asyncio.create_task(_follow_client_certificates(pool, jobstore), name="tls-rotation")
+
+    async def stop_rotation() -> None:
+        rotation.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rotation
+
     async def close_spool() -> None:
         await asyncio.to_thread(spool.close)
 
@@ -171,10 +210,80 @@ async def create_server(
     running.on_stop(pool.close)
     running.on_stop(jobstore.close)
     running.on_stop(stop_monitor)
+    running.on_stop(stop_rotation)
     if http is not None:
         # After the pool and jobstore are registered, so it runs before they close.
         running.on_stop(http.stop)
-    return Gateway(running, pool, jobstore, dispatcher, speech_api, jobs_api, authenticator, http)
+    return Gateway(
+        running, pool, jobstore, dispatcher, speech_api, jobs_api, authenticator, quotas, budget, http
+    )
+
+
+async def _follow_client_certificates(
+    pool: TranscriberPool, jobstore: JobstoreClient, every: float = 10.0
+) -> None:
+    """Reconnect with the renewed client certificate once cert-manager replaces the files."""
+    while True:
+        await asyncio.sleep(every)
+        pool.rotate_if_changed()
+        jobstore.rotate_if_changed()
+
+
+RECOGNIZE = "/stt.v1.Speech/Recognize"
+# An admitted call's reservation lapses if its body has not arrived by then (a stalled upload, or a
+# call that failed before its handler ran): the bytes are never held forever.
+BODY_WAIT_SECONDS = 60.0
+
+
+class RecognizeAdmission(grpc.aio.ServerInterceptor):
+    """The gRPC door's part of the in-flight byte bound: a Recognize call reserves the largest
+    body it may send *before* the body is read (gRPC reads it before the handler runs), waiting for
+    room and refusing with SERVER_BUSY when there is none; SpeechAPI.recognize then resizes the
+    reservation to what the call really holds."""
+
+    def __init__(self, budget: ByteBudget, max_bytes: int) -> None:
+        self.budget = budget
+        self.max_bytes = max_bytes
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        caller = current_caller()
+        if details.method != RECOGNIZE or not self.budget.limit or caller is DENIED or caller.read_only:
+            return await continuation(details)
+        try:
+            reservation = await self.budget.reserve(self.max_bytes * BODY_COPIES)
+        except ServiceError as exc:
+            handler = await continuation(details)
+            err = exc
+
+            def refuse(context: grpc.aio.ServicerContext) -> None:
+                raise err
+
+            return guarded(handler, refuse)
+        lapse = asyncio.get_running_loop().call_later(BODY_WAIT_SECONDS, reservation.release)
+        # Released when the call ends however it ends (also when it fails before the handler runs,
+        # e.g. a body that does not parse); the lapse covers a call that never reaches the handler.
+        call_cleanups_var.set([reservation.release, lapse.cancel])
+        handler = await continuation(details)
+        behavior = handler.unary_unary
+
+        async def run(request: object, context: grpc.aio.ServicerContext) -> object:
+            lapse.cancel()
+            token = inflight_var.set(reservation if reservation.size else None)
+            try:
+                return await behavior(request, context)
+            finally:
+                inflight_var.reset(token)
+                reservation.release()
+
+        return grpc.unary_unary_rpc_method_handler(
+            run,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
 
 
 async def _sweep_spool(spool: Spool, seconds: float) -> None:

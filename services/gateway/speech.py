@@ -16,23 +16,25 @@ from typing import Any
 from prometheus_client import Gauge
 
 from services.gateway import audio as audio_mod
-from services.gateway.auth import current_caller
+from services.gateway.auth import current_caller, require_write
 from services.gateway.config import GatewaySettings
 from services.gateway.observe import StreamObserver
 from services.gateway.pool import TranscriberPool
+from services.gateway.quotas import ByteBudget, Quotas, Reservation, TenantQuota, inflight_var
 from services.gateway.recognize import recognize
 from services.gateway.requests import (
     MAX_BEAM_SIZE,
     MAX_PROMPT_CHARS,
     STREAMING_ENCODINGS,
     ModelCaps,
+    ValidConfig,
     result_from_segment,
     validate_config,
 )
 from services.gateway.stream_decoder import StreamDecoder, make_decoder
 from services.gateway.streaming import Event, EventType, StreamingSession, StreamPolicy
 from services.shared import tracing
-from services.shared.context import request_id_var
+from services.shared.context import audit, request_id_var
 from services.shared.domain import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
@@ -41,7 +43,7 @@ from services.shared.domain import (
     join_text,
 )
 from services.shared.errors import InvalidInput, LimitExceeded, ServiceError
-from stt.v1 import common_pb2, jobs_pb2, speech_pb2
+from stt.v1 import common_pb2, speech_pb2
 
 STREAMS = Gauge("stt_gateway_streams", "Live StreamingRecognize sessions")
 _EVENT_TYPES = {
@@ -89,13 +91,37 @@ def _encoding_values(names: tuple[str, ...]) -> list[common_pb2.AudioEncoding.Va
     return [common_pb2.AudioEncoding.Value(f"AUDIO_ENCODING_{n}") for n in names]
 
 
+# A Recognize body is in memory about twice while a call runs: gRPC's receive buffer and the
+# parsed message overlap before the handler takes its copy (measured: a 32 MiB call peaks ~7x its
+# size without the bound's accounting; see tests/test_memory_bound.py).
+BODY_COPIES = 2
+
+
+def decode_estimate(size: int, encoding: str, sample_rate: int, channels: int, max_seconds: float) -> int:
+    """Bytes decoding `size` bytes of audio may need (16 kHz float32 samples, twice: the blocks and
+    their concatenation), bounded by the duration limit."""
+    per_second = 16000 * 4 * 2
+    if encoding == "LINEAR16" and sample_rate > 0:
+        seconds = size / (2 * max(channels, 1) * sample_rate)
+    else:
+        seconds = size / 1000.0  # >= 8 kbit/s: every format we accept
+    return int(min(seconds, max_seconds) * per_second)
+
+
 class SpeechAPI:
     def __init__(
-        self, settings: GatewaySettings, pool: TranscriberPool, decode_slots: asyncio.Semaphore
+        self,
+        settings: GatewaySettings,
+        pool: TranscriberPool,
+        decode_slots: asyncio.Semaphore,
+        quotas: Quotas | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.decode_slots = decode_slots
+        self.quotas = quotas or Quotas(TenantQuota())
+        self.budget = budget or ByteBudget(0)
         self.limits = audio_mod.Limits(settings.max_recognize_bytes, settings.max_recognize_seconds)
         self.vad = settings.vad()
 
@@ -105,25 +131,55 @@ class SpeechAPI:
     # -- Recognize ---------------------------------------------------------------------------------
 
     async def recognize(self, request: speech_pb2.RecognizeRequest) -> speech_pb2.RecognizeResponse:
+        """Admission (read-only keys, rate), validation, the tenant's concurrency quota and the
+        gateway's in-flight bytes, then decoding and recognition."""
         started = time.perf_counter()
+        caller = require_write(current_caller())
+        self.quotas.admit(caller)
+        # One copy of the audio: protobuf hands out a new bytes object on every access, so take
+        # it once and drop the message's own.
+        content = request.content
+        request.ClearField("content")
+        size = len(content)
+        audit().audio_bytes += size
         cfg = validate_config(request.config, prefix="config.", caps=self.caps())
-        audio_mod.check_size(len(request.content), self.limits)
+        audio_mod.check_size(size, self.limits)
+        async with self.quotas.slot(caller, "concurrent_recognize"):
+            held = inflight_var.get()  # the gRPC door reserved before reading the body
+            reservation = held or await self.budget.reserve(size * BODY_COPIES)
+            try:
+                result = await self._recognize(content, cfg, reservation)
+            finally:
+                if held is None:
+                    reservation.release()
+        return self._response(result, cfg, started)
+
+    async def _recognize(self, content: bytes, cfg: ValidConfig, reservation: Reservation) -> Any:
+        size = len(content)
         async with self.decode_slots:
+            # At most max_concurrent_decodes calls hold a decoding estimate beyond the budget.
+            reservation.resize(
+                size * BODY_COPIES
+                + decode_estimate(size, cfg.encoding, cfg.sample_rate, cfg.channels, self.limits.max_seconds)
+            )
             decoded = await asyncio.to_thread(
                 audio_mod.decode,
-                request.content,
+                content,
                 limits=self.limits,
                 encoding=cfg.encoding,
                 sample_rate=cfg.sample_rate,
                 channels=cfg.channels,
             )
-        result = await recognize(
+            reservation.resize(size + decoded.samples.nbytes)
+        return await recognize(
             decoded.samples,
             self.pool.transcribe,
             cfg.options,
             vad=self.vad,
             max_parallel=self.settings.max_parallel_windows,
         )
+
+    def _response(self, result: Any, cfg: ValidConfig, started: float) -> speech_pb2.RecognizeResponse:
         tracing.set_attributes(
             {"stt.audio_seconds": round(result.duration, 3), "stt.windows": len(result.windows)}
         )
@@ -152,6 +208,8 @@ class SpeechAPI:
     async def stream(
         self, requests: AsyncIterator[speech_pb2.StreamingRecognizeRequest]
     ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
+        caller = require_write(current_caller())
+        self.quotas.admit(caller)
         first = await anext(aiter(requests), None)
         if first is None:
             raise InvalidInput(
@@ -168,6 +226,24 @@ class SpeechAPI:
         cfg = first.streaming_config
         observer = StreamObserver()
         session, decoder, max_seconds = self._open_stream(cfg, observer)
+        try:
+            async with self.quotas.slot(caller, "concurrent_streams"):
+                async for response in self._run_stream(
+                    requests, cfg, session, decoder, max_seconds, observer
+                ):
+                    yield response
+        finally:
+            decoder.close()
+
+    async def _run_stream(
+        self,
+        requests: AsyncIterator[speech_pb2.StreamingRecognizeRequest],
+        cfg: speech_pb2.StreamingRecognitionConfig,
+        session: StreamingSession,
+        decoder: StreamDecoder,
+        max_seconds: float,
+        observer: StreamObserver,
+    ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
         words = cfg.config.enable_word_time_offsets
         STREAMS.inc()
         reader = asyncio.create_task(self._read_stream(requests, session, decoder, max_seconds))
@@ -261,6 +337,7 @@ class SpeechAPI:
                     field="streaming_config",
                 )
             if req.audio_content:
+                audit().audio_bytes += len(req.audio_content)
                 decoder.feed(req.audio_content)
             if session.received_seconds >= max_seconds:
                 decoder.finish()
@@ -278,11 +355,19 @@ class SpeechAPI:
     # -- GetServerInfo -------------------------------------------------------------------------------
 
     def server_info(
-        self, *, jobs: JobLimits, result_ttl: float, failed_ttl: float, max_message_bytes: int
+        self,
+        *,
+        jobs: JobLimits,
+        result_ttl: float,
+        failed_ttl: float,
+        max_message_bytes: int,
+        queued_jobs: int = 0,
+        stored_audio_bytes: int = 0,
     ) -> speech_pb2.ServerInfo:
         s = self.settings
         caps = self.caps()
         caller = current_caller()
+        self.quotas.admit(caller)
         return speech_pb2.ServerInfo(
             version=VERSION,
             model=speech_pb2.ModelInfo(
@@ -308,6 +393,8 @@ class SpeechAPI:
                 max_job_attempts=jobs.max_attempts,
                 result_ttl_seconds=result_ttl,
                 failed_ttl_seconds=failed_ttl,
+                max_inflight_bytes=s.max_inflight_bytes,
+                max_concurrent_streams_per_connection=s.max_concurrent_streams,
             ),
             features=speech_pb2.ServerFeatures(
                 recognize_encodings=_encoding_values(RECOGNIZE_ENCODINGS),
@@ -325,6 +412,7 @@ class SpeechAPI:
                 tenant=caller.tenant,
                 key_id=caller.key_id,
                 read_only=caller.read_only,
-                max_priority=jobs_pb2.PRIORITY_HIGH,
+                quotas=self.quotas.usage(caller.tenant, queued=queued_jobs, stored=stored_audio_bytes),
+                max_priority=self.quotas.of(caller.tenant).max_priority,  # type: ignore[arg-type]
             ),
         )

@@ -18,8 +18,8 @@ import av
 import av.error
 import numpy as np
 
-from services.gateway.audio import CODECS, Limits, Linear16Decoder, Resampler
-from services.shared.errors import InvalidInput, ServiceError
+from services.gateway.audio import AV_ERRORS, CODECS, Limits, Linear16Decoder, Resampler, check_stream
+from services.shared.errors import Internal, InvalidInput, ServiceError
 from services.shared.metrics import DECODE_REJECTIONS
 
 log = logging.getLogger("gateway.stream_decoder")
@@ -170,14 +170,17 @@ class ContainerStreamDecoder(StreamDecoder):
                         "the stream has no audio track", reason="NO_AUDIO_STREAM", field="audio_content"
                     )
                 stream = container.streams.audio[0]
-                codec = stream.codec_context.name
+                try:
+                    codec = check_stream(stream, self.encoding)
+                except ServiceError as exc:
+                    raise exc.relocated({"content": "audio_content"}) from None
                 if codec not in CODECS:
                     raise InvalidInput(
                         f"unsupported codec {codec!r} in the stream",
                         reason="UNSUPPORTED_CODEC",
                         field="audio_content",
                     )
-                resampler = Resampler(self.limits)
+                resampler = Resampler(self.limits, field="audio_content")
                 for packet in container.demux(stream):
                     if self._abandoned.is_set():
                         return
@@ -196,13 +199,19 @@ class ContainerStreamDecoder(StreamDecoder):
         except ServiceError as exc:
             self._error(exc)
             return
-        except (av.error.FFmpegError, ValueError) as exc:
+        except AV_ERRORS as exc:
             self._error(
                 InvalidInput(
                     f"the {self.encoding} stream is corrupt: {exc}",
                     reason="CORRUPT_AUDIO",
                     field="audio_content",
                 )
+            )
+            return
+        except Exception:  # a bug: end the stream with INTERNAL rather than leave it waiting forever
+            log.exception("stream decoder failed")
+            self._error(
+                Internal("the stream decoder failed; report it with the request id", reason="INTERNAL")
             )
             return
         self.loop.call_soon_threadsafe(self._finish_ok)

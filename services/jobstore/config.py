@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from pydantic import SecretStr
+
 from services.shared.config import CommonSettings
 
 
@@ -40,6 +42,13 @@ class JobstoreSettings(CommonSettings):
     result_ttl_seconds: float = 86_400.0
     failed_ttl_seconds: float = 7 * 86_400.0
     sweep_interval_seconds: float = 60.0
+    # The store's own limit on one job's audio, whatever its callers check (default 1 GiB, the
+    # gateway's default upload limit).
+    max_blob_bytes: int = 1024 * 1024 * 1024
+    # Encrypt stored audio and transcripts with this key (base64 of 32 bytes); older keys still
+    # decrypt what they sealed (comma-separated). Unset: stored as written.
+    encryption_key: SecretStr | None = None
+    encryption_old_keys: SecretStr | None = None
 
     def db_url(self) -> str:
         if self.database_url:

@@ -7,6 +7,7 @@ import enum
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -81,6 +82,9 @@ class Job(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     audio_duration: Mapped[float] = mapped_column(Float, default=0.0)
     blob_key: Mapped[str] = mapped_column(String(128))
+    # Keep the audio after the job COMPLETES; and whether it is still stored.
+    keep_audio: Mapped[bool] = mapped_column(Boolean, default=False)
+    audio_retained: Mapped[bool] = mapped_column(Boolean, default=True)
     worker_id: Mapped[str | None] = mapped_column(String(256))
     lease_epoch: Mapped[int] = mapped_column(BigInteger, default=0)
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
@@ -121,6 +125,7 @@ class Job(Base):
         Index("ix_jobs_lease", "status", "lease_expires_at"),
         Index("ix_jobs_expiry", "expires_at"),
         Index("ix_jobs_tenant_created", "tenant", "created_at", "id"),
+        Index("ix_jobs_tenant_status", "tenant", "status"),
     )
 
 

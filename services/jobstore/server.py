@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from services.jobstore import db, metrics, migrate
 from services.jobstore.blobs import FileBlobStore
 from services.jobstore.config import JobstoreSettings
+from services.jobstore.crypto import Sealer
 from services.jobstore.events import EventBus
 from services.jobstore.servicer import JobStoreServicer
 from services.jobstore.store import Store
 from services.shared.errors import ServiceError, Unavailable
 from services.shared.internal.v1 import jobstore_pb2, jobstore_pb2_grpc
+from services.shared.security import InternalAuthInterceptor, check_exposure, internal_auth
 from services.shared.server import RunningServer, Service, start_server
 
 log = logging.getLogger("jobstore")
@@ -39,6 +41,10 @@ class JobstoreApp:
 
 async def build_store(settings: JobstoreSettings) -> tuple[Store, Callable[[], Awaitable[None]]]:
     """The Store with its engine and bus; returns it with a close function."""
+    sealer = Sealer.from_settings(
+        settings.encryption_key.get_secret_value() if settings.encryption_key else None,
+        settings.encryption_old_keys.get_secret_value() if settings.encryption_old_keys else None,
+    )
     engine = db.create_engine(settings.db_url(), pool_size=settings.db_pool_size)
     if settings.db_migrate:
         await migrate.upgrade(engine)
@@ -54,6 +60,8 @@ async def build_store(settings: JobstoreSettings) -> tuple[Store, Callable[[], A
         result_ttl=settings.result_ttl_seconds,
         failed_ttl=settings.failed_ttl_seconds,
         reconcile_seconds=settings.reconcile_seconds,
+        max_blob_bytes=settings.max_blob_bytes or None,
+        sealer=sealer,
         stalls_before_charge=settings.stalls_before_charge,
         max_backoff_seconds=settings.max_interruption_backoff_seconds,
     )
@@ -93,6 +101,11 @@ async def _every(seconds: float, fn: Callable[[], Awaitable[object]], name: str)
 async def create_server(
     settings: JobstoreSettings, *, port: int | None = None, host: str | None = None
 ) -> JobstoreApp:
+    host = host if host is not None else settings.host
+    auth = internal_auth(settings)
+    anonymous = check_exposure(
+        "jobstore", host, authenticated=auth.enabled, allow_anonymous=settings.allow_anonymous
+    )
     store, close_store = await build_store(settings)
     if settings.requeue_running_on_start:
         requeued = await store.reap_expired(all_running=True)
@@ -102,10 +115,12 @@ async def create_server(
     running = await start_server(
         [Service(SERVICE_NAME, lambda s: jobstore_pb2_grpc.add_JobStoreServicer_to_server(servicer, s))],
         settings=settings,
-        host=host if host is not None else settings.host,
+        host=host,
         port=settings.jobstore_port if port is None else port,
         max_message_bytes=16 * 1024 * 1024,
         error_mapper=database_errors,
+        interceptors=[InternalAuthInterceptor(auth)],
+        anonymous=anonymous,
     )
     tasks = [
         asyncio.create_task(

@@ -24,8 +24,22 @@ def _lease(msg: jobstore_pb2.LeaseRequest) -> Lease:
     return Lease(msg.job_id, msg.worker_id, msg.lease_epoch, msg.lease_seconds)
 
 
-def _tenant(value: str) -> str | None:
-    return value or None
+def _tenant(request: jobstore_pb2.StoreJobRef | jobstore_pb2.StoreGetJobRequest) -> str | None:
+    """The tenant a call acts for. Never "any tenant" by omission: an empty tenant is refused;
+    only a call that says all_tenants (the dispatcher, on a job it holds) reaches every tenant."""
+    if request.all_tenants:
+        return None
+    return _required_tenant(request.tenant)
+
+
+def _required_tenant(tenant: str) -> str:
+    if not tenant:
+        raise InvalidInput(
+            "tenant is required (all_tenants is for the dispatcher only)",
+            reason="MISSING_FIELD",
+            field="tenant",
+        )
+    return tenant
 
 
 class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
@@ -40,6 +54,14 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
 
     def __init__(self, store: Store) -> None:
         self.store = store
+
+    async def GetTenantUsage(
+        self, request: jobstore_pb2.TenantUsageRequest, context: grpc.aio.ServicerContext
+    ) -> jobstore_pb2.TenantUsage:
+        usage = await self.store.tenant_usage(_required_tenant(request.tenant))
+        return jobstore_pb2.TenantUsage(
+            queued_jobs=usage.queued_jobs, stored_audio_bytes=usage.stored_audio_bytes
+        )
 
     async def _out(self, job: Job, *, with_transcript: bool = False) -> jobstore_pb2.StoredJob:
         """The job as callers see it, with whether its audio is still stored."""
@@ -67,7 +89,7 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
                 yield msg.audio_chunk
 
         new = NewJob(
-            tenant=meta.tenant or "default",
+            tenant=_required_tenant(meta.tenant),
             request_id=meta.request_id or None,
             filename=meta.filename,
             priority=meta.priority or jobs_pb2.PRIORITY_NORMAL,
@@ -75,6 +97,9 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
             config=convert.config_to_json(meta.config),
             audio_duration=meta.audio_duration_seconds,
             max_attempts=meta.max_attempts,
+            keep_audio=meta.keep_audio,
+            max_queued_jobs=meta.quota.max_queued_jobs,
+            max_stored_audio_bytes=meta.quota.max_stored_audio_bytes,
             trace_parent=tracing.traceparent(),  # this call's trace: the job's spans continue it
         )
         job, created = await self.store.create_job(new, pieces())
@@ -85,18 +110,18 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
         self, request: jobstore_pb2.StoreGetJobRequest, context: grpc.aio.ServicerContext
     ) -> jobstore_pb2.StoredJob:
         if request.request_id and not request.job_id:
-            job = await self.store.find_by_request_id(request.tenant or "default", request.request_id)
+            job = await self.store.find_by_request_id(_required_tenant(request.tenant), request.request_id)
             if job is None:
                 return jobstore_pb2.StoredJob()
             return await self._out(job)
-        job = await self.store.get_job(request.job_id, _tenant(request.tenant))
+        job = await self.store.get_job(request.job_id, _tenant(request))
         return await self._out(job, with_transcript=True)
 
     async def ListJobs(
         self, request: jobstore_pb2.StoreListJobsRequest, context: grpc.aio.ServicerContext
     ) -> jobstore_pb2.StoreListJobsResponse:
         jobs, token = await self.store.list_jobs(
-            request.tenant or "default",
+            _required_tenant(request.tenant),
             status=STATUS_NAMES.get(request.status),
             page_size=request.page_size,
             page_token=request.page_token,
@@ -109,17 +134,17 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
     async def CancelJob(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
     ) -> jobstore_pb2.StoredJob:
-        return await self._out(await self.store.cancel(request.job_id, _tenant(request.tenant)))
+        return await self._out(await self.store.cancel(request.job_id, _tenant(request)))
 
     async def RetryJob(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
     ) -> jobstore_pb2.StoredJob:
-        return await self._out(await self.store.retry(request.job_id, _tenant(request.tenant)))
+        return await self._out(await self.store.retry(request.job_id, _tenant(request)))
 
     async def DeleteJob(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
-        await self.store.delete(request.job_id, _tenant(request.tenant))
+        await self.store.delete(request.job_id, _tenant(request))
         return empty_pb2.Empty()
 
     async def GetQueueStats(
@@ -143,7 +168,7 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
     async def WatchJob(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobs_pb2.JobEvent]:
-        async for job, partial in self.store.watch(request.job_id, _tenant(request.tenant)):
+        async for job, partial in self.store.watch(request.job_id, _tenant(request)):
             retained = job.id in await self.store.audio_retained([job])
             yield jobs_pb2.JobEvent(
                 job=convert.job_to_proto(job, audio_retained=retained), partial_transcript=partial
@@ -152,13 +177,13 @@ class JobStoreServicer(jobstore_pb2_grpc.JobStoreServicer):
     async def GetChunks(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
     ) -> jobstore_pb2.ChunkList:
-        chunks = await self.store.chunks(request.job_id, _tenant(request.tenant))
+        chunks = await self.store.chunks(request.job_id, _tenant(request))
         return jobstore_pb2.ChunkList(chunks=[chunk_to_proto(c) for c in chunks])
 
     async def ReadAudio(
         self, request: jobstore_pb2.StoreJobRef, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobstore_pb2.AudioPiece]:
-        async for piece in self.store.read_audio(request.job_id, _tenant(request.tenant)):
+        async for piece in self.store.read_audio(request.job_id, _tenant(request)):
             yield jobstore_pb2.AudioPiece(data=piece)
 
     async def ClaimJob(

@@ -30,15 +30,16 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, delete, func, literal, or_, select, true, update
+from sqlalchemy import and_, delete, false, func, literal, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.jobstore.blobs import BlobStore
+from services.jobstore.crypto import Sealer
 from services.jobstore.events import EventBus, wait
 from services.jobstore.models import Chunk, ChunkState, Job, Priority, Status, UTCDateTime
 from services.shared.domain import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, Segment, join_text, join_texts
-from services.shared.errors import Aborted, InvalidInput, NotFound, WrongState
+from services.shared.errors import Aborted, InvalidInput, LimitExceeded, NotFound, QuotaExceeded, WrongState
 
 log = logging.getLogger("jobstore")
 
@@ -59,7 +60,17 @@ class NewJob:
     config: dict[str, Any]
     audio_duration: float
     max_attempts: int
+    keep_audio: bool = False
+    # The tenant's quotas (0: no limit), checked against its usage before the job is stored.
+    max_queued_jobs: int = 0
+    max_stored_audio_bytes: int = 0
     trace_parent: str = ""
+
+
+@dataclass(slots=True)
+class TenantUsage:
+    queued_jobs: int = 0  # QUEUED or RUNNING
+    stored_audio_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -119,6 +130,7 @@ class Store:
         failed_ttl: float = 7 * 86_400.0,
         reconcile_seconds: float = 2.0,
         max_blob_bytes: int | None = None,
+        sealer: Sealer | None = None,
         stalls_before_charge: int = 5,
         backoff_seconds: float = 1.0,
         max_backoff_seconds: float = 60.0,
@@ -132,6 +144,7 @@ class Store:
         self.failed_ttl = failed_ttl
         self.reconcile_seconds = reconcile_seconds
         self.max_blob_bytes = max_blob_bytes
+        self.sealer = sealer or Sealer()
         self.stalls_before_charge = stalls_before_charge
         self.backoff_seconds = backoff_seconds
         self.max_backoff_seconds = max_backoff_seconds
@@ -151,11 +164,19 @@ class Store:
             existing = await self.find_by_request_id(new.tenant, new.request_id)
             if existing is not None:
                 return existing, False
+        await self._check_quota(new, 0)
         job_id = uuid.uuid4().hex
-        size = await self.blobs.write(job_id, audio, max_bytes=self.max_blob_bytes)
+        counted = _Counted(audio, self.max_blob_bytes)
+        await self.blobs.write(job_id, self.sealer.seal_stream(counted))
+        size = counted.size
         if size == 0:
             await self.blobs.delete(job_id)
             raise InvalidInput("the upload carried no audio", reason="EMPTY_AUDIO", field="audio_chunk")
+        try:
+            await self._check_quota(new, size)
+        except QuotaExceeded:
+            await self.blobs.delete(job_id)
+            raise
         now = utcnow()
         job = Job(
             id=job_id,
@@ -169,6 +190,8 @@ class Store:
             size_bytes=size,
             audio_duration=new.audio_duration,
             blob_key=job_id,
+            keep_audio=new.keep_audio,
+            audio_retained=True,
             lease_epoch=0,
             retry_count=0,
             max_attempts=new.max_attempts or self.max_attempts,
@@ -193,11 +216,60 @@ class Store:
         await self.bus.publish_job(job_id)
         return job, True
 
+    async def _check_quota(self, new: NewJob, size: int) -> None:
+        """The tenant's queued-jobs and stored-audio quotas, before its upload is stored (size 0:
+        the early check, before the audio is read) and again before the job row is written."""
+        if not (new.max_queued_jobs or new.max_stored_audio_bytes):
+            return
+        usage = await self.tenant_usage(new.tenant)
+        if new.max_queued_jobs and usage.queued_jobs >= new.max_queued_jobs:
+            raise QuotaExceeded(
+                f"tenant {new.tenant} has {usage.queued_jobs} jobs queued or running; its quota is "
+                f"{new.max_queued_jobs}",
+                reason="QUOTA_EXCEEDED",
+                subject=f"tenant:{new.tenant}",
+                quota="queued_jobs",
+                retry_after_seconds=30.0,
+                metadata={"quota": "queued_jobs", "limit": str(new.max_queued_jobs)},
+            )
+        limit = new.max_stored_audio_bytes
+        if limit and usage.stored_audio_bytes + size > limit:
+            raise QuotaExceeded(
+                f"tenant {new.tenant} stores {usage.stored_audio_bytes} bytes of audio; with this upload "
+                f"({size} bytes) it would pass its quota of {limit} bytes",
+                reason="QUOTA_EXCEEDED",
+                subject=f"tenant:{new.tenant}",
+                quota="stored_audio_bytes",
+                retry_after_seconds=60.0,
+                metadata={"quota": "stored_audio_bytes", "limit": str(limit)},
+            )
+
+    async def tenant_usage(self, tenant: str) -> TenantUsage:
+        async with self.sessions() as s:
+            queued = (
+                await s.execute(
+                    select(func.count()).where(
+                        Job.tenant == tenant, Job.status.in_([Status.QUEUED, Status.RUNNING])
+                    )
+                )
+            ).scalar_one()
+            stored = (
+                await s.execute(
+                    select(func.coalesce(func.sum(Job.size_bytes), 0)).where(
+                        Job.tenant == tenant, Job.audio_retained == true()
+                    )
+                )
+            ).scalar_one()
+        return TenantUsage(int(queued), int(stored))
+
     async def get_job(self, job_id: str, tenant: str | None = None) -> Job:
+        """The job (tenant None: whatever its tenant — internal callers only). Its transcript is
+        decrypted."""
         async with self.sessions() as s:
             job = await s.get(Job, job_id)
         if job is None or (tenant is not None and job.tenant != tenant):
             raise NotFound(f"job {job_id!r} not found", reason="JOB_NOT_FOUND", field="job_id")
+        job.transcript = self.sealer.open_text(job.transcript)
         return job
 
     async def list_jobs(
@@ -224,9 +296,13 @@ class Store:
     async def chunks(self, job_id: str, tenant: str | None = None) -> list[Chunk]:
         await self.get_job(job_id, tenant)
         async with self.sessions() as s:
-            return list(
+            chunks = list(
                 (await s.execute(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.idx))).scalars()
             )
+        for c in chunks:  # detached rows: decrypted for the reader, never written back
+            c.text = self.sealer.open_text(c.text)
+            c.segments_json = self.sealer.open_text(c.segments_json)
+        return chunks
 
     async def partial_text(self, job_id: str) -> str:
         async with self.sessions() as s:
@@ -237,16 +313,20 @@ class Store:
                     .order_by(Chunk.idx)
                 )
             ).scalars()
-            return join_texts(texts)
+            return join_texts(self.sealer.open_text(t) for t in texts)
 
     async def audio_retained(self, jobs: Sequence[Job]) -> set[str]:
-        """Ids of the jobs whose audio is still stored (what Job.audio_retained reports)."""
-        keys = await self.blobs.existing([j.blob_key for j in jobs])
-        return {j.id for j in jobs if j.blob_key in keys}
+        """Ids of the jobs whose audio is still stored (what Job.audio_retained reports): the job
+        says so (its audio is deleted on completion unless kept) and the blob is there."""
+        kept = [j for j in jobs if j.audio_retained]
+        keys = await self.blobs.existing([j.blob_key for j in kept])
+        return {j.id for j in kept if j.blob_key in keys}
 
     async def read_audio(self, job_id: str, tenant: str | None = None) -> AsyncIterator[bytes]:
         job = await self.get_job(job_id, tenant)
-        async for piece in self.blobs.read(job.blob_key):
+        if not job.audio_retained:
+            raise WrongState(f"the audio of job {job_id} is no longer kept", reason="AUDIO_NOT_KEPT")
+        async for piece in self.sealer.open_stream(self.blobs.read(job.blob_key)):
             yield piece
 
     async def watch(self, job_id: str, tenant: str | None = None) -> AsyncIterator[tuple[Job, str]]:
@@ -318,7 +398,7 @@ class Store:
                 f"job {job_id} is {job.status}; only FAILED or CANCELLED jobs can be retried",
                 reason="JOB_NOT_RETRYABLE",
             )
-        if not await self.blobs.exists(job.blob_key):
+        if not job.audio_retained or not await self.blobs.exists(job.blob_key):
             raise WrongState(
                 f"the audio of job {job_id} is no longer kept; upload it again", reason="AUDIO_NOT_KEPT"
             )
@@ -563,8 +643,8 @@ class Store:
                     )
                     .values(
                         status=ChunkState.COMPLETED,
-                        text=text,
-                        segments_json=json.dumps([seg.to_dict() for seg in segments]),
+                        text=self.sealer.seal_text(text),
+                        segments_json=self.sealer.seal_text(json.dumps([seg.to_dict() for seg in segments])),
                         language=language,
                         processed_at=now,
                         attempts=Chunk.attempts + 1,
@@ -662,7 +742,7 @@ class Store:
                 .where(Job.id == lease.job_id)
                 .values(
                     status=Status.COMPLETED,
-                    transcript=transcript,
+                    transcript=self.sealer.seal_text(transcript),
                     detected_language=language,
                     completed_at=now,
                     lease_expires_at=None,
@@ -672,8 +752,26 @@ class Store:
                 )
             )
         log.info("job completed", extra={"job_id": lease.job_id})
+        await self._drop_audio_unless_kept(lease.job_id)
         await self.bus.publish_job(lease.job_id)
         return await self.get_job(lease.job_id)
+
+    async def _drop_audio_unless_kept(self, job_id: str) -> None:
+        """Data minimisation: a COMPLETED job's audio goes at once unless the job asked to keep it
+        (FAILED and CANCELLED jobs keep theirs until they expire, so RetryJob can re-run them)."""
+        async with self.sessions.begin() as s:
+            key = (
+                await s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == Status.COMPLETED, Job.keep_audio == false())
+                    .where(Job.audio_retained == true())
+                    .values(audio_retained=False)
+                    .returning(Job.blob_key)
+                )
+            ).scalar_one_or_none()
+        if key is not None:
+            await self.blobs.delete(key)
+            log.info("audio deleted on completion", extra={"job_id": job_id})
 
     async def fail_job(self, lease: Lease, error: str, reason: str = "") -> Job:
         """The job cannot succeed (e.g. its audio no longer decodes): FAILED now, no retry."""
@@ -794,6 +892,30 @@ class Store:
         if keys:
             log.info("swept %d expired jobs or orphaned blobs", len(keys))
         return len(keys)
+
+
+class _Counted:
+    """An upload's pieces, counted (plaintext bytes) and held to the store's own size limit."""
+
+    def __init__(self, pieces: AsyncIterator[bytes], limit: int | None) -> None:
+        self.pieces = pieces
+        self.limit = limit
+        self.size = 0
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[bytes]:
+        async for piece in self.pieces:
+            self.size += len(piece)
+            if self.limit is not None and self.size > self.limit:
+                raise LimitExceeded(
+                    f"upload is over the jobstore's {self.limit} byte limit",
+                    reason="AUDIO_TOO_LARGE",
+                    field="audio_chunk",
+                    metadata={"limit_bytes": str(self.limit)},
+                )
+            yield piece
 
 
 def _aware(value: dt.datetime) -> dt.datetime:

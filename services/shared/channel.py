@@ -7,9 +7,13 @@ which accept pings every 10 s), message sizes, and a retry policy for UNAVAILABL
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+
+from services.shared.security import SERVICE_TOKEN_HEADER
+from services.shared.tls import ClientTls, TlsFiles
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -67,6 +71,24 @@ def normalize_target(address: str) -> str:
     return f"dns:///{address}"
 
 
+@dataclass
+class InternalCredentials:
+    """How this process authenticates to the internal services: mTLS (its own certificate, and the
+    CA the servers' certificates must chain to) and/or the shared service token."""
+
+    tls: ClientTls | None = None
+    token: str = ""
+    metadata: tuple[tuple[str, str], ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metadata = ((SERVICE_TOKEN_HEADER, self.token),) if self.token else ()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> InternalCredentials:
+        files: TlsFiles = settings.tls()
+        return cls(ClientTls(files) if files.enabled or files.trust else None, settings.token())
+
+
 def internal_channel(
     address: str,
     services: list[str],
@@ -74,13 +96,21 @@ def internal_channel(
     load_balancing: str | None = "round_robin",
     max_message_bytes: int = MAX_MESSAGE_BYTES,
     max_attempts: int = 5,
+    creds: InternalCredentials | None = None,
+    server_name: str | None = None,
 ) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(
-        normalize_target(address),
-        options=channel_options(
-            services,
-            max_message_bytes=max_message_bytes,
-            load_balancing=load_balancing,
-            max_attempts=max_attempts,
-        ),
+    """A channel to an internal service; TLS (mutual when this process has a certificate) when
+    `creds` has TLS. `server_name`: the name the server's certificate must carry, when the address
+    is an IP (a pod behind a headless Service)."""
+    options = channel_options(
+        services,
+        max_message_bytes=max_message_bytes,
+        load_balancing=load_balancing,
+        max_attempts=max_attempts,
     )
+    target = normalize_target(address)
+    if creds is None or creds.tls is None:
+        return grpc.aio.insecure_channel(target, options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.aio.secure_channel(target, creds.tls.credentials(), options=options)

@@ -17,7 +17,14 @@ from typing import Any
 import grpc
 
 from services.shared import errors, metrics, tracing
-from services.shared.context import REQUEST_ID_HEADER, new_request_id, request_id_var
+from services.shared.context import (
+    REQUEST_ID_HEADER,
+    CallAudit,
+    audit_var,
+    call_cleanups_var,
+    new_request_id,
+    request_id_var,
+)
 from services.shared.domain import MAX_REQUEST_ID_CHARS
 from services.shared.status import abort, code_for
 
@@ -52,6 +59,48 @@ def _request_id(context: grpc.aio.ServicerContext) -> str:
 ErrorMapper = Callable[[BaseException], errors.ServiceError | None]
 
 
+class _Malformed:
+    """Stands for a request message that did not parse (bad wire format, invalid UTF-8 in a string
+    field, ...), so the call gets INVALID_ARGUMENT instead of gRPC's own INTERNAL."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def error(self) -> errors.InvalidInput:
+        return errors.InvalidInput(
+            f"the request message is not valid protobuf for this method ({type(self.exc).__name__})",
+            reason="BAD_FIELD_VALUE",
+        )
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:
+            return _Malformed(exc)
+
+    return parse
+
+
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for item in requests:
+        if isinstance(item, _Malformed):
+            raise item.error()
+        yield item
+
+
+def _check_request(request: Any, streaming: bool) -> Any:
+    if streaming:
+        return _checked(request)
+    if isinstance(request, _Malformed):
+        raise request.error()
+    return request
+
+
 class _Call:
     """Bookkeeping for one RPC: request id, timing, final code, access log and metrics."""
 
@@ -63,6 +112,9 @@ class _Call:
         # Read now: touching the call's C-core state after it ended (a client that went away) can crash.
         self.peer = context.peer()
         self.token = request_id_var.set(self.rid)
+        self.audit = CallAudit()
+        self.audit_token = audit_var.set(self.audit)
+        self.cleanups = call_cleanups_var.get()
         self.trace = (
             tracing.start_rpc(method, context.invocation_metadata(), quiet=method.startswith(_QUIET))
             if tracing.enabled()
@@ -118,14 +170,29 @@ class _Call:
         metrics.RPC_SECONDS.labels(self.method).observe(elapsed)
         quiet = self.method.startswith(_QUIET) and name in ("OK", "CANCELLED")
         level = logging.DEBUG if quiet else (logging.INFO if name in ("OK", "CANCELLED") else logging.WARNING)
+        a = self.audit
         log.log(
             level,
             "%s %s %.1fms",
             self.method,
             name,
             elapsed * 1000,
-            extra={"peer": self.peer, "error": self.error},
+            extra={
+                "method": self.method,
+                "status": name,
+                "tenant": a.tenant or "-",
+                "key_id": a.key_id or "-",
+                "audio_bytes": a.audio_bytes,
+                "peer": self.peer,
+                "error": self.error,
+            },
         )
+        audit_var.reset(self.audit_token)
+        for fn in self.cleanups or ():
+            try:
+                fn()
+            except Exception:
+                log.exception("call cleanup failed")
         tracing.end_rpc(
             self.trace, name, self.code.value[0] if isinstance(self.code, grpc.StatusCode) else 2, self.error
         )
@@ -162,7 +229,7 @@ def _wrap_unary(
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
         call = _Call(method, context, mapper)
         try:
-            response = await behavior(request, context)
+            response = await behavior(_check_request(request, client_streaming), context)
             await call.headers()
             return response
         except BaseException as exc:
@@ -181,7 +248,7 @@ def _wrap_stream(
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         call = _Call(method, context, mapper)
         try:
-            result = behavior(request, context)
+            result = behavior(_check_request(request, client_streaming), context)
             if inspect.isasyncgen(result):
                 async for item in result:
                     await call.headers()
@@ -217,7 +284,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
         kwargs = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary:

@@ -20,6 +20,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from services.shared.config import CommonSettings
 from services.shared.interceptors import ErrorMapper, ServiceInterceptor
+from services.shared.security import ANONYMOUS_WARNING
+from services.shared.tls import ReloadingServerCredentials
 
 log = logging.getLogger("server")
 
@@ -60,6 +62,8 @@ def server_options(settings: CommonSettings, max_message_bytes: int) -> list[tup
         ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * ms)),
         ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_seconds * ms)),
         ("grpc.so_reuseport", 0),
+        # One connection cannot open thousands of calls at once (each may hold a decoder).
+        ("grpc.max_concurrent_streams", max(1, settings.max_concurrent_streams)),
     ]
 
 
@@ -70,6 +74,9 @@ class RunningServer:
     health: HealthServicer
     services: list[str]
     grace: float
+    tls: ReloadingServerCredentials | None = None
+    health_server: grpc.aio.Server | None = None
+    health_port: int = 0
     _on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     _on_drain: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -96,6 +103,8 @@ class RunningServer:
                 log.exception("error while draining")
         self._on_drain.clear()
         await self.server.stop(self.grace if grace is None else grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         for fn in reversed(self._on_stop):
             try:
                 await fn()
@@ -114,7 +123,13 @@ async def start_server(
     serving: bool = True,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     error_mapper: ErrorMapper | None = None,
+    anonymous: bool = False,
 ) -> RunningServer:
+    """Serve `services` with health and (unless STT_REFLECTION=false) reflection; TLS when the
+    settings name a certificate (mutual when they name a client CA). `anonymous`: the service runs
+    without authentication off loopback; a health entry says so."""
+    tls_files = settings.tls()
+    tls_files.check()
     server = grpc.aio.server(
         # Ours first, so rejected calls (e.g. by auth) are logged and counted too.
         interceptors=[ServiceInterceptor(error_mapper), *interceptors],
@@ -129,13 +144,49 @@ async def start_server(
     names = [svc.name for svc in services]
     for name in ["", *names]:
         await health.set(name, SERVING if serving else NOT_SERVING)
-    _enable_reflection(server, names)
-    bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
+    if anonymous:
+        await health.set(ANONYMOUS_WARNING, SERVING)
+    if settings.reflection:
+        _enable_reflection(server, names)
+    creds = ReloadingServerCredentials(tls_files) if tls_files.enabled else None
+    address = f"{_bracket(host)}:{port}"
+    bound = server.add_secure_port(address, creds.credentials) if creds else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
+    health_server, health_port = None, 0
+    if settings.health_port:
+        health_server, health_port = _health_only_server(health, host, settings.health_port)
     await server.start()
-    log.info("listening on %s:%d", host, bound, extra={"services": ",".join(names)})
-    return RunningServer(server, bound, health, names, settings.shutdown_grace_seconds)
+    if health_server is not None:
+        await health_server.start()
+    mode = "plaintext" if creds is None else ("mutual TLS" if tls_files.mutual else "TLS")
+    log.info(
+        "listening on %s:%d (%s)",
+        host,
+        bound,
+        mode,
+        extra={"services": ",".join(names), "health_port": health_port or None},
+    )
+    return RunningServer(
+        server,
+        bound,
+        health,
+        names,
+        settings.shutdown_grace_seconds,
+        tls=creds,
+        health_server=health_server,
+        health_port=health_port,
+    )
+
+
+def _health_only_server(health: HealthServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Plaintext grpc.health.v1 (and nothing else) for probes that cannot present a certificate."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 16)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    bound = server.add_insecure_port(f"{_bracket(host)}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind the health port {host}:{port}")
+    return server, bound
 
 
 def _bracket(host: str) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from prometheus_client import Gauge
 
 from services.shared.internal.v1 import transcriber_pb2, transcriber_pb2_grpc
+from services.shared.security import InternalAuthInterceptor, check_exposure, internal_auth
 from services.shared.server import RunningServer, Service, start_server
 from services.transcriber.batcher import Batcher
 from services.transcriber.config import TranscriberSettings
@@ -52,6 +53,11 @@ async def create_server(
     engine: Engine | None = None,
 ) -> Transcriber:
     """Serve at once (NOT_SERVING until loaded); start loading the model unless load=False."""
+    host = host if host is not None else settings.host
+    auth = internal_auth(settings)
+    anonymous = check_exposure(
+        "transcriber", host, authenticated=auth.enabled, allow_anonymous=settings.allow_anonymous
+    )
     engine = engine or Engine(settings)
     batcher = Batcher(
         engine.transcribe_batch,
@@ -68,10 +74,12 @@ async def create_server(
             )
         ],
         settings=settings,
-        host=host if host is not None else settings.host,
+        host=host,
         port=settings.transcriber_port if port is None else port,
         max_message_bytes=MAX_PCM_BYTES + 64 * 1024,
         serving=engine.ready,
+        interceptors=[InternalAuthInterceptor(auth)],
+        anonymous=anonymous,
     )
     batcher.start()
     READY.set(1 if engine.ready else 0)
