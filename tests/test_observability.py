@@ -40,8 +40,9 @@ RULES = MONITORING / "prometheus-rules.yaml"
 DASHBOARD = MONITORING / "dashboards" / "stt-overview.json"
 PROMTOOL_TESTS = ROOT / "tests" / "data" / "promtool" / "alerts.test.yaml"
 SERVICES = ("gateway", "transcriber", "jobstore")
-# Label names that would make a series per request, job or caller.
-UNBOUNDED_LABELS = {"job_id", "request_id", "trace_id", "tenant", "key_id", "peer", "worker_id", "filename"}
+# Label names that would make a series per request, job or caller. (`tenant` is bounded: its values
+# are the tenants of STT_API_KEYS and "other", through services.shared.metrics.bounded_tenant.)
+UNBOUNDED_LABELS = {"job_id", "request_id", "trace_id", "key_id", "peer", "worker_id", "filename"}
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 

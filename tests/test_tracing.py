@@ -25,6 +25,7 @@ from stt.streaming import PcmAudio, pcm_chunks
 from stt.v1 import jobs_pb2, speech_pb2, speech_pb2_grpc
 from tests.support import audio
 from tests.support.speech import by_name, load_16k
+from tests.support.waiting import until
 
 TRANSCRIBE = "stt.internal.v1.Transcriber/Transcribe"
 
@@ -127,6 +128,10 @@ async def test_a_job_is_one_trace_from_creation_to_completion(client: AsyncClien
     job = await client.submit(audio.encode(load_16k(clip), "flac"), language="en")
     done = await client.wait(job.job_id)
     assert done.status == jobs_pb2.JOB_STATUS_COMPLETED and done.chunks_total >= 2
+    # The job is COMPLETED once the store records it; the dispatcher's run span ends just after.
+    await until(
+        lambda: any(s.attributes.get("stt.job_id") == job.job_id for s in named(collected(spans), "job.run"))
+    )
     got = collected(spans)
     create = one(got, "stt.v1.Jobs/CreateJob")
     trace = trace_of(got, create)

@@ -23,6 +23,7 @@ from services.shared.context import audit
 from services.shared.domain import MAX_REQUEST_ID_CHARS
 from services.shared.errors import InvalidInput, LimitExceeded, ServiceError, Unavailable, WrongState
 from services.shared.internal.v1 import jobstore_pb2
+from services.shared.metrics import bounded_tenant
 from services.shared.spool import Spool
 from stt.v1 import common_pb2, jobs_pb2
 
@@ -95,8 +96,8 @@ class JobsAPI:
 
     async def usage(self, tenant: str) -> jobstore_pb2.TenantUsage:
         used = await self.jobstore.call("GetTenantUsage", jobstore_pb2.TenantUsageRequest(tenant=tenant))
-        QUOTA_USED.labels(tenant, "queued_jobs").set(used.queued_jobs)
-        QUOTA_USED.labels(tenant, "stored_audio_bytes").set(used.stored_audio_bytes)
+        QUOTA_USED.labels(bounded_tenant(tenant), "queued_jobs").set(used.queued_jobs)
+        QUOTA_USED.labels(bounded_tenant(tenant), "stored_audio_bytes").set(used.stored_audio_bytes)
         return used
 
     async def drain(self) -> None:

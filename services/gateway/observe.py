@@ -51,8 +51,9 @@ def job_started(job: ClaimedJob, worker_id: str) -> Any:
     attributes = {
         "stt.job_id": job.job_id,
         "stt.priority": job.priority or None,
-        # The n-th run of the job: charged attempts and interruptions (restarts, drains) both count.
-        "stt.attempt": job.retry_count + job.interruption_count + 1,
+        # The n-th run of the job: every claim raises the lease epoch, whatever ended the previous run
+        # (a charged failure, an interruption, a restart or a drain).
+        "stt.attempt": job.epoch,
         "stt.attempts_charged": job.retry_count,
         "stt.worker_id": worker_id,
         "stt.lease_epoch": job.epoch,

@@ -28,6 +28,7 @@ from prometheus_client import Counter, Gauge
 
 from services.gateway.auth import Caller
 from services.shared.errors import QuotaExceeded
+from services.shared.metrics import bounded_tenant
 from stt.v1 import common_pb2, jobs_pb2
 
 QUOTA_NAMES = (
@@ -129,7 +130,7 @@ class Quotas:
     def _refuse(
         self, caller: Caller, quota: str, message: str, *, reason: str, retry: float
     ) -> QuotaExceeded:
-        QUOTA_REFUSED.labels(caller.tenant, quota).inc()
+        QUOTA_REFUSED.labels(bounded_tenant(caller.tenant), quota).inc()
         return QuotaExceeded(
             message,
             reason=reason,
@@ -174,7 +175,7 @@ class Quotas:
                 retry=1.0,
             )
         self.in_use[key] = used + 1
-        QUOTA_USED.labels(caller.tenant, quota).set(used + 1)
+        QUOTA_USED.labels(bounded_tenant(caller.tenant), quota).set(used + 1)
         try:
             yield
         finally:
@@ -183,7 +184,7 @@ class Quotas:
                 self.in_use[key] = left
             else:
                 del self.in_use[key]
-            QUOTA_USED.labels(caller.tenant, quota).set(left)
+            QUOTA_USED.labels(bounded_tenant(caller.tenant), quota).set(left)
 
     def check_priority(self, caller: Caller, priority: int, field: str = "metadata.priority") -> None:
         top = self.of(caller.tenant).max_priority
