@@ -198,7 +198,7 @@ class StreamingSession:
 
     def _resume(self, r: ResumeState) -> None:
         """Start where a previous part of the stream stopped (see ResumeState)."""
-        start = int(round(r.offset * SAMPLE_RATE))
+        start = round(r.offset * SAMPLE_RATE)
         self._base = self._received = self._covered = self._win = self._vad_pos = start
         self._speech_end = start
         self._final_end = r.final_end
