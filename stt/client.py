@@ -421,7 +421,7 @@ class AsyncClient:
         deadline = time.monotonic() + timeout if timeout else None
         backoff = Backoff(initial=0.1, maximum=2.0)
         point: speech_pb2.StreamResumePoint | None = None
-        last_event = (-1.0, 0)
+        last_event = seen = (-1.0, 0)
         try:
             while True:
                 cfg = speech_pb2.StreamingRecognitionConfig()
@@ -449,9 +449,9 @@ class AsyncClient:
                             outbox.trim(point.audio_offset_seconds)
                         if resp.speech_event_type:
                             event = (resp.speech_event_offset_seconds, int(resp.speech_event_type))
-                            if event <= last_event:
+                            if event <= seen:
                                 continue  # sent again after a resumption
-                            last_event = event
+                            last_event = max(last_event, event)
                         elif not resp.results:
                             continue  # only moves the resume point on
                         yield resp
@@ -475,6 +475,7 @@ class AsyncClient:
                     ):
                         raise err from None
                     log.info("stream broke (%s); resuming in %.1fs", err, delay)
+                    seen = last_event  # events up to here were delivered: not again
                 finally:
                     writer.cancel()
                     await asyncio.gather(writer, return_exceptions=True)

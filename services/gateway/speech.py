@@ -195,6 +195,7 @@ class SpeechAPI:
         self.vad = settings.vad()
         # Set when the gateway starts draining: resumable (gRPC) streams end with DRAINING.
         self.draining = asyncio.Event()
+        self.live_streams = 0  # this gateway's open streams (STREAMS counts the process's)
 
     async def drain(self) -> None:
         """SIGTERM: end every resumable live stream now with UNAVAILABLE (DRAINING), so its client
@@ -340,6 +341,7 @@ class SpeechAPI:
     ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
         words = cfg.config.enable_word_time_offsets
         STREAMS.inc()
+        self.live_streams += 1
         reader = asyncio.create_task(self._read_stream(requests, session, decoder, max_seconds))
         reader.add_done_callback(lambda t: _propagate(t, session))
         # A decoding error ends the stream at once, not with the client's next message.
@@ -365,6 +367,7 @@ class SpeechAPI:
                 )
         finally:
             STREAMS.dec()
+            self.live_streams -= 1
             observer.closed()
             reader.cancel()
             if drain is not None:

@@ -50,6 +50,22 @@ STREAM_FORMATS = {
 }
 STREAM_ENCODINGS = ("LINEAR16", *STREAM_FORMATS)
 
+
+def _starts_right(encoding: str, head: bytes) -> bool:
+    """Whether a stream's first bytes can begin this encoding. FFmpeg's demuxers resync on garbage
+    (they keep reading, looking for the next page or frame), so a stream that is not what its config
+    says would otherwise fail only when the client stops sending."""
+    if encoding in ("OGG_OPUS", "OGG_VORBIS"):
+        return head.startswith(b"OggS")
+    if encoding == "WEBM_OPUS":
+        return head.startswith(b"\x1a\x45\xdf\xa3")
+    if encoding == "FLAC":
+        return head.startswith((b"fLaC", b"ID3"))
+    if encoding == "MP3":
+        return head.startswith(b"ID3") or (head[0] == 0xFF and head[1] & 0xE0 == 0xE0)
+    return True
+
+
 AudioSink = Callable[[np.ndarray], None]
 PIPE_BYTES = 1 << 20  # undecoded bytes a compressed stream may have waiting for its decoder
 MAX_DECODER_THREADS = 256
@@ -167,6 +183,7 @@ class ContainerStreamDecoder(StreamDecoder):
         self.encoding = encoding
         self.limits = limits
         self._bytes = 0
+        self._head = b""  # the first bytes, until checked
         self._room = asyncio.Event()
         self._room.set()
         self._pipe = _Pipe(self._read_some)
@@ -184,6 +201,17 @@ class ContainerStreamDecoder(StreamDecoder):
         if self.done.done():
             self.done.result()  # re-raise the decoding error
         self._bytes += len(data)
+        if len(self._head) < 4:
+            self._head += data[:4]
+            if len(self._head) >= 4 and not _starts_right(self.encoding, self._head):
+                exc = InvalidInput(
+                    f"the stream is not {self.encoding} audio (it does not start like one)",
+                    reason="UNDECODABLE_AUDIO",
+                    field="audio_content",
+                )
+                self._fail(exc)
+                self.close()
+                raise exc
         try:
             if self._bytes > self.limits.max_bytes:
                 check_size(self._bytes, self.limits)
