@@ -12,6 +12,7 @@ as `AsyncClient` on a private event loop, so both behave identically.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -36,6 +37,7 @@ HEALTH_NAMES = ["", "stt.v1.Speech", "stt.v1.Jobs", "dependency/transcribers"]
 Audio = bytes | str | os.PathLike[str]
 
 log = logging.getLogger("stt.client")
+RECONNECT_WAIT = 5.0  # longest wait for the channel to connect before a resumption attempt
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -481,6 +483,9 @@ class AsyncClient:
                     await asyncio.gather(writer, return_exceptions=True)
                     call.cancel()
                 await asyncio.sleep(delay)
+                # Let the channel reconnect (a restarted server may be in gRPC's connection backoff).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.channel.channel_ready(), RECONNECT_WAIT)
         finally:
             await outbox.close()
 
