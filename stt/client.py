@@ -476,7 +476,12 @@ class AsyncClient:
                         and (deadline is None or time.monotonic() + delay < deadline)
                     ):
                         raise err from None
-                    log.info("stream broke (%s); resuming in %.1fs", err, delay)
+                    log.info(
+                        "stream broke (%s); resuming from %.2fs in %.1fs",
+                        err,
+                        point.audio_offset_seconds if point is not None else 0.0,
+                        delay,
+                    )
                     seen = last_event  # events up to here were delivered: not again
                 finally:
                     writer.cancel()

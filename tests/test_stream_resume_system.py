@@ -7,10 +7,13 @@ order the steps: a gateway is stopped once every stream has had a final from it.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
 
 from services.cluster import LocalCluster, ServiceProcess
@@ -93,7 +96,7 @@ def check_seam(run: Run) -> None:
     ended = [r.utterance_index for r in run.results if r.utterance_end]
     assert ended == sorted(set(ended)), ended
     # No word said twice in a row across results (what a duplicated seam looks like).
-    for a, b in zip(words, words[1:], strict=False):
+    for a, b in itertools.pairwise(words):
         assert not (
             a.word.strip().lower() == b.word.strip().lower() and b.start_seconds < a.end_seconds + 0.3
         ), (a, b)
@@ -121,9 +124,39 @@ async def test_kill_9_of_the_gateway_serving_a_realtime_stream(cluster: LocalClu
     assert run.results[-1].utterance_end
 
 
+def joined(*names: str) -> tuple[PcmAudio, str]:
+    """Real recordings one after the other (0.6 s apart), 16 kHz."""
+    clips = [real.by_name(n) for n in names]
+    gap = np.zeros(int(0.6 * 16000), dtype=np.float32)
+    samples = np.concatenate([x for c in clips for x in (gap, real.load_16k(c))][1:])
+    return PcmAudio(test_audio.encode(samples, "raw"), 16000, 1), " ".join(c.text for c in clips)
+
+
+class Seams(logging.Handler):
+    """The SDK's resumptions, as logged."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        logging.getLogger("stt.client").addHandler(self)
+        logging.getLogger("stt.client").setLevel(logging.INFO)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 async def test_sigterm_each_gateway_in_turn_during_three_streams(cluster: LocalCluster):
-    clips = [pcm_of(n) for n in ("harvard_osr_0010_8k", "harvard_osr_0034_8k", "harvard_osr_0031_8k")]
-    speed = 1.5
+    seams = Seams()
+    # About 20 s each at real time (3 real-time streams are what 2 cores serve with room to spare;
+    # faster pacing puts the sessions behind, where repeated phrases (issue 11 item 4) add noise).
+    clips = [
+        joined("jfk_inaugural_16k", "librispeech_2412-153948-0000"),
+        joined("librispeech_2412-153948-0000", "ljspeech_LJ050-0131_22k"),
+        joined(
+            "ljspeech_LJ050-0131_22k", "librivox_sense_sensibility_0870", "librivox_sense_sensibility_0920"
+        ),
+    ]
+    speed = 1.0
     async with AsyncClient(cluster.gateway_target) as c:
         bases = await asyncio.gather(*[stream(c, pcm, speed, Run()) for pcm, _ in clips])
         runs = [Run() for _ in clips]
@@ -143,7 +176,11 @@ async def test_sigterm_each_gateway_in_turn_during_three_streams(cluster: LocalC
         results = await asyncio.wait_for(asyncio.gather(*tasks), 90)
     for (pcm, reference), base, run in zip(clips, bases, results, strict=True):
         check_seam(run)
-        assert wer(reference, run.text) <= wer(reference, base.text) + 0.01, (run.text, base.text)
+        assert wer(reference, run.text) <= wer(reference, base.text) + 0.01, (
+            run.text,
+            base.text,
+            seams.messages,
+        )
         assert run.responses[-1].total_billed_seconds == pytest.approx(pcm.seconds, abs=0.2)
 
 

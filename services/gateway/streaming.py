@@ -20,11 +20,12 @@ Utterances: every result carries the index of the utterance (speech between paus
 the last final of an utterance is marked `utterance_end` (an empty final when all of its words were
 already final), then the index moves on.
 
-Resumption: everything before the window start is final (or silence), so (window start, end of the
-last final word, the recent final text, the utterance index) is all a new session needs to carry on
-where this one stopped: `resume_state()` gives it, and a session built with `resume=` starts there,
-re-transcribes from the window start and, exactly as it does within a session, drops the words that
-are already final (by time and by the final text). No session state is kept anywhere else.
+Resumption: everything before the window start is final (or silence), and so is everything up to
+the end of the last final word, so (an offset just before that end, the end itself, the recent
+final text, the utterance index) is all a new session needs to carry on where this one stopped:
+`resume_state()` gives it, and a session built with `resume=` starts there with the final text as
+its prompt and, exactly as it does within a session, drops words that are already final (by time
+and by the final text). No session state is kept anywhere else.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ log = logging.getLogger("gateway.streaming")
 TranscribeFn = Callable[[np.ndarray, DecodeOptions, WorkClass], Awaitable[WindowResult]]
 VAD_FRAME = 512  # Silero's frame: 32 ms at 16 kHz
 RECENT_WORDS = 40  # final words a new hypothesis is checked against for repeats
+RESUME_MARGIN = 0.25  # a resumed stream restarts this long before the end of the last final word
 
 
 @dataclass(frozen=True)
@@ -218,8 +220,15 @@ class StreamingSession:
             self._last_speech = start
 
     def resume_state(self) -> ResumeState:
-        """Where a new session would continue this stream if it broke now."""
+        """Where a new session would continue this stream if it broke now: just before the end of
+        the last final word (RESUME_MARGIN before it, so a word whose time came out early is not
+        cut; the part of it heard again is dropped as already final), or the window start when
+        nothing in the window is final. As when the window reaches max_window, the new session's
+        window starts after the final words rather than re-transcribing them: a fresh model pass
+        over finalised speech places words differently and is the most likely source of repeats."""
         win = self._win / SAMPLE_RATE
+        if self._final_end - RESUME_MARGIN > win:
+            win = self._final_end - RESUME_MARGIN
         before = [w for w in self._final_words if w.end <= win + 0.05]
         inside = self._final_words[len(before) :]
         prompt: list[str] = []  # whole words, at most prompt_chars characters
