@@ -12,7 +12,9 @@ as `AsyncClient` on a private event loop, so both behave identically.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import logging
 import os
 import threading
 import time
@@ -27,12 +29,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stt.backoff import Backoff
 from stt.channel import DEFAULT_SERVER, secure_or_insecure_channel
 from stt.errors import SttError
+from stt.streaming import Outbox
 from stt.v1 import common_pb2, jobs_pb2, jobs_pb2_grpc, speech_pb2, speech_pb2_grpc
 
 PUBLIC_SERVICES = ["stt.v1.Speech", "stt.v1.Jobs"]
 HEALTH_NAMES = ["", "stt.v1.Speech", "stt.v1.Jobs", "dependency/transcribers"]
 Audio = bytes | str | os.PathLike[str]
 
+log = logging.getLogger("stt.client")
+RECONNECT_WAIT = 5.0  # longest wait for the channel to connect before a resumption attempt
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -168,29 +173,21 @@ def segments_of(results: Any) -> list[dict[str, Any]]:
 
 
 async def _write_stream(
-    call: Any, first: speech_pb2.StreamingRecognizeRequest, audio: AsyncIterable[bytes] | Iterable[bytes]
+    call: Any, first: speech_pb2.StreamingRecognizeRequest, outbox: Outbox, start: int
 ) -> None:
-    """Write the config, then the audio, then half-close; stop quietly once the call has ended."""
+    """Write the config, then the audio from byte `start`, then half-close; stop quietly once the
+    call has ended."""
     try:
-        await call.write(first)
-        if isinstance(audio, AsyncIterable):
-            async for chunk in audio:
-                await call.write(speech_pb2.StreamingRecognizeRequest(audio_content=chunk))
-        else:
-            # A blocking source (a microphone, a file read at real-time pace) is read in a thread.
-            chunks = iter(audio)
-
-            def pull() -> bytes | None:
-                return next(chunks, None)
-
-            while True:
-                piece: bytes | None = await asyncio.to_thread(pull)
-                if piece is None:
-                    break
-                await call.write(speech_pb2.StreamingRecognizeRequest(audio_content=piece))
-        await call.done_writing()
+        await outbox.write(
+            call, first, start, lambda piece: speech_pb2.StreamingRecognizeRequest(audio_content=piece)
+        )
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
         return  # the call is over: its status is what the reader reports
+
+
+def _resumable(err: SttError) -> bool:
+    """A broken stream (not a refused one): the server went away or is draining."""
+    return err.code == grpc.StatusCode.UNAVAILABLE
 
 
 def _rpc_errors(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
@@ -393,48 +390,109 @@ class AsyncClient:
         max_seconds: float = 0.0,
         config: common_pb2.RecognitionConfig | None = None,
         timeout: float | None = None,
+        resume: bool = True,
+        max_resume_attempts: int = 6,
         **config_kwargs: Any,
     ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
         """Live recognition: `audio` yields chunks (LINEAR16 by default at 16 kHz, or set encoding);
-        responses carry interim and final results and speech events as they happen."""
+        responses carry interim and final results and speech events as they happen.
+
+        `resume`: a LINEAR16 stream that breaks (UNAVAILABLE: a gateway killed or draining, a lost
+        connection) is continued on a new call from the server's latest resume point, with the
+        audio kept since then, after a backoff; up to `max_resume_attempts` attempts in a row
+        without a response in between. The caller sees one stream: no final word twice or missing,
+        times from the start of the stream, speech events not repeated. Compressed streams are not
+        resumed (their error is raised). `timeout` bounds the whole stream, resumptions included."""
         if config is None:
             config_kwargs.setdefault("encoding", "LINEAR16")
             config_kwargs.setdefault("sample_rate", 16000)
             config_kwargs.setdefault("word_timestamps", True)
             config = recognition_config(**config_kwargs)
-        first = speech_pb2.StreamingRecognizeRequest(
-            streaming_config=speech_pb2.StreamingRecognitionConfig(
-                config=config,
-                interim_results=interim,
-                single_utterance=single_utterance,
-                max_stream_seconds=max_seconds,
-            )
+        streaming_config = speech_pb2.StreamingRecognitionConfig(
+            config=config,
+            interim_results=interim,
+            single_utterance=single_utterance,
+            max_stream_seconds=max_seconds,
         )
-
-        # The requests are written by a task of our own rather than handed to grpc as an iterator:
-        # when the server ends the call while a write is due, grpc's iterator consumer can replace
-        # the server's status with "INTERNAL: Internal error from Core"; a failed write here just
-        # stops writing, and the call's own status is what the caller sees.
-        call = self.speech.StreamingRecognize(timeout=timeout, metadata=self.metadata)
+        linear16 = config.encoding == common_pb2.AUDIO_ENCODING_LINEAR16 and config.sample_rate_hz > 0
+        outbox = Outbox(
+            audio,
+            frame_bytes=2 * max(config.audio_channel_count, 1) if resume and linear16 else 0,
+            sample_rate=config.sample_rate_hz,
+        )
         deadline = time.monotonic() + timeout if timeout else None
-        writer = asyncio.create_task(_write_stream(call, first, audio))
+        backoff = Backoff(initial=0.1, maximum=2.0)
+        point: speech_pb2.StreamResumePoint | None = None
+        last_event = seen = (-1.0, 0)
         try:
             while True:
-                resp = await call.read()
-                if resp is grpc.aio.EOF:
-                    break
-                yield resp
-            await writer  # a failure of the audio source itself surfaces here
-        except grpc.aio.AioRpcError as exc:
-            err = SttError.from_rpc_error(exc)
-            if err.code == grpc.StatusCode.INTERNAL and deadline and time.monotonic() >= deadline - 0.05:
-                # grpc's C core reports a write cut off by the deadline as an internal error.
-                raise SttError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
-            raise err from None
+                cfg = speech_pb2.StreamingRecognitionConfig()
+                cfg.CopyFrom(streaming_config)
+                if point is not None:
+                    cfg.resume_from.CopyFrom(point)
+                first = speech_pb2.StreamingRecognizeRequest(streaming_config=cfg)
+                start = outbox.byte_offset(point.audio_offset_seconds) if point is not None else 0
+                left = deadline - time.monotonic() if deadline else None
+                # The requests are written by a task of our own rather than handed to grpc as an
+                # iterator: when the server ends the call while a write is due, grpc's iterator
+                # consumer can replace the server's status with "INTERNAL: Internal error from
+                # Core"; a failed write here just stops writing, and the call's own status is what
+                # the caller sees.
+                call = self.speech.StreamingRecognize(timeout=left, metadata=self.metadata)
+                writer = asyncio.create_task(_write_stream(call, first, outbox, start))
+                try:
+                    while True:
+                        resp = await call.read()
+                        if resp is grpc.aio.EOF:
+                            break
+                        backoff.reset()
+                        if resp.HasField("resume_point"):
+                            point = resp.resume_point
+                            outbox.trim(point.audio_offset_seconds)
+                        if resp.speech_event_type:
+                            event = (resp.speech_event_offset_seconds, int(resp.speech_event_type))
+                            if event <= seen:
+                                continue  # sent again after a resumption
+                            last_event = max(last_event, event)
+                        elif not resp.results:
+                            continue  # only moves the resume point on
+                        yield resp
+                    await writer  # a failure of the audio source itself surfaces here
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    err = SttError.from_rpc_error(exc)
+                    if (
+                        err.code == grpc.StatusCode.INTERNAL
+                        and deadline
+                        and time.monotonic() >= deadline - 0.05
+                    ):
+                        # grpc's C core reports a write cut off by the deadline as an internal error.
+                        raise SttError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") from None
+                    delay = backoff.next()
+                    if not (
+                        outbox.resumable
+                        and _resumable(err)
+                        and backoff.attempts <= max_resume_attempts
+                        and (deadline is None or time.monotonic() + delay < deadline)
+                    ):
+                        raise err from None
+                    log.info(
+                        "stream broke (%s); resuming from %.2fs in %.1fs",
+                        err,
+                        point.audio_offset_seconds if point is not None else 0.0,
+                        delay,
+                    )
+                    seen = last_event  # events up to here were delivered: not again
+                finally:
+                    writer.cancel()
+                    await asyncio.gather(writer, return_exceptions=True)
+                    call.cancel()
+                await asyncio.sleep(delay)
+                # Let the channel reconnect (a restarted server may be in gRPC's connection backoff).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.channel.channel_ready(), RECONNECT_WAIT)
         finally:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
-            call.cancel()
+            await outbox.close()
 
     # -- health ------------------------------------------------------------------------------------
 

@@ -13,8 +13,9 @@ import io
 import os
 import time
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 SAMPLE_RATE = 16_000
 
@@ -89,3 +90,117 @@ async def paced_bytes(
         piece = data[i * size : (i + 1) * size]
         if piece:
             yield piece
+
+
+LOOKAHEAD_BYTES = 256 * 1024  # audio pulled from the source ahead of what was written
+WRITE_PIECE = 64 * 1024  # largest audio_content the SDK writes (resent audio is cut into these)
+
+
+class Outbox:
+    """The audio of one live stream, shared by its successive calls (a resumed stream is a new call).
+
+    One task pulls the caller's source (never cancelled between calls, so a generator source is not
+    broken by a reconnect), at most LOOKAHEAD_BYTES ahead of what was written. `write()` sends the
+    audio of one call from an absolute byte offset. With `bytes_per_second` (LINEAR16), the bytes
+    after the latest acknowledged offset are kept (`trim()`), so a new call can send them again;
+    without it (compressed audio) nothing is kept once written and the stream cannot be resumed."""
+
+    def __init__(
+        self, source: AsyncIterable[bytes] | Iterable[bytes], *, frame_bytes: int = 0, sample_rate: int = 0
+    ) -> None:
+        self.source = source
+        self.frame_bytes = frame_bytes
+        self.sample_rate = sample_rate
+        self.data = bytearray()
+        self.base = 0  # absolute byte offset of data[0]
+        self.sent = 0  # absolute bytes written by the current call
+        self.eof = False
+        self.error: BaseException | None = None
+        self._more = asyncio.Event()
+        self._taken = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
+
+    @property
+    def resumable(self) -> bool:
+        return self.frame_bytes > 0 and self.sample_rate > 0
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.data)
+
+    def byte_offset(self, seconds: float) -> int:
+        """The absolute byte where stream second `seconds` starts (LINEAR16)."""
+        return round(seconds * self.sample_rate) * self.frame_bytes
+
+    def trim(self, seconds: float) -> None:
+        """The audio before `seconds` is acknowledged: forget it."""
+        if self.resumable:
+            self._drop(min(self.byte_offset(seconds), self.end))
+
+    def _drop(self, upto: int) -> None:
+        if upto > self.base:
+            del self.data[: upto - self.base]
+            self.base = upto
+
+    def start(self) -> None:
+        if self._pump is None:
+            self._pump = asyncio.create_task(self._pull())
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+
+    async def _pull(self) -> None:
+        try:
+            if isinstance(self.source, AsyncIterable):
+                async for chunk in self.source:
+                    await self._add(chunk)
+            else:
+                # A blocking source (a microphone, a file read at real-time pace) is read in a thread.
+                chunks = iter(self.source)
+
+                def pull() -> bytes | None:
+                    return next(chunks, None)
+
+                while (piece := await asyncio.to_thread(pull)) is not None:
+                    await self._add(piece)
+        except Exception as exc:  # the audio source failed: the stream ends with its error
+            self.error = exc
+        finally:
+            self.eof = True
+            self._more.set()
+
+    async def _add(self, chunk: bytes) -> None:
+        if chunk:
+            self.data += chunk
+            self._more.set()
+        while self.end - max(self.sent, self.base) > LOOKAHEAD_BYTES:
+            self._taken.clear()
+            await self._taken.wait()
+
+    async def write(self, call: Any, first: Any, start: int, request: Callable[[bytes], Any]) -> None:
+        """Write `first` (the config), the audio from absolute byte `start`, then half-close."""
+        self.start()
+        await call.write(first)
+        pos = max(start, self.base)
+        self.sent = pos
+        self._taken.set()
+        while True:
+            if pos < self.end:
+                i = pos - self.base
+                piece = bytes(self.data[i : i + WRITE_PIECE])
+                await call.write(request(piece))
+                pos += len(piece)
+                self.sent = pos
+                if not self.resumable:
+                    self._drop(pos)
+                self._taken.set()
+            elif self.eof:
+                if self.error is not None:
+                    raise self.error
+                await call.done_writing()
+                return
+            else:
+                self._more.clear()
+                await self._more.wait()

@@ -175,7 +175,8 @@ async def test_cancelled_stream_leaves_nothing_behind(client: AsyncClient, gatew
     for encoding in ("LINEAR16", "OGG_OPUS"):
         await asyncio.sleep(0.5)
         gc.collect()
-        tasks_before = len(asyncio.all_tasks())
+        before_set = set(asyncio.all_tasks())
+        tasks_before = len(before_set)
         threads_before = threading.active_count()
         data = audio.encode(dialog.samples, "raw" if encoding == "LINEAR16" else "ogg")
 
@@ -199,7 +200,9 @@ async def test_cancelled_stream_leaves_nothing_behind(client: AsyncClient, gatew
                 break
             await asyncio.sleep(0.05)
         assert speech_api.STREAMS._value.get() == before_streams
-        assert len(asyncio.all_tasks()) <= tasks_before, [t.get_name() for t in asyncio.all_tasks()]
+        assert len(asyncio.all_tasks()) <= tasks_before, [
+            repr(t)[:400] for t in asyncio.all_tasks() - before_set
+        ]
         assert threading.active_count() <= threads_before
 
 

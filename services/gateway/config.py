@@ -48,6 +48,10 @@ class GatewaySettings(CommonSettings):
     stream_settle_seconds: float = 1.2
     # Beam size for live hypotheses (0: the transcriber's default); smaller is faster.
     stream_beam_size: int = 5
+    # A stream that sends no audio for this long ends (DEADLINE_EXCEEDED, STREAM_IDLE); its first
+    # message (the config) must come within stream_config_timeout_seconds.
+    stream_idle_seconds: float = 30.0
+    stream_config_timeout_seconds: float = 10.0
 
     # Jobs: where the jobstore is, and this gateway's dispatcher.
     jobstore_address: str = "127.0.0.1:50053"

@@ -148,6 +148,8 @@ async def create_server(
         anonymous=anonymous,
     )
     running.on_drain(jobs_api.drain)
+    # Live gRPC streams end with DRAINING at once: their clients resume them elsewhere.
+    running.on_drain(speech_api.drain)
     http = None
     if settings.http_enabled:
         ctx = HttpContext(settings, speech_api, jobs_api, authenticator, server_info)

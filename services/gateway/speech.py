@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from services.gateway.requests import (
     validate_config,
 )
 from services.gateway.stream_decoder import StreamDecoder, make_decoder
-from services.gateway.streaming import Event, EventType, StreamingSession, StreamPolicy
+from services.gateway.streaming import Event, EventType, ResumeState, StreamingSession, StreamPolicy
 from services.shared import tracing
 from services.shared.context import audit, request_id_var
 from services.shared.domain import (
@@ -42,7 +43,7 @@ from services.shared.domain import (
     Segment,
     join_text,
 )
-from services.shared.errors import InvalidInput, LimitExceeded, ServiceError
+from services.shared.errors import DeadlineExceeded, InvalidInput, LimitExceeded, ServiceError, Unavailable
 from stt.v1 import common_pb2, speech_pb2
 
 STREAMS = Gauge("stt_gateway_streams", "Live StreamingRecognize sessions")
@@ -53,6 +54,11 @@ _EVENT_TYPES = {
 }
 RECOGNIZE_ENCODINGS = ("LINEAR16", "FLAC", "MP3", "OGG_OPUS", "WEBM_OPUS", "MP4_AAC", "WAV", "OGG_VORBIS")
 VERSION = "0.2.0"
+MAX_RESUME_CONTEXT_CHARS = 4000
+MAX_SESSION_ID_CHARS = 128
+PROGRESS_EVERY_SECONDS = 2.0  # a results-less response when the resume point moved this much
+# Compressed stream bytes a second of audio may take (FLAC 48 kHz stereo is ~150-200 kB/s).
+COMPRESSED_BYTES_PER_SECOND = 256_000
 
 
 @dataclass
@@ -64,21 +70,84 @@ class JobLimits:
     max_attempts: int
 
 
+def resume_point(state: ResumeState, session_id: str) -> speech_pb2.StreamResumePoint:
+    return speech_pb2.StreamResumePoint(
+        session_id=session_id,
+        audio_offset_seconds=state.offset,
+        final_end_seconds=state.final_end,
+        context=state.context,
+        next_utterance_index=state.utterance,
+        in_speech=state.utterance_open,
+        context_window_words=state.window_words,
+    )
+
+
+def resume_state(point: speech_pb2.StreamResumePoint, max_seconds: float) -> ResumeState:
+    """A client's resume_from, checked (BAD_RESUME_POINT)."""
+
+    def bad(message: str, name: str) -> InvalidInput:
+        return InvalidInput(
+            f"resume_from.{name} {message}; send back the latest resume_point unchanged",
+            reason="BAD_RESUME_POINT",
+            field=f"streaming_config.resume_from.{name}",
+        )
+
+    for name in ("audio_offset_seconds", "final_end_seconds"):
+        value = getattr(point, name)
+        if not math.isfinite(value) or value < 0:
+            raise bad("must be a finite number, not negative", name)
+    if point.audio_offset_seconds >= max_seconds:
+        raise bad(f"is past the stream's maximum duration ({max_seconds:g}s)", "audio_offset_seconds")
+    if len(point.context) > MAX_RESUME_CONTEXT_CHARS:
+        raise bad(f"is longer than {MAX_RESUME_CONTEXT_CHARS} characters", "context")
+    if len(point.session_id) > MAX_SESSION_ID_CHARS:
+        raise bad(f"is longer than {MAX_SESSION_ID_CHARS} characters", "session_id")
+    if point.next_utterance_index < 0:
+        raise bad("must not be negative", "next_utterance_index")
+    if not 0 <= point.context_window_words <= len(point.context.split()):
+        raise bad("must be between 0 and the number of words in context", "context_window_words")
+    return ResumeState(
+        offset=point.audio_offset_seconds,
+        final_end=point.final_end_seconds,
+        context=point.context,
+        window_words=point.context_window_words,
+        utterance=point.next_utterance_index,
+        utterance_open=point.in_speech,
+    )
+
+
 def stream_response(
-    ev: Event, session: StreamingSession, *, words: bool
+    ev: Event, session: StreamingSession, *, words: bool, session_id: str = ""
 ) -> speech_pb2.StreamingRecognizeResponse:
     billed = round(session.received_seconds, 3)
+    point = resume_point(session.resume_state(), session_id)
+    if ev.type == EventType.PROGRESS:
+        return speech_pb2.StreamingRecognizeResponse(total_billed_seconds=billed, resume_point=point)
     if ev.type != EventType.RESULT:
         return speech_pb2.StreamingRecognizeResponse(
             speech_event_type=_EVENT_TYPES[ev.type],
             speech_event_offset_seconds=ev.offset,
             total_billed_seconds=billed,
+            resume_point=point,
         )
     seg = Segment(ev.start, ev.end, ev.text, ev.words)
     result = result_from_segment(
-        seg, language=ev.language, words=words, is_final=ev.is_final, stability=ev.stability
+        seg,
+        language=ev.language,
+        words=words,
+        is_final=ev.is_final,
+        stability=ev.stability,
+        utterance_index=ev.utterance,
+        utterance_end=ev.utterance_end,
     )
-    return speech_pb2.StreamingRecognizeResponse(results=[result], total_billed_seconds=billed)
+    return speech_pb2.StreamingRecognizeResponse(
+        results=[result], total_billed_seconds=billed, resume_point=point
+    )
+
+
+def _decode_failed(done: asyncio.Future[None], session: StreamingSession) -> None:
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        session.fail(exc)
 
 
 def _propagate(task: asyncio.Task[bool], session: StreamingSession) -> None:
@@ -124,6 +193,14 @@ class SpeechAPI:
         self.budget = budget or ByteBudget(0)
         self.limits = audio_mod.Limits(settings.max_recognize_bytes, settings.max_recognize_seconds)
         self.vad = settings.vad()
+        # Set when the gateway starts draining: resumable (gRPC) streams end with DRAINING.
+        self.draining = asyncio.Event()
+        self.live_streams = 0  # this gateway's open streams (STREAMS counts the process's)
+
+    async def drain(self) -> None:
+        """SIGTERM: end every resumable live stream now with UNAVAILABLE (DRAINING), so its client
+        resumes it on another gateway rather than being cut when the grace expires."""
+        self.draining.set()
 
     def caps(self) -> ModelCaps | None:
         return self.pool.caps()
@@ -206,11 +283,27 @@ class SpeechAPI:
     # -- StreamingRecognize ------------------------------------------------------------------------
 
     async def stream(
-        self, requests: AsyncIterator[speech_pb2.StreamingRecognizeRequest]
+        self,
+        requests: AsyncIterator[speech_pb2.StreamingRecognizeRequest],
+        *,
+        resumable: bool = False,
     ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
+        """One live stream. `resumable`: the door's clients resume broken streams (gRPC), so a
+        draining gateway ends the stream with DRAINING at once instead of finishing it."""
         caller = require_write(current_caller())
         self.quotas.admit(caller)
-        first = await anext(aiter(requests), None)
+        if resumable and self.draining.is_set():
+            raise Unavailable("this gateway is shutting down; reconnect", reason="DRAINING")
+        try:
+            first = await asyncio.wait_for(
+                anext(aiter(requests), None), self.settings.stream_config_timeout_seconds
+            )
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no streaming_config within {self.settings.stream_config_timeout_seconds:g}s",
+                reason="STREAM_IDLE",
+                field="streaming_config",
+            ) from None
         if first is None:
             raise InvalidInput(
                 "the stream ended before its streaming_config",
@@ -225,11 +318,11 @@ class SpeechAPI:
             )
         cfg = first.streaming_config
         observer = StreamObserver()
-        session, decoder, max_seconds = self._open_stream(cfg, observer)
+        session, decoder, max_seconds, session_id = self._open_stream(cfg, observer)
         try:
             async with self.quotas.slot(caller, "concurrent_streams"):
                 async for response in self._run_stream(
-                    requests, cfg, session, decoder, max_seconds, observer
+                    requests, cfg, session, decoder, max_seconds, observer, session_id, resumable
                 ):
                     yield response
         finally:
@@ -243,16 +336,29 @@ class SpeechAPI:
         decoder: StreamDecoder,
         max_seconds: float,
         observer: StreamObserver,
+        session_id: str,
+        resumable: bool,
     ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
         words = cfg.config.enable_word_time_offsets
         STREAMS.inc()
+        self.live_streams += 1
         reader = asyncio.create_task(self._read_stream(requests, session, decoder, max_seconds))
         reader.add_done_callback(lambda t: _propagate(t, session))
+        # A decoding error ends the stream at once, not with the client's next message.
+        decoder.done.add_done_callback(lambda f: _decode_failed(f, session))
+        drain = asyncio.create_task(self._drain_stream(session)) if resumable else None
+        sent_offset = -1.0
         try:
             async for ev in session.events():
-                if ev.is_final:
+                if ev.type == EventType.PROGRESS:
+                    offset = session.resume_state().offset
+                    if offset - sent_offset < PROGRESS_EVERY_SECONDS:
+                        continue
+                if ev.is_final and ev.words:
                     observer.final(ev.words, ev.start, ev.end)
-                yield stream_response(ev, session, words=words)
+                response = stream_response(ev, session, words=words, session_id=session_id)
+                sent_offset = response.resume_point.audio_offset_seconds
+                yield response
             if reader.done() and not reader.cancelled() and reader.result():
                 raise LimitExceeded(
                     f"the stream reached its maximum duration of {max_seconds:.0f}s",
@@ -261,14 +367,27 @@ class SpeechAPI:
                 )
         finally:
             STREAMS.dec()
+            self.live_streams -= 1
             observer.closed()
             reader.cancel()
+            if drain is not None:
+                drain.cancel()
             decoder.close()
-            await asyncio.gather(reader, return_exceptions=True)
+            await asyncio.gather(reader, *([drain] if drain else []), return_exceptions=True)
+
+    async def _drain_stream(self, session: StreamingSession) -> None:
+        await self.draining.wait()
+        session.fail(
+            Unavailable(
+                "this gateway is shutting down: resume the stream on another connection "
+                "(streaming_config.resume_from = the latest resume_point)",
+                reason="DRAINING",
+            )
+        )
 
     def _open_stream(
         self, cfg: speech_pb2.StreamingRecognitionConfig, observer: StreamObserver
-    ) -> tuple[StreamingSession, StreamDecoder, float]:
+    ) -> tuple[StreamingSession, StreamDecoder, float, str]:
         if not cfg.HasField("config"):
             raise InvalidInput(
                 "streaming_config.config is required (at least its encoding)",
@@ -287,6 +406,10 @@ class SpeechAPI:
         max_seconds = min(
             cfg.max_stream_seconds or self.settings.max_stream_seconds, self.settings.max_stream_seconds
         )
+        resume = resume_state(cfg.resume_from, max_seconds) if cfg.HasField("resume_from") else None
+        session_id = (resume and cfg.resume_from.session_id) or uuid.uuid4().hex
+        offset = resume.offset if resume else 0.0
+        observer.received_seconds = offset
         options = valid.options
         if not options.beam_size:
             options.beam_size = self.settings.stream_beam_size
@@ -305,6 +428,7 @@ class SpeechAPI:
             ),
             interim=cfg.interim_results,
             single_utterance=cfg.single_utterance,
+            resume=resume,
         )
 
         def sink(samples: Any) -> None:
@@ -314,11 +438,19 @@ class SpeechAPI:
             except ServiceError as exc:
                 session.fail(exc)
 
-        limits = audio_mod.Limits(1 << 62, max_seconds + 60.0)
+        # This part's audio: what is left of the stream's duration (and a margin: the reader ends
+        # the stream at max_seconds; the decoder refuses audio well past it), in bytes as well.
+        seconds = max_seconds - offset + 60.0
+        per_second = (
+            valid.sample_rate * max(valid.channels, 1) * 2
+            if valid.encoding == "LINEAR16"
+            else COMPRESSED_BYTES_PER_SECOND
+        )
+        limits = audio_mod.Limits(int(seconds * per_second) + (1 << 20), seconds)
         decoder = make_decoder(
             valid.encoding, valid.sample_rate, valid.channels, limits, sink, asyncio.get_running_loop()
         )
-        return session, decoder, max_seconds
+        return session, decoder, max_seconds, session_id
 
     async def _read_stream(
         self,
@@ -327,9 +459,25 @@ class SpeechAPI:
         decoder: StreamDecoder,
         max_seconds: float,
     ) -> bool:
-        """Feed audio to the decoder; True if the stream hit its maximum duration."""
+        """Feed audio to the decoder; True if the stream hit its maximum duration. A stream that
+        sends no audio for stream_idle_seconds ends with DEADLINE_EXCEEDED (STREAM_IDLE)."""
         high_water = session.policy.max_buffer / 2
-        async for req in requests:
+        idle = self.settings.stream_idle_seconds
+        loop = asyncio.get_running_loop()
+        last_audio = loop.time()
+        it = aiter(requests)
+        while True:
+            try:
+                req = await asyncio.wait_for(anext(it, None), max(0.0, idle - (loop.time() - last_audio)))
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"no audio for {idle:g}s: the stream is closed (send silence to keep a quiet stream "
+                    "open, or half-close it when the audio ends)",
+                    reason="STREAM_IDLE",
+                    field="audio_content",
+                ) from None
+            if req is None:
+                break
             if req.HasField("streaming_config"):
                 raise InvalidInput(
                     "streaming_config may only be sent once, in the first message",
@@ -339,6 +487,8 @@ class SpeechAPI:
             if req.audio_content:
                 audit().audio_bytes += len(req.audio_content)
                 decoder.feed(req.audio_content)
+                # The decoder holds a bounded amount of undecoded bytes: wait for room.
+                await decoder.room()
             if session.received_seconds >= max_seconds:
                 decoder.finish()
                 await decoder.done
@@ -347,6 +497,9 @@ class SpeechAPI:
             # Back-pressure: stop reading (the client's writes block) while the backlog is high.
             while session.backlog_seconds > high_water:
                 await session.progressed()
+            # Time spent not reading (back-pressure, a full decoder) is not the client's idleness.
+            if req.audio_content:
+                last_audio = loop.time()
         decoder.finish()
         await decoder.done
         session.end_audio()
@@ -383,6 +536,8 @@ class SpeechAPI:
                 max_job_seconds=jobs.max_seconds,
                 max_message_bytes=max_message_bytes,
                 max_stream_seconds=s.max_stream_seconds,
+                stream_idle_timeout_seconds=s.stream_idle_seconds,
+                stream_config_timeout_seconds=s.stream_config_timeout_seconds,
                 max_stream_backlog_seconds=s.stream_max_buffer_seconds,
                 max_stream_message_bytes=max_message_bytes,
                 max_beam_size=MAX_BEAM_SIZE,
@@ -405,7 +560,7 @@ class SpeechAPI:
                     common_pb2.TRANSCRIPT_FORMAT_SRT,
                     common_pb2.TRANSCRIPT_FORMAT_VTT,
                 ],
-                stream_resumption=False,
+                stream_resumption=True,
                 job_retry=True,
             ),
             caller=speech_pb2.CallerInfo(

@@ -25,7 +25,7 @@ class SpeechServicer(speech_pb2_grpc.SpeechServicer):
         request_iterator: AsyncIterator[speech_pb2.StreamingRecognizeRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
-        async for response in self.api.stream(request_iterator):
+        async for response in self.api.stream(request_iterator, resumable=True):
             yield response
 
     async def GetServerInfo(

@@ -3,6 +3,14 @@
 LINEAR16 is converted inline. Compressed streams (OGG/Opus, WebM/Opus, FLAC, MP3) are demuxed and
 decoded by PyAV in a worker thread that reads from a blocking pipe, so audio is decoded as soon as
 enough bytes for a frame have arrived. No grpc here.
+
+Bounds: the pipe holds at most PIPE_BYTES undecoded bytes (the reader awaits `room()` before reading
+the client's next message, so a stream whose bytes do not decode cannot pile them up); the bytes and
+the decoded duration of a stream are checked against its Limits as they arrive; a decoding error
+resolves `done` at once (the session ends with it, not with the client's next message); at most
+MAX_DECODER_THREADS decoder threads run in a process (a stream beyond it is refused with
+RESOURCE_EXHAUSTED, SERVER_BUSY), and idle streams are ended by the idle timeout, so idle streams
+cannot hold threads for long.
 """
 
 from __future__ import annotations
@@ -18,8 +26,16 @@ import av
 import av.error
 import numpy as np
 
-from services.gateway.audio import AV_ERRORS, CODECS, Limits, Linear16Decoder, Resampler, check_stream
-from services.shared.errors import Internal, InvalidInput, ServiceError
+from services.gateway.audio import (
+    AV_ERRORS,
+    CODECS,
+    Limits,
+    Linear16Decoder,
+    Resampler,
+    check_size,
+    check_stream,
+)
+from services.shared.errors import Internal, InvalidInput, LimitExceeded, ServiceError
 from services.shared.metrics import DECODE_REJECTIONS
 
 log = logging.getLogger("gateway.stream_decoder")
@@ -34,7 +50,26 @@ STREAM_FORMATS = {
 }
 STREAM_ENCODINGS = ("LINEAR16", *STREAM_FORMATS)
 
+
+def _starts_right(encoding: str, head: bytes) -> bool:
+    """Whether a stream's first bytes can begin this encoding. FFmpeg's demuxers resync on garbage
+    (they keep reading, looking for the next page or frame), so a stream that is not what its config
+    says would otherwise fail only when the client stops sending."""
+    if encoding in ("OGG_OPUS", "OGG_VORBIS"):
+        return head.startswith(b"OggS")
+    if encoding == "WEBM_OPUS":
+        return head.startswith(b"\x1a\x45\xdf\xa3")
+    if encoding == "FLAC":
+        return head.startswith((b"fLaC", b"ID3"))
+    if encoding == "MP3":
+        return head.startswith(b"ID3") or (head[0] == 0xFF and head[1] & 0xE0 == 0xE0)
+    return True
+
+
 AudioSink = Callable[[np.ndarray], None]
+PIPE_BYTES = 1 << 20  # undecoded bytes a compressed stream may have waiting for its decoder
+MAX_DECODER_THREADS = 256
+_threads = threading.BoundedSemaphore(MAX_DECODER_THREADS)
 
 
 class StreamDecoder:
@@ -48,6 +83,9 @@ class StreamDecoder:
 
     def feed(self, data: bytes) -> None:
         raise NotImplementedError
+
+    async def room(self) -> None:
+        """Wait until the decoder can take more bytes (returns at once when decoding has failed)."""
 
     def finish(self) -> None:
         raise NotImplementedError
@@ -71,9 +109,17 @@ class PcmStreamDecoder(StreamDecoder):
                  limits: Limits) -> None:  # fmt: skip
         super().__init__(sink, loop)
         self._dec = Linear16Decoder(sample_rate, channels, limits)
+        self.limits = limits
+        self._bytes = 0
 
     def feed(self, data: bytes) -> None:
         try:
+            self._bytes += len(data)
+            try:
+                if self._bytes > self.limits.max_bytes:
+                    check_size(self._bytes, self.limits)
+            except ServiceError as exc:
+                raise exc.relocated({"content": "audio_content"}) from None
             for block in self._dec.push(data):
                 self.sink(block)
         except ServiceError as exc:
@@ -91,17 +137,23 @@ class PcmStreamDecoder(StreamDecoder):
 
 
 class _Pipe(io.RawIOBase):
-    """A blocking byte pipe: the event loop writes, the decoder thread reads."""
+    """A blocking byte pipe: the event loop writes, the decoder thread reads; `pending` counts the
+    bytes written and not yet read, and `on_read` is called (in the reader's thread) after a read."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_read: Callable[[], None]) -> None:
         self._q: queue.Queue[bytes | None] = queue.Queue()
         self._buf = b""
         self._eof = False
+        self._lock = threading.Lock()
+        self.pending = 0
+        self._on_read = on_read
 
     def readable(self) -> bool:
         return True
 
     def write_bytes(self, data: bytes) -> None:
+        with self._lock:
+            self.pending += len(data)
         self._q.put(data)
 
     def close_writer(self) -> None:
@@ -117,6 +169,9 @@ class _Pipe(io.RawIOBase):
         n = min(len(b), len(self._buf))
         b[:n] = self._buf[:n]
         self._buf = self._buf[n:]
+        with self._lock:
+            self.pending -= n
+        self._on_read()
         return n
 
 
@@ -127,15 +182,55 @@ class ContainerStreamDecoder(StreamDecoder):
         super().__init__(sink, loop)
         self.encoding = encoding
         self.limits = limits
-        self._pipe = _Pipe()
+        self._bytes = 0
+        self._head = b""  # the first bytes, until checked
+        self._room = asyncio.Event()
+        self._room.set()
+        self._pipe = _Pipe(self._read_some)
         self._abandoned = threading.Event()
+        if not _threads.acquire(blocking=False):
+            raise LimitExceeded(
+                f"this gateway is decoding {MAX_DECODER_THREADS} compressed streams; retry later or "
+                "send LINEAR16",
+                reason="SERVER_BUSY",
+            )
         self._thread = threading.Thread(target=self._run, name=f"decode-{encoding}", daemon=True)
         self._thread.start()
 
     def feed(self, data: bytes) -> None:
         if self.done.done():
             self.done.result()  # re-raise the decoding error
+        self._bytes += len(data)
+        if len(self._head) < 4:
+            self._head += data[:4]
+            if len(self._head) >= 4 and not _starts_right(self.encoding, self._head):
+                exc = InvalidInput(
+                    f"the stream is not {self.encoding} audio (it does not start like one)",
+                    reason="UNDECODABLE_AUDIO",
+                    field="audio_content",
+                )
+                self._fail(exc)
+                self.close()
+                raise exc
+        try:
+            if self._bytes > self.limits.max_bytes:
+                check_size(self._bytes, self.limits)
+        except ServiceError as exc:
+            self._fail(exc)
+            self.close()
+            raise exc.relocated({"content": "audio_content"}) from None
         self._pipe.write_bytes(data)
+
+    async def room(self) -> None:
+        while self._pipe.pending >= PIPE_BYTES and not self.done.done() and not self._abandoned.is_set():
+            self._room.clear()
+            if self._pipe.pending < PIPE_BYTES:  # read meanwhile (the reader saw the event still set)
+                break
+            await self._room.wait()
+
+    def _read_some(self) -> None:
+        if self._pipe.pending < PIPE_BYTES and not self._room.is_set():
+            self.loop.call_soon_threadsafe(self._room.set)
 
     def finish(self) -> None:
         self._pipe.close_writer()
@@ -149,6 +244,13 @@ class ContainerStreamDecoder(StreamDecoder):
             self.loop.call_soon_threadsafe(self.sink, block)
 
     def _run(self) -> None:
+        try:
+            self._decode()
+        finally:
+            _threads.release()
+            self.loop.call_soon_threadsafe(self._room.set)
+
+    def _decode(self) -> None:
         fmt = STREAM_FORMATS[self.encoding]
         try:
             container = av.open(

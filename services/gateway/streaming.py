@@ -15,6 +15,17 @@ Policy (LocalAgreement-2, as in whisper_streaming, plus VAD endpointing):
 - the text already finalised before the window is passed to the model as its prompt;
 - audio in which VAD finds no speech is never sent to the model, so silence yields no words.
 All times are seconds from the start of the stream.
+
+Utterances: every result carries the index of the utterance (speech between pauses) it belongs to;
+the last final of an utterance is marked `utterance_end` (an empty final when all of its words were
+already final), then the index moves on.
+
+Resumption: everything before the window start is final (or silence), and so is everything up to
+the end of the last final word, so (an offset just before that end, the end itself, the recent
+final text, the utterance index) is all a new session needs to carry on where this one stopped:
+`resume_state()` gives it, and a session built with `resume=` starts there with the final text as
+its prompt and, exactly as it does within a session, drops words that are already final (by time
+and by the final text). No session state is kept anywhere else.
 """
 
 from __future__ import annotations
@@ -36,6 +47,7 @@ log = logging.getLogger("gateway.streaming")
 TranscribeFn = Callable[[np.ndarray, DecodeOptions, WorkClass], Awaitable[WindowResult]]
 VAD_FRAME = 512  # Silero's frame: 32 ms at 16 kHz
 RECENT_WORDS = 40  # final words a new hypothesis is checked against for repeats
+RESUME_MARGIN = 0.25  # a resumed stream restarts this long before the end of the last final word
 
 
 @dataclass(frozen=True)
@@ -54,11 +66,24 @@ class StreamPolicy:
     max_buffer: float = 60.0  # audio received but not yet transcribed; beyond it: RESOURCE_EXHAUSTED
 
 
+@dataclass(frozen=True)
+class ResumeState:
+    """Where a stream can be continued (the wire form is stt.v1.StreamResumePoint)."""
+
+    offset: float = 0.0  # stream seconds: everything before is final; a resumed part starts here
+    final_end: float = 0.0  # end of the last final word
+    context: str = ""  # recent final text, space-separated words
+    window_words: int = 0  # how many trailing context words lie after `offset` (not the prompt)
+    utterance: int = 0  # index of the next result's utterance
+    utterance_open: bool = False  # finals of `utterance` were sent, its end was not
+
+
 class EventType(Enum):
     RESULT = 1
     SPEECH_BEGIN = 2
     SPEECH_END = 3
     END_OF_SINGLE_UTTERANCE = 4
+    PROGRESS = 5  # nothing to say, but the resume point may have moved (silence)
 
 
 @dataclass
@@ -72,6 +97,8 @@ class Event:
     start: float = 0.0
     end: float = 0.0
     language: str = ""
+    utterance: int = 0
+    utterance_end: bool = False
 
 
 def _norm(word: str) -> str:
@@ -133,6 +160,7 @@ class StreamingSession:
         interim: bool = True,
         single_utterance: bool = False,
         vad_model: Callable[[np.ndarray], np.ndarray] | None = None,
+        resume: ResumeState | None = None,
     ) -> None:
         self.transcribe = transcribe
         # Live hypotheses are re-made every step: no temperature fallback (a bad one is replaced soon).
@@ -164,6 +192,58 @@ class StreamingSession:
         self._last_speech = -1  # absolute sample of the last speech frame
         self._utterance_done = False
         self.language = options.language or ""
+        # Utterances: the index of the current one, and whether finals of it were sent.
+        self._utterance = 0
+        self._utterance_open = False
+        if resume is not None:
+            self._resume(resume)
+
+    def _resume(self, r: ResumeState) -> None:
+        """Start where a previous part of the stream stopped (see ResumeState)."""
+        start = round(r.offset * SAMPLE_RATE)
+        self._base = self._received = self._covered = self._win = self._vad_pos = start
+        self._speech_end = start
+        self._final_end = r.final_end
+        # The context as final words: the prompt part before the window, the rest after its start
+        # (so they are not the prompt, but new hypotheses are checked against them for repeats).
+        words = r.context.split()
+        split = max(0, len(words) - max(0, r.window_words))
+        inside = max(r.final_end, r.offset + 0.1)
+        self._final_words = [Word(w, r.offset, r.offset, 1.0) for w in words[:split]] + [
+            Word(w, inside, inside, 1.0) for w in words[split:]
+        ]
+        self._utterance = r.utterance
+        self._utterance_open = r.utterance_open
+        if r.utterance_open:
+            # Speech was going on: no second SPEECH_BEGIN for it.
+            self._in_speech = True
+            self._last_speech = start
+
+    def resume_state(self) -> ResumeState:
+        """Where a new session would continue this stream if it broke now: just before the end of
+        the last final word (RESUME_MARGIN before it, so a word whose time came out early is not
+        cut; the part of it heard again is dropped as already final), or the window start when
+        nothing in the window is final. As when the window reaches max_window, the new session's
+        window starts after the final words rather than re-transcribing them: a fresh model pass
+        over finalised speech places words differently and is the most likely source of repeats."""
+        win = self._win / SAMPLE_RATE
+        if self._final_end - RESUME_MARGIN > win:
+            win = self._final_end - RESUME_MARGIN
+        before = [w for w in self._final_words if w.end <= win + 0.05]
+        inside = self._final_words[len(before) :]
+        prompt: list[str] = []  # whole words, at most prompt_chars characters
+        for w in reversed(before):
+            if len(w.word.strip()) + sum(len(p) + 1 for p in prompt) > self.policy.prompt_chars:
+                break
+            prompt.insert(0, w.word.strip())
+        return ResumeState(
+            offset=round(win, 6),
+            final_end=self._final_end,
+            context=" ".join([*prompt, *(w.word.strip() for w in inside)]),
+            window_words=len(inside),
+            utterance=self._utterance,
+            utterance_open=self._utterance_open,
+        )
 
     # -- input ---------------------------------------------------------------------------------------
 
@@ -253,6 +333,7 @@ class StreamingSession:
                 self._covered = end
                 self._history = []
                 self._drop_before(self._win)
+                yield Event(EventType.PROGRESS)
                 continue
             async for ev in self._hypothesis(end):
                 yield ev
@@ -358,20 +439,37 @@ class StreamingSession:
                     start=tail[0].start,
                     end=round(end / SAMPLE_RATE, 3),
                     language=self.language,
+                    utterance=self._utterance,
                 )
 
     async def _finalise(self, until: int) -> AsyncIterator[Event]:
         """Transcribe the window up to `until` one last time and make all of it final."""
+        ev = None
         if until > self._win and self._last_speech >= self._win:
             words = await self._words(self._win, until)
             ev = self._commit(words)
-            if ev:
-                yield ev
+        if self._utterance_open:
+            # The utterance is over (a pause, the end of the audio, or the single utterance).
+            if ev is None:
+                ev = Event(
+                    EventType.RESULT,
+                    is_final=True,
+                    stability=1.0,
+                    start=self._final_end,
+                    end=self._final_end,
+                    language=self.language,
+                    utterance=self._utterance,
+                )
+            ev.utterance_end = True
+            self._utterance += 1
+            self._utterance_open = False
         self._covered = max(self._covered, until)
         self._win = max(self._win, until)
         self._history = []
         self._last_interim = ""
         self._drop_before(self._win)
+        if ev:  # after the window moved on, so the resume point is past this audio
+            yield ev
 
     def _commit(self, words: list[Word]) -> Event | None:
         words = drop_repeated_block([w for w in words if w.word.strip()], self._final_words[-RECENT_WORDS:])
@@ -389,6 +487,7 @@ class StreamingSession:
         self._final_words = self._final_words[-200:]
         self._final_end = max(self._final_end, fixed[-1].end)
         self._last_interim = ""
+        self._utterance_open = True
         return Event(
             EventType.RESULT,
             words=fixed,
@@ -398,6 +497,7 @@ class StreamingSession:
             start=fixed[0].start,
             end=fixed[-1].end,
             language=self.language,
+            utterance=self._utterance,
         )
 
 

@@ -28,11 +28,14 @@ class CommonSettings(BaseSettings):
     metrics_port: int = 0
     # OpenTelemetry traces over OTLP (also on when OTEL_EXPORTER_OTLP_ENDPOINT is set; see tracing.py).
     tracing: bool = False
-    # Server-side keepalive and connection ageing (so new pods behind a Service get traffic).
+    # Server-side keepalive and connection ageing (so new pods behind a Service get traffic): after
+    # max_connection_age the server sends GOAWAY and new calls use a new connection; calls still
+    # running get max_connection_age_grace more, 0 meaning until they end (live streams are never
+    # cut by ageing; a grace > 0 cuts them, and SDK streams then resume).
     keepalive_time_seconds: float = 30.0
     keepalive_timeout_seconds: float = 10.0
     max_connection_age_seconds: float = 300.0
-    max_connection_age_grace_seconds: float = 30.0
+    max_connection_age_grace_seconds: float = 0.0
     # HTTP/2 streams (calls) one client connection may have open at once.
     max_concurrent_streams: int = 100
 

@@ -51,6 +51,15 @@ class HealthServicer(health_async.HealthServicer):
 
 def server_options(settings: CommonSettings, max_message_bytes: int) -> list[tuple[str, int]]:
     ms = 1000
+    # Connection ageing sends GOAWAY after max_connection_age, so new calls go to a new connection
+    # (and a new pod). Calls already running keep the old connection until they end unless a grace
+    # is set: with grace 0 (the default) no live stream is ever cut by ageing (measured: with a
+    # grace, grpc cancels every call still open when it expires, UNAVAILABLE "max connection age").
+    grace = (
+        [("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_seconds * ms))]
+        if settings.max_connection_age_grace_seconds > 0
+        else []
+    )
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -60,7 +69,7 @@ def server_options(settings: CommonSettings, max_message_bytes: int) -> list[tup
         ("grpc.http2.min_ping_interval_without_data_ms", 10 * ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * ms)),
-        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_seconds * ms)),
+        *grace,
         ("grpc.so_reuseport", 0),
         # One connection cannot open thousands of calls at once (each may hold a decoder).
         ("grpc.max_concurrent_streams", max(1, settings.max_concurrent_streams)),

@@ -1,0 +1,454 @@
+"""Resumable streams, utterances and per-stream bounds.
+
+Unit tests drive StreamingSession with a scripted model (no grpc, deterministic): a stream broken at
+any response and resumed from that response's resume state gives exactly the finals of an unbroken
+run. Service tests use real gRPC gateways in-process (the session's transcriber): SIGTERM drain and
+a stopped gateway mid-stream are resumed by the SDK on the other gateway; connection ageing does not
+cut a stream; idle and config timeouts; bad resume points.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from services.gateway.streaming import Event, EventType, ResumeState, StreamingSession, StreamPolicy
+from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, Word, WorkClass
+
+# -- a scripted model: audio value k (k > 0) held for a word's duration is the word "wK" ---------------
+
+
+def script(words: list[tuple[float, float]], total: float) -> np.ndarray:
+    """Audio where word i (1-based) is the constant i / 1000 between its start and end."""
+    audio = np.zeros(int(total * SAMPLE_RATE), dtype=np.float32)
+    for i, (start, end) in enumerate(words, 1):
+        audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)] = i / 1000
+    return audio
+
+
+async def fake_transcribe(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
+    words = []
+    values = np.round(audio * 1000).astype(int)
+    i = 0
+    while i < len(values):
+        k = values[i]
+        j = i
+        while j < len(values) and values[j] == k:
+            j += 1
+        # Only words heard to their end (the run stops before the window does).
+        if k > 0 and j < len(values):
+            words.append(Word(f" w{k}", round(i / SAMPLE_RATE, 3), round(j / SAMPLE_RATE, 3), 0.9))
+        i = j
+    seg = Segment(words[0].start, words[-1].end, "".join(w.word for w in words), words) if words else None
+    return WindowResult(segments=[seg] if seg else [], language="en")
+
+
+def fake_vad(block: np.ndarray) -> np.ndarray:
+    frames = block.reshape(-1, 512)
+    return (np.abs(frames).max(axis=1) > 0).astype(np.float32)
+
+
+POLICY = StreamPolicy(step=0.3, max_window=6.0, endpoint_silence=0.5, hold=0.2, settle=1.2)
+
+
+def session(resume: ResumeState | None = None) -> StreamingSession:
+    return StreamingSession(
+        fake_transcribe, DecodeOptions(), POLICY, interim=True, vad_model=fake_vad, resume=resume
+    )
+
+
+async def run(
+    s: StreamingSession, audio: np.ndarray, *, stop_after: int | None = None
+) -> list[tuple[Event, ResumeState]]:
+    """Feed `audio` in 0.1 s pieces, as fast as the session takes it; collect events with the resume
+    state a response for them would carry. stop_after: break the stream after that many events."""
+    out: list[tuple[Event, ResumeState]] = []
+
+    async def feed() -> None:
+        step = SAMPLE_RATE // 10
+        for i in range(0, len(audio), step):
+            s.add_audio(audio[i : i + step])
+            while s.backlog_seconds > 1.0:
+                await s.progressed()
+            await asyncio.sleep(0)
+        s.end_audio()
+
+    feeder = asyncio.create_task(feed())
+    try:
+        async for ev in s.events():
+            out.append((ev, s.resume_state()))
+            if stop_after is not None and len(out) >= stop_after:
+                break
+    finally:
+        feeder.cancel()
+    return out
+
+
+def finals(events: list[tuple[Event, ResumeState]]) -> list[Event]:
+    return [ev for ev, _ in events if ev.type == EventType.RESULT and ev.is_final]
+
+
+# Three utterances: 5 words, a pause, 12 words with short gaps (longer than the window), a pause, 3.
+def _words() -> list[tuple[float, float]]:
+    out, t = [], 0.5
+    for n, pause in ((5, 1.5), (12, 1.5), (3, 1.0)):
+        for _ in range(n):
+            out.append((t, t + 0.35))
+            t += 0.45
+        t += pause
+    return out
+
+
+WORDS = _words()
+TOTAL = WORDS[-1][1] + 1.0
+
+
+def text_of(evs: list[Event]) -> list[str]:
+    return [w.word.strip() for ev in evs for w in ev.words]
+
+
+async def test_unbroken_session_marks_utterances():
+    evs = finals(await run(session(), script(WORDS, TOTAL)))
+    assert text_of(evs) == [f"w{i}" for i in range(1, len(WORDS) + 1)]
+    ends = [ev for ev in evs if ev.utterance_end]
+    assert [ev.utterance for ev in ends] == [0, 1, 2]
+    # Every final of an utterance has its index; indexes only grow.
+    by_utt = {}
+    for ev in evs:
+        by_utt.setdefault(ev.utterance, []).extend(w.word.strip() for w in ev.words)
+    assert by_utt == {
+        0: [f"w{i}" for i in range(1, 6)],
+        1: [f"w{i}" for i in range(6, 18)],
+        2: [f"w{i}" for i in range(18, 21)],
+    }
+    assert [ev.utterance for ev in evs] == sorted(ev.utterance for ev in evs)
+
+
+async def test_resume_at_every_response_gives_the_unbroken_finals():
+    audio = script(WORDS, TOTAL)
+    whole = await run(session(), audio)
+    expected = [
+        (w.word, w.start, w.end, ev.utterance, ev.utterance_end) for ev in finals(whole) for w in ev.words
+    ]
+    expected_ends = [ev.utterance for ev in finals(whole) if ev.utterance_end]
+    for cut in range(1, len(whole), 2):
+        first = await run(session(), audio, stop_after=cut)
+        state = first[-1][1]
+        assert 0 <= state.offset <= TOTAL
+        start = round(state.offset * SAMPLE_RATE)
+        second = await run(session(resume=state), audio[start:])
+        got_finals = finals(first) + finals(second)
+        got = [
+            (w.word, w.start, w.end, ev.utterance, ev.utterance_end) for ev in got_finals for w in ev.words
+        ]
+        assert [g[0] for g in got] == [e[0] for e in expected], f"cut after response {cut}: {state}"
+        assert [g[3] for g in got] == [e[3] for e in expected], f"utterances, cut {cut}"
+        times = [t for g in got for t in g[1:3]]
+        assert times == pytest.approx([t for e in expected for t in e[1:3]], abs=0.05), f"cut {cut}"
+        assert [ev.utterance for ev in got_finals if ev.utterance_end] == expected_ends, f"cut {cut}"
+
+
+async def test_resume_state_carries_prompt_and_window_words():
+    audio = script(WORDS, TOTAL)
+    events = await run(session(), audio)
+    states = [st for _, st in events]
+    assert all(b.offset >= a.offset for a, b in itertools.pairwise(states)), "offsets only grow"
+    inside = [st for st in states if st.window_words]
+    assert inside, "some finals are made inside the window (agreement before the pause)"
+    st = inside[0]
+    assert len(st.context.split()) >= st.window_words
+    assert st.utterance_open and st.final_end > st.offset
+    last = states[-1]
+    assert not last.utterance_open and last.utterance == 3
+
+
+# -- real gRPC gateways ---------------------------------------------------------------------------------
+
+import grpc  # noqa: E402
+
+from services.gateway.server import Gateway  # noqa: E402
+from services.gateway.server import create_server as create_gateway  # noqa: E402
+from stt.client import AsyncClient  # noqa: E402
+from stt.errors import SttError  # noqa: E402
+from stt.streaming import PcmAudio  # noqa: E402
+from stt.v1 import common_pb2, speech_pb2, speech_pb2_grpc  # noqa: E402
+from tests.conftest import gateway_settings, wait_serving  # noqa: E402
+from tests.support import audio as test_audio  # noqa: E402
+from tests.support import speech as real  # noqa: E402
+from tests.support.text import normalize, wer  # noqa: E402
+from tests.support.waiting import until  # noqa: E402
+
+
+async def start_gateway(transcriber, jobstore, **kw: object) -> Gateway:  # type: ignore[no-untyped-def]
+    gw = await create_gateway(
+        gateway_settings(
+            f"127.0.0.1:{transcriber.port}",
+            jobstore_address=f"127.0.0.1:{jobstore.port}",
+            dispatch_concurrency=0,
+            http_enabled=False,
+            **kw,
+        ),
+        port=0,
+    )
+    await wait_serving(gw)
+    return gw
+
+
+def native_pcm(name: str) -> PcmAudio:
+    clip = real.by_name(name)
+    return PcmAudio(test_audio.encode(real.load_native(clip), "raw"), clip.sample_rate, 1)
+
+
+async def paced(pcm: PcmAudio, speed: float, gate: asyncio.Event | None = None) -> AsyncIterator[bytes]:
+    """0.1 s pieces at `speed` x real time; stops at `gate` (if given) until it is set."""
+    step = int(pcm.sample_rate * 0.1) * 2 * pcm.channels
+    t0 = time.monotonic()
+    for i, off in enumerate(range(0, len(pcm.data), step)):
+        delay = t0 + i * 0.1 / speed - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield pcm.data[off : off + step]
+
+
+async def consume(stream, on_final=None) -> list[speech_pb2.StreamingRecognizeResponse]:  # type: ignore[no-untyped-def]
+    out = []
+    async for resp in stream:
+        out.append(resp)
+        if on_final and any(r.is_final and r.transcript for r in resp.results):
+            on_final()
+    return out
+
+
+def final_results(responses) -> list[speech_pb2.SpeechRecognitionResult]:  # type: ignore[no-untyped-def]
+    return [r for resp in responses for r in resp.results if r.is_final]
+
+
+def check_seamless(results: list[speech_pb2.SpeechRecognitionResult]) -> None:
+    """Finals in time order, utterance indexes only growing, each utterance ended once."""
+    words = [w for r in results for w in r.words]
+    starts = [w.start_seconds for w in words]
+    assert starts == sorted(starts), starts
+    idx = [r.utterance_index for r in results]
+    assert idx == sorted(idx), idx
+    ended = [r.utterance_index for r in results if r.utterance_end]
+    assert ended == sorted(set(ended)), ended
+
+
+def transcript(results: list[speech_pb2.SpeechRecognitionResult]) -> str:
+    return " ".join(r.transcript for r in results if r.transcript)
+
+
+SPEED = 3.0
+
+
+@pytest.fixture(scope="module")
+def harvard() -> tuple[PcmAudio, str]:
+    clip = real.by_name("harvard_osr_0010_8k")
+    return native_pcm(clip.name), clip.text
+
+
+async def test_drained_gateway_stream_resumes_on_the_other(transcriber, jobstore, harvard):
+    pcm, reference = harvard
+    a = await start_gateway(transcriber, jobstore)
+    b = await start_gateway(transcriber, jobstore)
+    try:
+        target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
+        async with AsyncClient(target, timeout=120) as c:
+            kw = {"encoding": "LINEAR16", "sample_rate": pcm.sample_rate, "word_timestamps": True}
+            undisturbed = final_results(await consume(c.stream(paced(pcm, SPEED), interim=False, **kw)))
+            base_wer = wer(reference, transcript(undisturbed))
+
+            first_final = asyncio.Event()
+            task = asyncio.create_task(
+                consume(c.stream(paced(pcm, SPEED), interim=True, **kw), on_final=first_final.set)
+            )
+            await asyncio.wait_for(first_final.wait(), 60)
+            serving = next(g for g in (a, b) if g.speech.live_streams == 1)
+            other = b if serving is a else a
+            stopping = asyncio.create_task(serving.stop(20))
+            await until(lambda: other.speech.live_streams == 1, timeout=30, what="the resumed stream")
+            responses = await asyncio.wait_for(task, 90)
+            await stopping
+        results = final_results(responses)
+        check_seamless(results)
+        got = transcript(results)
+        assert wer(reference, got) <= base_wer + 0.01, (base_wer, got, transcript(undisturbed))
+        assert responses[-1].total_billed_seconds == pytest.approx(pcm.seconds, abs=0.2)
+    finally:
+        for g in (a, b):
+            await g.stop(0)
+
+
+async def test_connection_age_does_not_cut_a_stream(transcriber, jobstore):
+    gw = await start_gateway(transcriber, jobstore, max_connection_age_seconds=1.0)
+    try:
+        clip = real.by_name("librispeech_2412-153948-0000")  # 11.7 s at real time: 11 connection ages
+        pcm = native_pcm(clip.name)
+        async with AsyncClient(f"127.0.0.1:{gw.port}", timeout=60) as c:
+            opened = 0
+
+            async def source() -> AsyncIterator[bytes]:
+                nonlocal opened
+                async for piece in paced(pcm, 1.0):
+                    yield piece
+                    # Meanwhile new calls work (on a new connection after each GOAWAY).
+                    if int(time.monotonic()) % 3 == 0 and opened < 4:
+                        opened += 1
+                        await c.server_info()
+
+            responses = await consume(
+                c.stream(source(), interim=False, encoding="LINEAR16", sample_rate=pcm.sample_rate)
+            )
+        results = final_results(responses)
+        assert wer(clip.text, transcript(results)) <= 0.15, transcript(results)
+        check_seamless(results)
+        assert results[-1].utterance_end
+        # One call served it all: the stream was never cut (no resumption).
+        assert gw.speech.live_streams == 0
+    finally:
+        await gw.stop(0)
+
+
+async def _raw_stream(port: int, requests: list[speech_pb2.StreamingRecognizeRequest], hold: asyncio.Event):
+    """A raw gRPC stream that sends `requests`, then waits on `hold` (sends nothing more)."""
+
+    async def gen():  # type: ignore[no-untyped-def]
+        for r in requests:
+            yield r
+        await hold.wait()
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = speech_pb2_grpc.SpeechStub(ch)
+        call = stub.StreamingRecognize(gen(), timeout=20)
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            return SttError.from_rpc_error(exc)
+    return None
+
+
+def _config(**kw: object) -> speech_pb2.StreamingRecognizeRequest:
+    return speech_pb2.StreamingRecognizeRequest(
+        streaming_config=speech_pb2.StreamingRecognitionConfig(
+            config=common_pb2.RecognitionConfig(
+                encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000
+            ),
+            **kw,
+        )
+    )
+
+
+async def test_idle_and_silent_streams_end_with_stream_idle(transcriber, jobstore):
+    gw = await start_gateway(
+        transcriber, jobstore, stream_idle_seconds=1.0, stream_config_timeout_seconds=1.0
+    )
+    hold = asyncio.Event()
+    try:
+        t0 = time.monotonic()
+        err = await _raw_stream(gw.port, [], hold)
+        assert err and err.code == grpc.StatusCode.DEADLINE_EXCEEDED and err.reason == "STREAM_IDLE", err
+        assert "streaming_config" in err.message
+        audio_msg = speech_pb2.StreamingRecognizeRequest(audio_content=b"\0\0" * 1600)
+        err = await _raw_stream(gw.port, [_config(), audio_msg, audio_msg], hold)
+        assert err and err.code == grpc.StatusCode.DEADLINE_EXCEEDED and err.reason == "STREAM_IDLE", err
+        assert "no audio for 1s" in err.message
+        assert time.monotonic() - t0 < 15
+        info = await AsyncClient(f"127.0.0.1:{gw.port}").server_info()
+        assert info.limits.stream_idle_timeout_seconds == 1.0
+        assert info.limits.stream_config_timeout_seconds == 1.0
+        assert info.features.stream_resumption
+        await until(lambda: gw.speech.live_streams == 0, what="the sessions to close")
+    finally:
+        hold.set()
+        await gw.stop(0)
+
+
+async def test_decoder_error_reaches_the_client_without_more_audio(gateway):
+    hold = asyncio.Event()
+    req = speech_pb2.StreamingRecognizeRequest(
+        streaming_config=speech_pb2.StreamingRecognitionConfig(
+            config=common_pb2.RecognitionConfig(encoding=common_pb2.AUDIO_ENCODING_OGG_OPUS)
+        )
+    )
+    garbage = speech_pb2.StreamingRecognizeRequest(audio_content=b"this is not an ogg stream at all " * 300)
+    try:
+        err = await asyncio.wait_for(_raw_stream(gateway.port, [req, garbage], hold), 10)
+    finally:
+        hold.set()
+    assert err and err.code == grpc.StatusCode.INVALID_ARGUMENT, err
+    assert err.reason in ("UNDECODABLE_AUDIO", "CORRUPT_AUDIO"), err
+
+
+@pytest.mark.parametrize(
+    ("point", "field"),
+    [
+        (speech_pb2.StreamResumePoint(audio_offset_seconds=-1), "audio_offset_seconds"),
+        (speech_pb2.StreamResumePoint(final_end_seconds=float("nan")), "final_end_seconds"),
+        (speech_pb2.StreamResumePoint(audio_offset_seconds=1e9), "audio_offset_seconds"),
+        (speech_pb2.StreamResumePoint(next_utterance_index=-2), "next_utterance_index"),
+        (speech_pb2.StreamResumePoint(context="a b", context_window_words=3), "context_window_words"),
+        (speech_pb2.StreamResumePoint(context="x" * 5000), "context"),
+    ],
+)
+async def test_bad_resume_points_are_refused(client: AsyncClient, point, field):
+    hold = asyncio.Event()
+    hold.set()
+    port = int(client.server.rsplit(":", 1)[1])
+    err = await _raw_stream(port, [_config(resume_from=point)], hold)
+    assert err and err.code == grpc.StatusCode.INVALID_ARGUMENT and err.reason == "BAD_RESUME_POINT", err
+    assert any(field in f for f in err.fields), err.fields
+
+
+async def test_resumed_stream_continues_times_and_utterances(client: AsyncClient):
+    """A resume_from by hand: the part after the offset comes back with stream times, the utterance
+    index continues, and the prompt context is accepted."""
+    clip = real.by_name("librispeech_2412-153948-0000")
+    pcm = native_pcm(clip.name)
+    offset = 20.0
+    point = speech_pb2.StreamResumePoint(
+        session_id="s1",
+        audio_offset_seconds=offset,
+        final_end_seconds=offset,
+        context="Hello there.",
+        next_utterance_index=7,
+    )
+    responses = await consume(
+        client.stream(
+            [pcm.data[i : i + 3200] for i in range(0, len(pcm.data), 3200)],
+            interim=False,
+            config=None,
+            encoding="LINEAR16",
+            sample_rate=pcm.sample_rate,
+            resume=False,
+        )
+    )
+    plain = final_results(responses)
+    # The same audio as the second part of a stream resumed at 20 s.
+    req = _config(resume_from=point, interim_results=False)
+    req.streaming_config.config.sample_rate_hz = pcm.sample_rate
+    req.streaming_config.config.enable_word_time_offsets = True
+    async with grpc.aio.insecure_channel(client.server) as ch:
+        stub = speech_pb2_grpc.SpeechStub(ch)
+
+        async def gen():  # type: ignore[no-untyped-def]
+            yield req
+            for i in range(0, len(pcm.data), 3200):
+                yield speech_pb2.StreamingRecognizeRequest(audio_content=pcm.data[i : i + 3200])
+
+        resumed = [r async for r in stub.StreamingRecognize(gen(), timeout=60)]
+    results = final_results(resumed)
+    assert (
+        normalize(transcript(results)) == normalize(transcript(plain))
+        or wer(transcript(plain), transcript(results)) <= 0.1
+    )
+    assert results[0].utterance_index == 7
+    assert all(w.start_seconds >= offset for r in results for w in r.words)
+    assert resumed[-1].total_billed_seconds == pytest.approx(offset + pcm.seconds, abs=0.2)
+    assert {r.resume_point.session_id for r in resumed} == {"s1"}
+    assert resumed[-1].resume_point.audio_offset_seconds >= offset
