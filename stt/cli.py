@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -259,6 +260,11 @@ async def _stream(args: argparse.Namespace) -> int:
     from stt.v1 import speech_pb2
 
     audio = load_pcm(args.file if args.file != "-" else sys.stdin.buffer.read())
+    # Resumptions of a broken stream (a gateway restarted or lost) are noted on stderr.
+    note = logging.StreamHandler(sys.stderr)
+    note.setFormatter(logging.Formatter("(%(message)s)"))
+    logging.getLogger("stt.client").addHandler(note)
+    logging.getLogger("stt.client").setLevel(logging.INFO)
     tty = sys.stdout.isatty() and not args.json
     pending = ""
     async with AsyncClient(args.server, **_conn_kwargs(args)) as client:
@@ -278,6 +284,8 @@ async def _stream(args: argparse.Namespace) -> int:
                 )
                 continue
             for r in resp.results:
+                if r.is_final and not r.transcript:
+                    continue  # an utterance's closing marker (utterance_end) without words
                 if r.is_final:
                     line = f"[{r.start_seconds:7.2f}-{r.end_seconds:7.2f}] {r.transcript}"
                     sys.stdout.write(("\r\033[K" if tty and pending else "") + line + "\n")

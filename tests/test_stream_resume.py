@@ -452,3 +452,39 @@ async def test_resumed_stream_continues_times_and_utterances(client: AsyncClient
     assert resumed[-1].total_billed_seconds == pytest.approx(offset + pcm.seconds, abs=0.2)
     assert {r.resume_point.session_id for r in resumed} == {"s1"}
     assert resumed[-1].resume_point.audio_offset_seconds >= offset
+
+
+async def test_sync_client_resumes_streams_cut_by_a_connection_age_grace(transcriber, jobstore, caplog):
+    """With a grace, connection ageing cuts running calls (UNAVAILABLE "max connection age"): the
+    blocking client, reading a blocking audio source, resumes each time and the caller sees one
+    complete stream."""
+    from stt.client import Client
+
+    gw = await start_gateway(
+        transcriber, jobstore, max_connection_age_seconds=2.0, max_connection_age_grace_seconds=0.5
+    )
+    clip = real.by_name("librispeech_2412-153948-0000")
+    pcm = native_pcm(clip.name)
+
+    def source():  # type: ignore[no-untyped-def]
+        step = int(pcm.sample_rate * 0.1) * 2
+        t0 = time.monotonic()
+        for i, off in enumerate(range(0, len(pcm.data), step)):
+            time.sleep(max(0.0, t0 + i * 0.1 - time.monotonic()))
+            yield pcm.data[off : off + step]
+
+    def run() -> list[speech_pb2.StreamingRecognizeResponse]:
+        with Client(f"127.0.0.1:{gw.port}", timeout=60) as c:
+            return list(c.stream(source(), interim=False, encoding="LINEAR16", sample_rate=pcm.sample_rate))
+
+    try:
+        with caplog.at_level("INFO", logger="stt.client"):
+            responses = await asyncio.to_thread(run)
+    finally:
+        await gw.stop(0)
+    resumed = [r.getMessage() for r in caplog.records if "resuming" in r.getMessage()]
+    assert len(resumed) >= 2 and all("max connection age" in m for m in resumed), resumed
+    results = final_results(responses)
+    check_seamless(results)
+    assert wer(clip.text, transcript(results)) <= 0.15, (transcript(results), resumed)
+    assert responses[-1].total_billed_seconds == pytest.approx(pcm.seconds, abs=0.2)
