@@ -43,6 +43,9 @@ LOG_PROB_THRESHOLD = -1.0
 NO_SPEECH_THRESHOLD = 0.6
 BEST_OF = 5
 LIVE_PROMPT_TOKENS = 48  # previous-text tokens given to live windows
+# Live prompts are cut to a multiple of this many tokens: CTranslate2 batches only prompts of one
+# length, so streams with different histories share a model call (at most 4 lengths: 0, 16, 32, 48).
+LIVE_PROMPT_BUCKET = 16
 TOKENS_PER_SECOND = 12  # generous: fast speech is ~5 text tokens per second, plus timestamps
 FULL_CONTEXT = 3000  # 30 s of 10 ms feature frames: what Whisper was trained on
 CONTEXT_STEP = 500  # dynamic context is rounded up to 5 s
@@ -177,7 +180,9 @@ class Engine:
                 language = o.language or (None if self.multilingual else "en")
                 if language is None:
                     language, probabilities[i] = self._detect_language(req.audio)
-                frames = _context_frames(req.audio.shape[0]) if o.dynamic_context else FULL_CONTEXT
+                # Dynamic-context (live) windows of different lengths share a call: the group is encoded
+                # with the longest window's context (the others are padded, as Whisper was trained).
+                frames = 0 if o.dynamic_context else FULL_CONTEXT
                 prompt = self._prompt(self._tokenizer(language), o)
                 # CTranslate2 batches prompts only when <|startoftranscript|> sits at the same position,
                 # so windows group by prompt length too. Word timings are always aligned (they place
@@ -244,6 +249,8 @@ class Engine:
         from faster_whisper.audio import pad_or_trim
 
         language, beam_size, temperature, fallback, context, _prompt_length = key
+        if not context:
+            context = max(_context_frames(req.audio.shape[0]) for req in reqs)
         m = self._model
         tok = self._tokenizer(language)
         fe = m.feature_extractor
@@ -283,8 +290,9 @@ class Engine:
     def _prompt(self, tok: Any, opts: DecodeOptions) -> list[int]:
         previous = tok.encode(" " + opts.initial_prompt.strip()) if opts.initial_prompt else []
         if opts.dynamic_context:
-            # Live windows carry the stream's recent text: a fixed length lets streams share calls.
-            previous = previous[-LIVE_PROMPT_TOKENS:]
+            # Live windows carry the stream's recent text: a few fixed lengths let streams share calls.
+            keep = min(len(previous), LIVE_PROMPT_TOKENS) // LIVE_PROMPT_BUCKET * LIVE_PROMPT_BUCKET
+            previous = previous[len(previous) - keep :] if keep else []
         return list(
             self._model.get_prompt(tok, previous, without_timestamps=True, prefix=opts.prefix or None)
         )
