@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 import time
 from collections.abc import AsyncIterator
@@ -123,6 +124,8 @@ async def concurrent_streams(ctx: Context) -> dict[str, Any]:
     """7d. N real-time streams at once (each its own clip): final-word latency per level."""
     _, client = await ctx.stack.get()
     levels_n = ctx.pick([1, 2, 4], [1, 2, 4, 8, 16])
+    if os.environ.get("BENCH_STREAM_LEVELS"):  # e.g. "8" or "2,4,8" while tuning
+        levels_n = [int(x) for x in os.environ["BENCH_STREAM_LEVELS"].split(",")]
     t0 = time.perf_counter()
     clips = [ctx.corpus.stream_variant(i) for i in range(max(levels_n))]
     log(f"concurrent streams: {len(clips)} clips ready in {time.perf_counter() - t0:.1f}s")

@@ -46,8 +46,13 @@ class GatewaySettings(CommonSettings):
     stream_hold_seconds: float = 0.2
     # ... or two agreeing hypotheses and this much audio after the word.
     stream_settle_seconds: float = 1.2
-    # Beam size for live hypotheses (0: the transcriber's default); smaller is faster.
+    # Beam size where a live utterance's final is decided (0: the transcriber's default); interim
+    # hypotheses use stream_interim_beam_size (1: greedy, cheapest; they are re-made every step).
     stream_beam_size: int = 5
+    stream_interim_beam_size: int = 1
+    # Where the live window restarts after words become final: "commit" (after the last final word),
+    # "sentence" (after a final sentence end), "none" (only at pauses and at the window cap).
+    stream_trim: Literal["commit", "sentence", "none"] = "commit"
 
     # Jobs: where the jobstore is, and this gateway's dispatcher.
     jobstore_address: str = "127.0.0.1:50053"

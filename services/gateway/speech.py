@@ -302,6 +302,8 @@ class SpeechAPI:
                 agreement=s.stream_agreement,
                 hold=s.stream_hold_seconds,
                 settle=s.stream_settle_seconds,
+                interim_beam=s.stream_interim_beam_size,
+                trim=s.stream_trim,
             ),
             interim=cfg.interim_results,
             single_utterance=cfg.single_utterance,

@@ -4,10 +4,11 @@ Callers `await submit(...)`. Worker tasks wait for work, take up to `max_batch` 
 order (LIVE > INTERACTIVE > BATCH, then arrival) and run one model call in a thread; windows that
 queue meanwhile form the next call. When batch work (job chunks) is first in line, the worker gives
 the rest of its burst `window_ms` to arrive. Live streams move in ticks: every stream whose
-hypothesis came back from a call sends its next window at once, so when fewer live windows are
-waiting than the last live call held, the worker gives the rest of that tick up to `live_gather_ms`
-to arrive (one call per tick for all streams, not a small call and then a big one). A caller that
-goes away before its window is picked costs nothing.
+hypothesis came back from a call sends its next window at once, so after a call the worker expects
+the live windows already waiting plus those of the call just made, and gives them up to
+`live_gather_ms` to arrive: all streams share one call per tick (without this they split into
+cohorts that alternate, each call half full). A caller that goes away before its window is picked
+costs nothing.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class Batcher:
         self._max_batch = max(1, max_batch)
         self._max_queue = max_queue
         self._live_gather = max(live_gather_ms, 0.0) / 1000.0
-        self._last_live = 0  # live windows in the last call that had any
+        self._expect_live = 0  # live windows expected for the next call (see _gather_live)
         self._heap: list[_Item] = []
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
@@ -163,8 +164,6 @@ class Batcher:
             if not batch:
                 continue
             live = sum(1 for i in batch if i.work_class == WorkClass.LIVE)
-            if live:
-                self._last_live = live
             now = time.perf_counter()
             for item in batch:
                 WAIT_SECONDS.labels(item.work_class.name).observe(now - item.enqueued)
@@ -179,6 +178,8 @@ class Batcher:
                 self.busy -= 1
             finished = time.perf_counter()
             elapsed = finished - now
+            # The streams of this call come back at once; those still queued wait with them.
+            self._expect_live = min(live + self._live_waiting(), self._max_batch)
             BUSY_SECONDS.inc(elapsed)
             audio = sum(i.req.audio.shape[0] for i in batch) / SAMPLE_RATE
             if audio > 0:
@@ -199,9 +200,8 @@ class Batcher:
         return sum(1 for i in self._heap if i.work_class == WorkClass.LIVE and not i.future.done())
 
     async def _gather_live(self) -> None:
-        """Wait (at most live_gather_ms) until as many live windows are queued as the last live call
-        had: the rest of this tick's streams are on their way."""
-        want = min(self._last_live, self._max_batch)
+        """Wait (at most live_gather_ms) until the live windows expected for this tick are queued."""
+        want, self._expect_live = self._expect_live, 0
         deadline = time.perf_counter() + self._live_gather
         while self._live_waiting() < want:
             remaining = deadline - time.perf_counter()
