@@ -53,6 +53,15 @@ class GatewaySettings(CommonSettings):
     # Where the live window restarts after words become final: "commit" (after the last final word),
     # "sentence" (after a final sentence end), "none" (only at pauses and at the window cap).
     stream_trim: Literal["commit", "sentence", "none"] = "commit"
+    # Admission control: live streams admitted per transcriber, estimated from the measured model cost
+    # of live windows so that one batched tick for all streams lasts at most
+    # stream_target_tick_seconds; stream_capacity_initial until a transcriber has been measured;
+    # stream_capacity > 0 fixes the number per transcriber instead. Several gateways sharing the
+    # transcribers: stream_capacity_share = 1 / number of gateways.
+    stream_target_tick_seconds: float = 0.6
+    stream_capacity_initial: int = 4
+    stream_capacity: int = 0
+    stream_capacity_share: float = 1.0
 
     # Jobs: where the jobstore is, and this gateway's dispatcher.
     jobstore_address: str = "127.0.0.1:50053"

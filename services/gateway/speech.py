@@ -16,6 +16,7 @@ from typing import Any
 from prometheus_client import Gauge
 
 from services.gateway import audio as audio_mod
+from services.gateway.admission import StreamAdmission
 from services.gateway.auth import current_caller, require_write
 from services.gateway.config import GatewaySettings
 from services.gateway.observe import StreamObserver
@@ -124,6 +125,13 @@ class SpeechAPI:
         self.budget = budget or ByteBudget(0)
         self.limits = audio_mod.Limits(settings.max_recognize_bytes, settings.max_recognize_seconds)
         self.vad = settings.vad()
+        self.admission = StreamAdmission(
+            pool.serving_replicas,
+            target_tick=settings.stream_target_tick_seconds,
+            initial=settings.stream_capacity_initial,
+            fixed=settings.stream_capacity,
+            share=settings.stream_capacity_share,
+        )
 
     def caps(self) -> ModelCaps | None:
         return self.pool.caps()
@@ -228,10 +236,11 @@ class SpeechAPI:
         session, decoder, max_seconds = self._open_stream(cfg, observer)
         try:
             async with self.quotas.slot(caller, "concurrent_streams"):
-                async for response in self._run_stream(
-                    requests, cfg, session, decoder, max_seconds, observer
-                ):
-                    yield response
+                with self.admission.admit():  # refused here if the transcribers are at capacity
+                    async for response in self._run_stream(
+                        requests, cfg, session, decoder, max_seconds, observer
+                    ):
+                        yield response
         finally:
             decoder.close()
 
@@ -292,7 +301,7 @@ class SpeechAPI:
             options.beam_size = self.settings.stream_beam_size
         s = self.settings
         session = StreamingSession(
-            observer.transcribe(self.pool.transcribe),
+            observer.transcribe(self._live_transcribe),
             options,
             StreamPolicy(
                 step=s.stream_step_seconds,
@@ -321,6 +330,11 @@ class SpeechAPI:
             valid.encoding, valid.sample_rate, valid.channels, limits, sink, asyncio.get_running_loop()
         )
         return session, decoder, max_seconds
+
+    async def _live_transcribe(self, audio: Any, options: Any, work_class: Any) -> Any:
+        result = await self.pool.transcribe(audio, options, work_class)
+        self.admission.observe(result)
+        return result
 
     async def _read_stream(
         self,
@@ -397,6 +411,7 @@ class SpeechAPI:
                 failed_ttl_seconds=failed_ttl,
                 max_inflight_bytes=s.max_inflight_bytes,
                 max_concurrent_streams_per_connection=s.max_concurrent_streams,
+                live_stream_capacity=self.admission.capacity(),
             ),
             features=speech_pb2.ServerFeatures(
                 recognize_encodings=_encoding_values(RECOGNIZE_ENCODINGS),

@@ -58,6 +58,7 @@ class StreamPolicy:
     # the window holds only audio not yet final; shortest and cheapest), "sentence" (after a
     # committed sentence end), "none" (only at pauses and at max_window).
     trim: str = "commit"
+    trim_overlap: float = 1.0  # with trim="commit": audio of final words kept as left context
     tail_passes: int = 0  # extra passes when a final stops >= 1 s before the speech does
     min_window: float = 1.0  # no hypothesis of less audio (sub-second snippets make Whisper guess)
 
@@ -370,7 +371,8 @@ class StreamingSession:
         if agreed and (trim == "commit" or (trim == "sentence" and _ends_sentence(words[agreed - 1].word))):
             # The window restarts after the final words (shorter windows cost less, and audio of
             # final words is not transcribed again); their text goes on as the prompt.
-            cut = int(self._final_end * SAMPLE_RATE)
+            overlap = self.policy.trim_overlap if trim == "commit" else 0.0
+            cut = int(max(self._final_end - overlap, 0.0) * SAMPLE_RATE)
             if cut > self._win:
                 self._win = cut
                 self._drop_before(self._win)

@@ -195,7 +195,6 @@ class Batcher:
                     res.model_seconds = round(elapsed, 4)
                     item.future.set_result(res)
 
-
     def _live_waiting(self) -> int:
         return sum(1 for i in self._heap if i.work_class == WorkClass.LIVE and not i.future.done())
 
