@@ -4,14 +4,14 @@ RetryInfo) so the latency of the admitted streams never runs away. No grpc here.
 
 Live streams move in ticks: every stream's next hypothesis goes into one batched model call per
 transcriber. A stream stays real-time (final words within ~1 s) while a tick lasts at most
-`target_tick` seconds, so a transcriber serves `target_tick / cost` streams, `cost` being the
-model seconds one live window adds to a batched call. The cost is measured, per transcriber, from
-the live calls it served (each response carries the batch size and the call's seconds), so the
-capacity follows the model, the hardware (a GPU replica measures cheaper) and the number of
-replicas. The measure is the amortised cost (call seconds / windows) of calls of 2 or more windows,
-which overstates the marginal cost for small batches: the estimate is conservative and grows as
-more streams are served. Until a transcriber has served such calls it counts for `initial`
-streams. `fixed` (STT_STREAM_CAPACITY) replaces the estimate by a fixed number per transcriber.
+`target_tick` seconds. The cost of a live call is measured, per transcriber, from the live calls
+it served (each response carries the batch size and the call's seconds) and fitted as
+`fixed + per_window * windows` (least squares over its recent calls); a transcriber serves the
+streams that fit in `target_tick`. So the capacity follows the model, the hardware (a GPU replica
+measures cheaper) and the number of replicas. While the recent calls all had the same size, the
+amortised cost (seconds / windows) stands in for the marginal one (conservative). Until a
+transcriber has been measured it counts for `initial` streams. `fixed`
+(STT_STREAM_CAPACITY) replaces the estimate by a fixed number per transcriber.
 
 The count is this gateway's: several gateways sharing the transcribers each see the whole capacity
 (set `share`, e.g. 1 / the number of gateways, to split it).
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,15 +37,32 @@ REFUSED = Counter(
     "stt_gateway_streams_refused_total", "Live streams refused for lack of transcriber capacity"
 )
 
-EWMA = 0.1  # weight of a new observation in the per-transcriber cost
+MIN_CALLS = 8  # live calls a transcriber must have served before its cost is trusted
+MAX_PER_TRANSCRIBER = 256
 STALE_SECONDS = 600.0  # forget the cost of a transcriber not heard from in this long
+
+
+RECENT_CALLS = 128
 
 
 @dataclass
 class _Cost:
-    per_window: float = 0.0  # model seconds per live window (amortised over its batch)
-    calls: int = 0
+    calls: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=RECENT_CALLS))
     seen: float = field(default_factory=time.monotonic)
+
+    def streams(self, target: float) -> int:
+        """Windows one call can hold within `target` seconds, by the fitted cost."""
+        n = len(self.calls)
+        mb = sum(b for b, _ in self.calls) / n
+        mt = sum(t for _, t in self.calls) / n
+        var = sum((b - mb) ** 2 for b, _ in self.calls)
+        amortised = sum(t / b for b, t in self.calls) / n
+        if var < 1.0:
+            return math.floor(target / amortised + 1e-6)
+        slope = sum((b - mb) * (t - mt) for b, t in self.calls) / var
+        slope = max(slope, 0.1 * amortised)  # noise must not make a window look free
+        intercept = max(mt - slope * mb, 0.0)
+        return math.floor((target - intercept) / slope + 1e-6)
 
 
 class StreamAdmission:
@@ -69,21 +87,22 @@ class StreamAdmission:
 
     def observe(self, result: WindowResult) -> None:
         """A live window came back: learn its transcriber's cost per window."""
-        if result.batch_size < 2 or result.model_seconds <= 0 or not result.served_by:
+        if result.batch_size < 1 or result.model_seconds <= 0 or not result.served_by:
             return
         cost = self._costs.setdefault(result.served_by, _Cost())
-        sample = result.model_seconds / result.batch_size
-        cost.per_window = sample if cost.calls == 0 else (1 - EWMA) * cost.per_window + EWMA * sample
-        cost.calls += 1
+        # Every window of a call reports the same call: keep one sample per call.
+        sample = (result.batch_size, result.model_seconds)
+        if not cost.calls or cost.calls[-1] != sample:
+            cost.calls.append(sample)
         cost.seen = time.monotonic()
 
     def per_transcriber(self, replica: str) -> int:
         if self.fixed > 0:
             return self.fixed
         cost = self._costs.get(replica)
-        if cost is None or cost.calls < 3 or time.monotonic() - cost.seen > STALE_SECONDS:
+        if cost is None or len(cost.calls) < MIN_CALLS or time.monotonic() - cost.seen > STALE_SECONDS:
             return self.initial
-        return max(1, math.floor(self.target_tick / cost.per_window + 1e-6))
+        return min(max(1, cost.streams(self.target_tick)), MAX_PER_TRANSCRIBER)
 
     def capacity(self) -> int:
         replicas = self._serving()

@@ -58,8 +58,8 @@ class GatewaySettings(CommonSettings):
     # stream_target_tick_seconds; stream_capacity_initial until a transcriber has been measured;
     # stream_capacity > 0 fixes the number per transcriber instead. Several gateways sharing the
     # transcribers: stream_capacity_share = 1 / number of gateways.
-    stream_target_tick_seconds: float = 0.6
-    stream_capacity_initial: int = 4
+    stream_target_tick_seconds: float = 0.7
+    stream_capacity_initial: int = 8
     stream_capacity: int = 0
     stream_capacity_share: float = 1.0
 
