@@ -42,7 +42,7 @@ class GatewaySettings(CommonSettings):
     stream_endpoint_silence_seconds: float = 0.5
     stream_max_buffer_seconds: float = 60.0
     # LocalAgreement: hypotheses that must agree before a word is final, and audio that must follow it.
-    stream_agreement: int = 3
+    stream_agreement: int = 2
     stream_hold_seconds: float = 0.2
     # ... or two agreeing hypotheses and this much audio after the word.
     stream_settle_seconds: float = 1.2
@@ -52,7 +52,7 @@ class GatewaySettings(CommonSettings):
     stream_interim_beam_size: int = 1
     # Where the live window restarts after words become final: "commit" (after the last final word),
     # "sentence" (after a final sentence end), "none" (only at pauses and at the window cap).
-    stream_trim: Literal["commit", "sentence", "none"] = "commit"
+    stream_trim: Literal["commit", "sentence", "none"] = "none"
     # Admission control: live streams admitted per transcriber, estimated from the measured model cost
     # of live windows so that one batched tick for all streams lasts at most
     # stream_target_tick_seconds; stream_capacity_initial until a transcriber has been measured;

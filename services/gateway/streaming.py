@@ -13,6 +13,13 @@ Policy (LocalAgreement-2, as in whisper_streaming, plus VAD endpointing):
   the pause is transcribed one last time and made final (speech ended), and the window restarts there;
 - the window never grows past `max_window`: the agreed words are finalised and the window trimmed;
 - the text already finalised before the window is passed to the model as its prompt;
+- hypotheses are greedy (`interim_beam`); the final of an utterance (at a pause, at the end) uses
+  the request's beam; `trim` restarts the window after final words too ("commit": shortest windows,
+  cheapest ticks, "sentence", "none");
+- VAD stops at the first endpoint of a block of audio, so a pause followed by more speech in the
+  same block (a client ahead of the session) still ends its utterance;
+- a hypothesis is cut where the model wrote on past the audio (words squeezed into one instant) and
+  where it loops, and never starts with words already final;
 - audio in which VAD finds no speech is never sent to the model, so silence yields no words.
 All times are seconds from the start of the stream.
 """
@@ -49,7 +56,7 @@ class StreamPolicy:
     prompt_chars: int = 200
     hold: float = 0.2  # a word is only agreed once this much audio follows it (right context)
     catch_up: float = 2.0  # seconds per hypothesis when audio arrives faster than real time
-    agreement: int = 3  # consecutive hypotheses that must agree on a word (LocalAgreement-n)
+    agreement: int = 2  # consecutive hypotheses that must agree on a word (LocalAgreement-n)
     settle: float = 1.2  # or: two agreeing hypotheses and this much audio after the word
     max_buffer: float = 60.0  # audio received but not yet transcribed; beyond it: RESOURCE_EXHAUSTED
     interim_beam: int = 1  # beam for hypotheses (greedy: cheap, and they are re-made every step)
@@ -57,7 +64,7 @@ class StreamPolicy:
     # Where the window restarts after words are committed: "commit" (after the last final word:
     # the window holds only audio not yet final; shortest and cheapest), "sentence" (after a
     # committed sentence end), "none" (only at pauses and at max_window).
-    trim: str = "commit"
+    trim: str = "none"
     trim_overlap: float = 1.0  # with trim="commit": audio of final words kept as left context
     tail_passes: int = 0  # extra passes when a final stops >= 1 s before the speech does
     min_window: float = 1.0  # no hypothesis of less audio (sub-second snippets make Whisper guess)

@@ -78,7 +78,7 @@ class Batcher:
         max_batch: int,
         max_queue: int,
         workers: int = 1,
-        live_gather_ms: float = 15.0,
+        live_gather_ms: float = 40.0,
     ) -> None:
         self._run_batch = run_batch
         self._window = max(window_ms, 0.0) / 1000.0
