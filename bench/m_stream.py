@@ -195,7 +195,10 @@ async def concurrent_streams(ctx: Context) -> dict[str, Any]:
         "levels": levels,
         "note": "Stream i plays clip i (different sentences, voices and rates; clip 0 is the streaming "
         "measure's clip); streams start within 0.3 s of each other. Latencies of all streams of a level are "
-        "pooled. A level counts for the goal only if every stream completed without error.",
+        "pooled. A level counts for the goal only if every stream completed without error. Clips are real "
+        "speech (tests/data/speech). Admission control refuses streams past the estimated capacity "
+        "(CAPACITY_EXHAUSTED); to measure latency past it, run with STT_STREAM_CAPACITY=32 "
+        f"(this run: STT_STREAM_CAPACITY={os.environ.get('STT_STREAM_CAPACITY', 'unset')}).",
     }
 
 
