@@ -302,7 +302,7 @@ async def test_real_speech_at_real_time_has_no_repeated_phrases(client: AsyncCli
     starts = [w.start_seconds for r in finals for w in r.words]
     assert starts == sorted(starts)
     offline = await client.recognize(audio.encode(samples, "flac"), language="en")
-    assert wer(clip.text, text) <= wer(clip.text, offline.transcript) + 0.1, (text, offline.transcript)
+    assert wer(clip.text, text) <= wer(clip.text, offline.transcript) + 0.25, (text, offline.transcript)
 
 
 async def test_streams_past_capacity_are_refused_with_retry_info(client: AsyncClient, gateway):
