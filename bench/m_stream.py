@@ -198,7 +198,10 @@ async def concurrent_streams(ctx: Context) -> dict[str, Any]:
         "pooled. A level counts for the goal only if every stream completed without error. Clips are real "
         "speech (tests/data/speech). Admission control refuses streams past the estimated capacity "
         "(CAPACITY_EXHAUSTED); to measure latency past it, run with STT_STREAM_CAPACITY=32 "
-        f"(this run: STT_STREAM_CAPACITY={os.environ.get('STT_STREAM_CAPACITY', 'unset')}).",
+        f"(this run: STT_STREAM_CAPACITY={os.environ.get('STT_STREAM_CAPACITY', 'unset')}). All streams share "
+        "one client connection: until connection ageing spares running streams (issue 11 item 1), run with "
+        "STT_MAX_CONNECTION_AGE_SECONDS=3600 (this run: "
+        f"{os.environ.get('STT_MAX_CONNECTION_AGE_SECONDS', 'unset')}).",
     }
 
 
