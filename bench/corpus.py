@@ -186,6 +186,36 @@ def _long_spec(name: str, min_seconds: float, first: int = 0) -> ClipSpec:
         count += max(1, int((min_seconds - clip.seconds) / per) + 1)
 
 
+def real_stream(i: int, min_seconds: float) -> Clip:
+    """Real recordings (tests/data/speech: several speakers, telephone-band 8 kHz, noisy, meeting)
+    one after another with 0.8 s between them until at least `min_seconds`; stream i starts at a
+    different recording, so concurrent streams say different things at any moment."""
+    from tests.support.speech import load_16k, real_clips
+
+    clips = real_clips()
+    order = [clips[(3 * i + k) % len(clips)] for k in range(len(clips))]
+    lead, pause = 0.5, 0.8
+    parts = [audio.silence(lead)]
+    spans: list[tuple[float, float, str]] = []
+    t = lead
+    k = 0
+    while t < min_seconds or not spans:
+        rec = order[k % len(order)]
+        k += 1
+        samples = load_16k(rec)
+        spans.append((round(t, 3), round(t + samples.shape[0] / SR, 3), rec.text))
+        parts += [samples, audio.silence(pause)]
+        t += samples.shape[0] / SR + pause
+    names = [order[j % len(order)].name for j in range(k)]
+    return Clip(
+        f"real-stream-{i}",
+        np.concatenate(parts).astype(np.float32),
+        " ".join(s for _, _, s in spans),
+        spans,
+        {"real_speech": names},
+    )
+
+
 @dataclass
 class Corpus:
     quick: bool
@@ -197,13 +227,12 @@ class Corpus:
     _variants: dict[int, Clip] = field(default_factory=dict)
 
     def stream_variant(self, i: int) -> Clip:
-        """Stream clip i: 0 is `stream`; the others start elsewhere in the sentence list, so concurrent
-        streams say different things (as real ones do) and carry different prompts."""
+        """Stream clip i: 0 is `stream`; the others start at other recordings, so concurrent streams
+        say different things (as real ones do) and carry different prompts."""
         if i == 0:
             return self.stream
         if i not in self._variants:
-            spec = _long_spec(f"stream-{i}", 25.0 if self.quick else 60.0, first=14 + 5 * i)
-            self._variants[i] = build(spec)
+            self._variants[i] = real_stream(i, 25.0 if self.quick else 60.0)
         return self._variants[i]
 
     def describe(self) -> dict[str, object]:
@@ -241,7 +270,7 @@ def build_corpus(quick: bool) -> Corpus:
     clips = [build(s) for s in corpus_specs(quick)]
     long = build(_long_spec("long", 60.0 if quick else 185.0))
     medium = build(_long_spec("medium", 20.0 if quick else 60.0, first=5))
-    stream = build(_long_spec("stream", 25.0 if quick else 60.0, first=14))
+    stream = real_stream(0, 25.0 if quick else 60.0)  # live streams: real speech
     return Corpus(quick, clips, long, medium, stream, short_clip(5.0))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 import time
 from collections.abc import AsyncIterator
@@ -123,6 +124,8 @@ async def concurrent_streams(ctx: Context) -> dict[str, Any]:
     """7d. N real-time streams at once (each its own clip): final-word latency per level."""
     _, client = await ctx.stack.get()
     levels_n = ctx.pick([1, 2, 4], [1, 2, 4, 8, 16])
+    if os.environ.get("BENCH_STREAM_LEVELS"):  # e.g. "8" or "2,4,8" while tuning
+        levels_n = [int(x) for x in os.environ["BENCH_STREAM_LEVELS"].split(",")]
     t0 = time.perf_counter()
     clips = [ctx.corpus.stream_variant(i) for i in range(max(levels_n))]
     log(f"concurrent streams: {len(clips)} clips ready in {time.perf_counter() - t0:.1f}s")
@@ -192,7 +195,13 @@ async def concurrent_streams(ctx: Context) -> dict[str, Any]:
         "levels": levels,
         "note": "Stream i plays clip i (different sentences, voices and rates; clip 0 is the streaming "
         "measure's clip); streams start within 0.3 s of each other. Latencies of all streams of a level are "
-        "pooled. A level counts for the goal only if every stream completed without error.",
+        "pooled. A level counts for the goal only if every stream completed without error. Clips are real "
+        "speech (tests/data/speech). Admission control refuses streams past the estimated capacity "
+        "(CAPACITY_EXHAUSTED); to measure latency past it, run with STT_STREAM_CAPACITY=32 "
+        f"(this run: STT_STREAM_CAPACITY={os.environ.get('STT_STREAM_CAPACITY', 'unset')}). All streams share "
+        "one client connection: until connection ageing spares running streams (issue 11 item 1), run with "
+        "STT_MAX_CONNECTION_AGE_SECONDS=3600 (this run: "
+        f"{os.environ.get('STT_MAX_CONNECTION_AGE_SECONDS', 'unset')}).",
     }
 
 

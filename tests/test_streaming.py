@@ -20,6 +20,7 @@ from stt.streaming import PcmAudio, paced_bytes, pcm_chunks
 from stt.v1 import common_pb2, speech_pb2
 from tests.support import audio
 from tests.support.text import normalize, wer
+from tests.support.waiting import until
 
 
 @pytest.fixture(scope="module")
@@ -279,3 +280,61 @@ def test_drop_repeated_block():
         "very",
         "good",
     ]
+
+
+def _repeated_ngrams(text: str, n: int = 4) -> set[tuple[str, ...]]:
+    words = normalize(text).split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return {g for g in grams if grams.count(g) > 1}
+
+
+@pytest.mark.parametrize("name", ["jfk_inaugural_16k", "harvard_osr_0010_8k"])
+async def test_real_speech_at_real_time_has_no_repeated_phrases(client: AsyncClient, name: str):
+    """Real recordings streamed at real time: no phrase of the finals is said twice unless the
+    speaker said it twice (a final must never cover audio that is already final), and the words
+    are the offline ones."""
+    from tests.support.speech import by_name, load_16k
+
+    clip = by_name(name)
+    samples = load_16k(clip)
+    pcm = PcmAudio(audio.encode(samples, "raw"), 16000, 1)
+    responses = await _collect(client.stream(pcm_chunks(pcm, realtime=True), interim=True, language="en"))
+    finals = _finals(responses)
+    text = " ".join(r.transcript for r in finals)
+    assert _repeated_ngrams(text) <= _repeated_ngrams(clip.text), text
+    starts = [w.start_seconds for r in finals for w in r.words]
+    assert starts == sorted(starts)
+    offline = await client.recognize(audio.encode(samples, "flac"), language="en")
+    assert wer(clip.text, text) <= wer(clip.text, offline.transcript) + 0.25, (text, offline.transcript)
+
+
+async def test_streams_past_capacity_are_refused_with_retry_info(client: AsyncClient, gateway):
+    """Admission control: with room for one live stream, a second is refused at admission with
+    RESOURCE_EXHAUSTED / CAPACITY_EXHAUSTED and a retry delay; the admitted one is unaffected."""
+    admission = gateway.speech.admission
+    saved = admission.fixed
+    admission.fixed = 1
+    gate = asyncio.Event()
+
+    async def held_audio():
+        yield b"\x00\x00" * 1600
+        await gate.wait()
+
+    first = client.stream(held_audio(), interim=False)
+    holder = asyncio.ensure_future(anext(first, None))
+    try:
+        await until(lambda: admission.active == 1, timeout=10)
+        info = await client.server_info()
+        assert info.limits.live_stream_capacity == 1
+        with pytest.raises(SttError) as err:
+            async for _ in client.stream([b"\x00\x00" * 1600]):
+                pass
+        e = err.value
+        assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "CAPACITY_EXHAUSTED"
+        assert e.retry_after is not None and e.retry_after > 0
+    finally:
+        gate.set()
+        await asyncio.gather(holder, return_exceptions=True)
+        await first.aclose()
+        admission.fixed = saved
+    await until(lambda: admission.active == 0, timeout=10)

@@ -42,16 +42,30 @@ class GatewaySettings(CommonSettings):
     stream_endpoint_silence_seconds: float = 0.5
     stream_max_buffer_seconds: float = 60.0
     # LocalAgreement: hypotheses that must agree before a word is final, and audio that must follow it.
-    stream_agreement: int = 3
+    stream_agreement: int = 2
     stream_hold_seconds: float = 0.2
     # ... or two agreeing hypotheses and this much audio after the word.
     stream_settle_seconds: float = 1.2
-    # Beam size for live hypotheses (0: the transcriber's default); smaller is faster.
+    # Beam size where a live utterance's final is decided (0: the transcriber's default); interim
+    # hypotheses use stream_interim_beam_size (1: greedy, cheapest; they are re-made every step).
     stream_beam_size: int = 5
     # A stream that sends no audio for this long ends (DEADLINE_EXCEEDED, STREAM_IDLE); its first
     # message (the config) must come within stream_config_timeout_seconds.
     stream_idle_seconds: float = 30.0
     stream_config_timeout_seconds: float = 10.0
+    stream_interim_beam_size: int = 1
+    # Where the live window restarts after words become final: "commit" (after the last final word),
+    # "sentence" (after a final sentence end), "none" (only at pauses and at the window cap).
+    stream_trim: Literal["commit", "sentence", "none"] = "none"
+    # Admission control: live streams admitted per transcriber, estimated from the measured model cost
+    # of live windows so that one batched tick for all streams lasts at most
+    # stream_target_tick_seconds; stream_capacity_initial until a transcriber has been measured;
+    # stream_capacity > 0 fixes the number per transcriber instead. Several gateways sharing the
+    # transcribers: stream_capacity_share = 1 / number of gateways.
+    stream_target_tick_seconds: float = 0.7
+    stream_capacity_initial: int = 8
+    stream_capacity: int = 0
+    stream_capacity_share: float = 1.0
 
     # Jobs: where the jobstore is, and this gateway's dispatcher.
     jobstore_address: str = "127.0.0.1:50053"

@@ -110,6 +110,10 @@ class TranscriberPool:
         if self._change is not None and not self._change.done():
             self._change.set_result(None)
 
+    def serving_replicas(self) -> list[str]:
+        """Replica ids (host:pid, as results name them) of the SERVING transcribers."""
+        return [e.info.served_by if e.info else e.address for e in self.endpoints.values() if e.serving]
+
     @property
     def serving_count(self) -> int:
         return sum(1 for e in self.endpoints.values() if e.serving)

@@ -17,6 +17,7 @@ from typing import Any
 from prometheus_client import Gauge
 
 from services.gateway import audio as audio_mod
+from services.gateway.admission import StreamAdmission
 from services.gateway.auth import current_caller, require_write
 from services.gateway.config import GatewaySettings
 from services.gateway.observe import StreamObserver
@@ -196,6 +197,13 @@ class SpeechAPI:
         # Set when the gateway starts draining: resumable (gRPC) streams end with DRAINING.
         self.draining = asyncio.Event()
         self.live_streams = 0  # this gateway's open streams (STREAMS counts the process's)
+        self.admission = StreamAdmission(
+            pool.serving_replicas,
+            target_tick=settings.stream_target_tick_seconds,
+            initial=settings.stream_capacity_initial,
+            fixed=settings.stream_capacity,
+            share=settings.stream_capacity_share,
+        )
 
     async def drain(self) -> None:
         """SIGTERM: end every resumable live stream now with UNAVAILABLE (DRAINING), so its client
@@ -321,10 +329,11 @@ class SpeechAPI:
         session, decoder, max_seconds, session_id = self._open_stream(cfg, observer)
         try:
             async with self.quotas.slot(caller, "concurrent_streams"):
-                async for response in self._run_stream(
-                    requests, cfg, session, decoder, max_seconds, observer, session_id, resumable
-                ):
-                    yield response
+                with self.admission.admit():  # refused here if the transcribers are at capacity
+                    async for response in self._run_stream(
+                        requests, cfg, session, decoder, max_seconds, observer, session_id, resumable
+                    ):
+                        yield response
         finally:
             decoder.close()
 
@@ -415,7 +424,7 @@ class SpeechAPI:
             options.beam_size = self.settings.stream_beam_size
         s = self.settings
         session = StreamingSession(
-            observer.transcribe(self.pool.transcribe),
+            observer.transcribe(self._live_transcribe),
             options,
             StreamPolicy(
                 step=s.stream_step_seconds,
@@ -425,6 +434,8 @@ class SpeechAPI:
                 agreement=s.stream_agreement,
                 hold=s.stream_hold_seconds,
                 settle=s.stream_settle_seconds,
+                interim_beam=s.stream_interim_beam_size,
+                trim=s.stream_trim,
             ),
             interim=cfg.interim_results,
             single_utterance=cfg.single_utterance,
@@ -451,6 +462,11 @@ class SpeechAPI:
             valid.encoding, valid.sample_rate, valid.channels, limits, sink, asyncio.get_running_loop()
         )
         return session, decoder, max_seconds, session_id
+
+    async def _live_transcribe(self, audio: Any, options: Any, work_class: Any) -> Any:
+        result = await self.pool.transcribe(audio, options, work_class)
+        self.admission.observe(result)
+        return result
 
     async def _read_stream(
         self,
@@ -550,6 +566,7 @@ class SpeechAPI:
                 failed_ttl_seconds=failed_ttl,
                 max_inflight_bytes=s.max_inflight_bytes,
                 max_concurrent_streams_per_connection=s.max_concurrent_streams,
+                live_stream_capacity=self.admission.capacity(),
             ),
             features=speech_pb2.ServerFeatures(
                 recognize_encodings=_encoding_values(RECOGNIZE_ENCODINGS),

@@ -13,6 +13,13 @@ Policy (LocalAgreement-2, as in whisper_streaming, plus VAD endpointing):
   the pause is transcribed one last time and made final (speech ended), and the window restarts there;
 - the window never grows past `max_window`: the agreed words are finalised and the window trimmed;
 - the text already finalised before the window is passed to the model as its prompt;
+- hypotheses are greedy (`interim_beam`); the final of an utterance (at a pause, at the end) uses
+  the request's beam; `trim` restarts the window after final words too ("commit": shortest windows,
+  cheapest ticks, "sentence", "none");
+- VAD stops at the first endpoint of a block of audio, so a pause followed by more speech in the
+  same block (a client ahead of the session) still ends its utterance;
+- a hypothesis is cut where the model wrote on past the audio (words squeezed into one instant) and
+  where it loops, and never starts with words already final;
 - audio in which VAD finds no speech is never sent to the model, so silence yields no words.
 All times are seconds from the start of the stream.
 
@@ -61,9 +68,18 @@ class StreamPolicy:
     prompt_chars: int = 200
     hold: float = 0.2  # a word is only agreed once this much audio follows it (right context)
     catch_up: float = 2.0  # seconds per hypothesis when audio arrives faster than real time
-    agreement: int = 3  # consecutive hypotheses that must agree on a word (LocalAgreement-n)
+    agreement: int = 2  # consecutive hypotheses that must agree on a word (LocalAgreement-n)
     settle: float = 1.2  # or: two agreeing hypotheses and this much audio after the word
     max_buffer: float = 60.0  # audio received but not yet transcribed; beyond it: RESOURCE_EXHAUSTED
+    interim_beam: int = 1  # beam for hypotheses (greedy: cheap, and they are re-made every step)
+    final_beam: int = 0  # beam where an utterance's final is decided (0: the request's beam)
+    # Where the window restarts after words are committed: "commit" (after the last final word:
+    # the window holds only audio not yet final; shortest and cheapest), "sentence" (after a
+    # committed sentence end), "none" (only at pauses and at max_window).
+    trim: str = "none"
+    trim_overlap: float = 1.0  # with trim="commit": audio of final words kept as left context
+    tail_passes: int = 0  # extra passes when a final stops >= 1 s before the speech does
+    min_window: float = 1.0  # no hypothesis of less audio (sub-second snippets make Whisper guess)
 
 
 @dataclass(frozen=True)
@@ -105,7 +121,7 @@ def _norm(word: str) -> str:
     return re.sub(r"[^\w']+", "", word.lower())
 
 
-def collapse_repeats(words: list[Word], max_n: int = 4) -> list[Word]:
+def collapse_repeats(words: list[Word], max_n: int = 8) -> list[Word]:
     """Cut a hypothesis where the model starts looping: a phrase of 2..max_n words said twice in a
     row, or one word three times, is kept once (a common Whisper hallucination on cut-off audio)."""
     norms = [_norm(w.word) for w in words]
@@ -116,6 +132,16 @@ def collapse_repeats(words: list[Word], max_n: int = 4) -> list[Word]:
                 continue
             if all(norms[i : i + n] == norms[i + k * n : i + (k + 1) * n] for k in range(1, times)):
                 return words[: i + n]
+    return words
+
+
+def cut_squeezed(words: list[Word], run: int = 3, span: float = 0.1) -> list[Word]:
+    """Cut a hypothesis where `run` words in a row are squeezed into less than `span` seconds: the
+    model went on writing after the audio (often its earlier words again), and the aligner piles
+    those words up at one instant."""
+    for i in range(len(words) - run + 1):
+        if words[i + run - 1].end - words[i].start < span:
+            return words[:i]
     return words
 
 
@@ -144,6 +170,10 @@ def drop_repeated_block(words: list[Word], final: list[Word]) -> list[Word]:
         if seq[-size:] == seq[-2 * size : -size]:
             return words[: max(0, len(words) - size)]
     return words
+
+
+def _ends_sentence(word: str) -> bool:
+    return word.rstrip("\"')]}”").endswith((".", "?", "!"))
 
 
 def _text(words: list[Word]) -> str:
@@ -191,6 +221,7 @@ class StreamingSession:
         self._speech_end = 0  # absolute sample where speech last stopped
         self._last_speech = -1  # absolute sample of the last speech frame
         self._utterance_done = False
+        self._endpoint_at: int | None = None  # where _run_vad stopped at an endpoint
         self.language = options.language or ""
         # Utterances: the index of the current one, and whether finals of it were sent.
         self._utterance = 0
@@ -316,6 +347,9 @@ class StreamingSession:
             self._arrived.set()  # wake a reader waiting for the backlog to shrink
             for ev in self._run_vad(end):
                 yield ev
+            if self._endpoint_at is not None:
+                end = max(min(end, self._endpoint_at), self._win)  # VAD stopped at an endpoint
+                self._endpoint_at = None
             pause = not self._in_speech and self._last_speech >= self._win and self._speech_end > self._win
             ended = self._ended and end >= self._received
             if self._utterance_done or ended or pause:
@@ -334,6 +368,9 @@ class StreamingSession:
                 self._history = []
                 self._drop_before(self._win)
                 yield Event(EventType.PROGRESS)
+                continue
+            if end - self._win < int(self.policy.min_window * SAMPLE_RATE):
+                self._covered = end  # too little audio yet for a useful hypothesis
                 continue
             async for ev in self._hypothesis(end):
                 yield ev
@@ -359,6 +396,11 @@ class StreamingSession:
                 out.append(Event(EventType.SPEECH_END, offset=round(self._last_speech / SAMPLE_RATE, 3)))
                 if self.single_utterance:
                     self._utterance_done = True
+                # Stop at the endpoint: the utterance is finalised before the audio after it is
+                # looked at (a block holding the pause and the next onset must not hide the pause).
+                self._vad_pos = pos + VAD_FRAME
+                self._endpoint_at = self._vad_pos
+                return out
         self._vad_pos += n * VAD_FRAME
         return out
 
@@ -366,16 +408,17 @@ class StreamingSession:
         text = _text([w for w in self._final_words if w.end <= self._win / SAMPLE_RATE + 0.05])
         return text[-self.policy.prompt_chars :] or self.options.initial_prompt
 
-    async def _words(self, start: int, end: int) -> list[Word]:
+    async def _words(self, start: int, end: int, *, final: bool = False) -> list[Word]:
         """Transcribe [start, end) and return the words after what is already final."""
         audio = self._slice(start, end)
-        opts = replace(self.options, initial_prompt=self._prompt())
+        beam = (self.policy.final_beam or self.options.beam_size) if final else self.policy.interim_beam
+        opts = replace(self.options, initial_prompt=self._prompt(), beam_size=beam or self.options.beam_size)
         result = await self.transcribe(audio, opts, WorkClass.LIVE)
         if result.language:
             self.language = result.language
         offset = start / SAMPLE_RATE
         words = [w.shifted(offset) for seg in result.segments for w in seg.words]
-        words = [w for w in words if w.start >= self._final_end - 0.1]
+        words = [w for w in cut_squeezed(words) if w.start >= self._final_end - 0.1]
         return drop_repeated_prefix(collapse_repeats(words), self._final_words[-RECENT_WORDS:])
 
     def _agreed(self, words: list[Word], end: float) -> int:
@@ -394,6 +437,8 @@ class StreamingSession:
             return n
 
         need = self.policy.agreement - 1
+        if need <= 0:
+            return run([], end - self.policy.hold)
         strict = run(self._history[-need:], end - self.policy.hold) if len(self._history) >= need else 0
         settled = run(self._history[-1:], end - self.policy.settle) if self._history else 0
         return max(strict, settled)
@@ -410,6 +455,15 @@ class StreamingSession:
         keep = max(self.policy.agreement - 2, 0)
         self._history = [h[agreed:] for h in self._history[len(self._history) - keep :]] if keep else []
         self._history.append(tail)
+        trim = self.policy.trim
+        if agreed and (trim == "commit" or (trim == "sentence" and _ends_sentence(words[agreed - 1].word))):
+            # The window restarts after the final words (shorter windows cost less, and audio of
+            # final words is not transcribed again); their text goes on as the prompt.
+            overlap = self.policy.trim_overlap if trim == "commit" else 0.0
+            cut = int(max(self._final_end - overlap, 0.0) * SAMPLE_RATE)
+            if cut > self._win:
+                self._win = cut
+                self._drop_before(self._win)
         if (end - self._win) / SAMPLE_RATE >= self.policy.max_window:
             # The window is at its cap: restart it after the final words.
             new_win = (
@@ -443,11 +497,26 @@ class StreamingSession:
                 )
 
     async def _finalise(self, until: int) -> AsyncIterator[Event]:
-        """Transcribe the window up to `until` one last time and make all of it final."""
-        ev = None
-        if until > self._win and self._last_speech >= self._win:
-            words = await self._words(self._win, until)
-            ev = self._commit(words)
+        """Transcribe the window up to `until` one last time and make all of it final. If the words
+        stop well before the speech does (Whisper sometimes ends a long window early), the rest is
+        transcribed again from the last final word, so no speech is dropped. The last final of the
+        utterance carries utterance_end (an empty final if every word was already final)."""
+        ev: Event | None = None
+        start = self._win
+        for _ in range(1 + self.policy.tail_passes):
+            if not (until > start and self._last_speech >= start):
+                break
+            got = self._commit(await self._words(start, until, final=True))
+            if got is None:
+                break
+            if ev is not None:
+                yield ev  # an earlier pass's words; the last final is held back for utterance_end
+            ev = got
+            rest = int(self._final_end * SAMPLE_RATE)
+            speech = min(self._last_speech, until)
+            if (speech - rest) / SAMPLE_RATE < 1.0:
+                break
+            start = max(rest, start)
         if self._utterance_open:
             # The utterance is over (a pause, the end of the audio, or the single utterance).
             if ev is None:

@@ -87,6 +87,7 @@ def window_result_to_proto(res: WindowResult, model: str) -> transcriber_pb2.Tra
         served_by=res.served_by,
         model=model,
         batch_size=res.batch_size,
+        model_seconds=res.model_seconds,
     )
 
 
@@ -99,4 +100,5 @@ def window_result_from_proto(msg: transcriber_pb2.TranscribeResponse) -> WindowR
         served_by=msg.served_by,
         batch_size=msg.batch_size,
         model=msg.model,
+        model_seconds=msg.model_seconds,
     )

@@ -108,6 +108,8 @@ class WindowResult:
     served_by: str = ""
     batch_size: int = 1
     model: str = ""
+    # Seconds the model call that served this window took (shared by its whole batch).
+    model_seconds: float = 0.0
 
 
 def join_texts(texts: Iterable[str | None]) -> str:

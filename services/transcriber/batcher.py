@@ -3,7 +3,11 @@
 Callers `await submit(...)`. Worker tasks wait for work, take up to `max_batch` windows in priority
 order (LIVE > INTERACTIVE > BATCH, then arrival) and run one model call in a thread; windows that
 queue meanwhile form the next call. When batch work (job chunks) is first in line, the worker gives
-the rest of its burst `window_ms` to arrive. A caller that goes away before its window is picked
+the rest of its burst `window_ms` to arrive. Live streams move in ticks: every stream whose
+hypothesis came back from a call sends its next window at once, so after a call the worker expects
+the live windows already waiting plus those of the call just made, and gives them up to
+`live_gather_ms` to arrive: all streams share one call per tick (without this they split into
+cohorts that alternate, each call half full). A caller that goes away before its window is picked
 costs nothing.
 """
 
@@ -74,11 +78,14 @@ class Batcher:
         max_batch: int,
         max_queue: int,
         workers: int = 1,
+        live_gather_ms: float = 40.0,
     ) -> None:
         self._run_batch = run_batch
         self._window = max(window_ms, 0.0) / 1000.0
         self._max_batch = max(1, max_batch)
         self._max_queue = max_queue
+        self._live_gather = max(live_gather_ms, 0.0) / 1000.0
+        self._expect_live = 0  # live windows expected for the next call (see _gather_live)
         self._heap: list[_Item] = []
         self._seq = itertools.count()
         self._wakeup = asyncio.Event()
@@ -151,9 +158,12 @@ class Batcher:
                 # Batch work (a job's chunks arrive as a burst) waits a moment for the rest of the
                 # burst; live and interactive windows never wait for company.
                 await asyncio.sleep(self._window)
+            elif head == WorkClass.LIVE and self._live_gather > 0:
+                await self._gather_live()
             batch = self._take()
             if not batch:
                 continue
+            live = sum(1 for i in batch if i.work_class == WorkClass.LIVE)
             now = time.perf_counter()
             for item in batch:
                 WAIT_SECONDS.labels(item.work_class.name).observe(now - item.enqueued)
@@ -168,6 +178,8 @@ class Batcher:
                 self.busy -= 1
             finished = time.perf_counter()
             elapsed = finished - now
+            # The streams of this call come back at once; those still queued wait with them.
+            self._expect_live = min(live + self._live_waiting(), self._max_batch)
             BUSY_SECONDS.inc(elapsed)
             audio = sum(i.req.audio.shape[0] for i in batch) / SAMPLE_RATE
             if audio > 0:
@@ -180,7 +192,25 @@ class Batcher:
                 if isinstance(res, BaseException):
                     item.future.set_exception(res)
                 else:
+                    res.model_seconds = round(elapsed, 4)
                     item.future.set_result(res)
+
+    def _live_waiting(self) -> int:
+        return sum(1 for i in self._heap if i.work_class == WorkClass.LIVE and not i.future.done())
+
+    async def _gather_live(self) -> None:
+        """Wait (at most live_gather_ms) until the live windows expected for this tick are queued."""
+        want, self._expect_live = self._expect_live, 0
+        deadline = time.perf_counter() + self._live_gather
+        while self._live_waiting() < want:
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
 
 
 def _trace(item: _Item) -> None:

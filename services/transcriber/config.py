@@ -32,7 +32,10 @@ class TranscriberSettings(CommonSettings):
     # max_batch_size. When batch (job) work is first in line, an idle model also waits
     # batch_window_ms for the rest of the job's burst; live and interactive windows never wait.
     batch_window_ms: float = 20.0
-    max_batch_size: int = 8
+    max_batch_size: int = 16
+    # Live streams arrive in ticks (each stream sends its next window when its last one returns):
+    # an idle model waits up to this long for the rest of a tick, so all streams share one call.
+    live_gather_ms: float = 40.0
     # Windows waiting beyond this are refused with RESOURCE_EXHAUSTED (back-pressure).
     max_queue: int = 256
     # Transcribe a short clip at start so the first real call is not slow.

@@ -42,7 +42,13 @@ COMPRESSION_RATIO_THRESHOLD = 2.4
 LOG_PROB_THRESHOLD = -1.0
 NO_SPEECH_THRESHOLD = 0.6
 BEST_OF = 5
-LIVE_PROMPT_TOKENS = 48  # previous-text tokens given to live windows
+# Previous-text tokens given to live windows: a short prompt (the decoder's cost grows with it:
+# measured 8 x 4 s greedy, generate 0.38 s with 10 prompt tokens, 0.80 s with 48).
+LIVE_PROMPT_TOKENS = 16
+# Live prompts are cut to a multiple of this many tokens: CTranslate2 batches only prompts of one
+# length, so streams with different histories share a model call (at most 3 lengths: 0, 8, 16).
+LIVE_PROMPT_BUCKET = 8
+LIVE_TOKENS_PER_SECOND = 7
 TOKENS_PER_SECOND = 12  # generous: fast speech is ~5 text tokens per second, plus timestamps
 FULL_CONTEXT = 3000  # 30 s of 10 ms feature frames: what Whisper was trained on
 CONTEXT_STEP = 500  # dynamic context is rounded up to 5 s
@@ -177,7 +183,9 @@ class Engine:
                 language = o.language or (None if self.multilingual else "en")
                 if language is None:
                     language, probabilities[i] = self._detect_language(req.audio)
-                frames = _context_frames(req.audio.shape[0]) if o.dynamic_context else FULL_CONTEXT
+                # Dynamic-context (live) windows of different lengths share a call: the group is encoded
+                # with the longest window's context (the others are padded, as Whisper was trained).
+                frames = 0 if o.dynamic_context else FULL_CONTEXT
                 prompt = self._prompt(self._tokenizer(language), o)
                 # CTranslate2 batches prompts only when <|startoftranscript|> sits at the same position,
                 # so windows group by prompt length too. Word timings are always aligned (they place
@@ -244,12 +252,17 @@ class Engine:
         from faster_whisper.audio import pad_or_trim
 
         language, beam_size, temperature, fallback, context, _prompt_length = key
+        if not context:
+            context = max(_context_frames(req.audio.shape[0]) for req in reqs)
         m = self._model
         tok = self._tokenizer(language)
         fe = m.feature_extractor
-        feats = [fe(req.audio) for req in reqs]
-        sizes = [min(context, max(f.shape[-1] - 1, 1)) for f in feats]
-        batch = np.stack([pad_or_trim(f[:, :n], context) for f, n in zip(feats, sizes, strict=True)])
+        # The audio is padded with silence to the context before the log-mel (as Whisper was trained:
+        # 30 s of zero samples), not the features with zeros: zero features are not silence to the
+        # model, and after the speech it hallucinates into them (repeating the window's text).
+        feats = [fe(req.audio, padding=max(context * 160 - req.audio.shape[0], 0) + 160) for req in reqs]
+        sizes = [min(context, max(req.audio.shape[0] // 160, 1)) for req in reqs]
+        batch = np.stack([pad_or_trim(f, context) for f in feats])
         batch = batch.astype(np.float32)
         encoder_output = m.encode(batch)
         temps = (
@@ -260,6 +273,10 @@ class Engine:
         # Short (dynamic-context) windows cannot need many tokens: cap them, so a model caught in a
         # repetition loop costs milliseconds, not seconds.
         cap = max(sizes) // 100 * TOKENS_PER_SECOND + 24 if context < FULL_CONTEXT else None
+        if reqs[0].options.dynamic_context:
+            # Live windows are re-made every step: a tight cap (fast speech is ~5 tokens a second)
+            # keeps a hypothesis that loops at the window's edge cheap; the loop is cut off anyway.
+            cap = max(sizes) * LIVE_TOKENS_PER_SECOND // 100 + 8
         decoded = self._generate(encoder_output, prompts, tok, language, beam_size, temps, batch, cap)
         raw: list[list[dict[str, Any]]] = []
         for d, n in zip(decoded, sizes, strict=True):
@@ -283,8 +300,9 @@ class Engine:
     def _prompt(self, tok: Any, opts: DecodeOptions) -> list[int]:
         previous = tok.encode(" " + opts.initial_prompt.strip()) if opts.initial_prompt else []
         if opts.dynamic_context:
-            # Live windows carry the stream's recent text: a fixed length lets streams share calls.
-            previous = previous[-LIVE_PROMPT_TOKENS:]
+            # Live windows carry the stream's recent text: a few fixed lengths let streams share calls.
+            keep = min(len(previous), LIVE_PROMPT_TOKENS) // LIVE_PROMPT_BUCKET * LIVE_PROMPT_BUCKET
+            previous = previous[len(previous) - keep :] if keep else []
         return list(
             self._model.get_prompt(tok, previous, without_timestamps=True, prefix=opts.prefix or None)
         )

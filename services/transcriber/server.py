@@ -65,6 +65,7 @@ async def create_server(
         max_batch=settings.max_batch_size,
         max_queue=settings.max_queue,
         workers=settings.num_workers,
+        live_gather_ms=settings.live_gather_ms,
     )
     servicer = TranscriberServicer(engine, batcher)
     running = await start_server(
