@@ -7,6 +7,8 @@ the maximum is cut at its quietest point.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,43 +97,207 @@ def plan_windows(
     max_seconds: float = MAX_WINDOW_SECONDS,
 ) -> list[Window]:
     """Group speech regions into windows of at most max_seconds, cut in the pauses between them."""
-    limit = int(max_seconds * SAMPLE_RATE)
     total = audio.shape[0]
-    if regions and total <= limit:
+    if regions and total <= int(max_seconds * SAMPLE_RATE):
         return [Window(0, total)]  # it all fits: the whole audio, as the model would see a file
-    # Split regions longer than the limit at their quietest point (searching its last half).
-    pieces: list[tuple[int, int]] = []
-    for start, end in regions:
-        start, end = max(0, start), min(total, end)
-        while end - start > limit:
-            cut = _quietest_cut(audio, start + limit // 2, start + limit)
-            pieces.append((start, cut))
+    planner = WindowPlanner(lambda lo, hi: audio[lo:hi], max_seconds=max_seconds)
+    out = planner.add(regions, total)
+    return out + planner.finish(audio.shape[0])
+
+
+class WindowPlanner:
+    """Speech regions -> windows, incrementally: a window is given out as soon as it is settled (the
+    next stretch of speech no longer fits in it), so the first window can be transcribed while later
+    audio is still being decoded and searched for speech. Regions arrive in order, each final (the
+    last one may be added again, longer, with `final=False` while it may still grow). Fed all at once
+    it plans exactly what the whole-audio plan would; fed piece by piece, the same.
+
+    Rules: a region longer than the limit is cut at its quietest point (searching its last half);
+    consecutive pieces are grouped while the group spans at most the limit; each window is widened
+    into half of the pause on either side, up to 1 s (the model does better with some silence around
+    speech), staying disjoint and within the limit. Audio that fits in one window is one window, the
+    whole audio (as the model would see a file)."""
+
+    def __init__(self, read: Callable[[int, int], np.ndarray], *, max_seconds: float = MAX_WINDOW_SECONDS):
+        self.read = read  # (start, end) -> float32 samples: needed only to cut long speech
+        self.limit = int(max_seconds * SAMPLE_RATE)
+        self._group: tuple[int, int] | None = None
+        self._prev_end = 0  # unwidened end of the last closed window
+        self._held: list[Window] = []  # settled windows kept back while the audio may fit in one
+        self._any = False
+        self._released = False
+
+    def add(self, regions: list[tuple[int, int]], total: int) -> list[Window]:
+        """Final regions (in order, within [0, total)); `total` = samples known so far."""
+        out: list[Window] = []
+        for start, end in regions:
+            start, end = max(0, start), min(total, end)
+            while end - start > self.limit:
+                cut = _quietest_cut_read(self.read, start + self.limit // 2, start + self.limit)
+                out += self._piece(start, cut)
+                start = cut
+            if end > start:
+                out += self._piece(start, end)
+        return self._release(out, total)
+
+    def split_growing(self, start: int, end: int) -> tuple[list[Window], int]:
+        """A region still growing: cut off the pieces its final length will cut off anyway (so memory
+        stays bounded under long speech). Returns the windows settled and the new start."""
+        out: list[Window] = []
+        while end - start > self.limit:
+            cut = _quietest_cut_read(self.read, start + self.limit // 2, start + self.limit)
+            out += self._piece(start, cut)
             start = cut
-        if end > start:
-            pieces.append((start, end))
-    windows: list[Window] = []
-    i = 0
-    while i < len(pieces):
-        w_start, w_end = pieces[i]
-        j = i + 1
-        while j < len(pieces) and pieces[j][1] - w_start <= limit:
-            w_end = pieces[j][1]
-            j += 1
-        windows.append(Window(w_start, w_end))
-        i = j
-    # Widen each window into half of the pause on either side, up to 1 s (the model does better
-    # with some silence around speech), keeping windows disjoint and within the limit.
-    out: list[Window] = []
-    for k, w in enumerate(windows):
-        prev_end = windows[k - 1].end if k else 0
-        next_start = windows[k + 1].start if k + 1 < len(windows) else total
+        return out, start
+
+    def _piece(self, start: int, end: int) -> list[Window]:
+        self._any = True
+        if self._group is None:
+            self._group = (start, end)
+            return []
+        g_start, _ = self._group
+        if end - g_start <= self.limit:
+            self._group = (g_start, end)
+            return []
+        closed = self._close(Window(*self._group), start)
+        self._group = (start, end)
+        return [closed]
+
+    def _close(self, w: Window, next_start: int) -> Window:
+        prev_end = self._prev_end
         lo = max(prev_end + (w.start - prev_end) // 2, w.start - SAMPLE_RATE)
         hi = min(w.end + (next_start - w.end) // 2, w.end + SAMPLE_RATE)
-        slack = limit - (w.end - w.start)
+        slack = self.limit - (w.end - w.start)
         lo = max(lo, w.start - slack // 2)
         hi = min(hi, w.end + (slack - (w.start - lo)))
-        out.append(Window(max(0, lo), min(total, hi)))
-    return out
+        self._prev_end = w.end
+        return Window(max(0, lo), hi)
+
+    def _release(self, windows: list[Window], total: int) -> list[Window]:
+        if self._released:
+            return windows
+        self._held += windows
+        if total <= self.limit:
+            return []
+        self._released = True
+        out, self._held = self._held, []
+        return out
+
+    @property
+    def open_from(self) -> int | None:
+        """The first sample a window not yet given out may start at (None: no open window)."""
+        if self._held:
+            return 0
+        if self._group is None:
+            return None
+        return max(0, min(self._group[0] - SAMPLE_RATE, self._prev_end))
+
+    def finish(self, total: int) -> list[Window]:
+        """The audio ended at `total` samples: the remaining windows."""
+        if total <= self.limit:
+            self._group, self._held = None, []
+            return [Window(0, total)] if self._any else []
+        out = self._release([], total)
+        if self._group is not None:
+            last = self._close(Window(*self._group), total)
+            out.append(Window(last.start, min(total, last.end)))
+            self._group = None
+        return out
+
+
+def _quietest_cut_read(read: Callable[[int, int], np.ndarray], lo: int, hi: int) -> int:
+    frame = SAMPLE_RATE // 20
+    if hi - lo <= frame:
+        return hi
+    return lo + _quietest_cut(read(lo, hi), 0, hi - lo)
+
+
+VAD_BLOCK_SECONDS = 60.0
+JOIN_GAP = SAMPLE_RATE // 10  # regions meeting at a block boundary closer than this are one
+JOIN_EDGE = SAMPLE_RATE // 2
+
+
+class StreamingPlanner:
+    """Decoded audio in, windows out, while the audio is still arriving: Silero VAD runs on blocks of
+    `block_seconds` (regions that meet at a block boundary are joined), and the WindowPlanner gives
+    out each window once it is settled. Holds about one block plus one window of audio.
+    Deterministic: the same audio gives the same windows however it is fed."""
+
+    def __init__(self, vad: VadSettings, *, block_seconds: float = VAD_BLOCK_SECONDS,
+                 max_seconds: float = MAX_WINDOW_SECONDS) -> None:  # fmt: skip
+        self.vad = vad
+        self.block = int(block_seconds * SAMPLE_RATE)
+        self.planner = WindowPlanner(self._read, max_seconds=max_seconds)
+        self.total = 0  # samples fed
+        self.scanned = 0  # samples searched for speech
+        self._pending: list[np.ndarray] = []  # fed, not yet joined into _audio
+        self._audio = np.zeros(0, dtype=np.float32)  # samples [_audio_start, _audio_start + len)
+        self._audio_start = 0
+        self._held: tuple[int, int] | None = None  # the last region, which may still grow
+        self.vad_seconds = 0.0  # time spent in VAD (for the bench's timeline)
+
+    def _read(self, lo: int, hi: int) -> np.ndarray:
+        return self._audio[lo - self._audio_start : hi - self._audio_start]
+
+    def feed(self, samples: np.ndarray) -> list[Window]:
+        if samples.shape[0] == 0:
+            return []
+        self._pending.append(samples)
+        self.total += samples.shape[0]
+        out: list[Window] = []
+        while self.total - self.scanned >= self.block:
+            out += self._scan(self.scanned + self.block)
+        return out
+
+    def finish(self) -> list[Window]:
+        out: list[Window] = []
+        if self.total > self.scanned:
+            out += self._scan(self.total)
+        if self._held is not None:
+            out += self.planner.add([self._held], self.total)
+            self._held = None
+        return out + self.planner.finish(self.total)
+
+    def _join(self) -> None:
+        if self._pending:
+            self._audio = np.concatenate([self._audio, *self._pending])
+            self._pending = []
+
+    def _scan(self, end: int) -> list[Window]:
+        self._join()
+        offset = self.scanned
+        t0 = time.perf_counter()
+        regions = [(a + offset, b + offset) for a, b in speech_regions(self._read(offset, end), self.vad)]
+        self.vad_seconds += time.perf_counter() - t0
+        self.scanned = end
+        final: list[tuple[int, int]] = []
+        for start, stop in regions:
+            held = self._held
+            if held is not None and start - held[1] <= JOIN_GAP and start - offset <= JOIN_EDGE:
+                self._held = (held[0], stop)
+                continue
+            if held is not None:
+                final.append(held)
+            self._held = (start, stop)
+        if self._held is not None and self._held[1] < end - JOIN_GAP:
+            final.append(self._held)  # ends well before the block does: cannot grow
+            self._held = None
+        out = self.planner.add(final, end)
+        if self._held is not None:
+            settled, start = self.planner.split_growing(*self._held)
+            out += settled
+            self._held = (start, self._held[1])
+        # Keep only what a window not yet given out, or the held region, may still need.
+        keep = [end]
+        if self._held is not None:
+            keep.append(self._held[0])
+        if (open_from := self.planner.open_from) is not None:
+            keep.append(open_from)
+        drop = min(keep) - self._audio_start
+        if drop > 0:
+            self._audio = self._audio[drop:].copy()
+            self._audio_start += drop
+        return out
 
 
 def merge(windows: list[Window], results: list[list[Segment]]) -> list[Segment]:
