@@ -583,7 +583,9 @@ def _probe_container(source: str, limits: Limits, encoding: str) -> AudioInfo | 
         got += block.shape[0]
         if got >= PROBE_SECONDS * SAMPLE_RATE:
             break
-    blocks.close()
+    close = getattr(blocks, "close", None)
+    if close is not None:
+        close()
     if got < PROBE_SECONDS * SAMPLE_RATE:  # all of it decoded (and checked) within the probe
         info.seconds = got / SAMPLE_RATE
         return info

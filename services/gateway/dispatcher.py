@@ -26,10 +26,10 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from prometheus_client import Counter as PCounter
@@ -349,7 +349,7 @@ class Dispatcher:
         pcm: PcmFile,
         plan: asyncio.Future[list[ChunkInfo]],
         tg: asyncio.TaskGroup,
-        one: Callable[[int, Window], Awaitable[None]],
+        one: Callable[[int, Window], Coroutine[Any, Any, None]],
         timeline: JobTimeline,
     ) -> list[ChunkInfo]:
         """Decode, find speech and plan windows in a thread while the windows already planned are
