@@ -23,14 +23,15 @@ from typing import Any
 
 from bench.common import (
     BEAM_SIZE,
-    COMPUTE_TYPE,
     DEFAULT_OUT,
     DOCS,
     ERRORS,
     THREADS,
     StackHolder,
     capture_errors,
+    compute_type,
     configure_env,
+    device,
     log,
     machine_info,
     model_label,
@@ -87,7 +88,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default bench/results)")
     p.add_argument("--docs", type=Path, default=DOCS, help="report to write (default docs/benchmarks.md)")
     p.add_argument("--no-report", action="store_true", help="do not regenerate the markdown report")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        help="run both sides (faster-whisper directly and the services) on this device (default cpu)",
+    )
+    p.add_argument(
+        "--compute-type",
+        help="CTranslate2 compute type for both sides (default int8 on cpu, float16 on cuda)",
+    )
+    p.add_argument(
+        "--model",
+        help="model for both sides: a faster-whisper name (large-v3, ...) or a CTranslate2 model directory "
+        "(default: the bundled tiny.en; STT_MODEL)",
+    )
+    args = p.parse_args(argv)
+    configure_env(args.device, args.compute_type, args.model)
+    return args
 
 
 def write_json(path: Path, results: dict[str, Any]) -> None:
@@ -153,8 +170,8 @@ async def main_async(args: argparse.Namespace) -> Path:
             "config": {
                 "model": model_label(),
                 "model_path": model_path(),
-                "compute_type": COMPUTE_TYPE,
-                "device": "cpu",
+                "compute_type": compute_type(),
+                "device": device(),
                 "cpu_threads": THREADS,
                 "beam_size": BEAM_SIZE,
                 "language": "en",
