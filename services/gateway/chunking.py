@@ -215,6 +215,7 @@ def _quietest_cut_read(read: Callable[[int, int], np.ndarray], lo: int, hi: int)
 VAD_BLOCK_SECONDS = 60.0
 JOIN_GAP = SAMPLE_RATE // 10  # regions meeting at a block boundary closer than this are one
 JOIN_EDGE = SAMPLE_RATE // 2
+SILENT_PEAK = 10 ** (-70 / 20)  # a block that never gets louder than -70 dBFS has no speech
 
 
 class StreamingPlanner:
@@ -267,7 +268,11 @@ class StreamingPlanner:
         self._join()
         offset = self.scanned
         t0 = time.perf_counter()
-        regions = [(a + offset, b + offset) for a, b in speech_regions(self._read(offset, end), self.vad)]
+        block = self._read(offset, end)
+        if block.shape[0] and float(np.abs(block).max()) < SILENT_PEAK:
+            regions = []  # digital silence (padding, a muted microphone): nothing for VAD to find
+        else:
+            regions = [(a + offset, b + offset) for a, b in speech_regions(block, self.vad)]
         self.vad_seconds += time.perf_counter() - t0
         self.scanned = end
         final: list[tuple[int, int]] = []

@@ -145,10 +145,18 @@ def default_worker_id() -> str:
 
 class Dispatcher:
     def __init__(
-        self, queue: JobQueue, transcribe: TranscribeFn, config: DispatcherConfig, spool: Spool | None = None
+        self,
+        queue: JobQueue,
+        transcribe: TranscribeFn,
+        config: DispatcherConfig,
+        spool: Spool | None = None,
+        batch_capacity: Callable[[], int] | None = None,
     ) -> None:
         self.queue = queue
         self.transcribe = transcribe
+        # Planned windows are sent in groups of this many (or when planning ends), so the model
+        # calls stay full: a lone first window costs as much as several batched ones on a CPU.
+        self.batch_capacity = batch_capacity or (lambda: 8)
         self.config = config
         self.spool = spool or Spool(
             config.spool_dir or os.path.join(tempfile.gettempdir(), "stt-spool"), name="dispatcher"
@@ -371,11 +379,18 @@ class Dispatcher:
 
         producer = asyncio.ensure_future(asyncio.to_thread(produce))
         windows: list[Window] = []
+        held: list[int] = []
         try:
             while (w := await planned.get()) is not None:
-                tg.create_task(one(len(windows), w))
+                held.append(len(windows))
                 windows.append(w)
+                if len(held) >= self.batch_capacity():
+                    for i in held:
+                        tg.create_task(one(i, windows[i]))
+                    held = []
             await producer
+            for i in held:
+                tg.create_task(one(i, windows[i]))
         except (InvalidInput, LimitExceeded) as exc:
             stop.set()
             await self.queue.fail_job(lease, f"audio could not be decoded: {exc.message}", exc.reason)
@@ -453,7 +468,8 @@ class Dispatcher:
         while not failed.is_set():
             try:
                 async with sem:
-                    audio = from_pcm16(await asyncio.to_thread(pcm.read, window.start, window.end))
+                    # A window is ~1 MB, read at once: the group's windows reach the model together.
+                    audio = from_pcm16(pcm.read(window.start, window.end))
                     sent = time.monotonic()
                     result = await tracing.traced(
                         "job.chunk",

@@ -125,15 +125,18 @@ async def recognize_blocks(
     max_parallel: int,
     work_class: WorkClass = WorkClass.INTERACTIVE,
     on_decoded: Callable[[SampleStore], None] | None = None,
+    group: Callable[[], int] = lambda: 8,
 ) -> Recognition:
     """Recognition while decoding: `blocks` (run in a thread) yields the decoded audio; once it is
     longer than one window, VAD and window planning follow the decoder and each settled window
-    goes to the pool at once. Audio that fits in one window is recognized as `recognize` does."""
+    goes to the pool in groups of `group()` windows (full model calls) or when planning ends. Audio
+    that fits in one window is recognized as `recognize` does."""
     loop = asyncio.get_running_loop()
     store = SampleStore()
     planned: asyncio.Queue[Window | None] = asyncio.Queue()
     stop = threading.Event()
     limit = int(MAX_WINDOW_SECONDS * SAMPLE_RATE)
+    burst_class = WorkClass.BATCH if work_class == WorkClass.INTERACTIVE else work_class
 
     def produce() -> None:
         planner = StreamingPlanner(vad)
@@ -154,17 +157,24 @@ async def recognize_blocks(
 
     async def one(w: Window) -> WindowResult:
         async with sem:
-            return await transcribe(store.read(w.start, w.end), options, work_class)
+            # The windows of long audio come as a burst: as batch work they may wait a moment for
+            # each other and share model calls (interactive windows never wait for company).
+            return await transcribe(store.read(w.start, w.end), options, burst_class)
 
     producer = asyncio.ensure_future(asyncio.to_thread(produce))
     windows: list[Window] = []
     tasks: list[asyncio.Task[WindowResult]] = []
     try:
         async with asyncio.TaskGroup() as tg:
+            held: list[Window] = []
             while (w := await planned.get()) is not None:
                 windows.append(w)
-                tasks.append(tg.create_task(one(w)))
+                held.append(w)
+                if len(held) >= group():
+                    tasks += [tg.create_task(one(h)) for h in held]
+                    held = []
             await producer
+            tasks += [tg.create_task(one(h)) for h in held]
             if on_decoded is not None:
                 on_decoded(store)
     except BaseExceptionGroup as group:

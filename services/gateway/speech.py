@@ -193,6 +193,7 @@ class SpeechAPI:
                 vad=self.vad,
                 max_parallel=self.settings.max_parallel_windows,
                 on_decoded=decoded,
+                group=self.pool.batch_capacity,
             )
         finally:
             if slot[0]:
