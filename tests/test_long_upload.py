@@ -70,7 +70,9 @@ async def transcribe(client: AsyncClient, path: Path) -> str:
     not os.path.exists("/usr/bin/sox") and not os.path.exists("/usr/local/bin/sox"), reason="sox"
 )
 async def test_four_hour_upload_in_the_memory_of_a_five_minute_one(tmp_path: Path) -> None:
-    short = recording(tmp_path, "five-minutes", 5, 58.0)  # ~5 min
+    # ~5 min with a sentence every ~30 s: as many windows as a call takes (a model call's memory
+    # depends on how many windows share it, not on the length of the recording)
+    short = recording(tmp_path, "five-minutes", 10, 25.0)
     long = recording(tmp_path, "four-hours", 16, 890.0)  # ~3 h 59 min (the limit is 4 h)
     port = free_port()
     env = {**os.environ, "STT_CPU_THREADS": "2", "STT_LOG_LEVEL": "INFO"}
@@ -91,7 +93,7 @@ async def test_four_hour_upload_in_the_memory_of_a_five_minute_one(tmp_path: Pat
                 assert time.monotonic() < deadline, "stt up did not become ready"
                 await asyncio.sleep(0.1)
             text = await transcribe(c, short)
-            assert text.lower().count("weather") >= 4, text
+            assert text.lower().count("weather") >= 8, text
             after_short = peak_rss_mib(proc.pid)
             t0 = time.monotonic()
             text = await transcribe(c, long)

@@ -183,15 +183,6 @@ class WindowPlanner:
         out, self._held = self._held, []
         return out
 
-    @property
-    def open_from(self) -> int | None:
-        """The first sample a window not yet given out may start at (None: no open window)."""
-        if self._held:
-            return 0
-        if self._group is None:
-            return None
-        return max(0, min(self._group[0] - SAMPLE_RATE, self._prev_end))
-
     def finish(self, total: int) -> list[Window]:
         """The audio ended at `total` samples: the remaining windows."""
         if total <= self.limit:
@@ -292,13 +283,8 @@ class StreamingPlanner:
             settled, start = self.planner.split_growing(*self._held)
             out += settled
             self._held = (start, self._held[1])
-        # Keep only what a window not yet given out, or the held region, may still need.
-        keep = [end]
-        if self._held is not None:
-            keep.append(self._held[0])
-        if (open_from := self.planner.open_from) is not None:
-            keep.append(open_from)
-        drop = min(keep) - self._audio_start
+        # Keep only what the held region may still need (to cut it if it grows past the limit).
+        drop = (self._held[0] if self._held is not None else end) - self._audio_start
         if drop > 0:
             self._audio = self._audio[drop:].copy()
             self._audio_start += drop

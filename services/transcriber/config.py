@@ -10,7 +10,7 @@ from services.shared.config import CommonSettings
 BUNDLED = "bundled"
 # Batching by device (see TranscriberSettings.batching). CPU: 8 windows per call (measured: 1.5x the
 # windows/s of single calls on 2 cores, no gain beyond); GPU: 24, with a longer wait for batch work.
-CPU_BATCH, CPU_WINDOW_MS = 8, 20.0
+CPU_BATCH, CPU_WINDOW_MS, CPU_ENCODE_BATCH = 8, 20.0, 2
 GPU_BATCH, GPU_WINDOW_MS = 24, 50.0
 
 
@@ -39,6 +39,9 @@ class TranscriberSettings(CommonSettings):
     # than one of 8, so calls are larger and batch work waits longer to fill them.
     batch_window_ms: float = -1.0
     max_batch_size: int = 0  # 0 = by device
+    # Windows encoded at once within a call (0 = by device: 2 on a CPU, where encoding more at once
+    # only costs memory; the whole call on a GPU).
+    encode_batch_size: int = 0
     # Windows waiting beyond this are refused with RESOURCE_EXHAUSTED (back-pressure).
     max_queue: int = 256
     # Transcribe a short clip at start so the first real call is not slow.
@@ -64,6 +67,11 @@ class TranscriberSettings(CommonSettings):
             self.batch_window_ms if self.batch_window_ms >= 0 else (GPU_WINDOW_MS if gpu else CPU_WINDOW_MS)
         )
         return size, window
+
+    def encode_batch(self) -> int:
+        if self.encode_batch_size > 0:
+            return self.encode_batch_size
+        return self.batching()[0] if self.on_gpu() else CPU_ENCODE_BATCH
 
     def threads(self) -> int:
         return self.cpu_threads or (os.cpu_count() or 1)
