@@ -107,6 +107,25 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def carry_forward(results: dict[str, Any], out: Path, stem: str, *, quick: bool) -> None:
+    """A partial run (--only) starts today's file with the other measures of the latest earlier
+    results file of the same mode, each marked `carried_from`, so the report keeps every section
+    (the report says which numbers come from which run)."""
+    earlier = sorted(
+        p
+        for p in out.glob("20*.json")
+        if p.stem < stem and p.stem.endswith("-quick") == quick and (quick or "-" not in p.stem[10:])
+    )
+    if not earlier:
+        return
+    with contextlib.suppress(ValueError, OSError):
+        previous = json.loads(earlier[-1].read_text())
+        for name, entry in (previous.get("measures") or {}).items():
+            entry.setdefault("carried_from", previous.get("date") or earlier[-1].stem)
+            results["measures"][name] = entry
+        log(f"other measures carried from {earlier[-1].name}")
+
+
 def write_json(path: Path, results: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, default=str))
@@ -158,6 +177,8 @@ async def main_async(args: argparse.Namespace) -> Path:
             results = json.loads(json_path.read_text())
             results.setdefault("measures", {})
             log(f"merging into {json_path}")
+    elif args.only:
+        carry_forward(results, args.out, stem, quick=args.quick)
     started = time.time()
     results.update(
         {
