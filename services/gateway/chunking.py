@@ -7,8 +7,11 @@ the maximum is cut at its quietest point.
 
 from __future__ import annotations
 
+import os
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,7 +215,9 @@ SILENT_PEAK = 10 ** (-70 / 20)  # a block that never gets louder than -70 dBFS h
 class StreamingPlanner:
     """Decoded audio in, windows out, while the audio is still arriving: Silero VAD runs on blocks of
     `block_seconds` (regions that meet at a block boundary are joined), and the WindowPlanner gives
-    out each window once it is settled. Holds about one block plus one window of audio.
+    out each window once it is settled. Blocks are searched for speech on a small shared thread
+    pool, several at once when the decoder is ahead (VAD is single-threaded; decoding is faster),
+    and their results are taken in order. Holds a few blocks plus one window of audio.
     Deterministic: the same audio gives the same windows however it is fed."""
 
     def __init__(self, vad: VadSettings, *, block_seconds: float = VAD_BLOCK_SECONDS,
@@ -221,7 +226,8 @@ class StreamingPlanner:
         self.block = int(block_seconds * SAMPLE_RATE)
         self.planner = WindowPlanner(self._read, max_seconds=max_seconds)
         self.total = 0  # samples fed
-        self.scanned = 0  # samples searched for speech
+        self.queued = 0  # samples handed to VAD
+        self._inflight: deque[tuple[int, int, Future[tuple[list[tuple[int, int]], float]]]] = deque()
         self._pending: list[np.ndarray] = []  # fed, not yet joined into _audio
         self._audio = np.zeros(0, dtype=np.float32)  # samples [_audio_start, _audio_start + len)
         self._audio_start = 0
@@ -237,37 +243,45 @@ class StreamingPlanner:
         self._pending.append(samples)
         self.total += samples.shape[0]
         out: list[Window] = []
-        while self.total - self.scanned >= self.block:
-            out += self._scan(self.scanned + self.block)
-        return out
+        while self.total - self.queued >= self.block:
+            out += self._submit(self.queued + self.block)
+        return out + self._collect(wait=False)
 
     def finish(self) -> list[Window]:
         out: list[Window] = []
-        if self.total > self.scanned:
-            out += self._scan(self.total)
+        if self.total > self.queued:
+            out += self._submit(self.total)
+        out += self._collect(wait=True)
         if self._held is not None:
             out += self.planner.add([self._held], self.total)
             self._held = None
         return out + self.planner.finish(self.total)
 
-    def _join(self) -> None:
+    def _submit(self, end: int) -> list[Window]:
+        """Search [queued, end) for speech in the background; at most VAD_AHEAD blocks at once."""
         if self._pending:
             self._audio = np.concatenate([self._audio, *self._pending])
             self._pending = []
+        block = self._read(self.queued, end)  # a view: stays valid when _audio is replaced
+        self._inflight.append((self.queued, end, _VAD_POOL.submit(_search, block, self.vad)))
+        self.queued = end
+        out: list[Window] = []
+        while len(self._inflight) > VAD_AHEAD:
+            out += self._take()
+        return out
 
-    def _scan(self, end: int) -> list[Window]:
-        self._join()
-        offset = self.scanned
-        t0 = time.perf_counter()
-        block = self._read(offset, end)
-        if block.shape[0] and float(np.abs(block).max()) < SILENT_PEAK:
-            regions = []  # digital silence (padding, a muted microphone): nothing for VAD to find
-        else:
-            regions = [(a + offset, b + offset) for a, b in speech_regions(block, self.vad)]
-        self.vad_seconds += time.perf_counter() - t0
-        self.scanned = end
+    def _collect(self, *, wait: bool) -> list[Window]:
+        out: list[Window] = []
+        while self._inflight and (wait or self._inflight[0][2].done()):
+            out += self._take()
+        return out
+
+    def _take(self) -> list[Window]:
+        offset, end, fut = self._inflight.popleft()
+        found, seconds = fut.result()
+        self.vad_seconds += seconds
         final: list[tuple[int, int]] = []
-        for start, stop in regions:
+        for start, stop in ((a + offset, b + offset) for a, b in found):
             held = self._held
             if held is not None and start - held[1] <= JOIN_GAP and start - offset <= JOIN_EDGE:
                 self._held = (held[0], stop)
@@ -283,12 +297,25 @@ class StreamingPlanner:
             settled, start = self.planner.split_growing(*self._held)
             out += settled
             self._held = (start, self._held[1])
-        # Keep only what the held region may still need (to cut it if it grows past the limit).
+        # Keep what the held region may still need (to cut it if it grows past the limit) and the
+        # blocks still being searched.
         drop = (self._held[0] if self._held is not None else end) - self._audio_start
         if drop > 0:
             self._audio = self._audio[drop:].copy()
             self._audio_start += drop
         return out
+
+
+VAD_AHEAD = 3  # blocks searched at once per planner
+_VAD_POOL = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="vad")
+
+
+def _search(block: np.ndarray, vad: VadSettings) -> tuple[list[tuple[int, int]], float]:
+    """(Speech regions in the block, seconds it took.)"""
+    t0 = time.perf_counter()
+    if block.shape[0] and float(np.abs(block).max()) < SILENT_PEAK:
+        return [], time.perf_counter() - t0  # digital silence (padding, a muted microphone)
+    return speech_regions(block, vad), time.perf_counter() - t0
 
 
 def merge(windows: list[Window], results: list[list[Segment]]) -> list[Segment]:
