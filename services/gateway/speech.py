@@ -22,7 +22,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.observe import StreamObserver
 from services.gateway.pool import TranscriberPool
 from services.gateway.quotas import ByteBudget, Quotas, Reservation, TenantQuota, inflight_var
-from services.gateway.recognize import SampleStore, recognize_blocks
+from services.gateway.recognize import SampleStore, recognize, recognize_blocks
 from services.gateway.requests import (
     MAX_BEAM_SIZE,
     MAX_PROMPT_CHARS,
@@ -109,7 +109,10 @@ def decode_estimate(size: int, encoding: str, sample_rate: int, channels: int, m
     return int(min(seconds, max_seconds) * per_second) + PLANNER_BYTES
 
 
-PLANNER_BYTES = 16000 * 4 * 100  # the streaming planner's VAD block and pending window (float32)
+PLANNER_BYTES = 16000 * 4 * 100
+# Bodies up to this size are decoded, then recognized (short clips: nothing to overlap); larger ones
+# are recognized while they decode.
+SMALL_BODY = 1 << 20  # the streaming planner's VAD block and pending window (float32)
 
 
 class SpeechAPI:
@@ -186,6 +189,27 @@ class SpeechAPI:
                 size * BODY_COPIES
                 + decode_estimate(size, cfg.encoding, cfg.sample_rate, cfg.channels, self.limits.max_seconds)
             )
+            if size <= SMALL_BODY:
+                # Short clips (the interactive case): decode, then recognize; no pipeline to set up.
+                decoded = await asyncio.to_thread(
+                    audio_mod.decode,
+                    content,
+                    limits=self.limits,
+                    encoding=cfg.encoding,
+                    sample_rate=cfg.sample_rate,
+                    channels=cfg.channels,
+                )
+                reservation.resize(size + decoded.samples.nbytes)
+                if slot[0]:
+                    slot[0] = False
+                    self.decode_slots.release()
+                return await recognize(
+                    decoded.samples,
+                    self.pool.transcribe,
+                    cfg.options,
+                    vad=self.vad,
+                    max_parallel=self.settings.max_parallel_windows,
+                )
             return await recognize_blocks(
                 blocks,
                 self.pool.transcribe,
