@@ -191,7 +191,7 @@ class SpeechAPI:
             )
             if size <= SMALL_BODY:
                 # Short clips (the interactive case): decode, then recognize; no pipeline to set up.
-                decoded = await asyncio.to_thread(
+                whole = await asyncio.to_thread(
                     audio_mod.decode,
                     content,
                     limits=self.limits,
@@ -199,12 +199,12 @@ class SpeechAPI:
                     sample_rate=cfg.sample_rate,
                     channels=cfg.channels,
                 )
-                reservation.resize(size + decoded.samples.nbytes)
+                reservation.resize(size + whole.samples.nbytes)
                 if slot[0]:
                     slot[0] = False
                     self.decode_slots.release()
                 return await recognize(
-                    decoded.samples,
+                    whole.samples,
                     self.pool.transcribe,
                     cfg.options,
                     vad=self.vad,
