@@ -29,16 +29,34 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 
 # Same model, compute type and total threads on both sides. Set before any settings object exists.
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
-COMPUTE_TYPE = "int8"
+COMPUTE_TYPE = "int8"  # on CPU; float16 on a GPU (see compute_type())
 BEAM_SIZE = 5
 LANGUAGE = "en"
 SR = 16_000
 
 
-def configure_env() -> None:
-    """Environment for every service the bench starts (in-process or as a subprocess)."""
+def device() -> str:
+    """cpu or cuda (`--device`, STT_DEVICE): both sides run on it."""
+    return os.environ.get("STT_DEVICE", "cpu")
+
+
+def compute_type() -> str:
+    """`--compute-type` (STT_COMPUTE_TYPE): int8 on CPU, float16 on a GPU unless set."""
+    return os.environ.get("STT_COMPUTE_TYPE") or ("float16" if device() == "cuda" else COMPUTE_TYPE)
+
+
+def configure_env(device_: str | None = None, compute: str | None = None, model: str | None = None) -> None:
+    """Environment for every service the bench starts (in-process or as a subprocess), and for the
+    raw faster-whisper side: the same device, compute type and model on both."""
+    if device_:
+        os.environ["STT_DEVICE"] = device_
+        compute = compute or ("float16" if device_ == "cuda" else COMPUTE_TYPE)
+    if compute:
+        os.environ["STT_COMPUTE_TYPE"] = compute
+    if model:
+        os.environ["STT_MODEL"] = model
     os.environ["STT_CPU_THREADS"] = str(THREADS)
-    os.environ.setdefault("STT_COMPUTE_TYPE", COMPUTE_TYPE)
+    os.environ.setdefault("STT_COMPUTE_TYPE", compute_type())
     os.environ.setdefault("STT_MODEL", "bundled")
     os.environ.setdefault("STT_LOG_LEVEL", "WARNING")
     os.environ.setdefault("STT_HOST", "127.0.0.1")
@@ -239,7 +257,7 @@ def model_label() -> str:
 def load_whisper() -> Any:
     from faster_whisper import WhisperModel
 
-    return WhisperModel(model_path(), device="cpu", compute_type=COMPUTE_TYPE, cpu_threads=THREADS)
+    return WhisperModel(model_path(), device=device(), compute_type=compute_type(), cpu_threads=THREADS)
 
 
 def raw_transcribe(model: Any, audio: np.ndarray, **kwargs: Any) -> tuple[str, float, int]:

@@ -31,12 +31,60 @@ def _get(d: Any, *path: Any) -> Any:
 
 
 def _throughput(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
+    """Jobs API vs BatchedInferencePipeline on the same file, with word timings on both sides (and
+    without), WER within 0.5 points."""
     s, b = _get(m, "x_real_time", "stack_job"), _get(m, "x_real_time", "batched")
-    if s is None or b is None:
-        return NA, "not measured"
     sw, bw = _get(m, "x_real_time", "stack_job_words"), _get(m, "x_real_time", "batched_words")
-    words = f"; with word times {sw}x vs {bw}x" if sw and bw else ""
-    return (PASS if s >= b else MISS), f"stack {s}x vs batched {b}x real time (ratio {s / b:.2f}){words}"
+    if sw is None or bw is None:
+        if s is None or b is None:
+            return NA, "not measured"
+        sw, bw = s, b
+    ws, wb = _get(m, "best", "stack_job_words", "wer"), _get(m, "best", "batched_words", "wer")
+    wer_ok = ws is None or wb is None or ws <= wb + 0.5
+    value = f"with word times: stack {sw}x vs batched {bw}x (ratio {sw / bw:.2f})"
+    if s and b:
+        value += f"; without: {s}x vs {b}x ({s / b:.2f})"
+    if ws is not None and wb is not None:
+        value += f"; WER {ws}% vs {wb}%"
+    return (PASS if sw >= bw and wer_ok else MISS), value
+
+
+def _recognize(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
+    r, b = _get(m, "x_real_time", "stack_recognize"), _get(m, "x_real_time", "batched")
+    if r is None or b is None:
+        return NA, "not measured"
+    return (PASS if r >= b else MISS), f"Recognize {r}x vs batched {b}x real time (ratio {r / b:.2f})"
+
+
+def _cluster(m: dict[str, Any], results: dict[str, Any]) -> tuple[str, str]:
+    c = _get(m, "cluster_job", "x_real_time")
+    b = _get(results, "measures", "throughput", "x_real_time", "batched")
+    if c is None or b is None:
+        return NA, "not measured"
+    return (PASS if c >= 1.2 * b else MISS), f"cluster {c}x vs batched {b}x real time (ratio {c / b:.2f})"
+
+
+def _concurrent_jobs(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
+    levels = [lv for lv in m.get("levels") or [] if lv.get("jobs") == 8]
+    if not levels or levels[0].get("vs_batched") is None:
+        return NA, "not measured"
+    lv = levels[0]
+    base = _get(m, "baseline", "batched_x_real_time")
+    return (
+        PASS if lv["vs_batched"] >= 1.0 else MISS
+    ), f"8 jobs {lv['x_real_time']}x vs batched {base}x real time on one file (ratio {lv['vs_batched']})"
+
+
+PEAK_MARGIN_MIB = 150.0
+
+
+def _memory_peak(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
+    s, r = _get(m, "peak_mib", "service"), _get(m, "peak_mib", "raw")
+    if s is None or r is None:
+        return NA, "not measured"
+    return (
+        PASS if s - r <= PEAK_MARGIN_MIB else MISS
+    ), f"stt up {s:.0f} MiB vs faster-whisper alone {r:.0f} MiB ({s - r:+.0f} MiB)"
 
 
 def _unary(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
@@ -140,8 +188,21 @@ GOALS = [
     Goal(
         "throughput",
         "throughput",
-        "Batch: the stack (Jobs API) at least as fast as BatchedInferencePipeline",
+        "Batch: the stack (Jobs API) at least as fast as BatchedInferencePipeline, word times both sides, WER within 0.5",
         _throughput,
+    ),
+    Goal(
+        "recognize_throughput",
+        "throughput",
+        "Batch: one long Recognize at least as fast as BatchedInferencePipeline",
+        _recognize,
+    ),
+    Goal("cluster", "cluster", "Batch: the local cluster >= 1.2x BatchedInferencePipeline", _cluster),
+    Goal(
+        "concurrent_jobs",
+        "concurrent_jobs",
+        "Batch: 8 concurrent jobs >= 1.0x BatchedInferencePipeline",
+        _concurrent_jobs,
     ),
     Goal("unary", "unary", "Unary Recognize adds at most 15 ms at p50 over in-process transcription", _unary),
     Goal("accuracy", "accuracy", "Service WER equal to faster-whisper's within 0.5 points", _accuracy),
@@ -151,6 +212,12 @@ GOALS = [
         "memory",
         f"No RSS growth beyond noise ({MEMORY_NOISE_MIB:g} MiB) over sequential Recognize calls",
         _memory,
+    ),
+    Goal(
+        "memory_peak",
+        "memory",
+        f"Peak RSS of `stt up` on the long file within {PEAK_MARGIN_MIB:g} MiB of faster-whisper alone",
+        _memory_peak,
     ),
     Goal(
         "stream_latency", "streaming", "Streaming final-word latency mean <= 1.0 s and p95 <= 1.5 s", _latency

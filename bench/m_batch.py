@@ -57,6 +57,26 @@ async def run_job(client: Any, wav: bytes, name: str, *, words: bool = True) -> 
     }
 
 
+def job_timeline(ctx: Context, mark: int) -> dict[str, Any] | None:
+    """Where the last job's time went, from the claim (server side): the dispatcher's marks
+    (downloaded, decoded, planned, plan recorded, transcribed, completed), VAD time, each window
+    (planned, sent, done, batch) and each model call (start, seconds, windows) of the transcriber."""
+    stack = ctx.stack.stack
+    dispatcher = getattr(getattr(stack, "gateway", None), "dispatcher", None)
+    if dispatcher is None or not dispatcher.timelines:
+        return None
+    tl = list(dispatcher.timelines.values())[-1]
+    offset = time.perf_counter() - time.monotonic()  # model calls are timed with perf_counter
+    t0 = tl.t0 + offset
+    return {
+        **tl.summary(),
+        "model_calls": [
+            {"start": round(c.start - t0, 3), "seconds": round(c.end - c.start, 3), "windows": c.windows}
+            for c in ctx.stack.calls.calls[mark:]
+        ],
+    }
+
+
 def _side(wall: float, seconds: float, text: str, ref: str) -> dict[str, Any]:
     from tests.support.text import wer
 
@@ -93,6 +113,7 @@ async def throughput(ctx: Context) -> dict[str, Any]:
             side = _side(job["wall"], clip.seconds, job["text"], clip.text)
             side.update({k: job[k] for k in ("upload_seconds", "fetch_seconds", "chunks", "server")})
             side["model"] = ctx.stack.calls.since(mark, job["wall"])
+            side["timeline"] = job_timeline(ctx, mark)
             runs[key].append(side)
             log(f"  {key:16s} {side['x_real_time']:6.1f}x real time, WER {side['wer']:.1f}%")
 

@@ -76,6 +76,11 @@ class Report:
         if m.get("status") != "ok":
             self.add(f"**Failed**: `{m.get('error')}` (see `traceback` in the JSON).")
             return None
+        if m.get("carried_from"):
+            self.add(
+                f"_Not re-run in this (partial) run: the numbers below are from the run of {m['carried_from']} "
+                "(`python -m bench --only ...` carries the other measures forward)._"
+            )
         return m
 
     # -- sections ---------------------------------------------------------------------------------
@@ -176,11 +181,30 @@ class Report:
             f"python -m bench.report {self.from_root(self.json_path)}   # re-render this page from the JSON\n"
             "python -m bench.profile                      # pyinstrument profiles of Recognize and the job path\n"
             "python -m bench.corpus --out /tmp/corpus     # the test audio as WAV + references.json\n"
+            "# On a GPU box (both sides on the GPU, any model; transcriber batches of 24 there):\n"
+            "make bench BENCH_ARGS='--device cuda --compute-type float16 --model large-v3'\n"
+            "python -m bench --device cuda --model /models/whisper-large-v3-ct2 --only throughput concurrent_jobs\n"
             "# LocalAgreement baseline (optional):\n"
             "git clone https://github.com/ufal/whisper_streaming /tmp/whisper_streaming\n"
             "WHISPER_STREAMING_DIR=/tmp/whisper_streaming make bench\n"
             "```\n"
             f"This run: `{self.r.get('command')}`. Use the venv's python (`.venv/bin/python`) or `make`."
+        )
+        cfg = self.r.get("config", {})
+        carried = sorted({str(m.get("carried_from")) for m in self.m.values() if m.get("carried_from")})
+        self.add(
+            f"**What was measured where**: every number on this page was measured on the machine described "
+            f"above, device **{cfg.get('device', 'cpu')}**, compute type {cfg.get('compute_type')}, model "
+            f"{cfg.get('model')}"
+            + (
+                f"; sections marked as carried come from the run(s) of {', '.join(carried)} on the same machine"
+                if carried
+                else ""
+            )
+            + ". No GPU numbers have been measured yet: `--device cuda` runs the same measures unchanged."
+            if cfg.get("device", "cpu") == "cpu"
+            else f"**What was measured where**: device {cfg.get('device')}, compute type {cfg.get('compute_type')}, "
+            f"model {cfg.get('model')}, on the machine described above."
         )
 
     def throughput(self) -> None:
@@ -251,6 +275,7 @@ class Report:
                     f"({sj.get('chunks')} chunks); upload {_fmt(sj.get('upload_seconds'))} s, transcript fetch "
                     f"{_fmt(sj.get('fetch_seconds'))} s."
                 )
+            self.timeline(sj.get("timeline"))
             self.plot("throughput", "Batch throughput")
         self.add("### Local multi-process cluster\n")
         c = self.status("cluster")
@@ -261,6 +286,32 @@ class Report:
                 f"(cluster / embedded stack {_fmt(c['ratios'].get('cluster_vs_stack'))}, cluster / batched "
                 f"{_fmt(c['ratios'].get('cluster_vs_batched'))}), WER {cj['wer']} %. Peak RSS per process (MiB): "
                 + ", ".join(f"{k} {_fmt(v)}" for k, v in (cj.get("peak_rss_mib") or {}).items())
+            )
+
+    def timeline(self, tl: dict[str, Any] | None) -> None:
+        """Where one job's time goes (the stack_job run shown above), seconds from the claim."""
+        if not tl:
+            return
+        marks = tl.get("marks") or {}
+        calls = tl.get("model_calls") or []
+        busy = sum(c["seconds"] for c in calls)
+        end = marks.get("completed") or marks.get("transcribed")
+        self.add(
+            "**Where the job's time goes** (server side, seconds from the claim; decoding, VAD and window "
+            "planning run in one thread while planned windows are transcribed; windows are sent in groups "
+            "the size of the transcribers' batch capacity, or when planning ends):\n"
+        )
+        rows: list[Row] = [[name, at, ""] for name, at in marks.items()]
+        rows.insert(0, ["VAD (total, inside decoding)", None, f"{_fmt(tl.get('vad_seconds'))} s"])
+        for i, c in enumerate(calls):
+            rows.append([f"model call {i + 1}", c["start"], f"{c['seconds']} s, {c['windows']} windows"])
+        self.add(table(["Step", "At s", "Took"], rows))
+        if end:
+            first = min((c["start"] for c in calls), default=None)
+            self.add(
+                f"The model was busy {busy:.2f} s of the {end:.2f} s from claim to completion "
+                f"({100 * busy / end:.0f} %); the first model call started {_fmt(first)} s after the claim. "
+                "The rest is reading the audio, decoding and VAD before the first call, and recording results."
             )
 
     def concurrent_jobs(self) -> None:

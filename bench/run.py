@@ -23,14 +23,15 @@ from typing import Any
 
 from bench.common import (
     BEAM_SIZE,
-    COMPUTE_TYPE,
     DEFAULT_OUT,
     DOCS,
     ERRORS,
     THREADS,
     StackHolder,
     capture_errors,
+    compute_type,
     configure_env,
+    device,
     log,
     machine_info,
     model_label,
@@ -87,7 +88,42 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default bench/results)")
     p.add_argument("--docs", type=Path, default=DOCS, help="report to write (default docs/benchmarks.md)")
     p.add_argument("--no-report", action="store_true", help="do not regenerate the markdown report")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        help="run both sides (faster-whisper directly and the services) on this device (default cpu)",
+    )
+    p.add_argument(
+        "--compute-type",
+        help="CTranslate2 compute type for both sides (default int8 on cpu, float16 on cuda)",
+    )
+    p.add_argument(
+        "--model",
+        help="model for both sides: a faster-whisper name (large-v3, ...) or a CTranslate2 model directory "
+        "(default: the bundled tiny.en; STT_MODEL)",
+    )
+    args = p.parse_args(argv)
+    configure_env(args.device, args.compute_type, args.model)
+    return args
+
+
+def carry_forward(results: dict[str, Any], out: Path, stem: str, *, quick: bool) -> None:
+    """A partial run (--only) starts today's file with the other measures of the latest earlier
+    results file of the same mode, each marked `carried_from`, so the report keeps every section
+    (the report says which numbers come from which run)."""
+    earlier = sorted(
+        p
+        for p in out.glob("20*.json")
+        if p.stem < stem and p.stem.endswith("-quick") == quick and (quick or "-" not in p.stem[10:])
+    )
+    if not earlier:
+        return
+    with contextlib.suppress(ValueError, OSError):
+        previous = json.loads(earlier[-1].read_text())
+        for name, entry in (previous.get("measures") or {}).items():
+            entry.setdefault("carried_from", previous.get("date") or earlier[-1].stem)
+            results["measures"][name] = entry
+        log(f"other measures carried from {earlier[-1].name}")
 
 
 def write_json(path: Path, results: dict[str, Any]) -> None:
@@ -141,6 +177,8 @@ async def main_async(args: argparse.Namespace) -> Path:
             results = json.loads(json_path.read_text())
             results.setdefault("measures", {})
             log(f"merging into {json_path}")
+    elif args.only:
+        carry_forward(results, args.out, stem, quick=args.quick)
     started = time.time()
     results.update(
         {
@@ -153,8 +191,8 @@ async def main_async(args: argparse.Namespace) -> Path:
             "config": {
                 "model": model_label(),
                 "model_path": model_path(),
-                "compute_type": COMPUTE_TYPE,
-                "device": "cpu",
+                "compute_type": compute_type(),
+                "device": device(),
                 "cpu_threads": THREADS,
                 "beam_size": BEAM_SIZE,
                 "language": "en",

@@ -143,3 +143,30 @@ def test_decompression_bomb_stops_at_the_limit_with_bounded_memory():
         decode(bomb, limits=LIMITS)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 100  # two hours of float32 would be 460 MB
+
+
+def test_probe_checks_an_upload_without_decoding_all_of_it(tmp_path):
+    """The upload check: length from the header, a cut-off file refused, garbage refused."""
+    from services.gateway.audio import Limits, probe
+    from services.shared.errors import InvalidInput, LimitExceeded
+    from tests.support import audio as taudio
+
+    samples = taudio.conversation(taudio.SENTENCES[:4], pause=1.0).samples
+    limits = Limits(1 << 30, 3600.0)
+    for fmt in ("wav", "flac"):
+        data = taudio.encode(samples, fmt)
+        whole = tmp_path / f"whole.{fmt}"
+        whole.write_bytes(data)
+        info = probe(str(whole), limits=limits)
+        assert abs(info.seconds - samples.shape[0] / 16000) < 0.2
+        cut = tmp_path / f"cut.{fmt}"
+        cut.write_bytes(data[: len(data) // 2])
+        with pytest.raises(InvalidInput) as err:
+            probe(str(cut), limits=limits)
+        assert err.value.reason == "TRUNCATED_AUDIO"
+        with pytest.raises(LimitExceeded):
+            probe(str(whole), limits=Limits(1 << 30, 5.0))
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(b"\x00garbage" * 1000)
+    with pytest.raises(InvalidInput):
+        probe(str(garbage), limits=limits)

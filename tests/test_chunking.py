@@ -78,3 +78,47 @@ def test_merge_shifts_and_keeps_times_monotonic():
     assert starts == sorted(starts)
     assert all(w.end <= 25.0 and w.start <= w.end for w in words)
     assert merged[1].end <= 25.0
+
+
+def test_windows_given_out_piece_by_piece_are_the_whole_plan():
+    """The incremental planner plans what the whole-audio plan does, however the regions arrive."""
+    from services.gateway.chunking import WindowPlanner
+
+    rng = np.random.default_rng(3)
+    a = (rng.standard_normal(300 * SR) * 0.1).astype(np.float32)
+    spans = [(i * 7 + 0.5, i * 7 + 5.0) for i in range(38)] + [(268.0, 299.0)]
+    regions = _regions(spans)
+    whole = plan_windows(a, regions)
+    planner = WindowPlanner(lambda lo, hi: a[lo:hi])
+    out = []
+    for k, region in enumerate(regions):
+        out += planner.add([region], region[1] if k + 1 < len(regions) else a.shape[0])
+    out += planner.finish(a.shape[0])
+    assert out == whole
+
+
+def test_streaming_planner_gives_windows_before_the_audio_ends_and_the_same_however_fed():
+    from services.gateway.chunking import StreamingPlanner
+
+    clip = audio.conversation(audio.SENTENCES * 3, pause=1.2, lead=1.0)
+    samples = clip.samples
+    assert samples.shape[0] > 100 * SR
+
+    def run(step: int) -> tuple[list[Window], int]:
+        planner = StreamingPlanner(VadSettings(), block_seconds=20.0)
+        out: list[Window] = []
+        first_at = 0
+        for off in range(0, samples.shape[0], step):
+            got = planner.feed(samples[off : off + step])
+            if got and not out:
+                first_at = off + step
+            out += got
+        return out + planner.finish(), first_at
+
+    windows, first_at = run(SR // 3)
+    assert windows and first_at < samples.shape[0] // 2  # the first window long before the end
+    assert run(7 * SR + 123)[0] == windows
+    assert all(w.seconds <= 30.0 + 1e-6 for w in windows)
+    assert all(p.end <= n.start for p, n in itertools.pairwise(windows))
+    for start, end, _ in clip.spans:  # every sentence inside one window
+        assert any(w.start_seconds <= start + 0.2 and end - 0.2 <= w.end_seconds for w in windows)

@@ -535,3 +535,115 @@ def decode_to_file(
         if out is not None:
             out.close()
     return info
+
+
+PROBE_SECONDS = 5.0  # decoded from the start of an upload to check it is audio we can use
+
+
+def probe(
+    source: str,
+    *,
+    limits: Limits,
+    encoding: str = "",
+    sample_rate: int = 0,
+    channels: int = 0,
+) -> AudioInfo:
+    """Check an upload cheaply, without decoding all of it: the size, the format and codec, the
+    declared duration against the limit, the first seconds decode, and (formats whose header states
+    the length) that the file is not cut short. The job decodes it once, later, enforcing the same
+    limits frame by frame. A file whose length is not declared is decoded in full here (to know it).
+    `seconds` is the declared duration."""
+    size = os.path.getsize(source)
+    check_size(size, limits)
+    try:
+        if encoding == "LINEAR16":
+            channels = channels or 1
+            validate_linear16(sample_rate, channels)
+            _check_whole_frames(size, channels)
+            seconds = size / (2 * channels * sample_rate)
+            if seconds > limits.max_seconds:
+                raise _too_long(seconds, limits, declared=True)
+            return AudioInfo("raw", "pcm_s16le", sample_rate, channels, seconds, seconds)
+        info = _probe_container(source, limits, encoding)
+    except ServiceError as exc:
+        DECODE_REJECTIONS.labels(exc.reason).inc()
+        raise
+    if info is None:  # length unknown: decode it all (bounded memory) to measure and check it
+        return decode_to_file(
+            source, None, limits=limits, encoding=encoding, sample_rate=sample_rate, channels=channels
+        )
+    return info
+
+
+def _probe_container(source: str, limits: Limits, encoding: str) -> AudioInfo | None:
+    info = AudioInfo()
+    blocks = iter_container(source, limits, encoding or None, info)
+    got = 0
+    for block in blocks:  # opens and checks the container, stream and codec, then decodes
+        got += block.shape[0]
+        if got >= PROBE_SECONDS * SAMPLE_RATE:
+            break
+    close = getattr(blocks, "close", None)
+    if close is not None:
+        close()
+    if got < PROBE_SECONDS * SAMPLE_RATE:  # all of it decoded (and checked) within the probe
+        info.seconds = got / SAMPLE_RATE
+        return info
+    declared = info.declared_seconds
+    if declared is None:
+        return None
+    if info.container in HEADER_DURATION:
+        end = _decodable_end(source, info)
+        if end is None:
+            return None  # cannot tell cheaply: decode it all
+        if end < declared - max(0.5, 0.02 * declared):
+            raise InvalidInput(
+                f"the file is truncated: its header says {declared:.1f}s of audio but it ends at {end:.1f}s",
+                reason="TRUNCATED_AUDIO",
+                field="content",
+            )
+    info.seconds = declared
+    return info
+
+
+def _decodable_end(source: str, info: AudioInfo) -> float | None:
+    """Seconds at which the stream's last decodable packet ends (seeking near the declared end);
+    None if that cannot be told without decoding the whole file."""
+    declared = info.declared_seconds or 0.0
+    if info.container == "wav":
+        size = os.path.getsize(source)
+        with open(source, "rb") as fh:
+            head = fh.read(65536)
+        off, block_align, rate = 12, 0, 0
+        while off + 8 <= len(head):
+            chunk, n = head[off : off + 4], int.from_bytes(head[off + 4 : off + 8], "little")
+            if chunk == b"fmt " and n >= 16:
+                block_align = int.from_bytes(head[off + 20 : off + 22], "little")
+                rate = int.from_bytes(head[off + 12 : off + 16], "little")
+            if chunk == b"data":
+                if not block_align or not rate:
+                    return None
+                return (size - off - 8) / block_align / rate
+            off += 8 + n + (n & 1)
+        return None
+    try:
+        with av.open(source, mode="r", metadata_errors="ignore") as container:
+            stream = container.streams.audio[0]
+            if stream.time_base is None:
+                return None
+            container.seek(int(max(0.0, declared - 3.0) / stream.time_base), stream=stream, any_frame=False)
+            end = None
+            for packet in _demux(container, stream):
+                if packet.pts is None or packet.size == 0:
+                    continue
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError:
+                    continue
+                for frame in frames:
+                    if frame.pts is not None and frame.sample_rate:
+                        t = float(frame.pts * stream.time_base) + frame.samples / frame.sample_rate
+                        end = t if end is None else max(end, t)
+            return end
+    except AV_ERRORS:
+        return None

@@ -7,6 +7,11 @@ the maximum is cut at its quietest point.
 
 from __future__ import annotations
 
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,43 +100,222 @@ def plan_windows(
     max_seconds: float = MAX_WINDOW_SECONDS,
 ) -> list[Window]:
     """Group speech regions into windows of at most max_seconds, cut in the pauses between them."""
-    limit = int(max_seconds * SAMPLE_RATE)
     total = audio.shape[0]
-    if regions and total <= limit:
+    if regions and total <= int(max_seconds * SAMPLE_RATE):
         return [Window(0, total)]  # it all fits: the whole audio, as the model would see a file
-    # Split regions longer than the limit at their quietest point (searching its last half).
-    pieces: list[tuple[int, int]] = []
-    for start, end in regions:
-        start, end = max(0, start), min(total, end)
-        while end - start > limit:
-            cut = _quietest_cut(audio, start + limit // 2, start + limit)
-            pieces.append((start, cut))
+    planner = WindowPlanner(lambda lo, hi: audio[lo:hi], max_seconds=max_seconds)
+    out = planner.add(regions, total)
+    return out + planner.finish(audio.shape[0])
+
+
+class WindowPlanner:
+    """Speech regions -> windows, incrementally: a window is given out as soon as it is settled (the
+    next stretch of speech no longer fits in it), so the first window can be transcribed while later
+    audio is still being decoded and searched for speech. Regions arrive in order, each final (the
+    last one may be added again, longer, with `final=False` while it may still grow). Fed all at once
+    it plans exactly what the whole-audio plan would; fed piece by piece, the same.
+
+    Rules: a region longer than the limit is cut at its quietest point (searching its last half);
+    consecutive pieces are grouped while the group spans at most the limit; each window is widened
+    into half of the pause on either side, up to 1 s (the model does better with some silence around
+    speech), staying disjoint and within the limit. Audio that fits in one window is one window, the
+    whole audio (as the model would see a file)."""
+
+    def __init__(self, read: Callable[[int, int], np.ndarray], *, max_seconds: float = MAX_WINDOW_SECONDS):
+        self.read = read  # (start, end) -> float32 samples: needed only to cut long speech
+        self.limit = int(max_seconds * SAMPLE_RATE)
+        self._group: tuple[int, int] | None = None
+        self._prev_end = 0  # unwidened end of the last closed window
+        self._held: list[Window] = []  # settled windows kept back while the audio may fit in one
+        self._any = False
+        self._released = False
+
+    def add(self, regions: list[tuple[int, int]], total: int) -> list[Window]:
+        """Final regions (in order, within [0, total)); `total` = samples known so far."""
+        out: list[Window] = []
+        for start, end in regions:
+            start, end = max(0, start), min(total, end)
+            while end - start > self.limit:
+                cut = _quietest_cut_read(self.read, start + self.limit // 2, start + self.limit)
+                out += self._piece(start, cut)
+                start = cut
+            if end > start:
+                out += self._piece(start, end)
+        return self._release(out, total)
+
+    def split_growing(self, start: int, end: int) -> tuple[list[Window], int]:
+        """A region still growing: cut off the pieces its final length will cut off anyway (so memory
+        stays bounded under long speech). Returns the windows settled and the new start."""
+        out: list[Window] = []
+        while end - start > self.limit:
+            cut = _quietest_cut_read(self.read, start + self.limit // 2, start + self.limit)
+            out += self._piece(start, cut)
             start = cut
-        if end > start:
-            pieces.append((start, end))
-    windows: list[Window] = []
-    i = 0
-    while i < len(pieces):
-        w_start, w_end = pieces[i]
-        j = i + 1
-        while j < len(pieces) and pieces[j][1] - w_start <= limit:
-            w_end = pieces[j][1]
-            j += 1
-        windows.append(Window(w_start, w_end))
-        i = j
-    # Widen each window into half of the pause on either side, up to 1 s (the model does better
-    # with some silence around speech), keeping windows disjoint and within the limit.
-    out: list[Window] = []
-    for k, w in enumerate(windows):
-        prev_end = windows[k - 1].end if k else 0
-        next_start = windows[k + 1].start if k + 1 < len(windows) else total
+        return out, start
+
+    def _piece(self, start: int, end: int) -> list[Window]:
+        self._any = True
+        if self._group is None:
+            self._group = (start, end)
+            return []
+        g_start, _ = self._group
+        if end - g_start <= self.limit:
+            self._group = (g_start, end)
+            return []
+        closed = self._close(Window(*self._group), start)
+        self._group = (start, end)
+        return [closed]
+
+    def _close(self, w: Window, next_start: int) -> Window:
+        prev_end = self._prev_end
         lo = max(prev_end + (w.start - prev_end) // 2, w.start - SAMPLE_RATE)
         hi = min(w.end + (next_start - w.end) // 2, w.end + SAMPLE_RATE)
-        slack = limit - (w.end - w.start)
+        slack = self.limit - (w.end - w.start)
         lo = max(lo, w.start - slack // 2)
         hi = min(hi, w.end + (slack - (w.start - lo)))
-        out.append(Window(max(0, lo), min(total, hi)))
-    return out
+        self._prev_end = w.end
+        return Window(max(0, lo), hi)
+
+    def _release(self, windows: list[Window], total: int) -> list[Window]:
+        if self._released:
+            return windows
+        self._held += windows
+        if total <= self.limit:
+            return []
+        self._released = True
+        out, self._held = self._held, []
+        return out
+
+    def finish(self, total: int) -> list[Window]:
+        """The audio ended at `total` samples: the remaining windows."""
+        if total <= self.limit:
+            self._group, self._held = None, []
+            return [Window(0, total)] if self._any else []
+        out = self._release([], total)
+        if self._group is not None:
+            last = self._close(Window(*self._group), total)
+            out.append(Window(last.start, min(total, last.end)))
+            self._group = None
+        return out
+
+
+def _quietest_cut_read(read: Callable[[int, int], np.ndarray], lo: int, hi: int) -> int:
+    frame = SAMPLE_RATE // 20
+    if hi - lo <= frame:
+        return hi
+    return lo + _quietest_cut(read(lo, hi), 0, hi - lo)
+
+
+VAD_BLOCK_SECONDS = 60.0
+JOIN_GAP = SAMPLE_RATE // 10  # regions meeting at a block boundary closer than this are one
+JOIN_EDGE = SAMPLE_RATE // 2
+SILENT_PEAK = 10 ** (-70 / 20)  # a block that never gets louder than -70 dBFS has no speech
+
+
+class StreamingPlanner:
+    """Decoded audio in, windows out, while the audio is still arriving: Silero VAD runs on blocks of
+    `block_seconds` (regions that meet at a block boundary are joined), and the WindowPlanner gives
+    out each window once it is settled. Blocks are searched for speech on a small shared thread
+    pool, several at once when the decoder is ahead (VAD is single-threaded; decoding is faster),
+    and their results are taken in order. Holds a few blocks plus one window of audio.
+    Deterministic: the same audio gives the same windows however it is fed."""
+
+    def __init__(self, vad: VadSettings, *, block_seconds: float = VAD_BLOCK_SECONDS,
+                 max_seconds: float = MAX_WINDOW_SECONDS) -> None:  # fmt: skip
+        self.vad = vad
+        self.block = int(block_seconds * SAMPLE_RATE)
+        self.planner = WindowPlanner(self._read, max_seconds=max_seconds)
+        self.total = 0  # samples fed
+        self.queued = 0  # samples handed to VAD
+        self._inflight: deque[tuple[int, int, Future[tuple[list[tuple[int, int]], float]]]] = deque()
+        self._pending: list[np.ndarray] = []  # fed, not yet joined into _audio
+        self._audio = np.zeros(0, dtype=np.float32)  # samples [_audio_start, _audio_start + len)
+        self._audio_start = 0
+        self._held: tuple[int, int] | None = None  # the last region, which may still grow
+        self.vad_seconds = 0.0  # time spent in VAD (for the bench's timeline)
+
+    def _read(self, lo: int, hi: int) -> np.ndarray:
+        return self._audio[lo - self._audio_start : hi - self._audio_start]
+
+    def feed(self, samples: np.ndarray) -> list[Window]:
+        if samples.shape[0] == 0:
+            return []
+        self._pending.append(samples)
+        self.total += samples.shape[0]
+        out: list[Window] = []
+        while self.total - self.queued >= self.block:
+            out += self._submit(self.queued + self.block)
+        return out + self._collect(wait=False)
+
+    def finish(self) -> list[Window]:
+        out: list[Window] = []
+        if self.total > self.queued:
+            out += self._submit(self.total)
+        out += self._collect(wait=True)
+        if self._held is not None:
+            out += self.planner.add([self._held], self.total)
+            self._held = None
+        return out + self.planner.finish(self.total)
+
+    def _submit(self, end: int) -> list[Window]:
+        """Search [queued, end) for speech in the background; at most VAD_AHEAD blocks at once."""
+        if self._pending:
+            self._audio = np.concatenate([self._audio, *self._pending])
+            self._pending = []
+        block = self._read(self.queued, end)  # a view: stays valid when _audio is replaced
+        self._inflight.append((self.queued, end, _VAD_POOL.submit(_search, block, self.vad)))
+        self.queued = end
+        out: list[Window] = []
+        while len(self._inflight) > VAD_AHEAD:
+            out += self._take()
+        return out
+
+    def _collect(self, *, wait: bool) -> list[Window]:
+        out: list[Window] = []
+        while self._inflight and (wait or self._inflight[0][2].done()):
+            out += self._take()
+        return out
+
+    def _take(self) -> list[Window]:
+        offset, end, fut = self._inflight.popleft()
+        found, seconds = fut.result()
+        self.vad_seconds += seconds
+        final: list[tuple[int, int]] = []
+        for start, stop in ((a + offset, b + offset) for a, b in found):
+            held = self._held
+            if held is not None and start - held[1] <= JOIN_GAP and start - offset <= JOIN_EDGE:
+                self._held = (held[0], stop)
+                continue
+            if held is not None:
+                final.append(held)
+            self._held = (start, stop)
+        if self._held is not None and self._held[1] < end - JOIN_GAP:
+            final.append(self._held)  # ends well before the block does: cannot grow
+            self._held = None
+        out = self.planner.add(final, end)
+        if self._held is not None:
+            settled, start = self.planner.split_growing(*self._held)
+            out += settled
+            self._held = (start, self._held[1])
+        # Keep what the held region may still need (to cut it if it grows past the limit) and the
+        # blocks still being searched.
+        drop = (self._held[0] if self._held is not None else end) - self._audio_start
+        if drop > 0:
+            self._audio = self._audio[drop:].copy()
+            self._audio_start += drop
+        return out
+
+
+VAD_AHEAD = 3  # blocks searched at once per planner
+_VAD_POOL = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="vad")
+
+
+def _search(block: np.ndarray, vad: VadSettings) -> tuple[list[tuple[int, int]], float]:
+    """(Speech regions in the block, seconds it took.)"""
+    t0 = time.perf_counter()
+    if block.shape[0] and float(np.abs(block).max()) < SILENT_PEAK:
+        return [], time.perf_counter() - t0  # digital silence (padding, a muted microphone)
+    return speech_regions(block, vad), time.perf_counter() - t0
 
 
 def merge(windows: list[Window], results: list[list[Segment]]) -> list[Segment]:

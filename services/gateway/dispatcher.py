@@ -23,20 +23,21 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from prometheus_client import Counter as PCounter
 from prometheus_client import Gauge, Histogram
 
 from services.gateway import observe
-from services.gateway.audio import Limits, decode_to_file
-from services.gateway.chunking import VadSettings, Window, merge, plan_windows, speech_regions_long
+from services.gateway.audio import Limits, iter_source
+from services.gateway.chunking import StreamingPlanner, VadSettings, Window, merge
 from services.gateway.jobqueue import ChunkInfo, ClaimedJob, JobQueue, Lease
 from services.gateway.recognize import first_leaf
 from services.shared import tracing
@@ -44,7 +45,7 @@ from services.shared.backoff import Backoff
 from services.shared.context import job_id_var
 from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, WorkClass, join_text
 from services.shared.errors import Aborted, InvalidInput, LimitExceeded, NotFound, ServiceError, Unavailable
-from services.shared.pcm import from_pcm16
+from services.shared.pcm import from_pcm16, to_pcm16
 from services.shared.spool import Spool
 
 log = logging.getLogger("gateway.dispatcher")
@@ -71,6 +72,56 @@ class JobStopped(Exception):
     """The job was cancelled, its lease lost, or this dispatcher is shutting down."""
 
 
+class _AudioFailed(Exception):
+    """The job's audio failed to decode (the job is already marked failed)."""
+
+
+class PcmFile:
+    """A job's decoded audio on disk: 16 kHz mono 16-bit, read a window at a time."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        return np.fromfile(self.path, dtype="<i2", count=max(0, end - start), offset=2 * start)
+
+
+@dataclass
+class JobTimeline:
+    """Where a job's time goes (seconds from the claim): the bench prints it (`timelines`)."""
+
+    t0: float
+    marks: dict[str, float] = field(default_factory=dict)
+    windows: list[dict[str, float]] = field(default_factory=list)
+    vad_seconds: float = 0.0
+    _planned: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    def _now(self) -> float:
+        return round(time.monotonic() - self.t0, 4)
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = self._now()
+
+    def window_planned(self, w: Window) -> None:
+        self._planned[(w.start, w.end)] = self._now()
+
+    def window_done(self, index: int, w: Window, sent: float, result: WindowResult) -> None:
+        self.windows.append(
+            {
+                "index": index,
+                "start": round(w.start_seconds, 3),
+                "seconds": round(w.seconds, 3),
+                "planned": self._planned.get((w.start, w.end), 0.0),
+                "sent": round(sent - self.t0, 4),
+                "done": self._now(),
+                "batch_size": result.batch_size,
+            }
+        )
+
+    def summary(self) -> dict[str, object]:
+        return {"marks": self.marks, "vad_seconds": round(self.vad_seconds, 3), "windows": self.windows}
+
+
 @dataclass
 class DispatcherConfig:
     worker_id: str
@@ -94,10 +145,18 @@ def default_worker_id() -> str:
 
 class Dispatcher:
     def __init__(
-        self, queue: JobQueue, transcribe: TranscribeFn, config: DispatcherConfig, spool: Spool | None = None
+        self,
+        queue: JobQueue,
+        transcribe: TranscribeFn,
+        config: DispatcherConfig,
+        spool: Spool | None = None,
+        batch_capacity: Callable[[], int] | None = None,
     ) -> None:
         self.queue = queue
         self.transcribe = transcribe
+        # Planned windows are sent in groups of this many (or when planning ends), so the model
+        # calls stay full: a lone first window costs as much as several batched ones on a CPU.
+        self.batch_capacity = batch_capacity or (lambda: 8)
         self.config = config
         self.spool = spool or Spool(
             config.spool_dir or os.path.join(tempfile.gettempdir(), "stt-spool"), name="dispatcher"
@@ -105,6 +164,7 @@ class Dispatcher:
         self._slots: list[asyncio.Task[None]] = []
         self._stopping = False
         self.active: dict[str, asyncio.Task[str]] = {}
+        self.timelines: dict[str, JobTimeline] = {}  # the last jobs' timelines (the bench reads them)
 
     def start(self) -> None:
         self._slots = [
@@ -223,6 +283,10 @@ class Dispatcher:
             shutil.rmtree(spool, ignore_errors=True)
 
     async def _run(self, job: ClaimedJob, lease: Lease, spool: str) -> str:
+        timeline = JobTimeline(time.monotonic())
+        self.timelines[job.job_id] = timeline
+        while len(self.timelines) > 32:
+            self.timelines.pop(next(iter(self.timelines)))
         source = os.path.join(spool, "source")
         fh = await asyncio.to_thread(open, source, "wb")
         try:
@@ -230,86 +294,193 @@ class Dispatcher:
                 await asyncio.to_thread(fh.write, piece)
         finally:
             fh.close()
-        pcm_path = os.path.join(spool, "pcm")
-        try:
-            info = await asyncio.to_thread(
-                decode_to_file,
-                source,
-                pcm_path,
-                limits=self.config.limits,
-                encoding=job.encoding,
-                sample_rate=job.sample_rate,
-                channels=job.channels,
-            )
-        except (InvalidInput, LimitExceeded) as exc:
-            await self.queue.fail_job(lease, f"audio could not be decoded: {exc.message}", exc.reason)
-            return "failed"
-        pcm = np.memmap(pcm_path, dtype="<i2", mode="r") if info.seconds > 0 else np.zeros(0, dtype="<i2")
-        chunks = await self._plan(job, lease, pcm)
-        if not chunks:  # no speech at all
-            await self.queue.complete_job(lease, "", job.options.language or "")
-            return "completed"
-        pending = [c for c in chunks if not c.completed]
-        log.info(
-            "transcribing %d of %d chunks%s",
-            len(pending),
-            len(chunks),
-            f" (resumed after {job.interruption_count} interruptions, {job.retry_count} attempts charged)"
-            if len(pending) < len(chunks)
-            else "",
-        )
+        timeline.mark("downloaded")
+        pcm = PcmFile(os.path.join(spool, "pcm"))
         sem = asyncio.Semaphore(self.config.max_parallel_chunks)
         failed = asyncio.Event()
+        plan: asyncio.Future[list[ChunkInfo]] = asyncio.get_running_loop().create_future()
 
-        async def one(chunk: ChunkInfo) -> None:
-            async with sem:
-                await self._chunk(job, lease, pcm, chunk, failed)
+        async def one(index: int, window: Window) -> None:
+            await self._chunk(job, lease, pcm, index, window, failed, plan, timeline, sem)
 
         try:
             async with asyncio.TaskGroup() as tg:
-                for chunk in pending:
-                    tg.create_task(one(chunk))
+                if job.chunks_total:  # resumed: the recorded plan, only what is missing
+                    try:
+                        await asyncio.to_thread(self._decode, job, source, pcm, None, timeline)
+                    except (InvalidInput, LimitExceeded) as exc:
+                        await self.queue.fail_job(
+                            lease, f"audio could not be decoded: {exc.message}", exc.reason
+                        )
+                        return "failed"
+                    chunks = await self._persist(lease, "plan", lambda: self.queue.chunks(job.job_id))
+                    plan.set_result(chunks)
+                    pending = [c for c in chunks if not c.completed]
+                    log.info(
+                        "transcribing %d of %d chunks (resumed after %d interruptions, %d attempts charged)",
+                        len(pending), len(chunks), job.interruption_count, job.retry_count,
+                    )  # fmt: skip
+                    for c in pending:
+                        w = Window(round(c.start * SAMPLE_RATE), round(c.end * SAMPLE_RATE))
+                        tg.create_task(one(c.index, w))
+                else:
+                    chunks = await self._pipeline(job, lease, source, pcm, plan, tg, one, timeline)
         except BaseExceptionGroup as group:
-            raise first_leaf(group) from None
+            leaf = first_leaf(group)
+            if isinstance(leaf, _AudioFailed):
+                return "failed"
+            raise leaf from None
+        finally:
+            if not plan.done():
+                plan.cancel()
+            timeline.mark("transcribed")
         if failed.is_set():
             return "failed"
+        if not chunks:  # no speech at all
+            await self.queue.complete_job(lease, "", job.options.language or "")
+            return "completed"
         final = await self._persist(lease, "chunks", lambda: self.queue.chunks(job.job_id))
         segments = [s for c in final for s in c.segments]
         languages = Counter(c.language for c in final if c.language)
         language = languages.most_common(1)[0][0] if languages else (job.options.language or "")
         transcript = join_text(segments)
         await self._persist(lease, "complete", lambda: self.queue.complete_job(lease, transcript, language))
+        timeline.mark("completed")
+        log.info("job timeline: %s", timeline.summary())
         return "completed"
 
-    async def _plan(self, job: ClaimedJob, lease: Lease, pcm: np.ndarray) -> list[ChunkInfo]:
-        if job.chunks_total:
-            return await self._persist(lease, "plan", lambda: self.queue.chunks(job.job_id))  # resume
-        regions = await asyncio.to_thread(speech_regions_long, pcm, self.config.vad)
-        windows = plan_windows(pcm, regions)
+    async def _pipeline(
+        self,
+        job: ClaimedJob,
+        lease: Lease,
+        source: str,
+        pcm: PcmFile,
+        plan: asyncio.Future[list[ChunkInfo]],
+        tg: asyncio.TaskGroup,
+        one: Callable[[int, Window], Coroutine[Any, Any, None]],
+        timeline: JobTimeline,
+    ) -> list[ChunkInfo]:
+        """Decode, find speech and plan windows in a thread while the windows already planned are
+        transcribed; the plan is recorded once complete (a job interrupted before that plans again,
+        the same way: the plan depends only on the audio). Audio that fails to decode fails the job
+        (_AudioFailed)."""
+        loop = asyncio.get_running_loop()
+        planned: asyncio.Queue[Window | None] = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(w: Window | None) -> None:
+            loop.call_soon_threadsafe(planned.put_nowait, w)
+
+        def produce() -> None:
+            try:
+                self._decode(job, source, pcm, (emit, stop), timeline)
+            finally:
+                emit(None)
+
+        producer = asyncio.ensure_future(asyncio.to_thread(produce))
+        windows: list[Window] = []
+        held: list[int] = []
+        try:
+            while (w := await planned.get()) is not None:
+                held.append(len(windows))
+                windows.append(w)
+                if len(held) >= self.batch_capacity():
+                    for i in held:
+                        tg.create_task(one(i, windows[i]))
+                    held = []
+            await producer
+            for i in held:
+                tg.create_task(one(i, windows[i]))
+        except (InvalidInput, LimitExceeded) as exc:
+            stop.set()
+            await self.queue.fail_job(lease, f"audio could not be decoded: {exc.message}", exc.reason)
+            raise _AudioFailed() from None
+        finally:
+            stop.set()
+            if not producer.done():
+                await asyncio.gather(producer, return_exceptions=True)
         if not windows:
+            plan.set_result([])
             return []
         spans = [(w.start_seconds, w.end_seconds) for w in windows]
-        return await self._persist(lease, "plan", lambda: self.queue.set_plan(lease, spans))
+        chunks = await self._persist(lease, "plan", lambda: self.queue.set_plan(lease, spans))
+        plan.set_result(chunks)
+        timeline.mark("plan recorded")
+        return chunks
+
+    def _decode(
+        self,
+        job: ClaimedJob,
+        source: str,
+        pcm: PcmFile,
+        emit: tuple[Callable[[Window | None], None], threading.Event] | None,
+        timeline: JobTimeline,
+    ) -> None:
+        """(Thread) The job's audio into `pcm` (16-bit), once; with `emit`, windows are planned as
+        the audio arrives and handed out as soon as each is settled (and on disk)."""
+        planner = StreamingPlanner(self.config.vad) if emit else None
+        with open(pcm.path, "wb") as out:
+            for block in iter_source(
+                source,
+                limits=self.config.limits,
+                encoding=job.encoding,
+                sample_rate=job.sample_rate,
+                channels=job.channels,
+            ):
+                data = to_pcm16(block)
+                out.write(data)
+                if planner is None or emit is None:
+                    continue
+                if emit[1].is_set():
+                    return
+                windows = planner.feed(from_pcm16(data))
+                if windows:
+                    out.flush()
+                    for w in windows:
+                        timeline.window_planned(w)
+                        emit[0](w)
+            out.flush()
+            timeline.mark("decoded")
+            if planner is not None and emit is not None:
+                for w in planner.finish():
+                    timeline.window_planned(w)
+                    emit[0](w)
+                timeline.vad_seconds = planner.vad_seconds
+                timeline.mark("planned")
+                emit[0](None)
 
     async def _chunk(
-        self, job: ClaimedJob, lease: Lease, pcm: np.ndarray, chunk: ChunkInfo, failed: asyncio.Event
+        self,
+        job: ClaimedJob,
+        lease: Lease,
+        pcm: PcmFile,
+        index: int,
+        window: Window,
+        failed: asyncio.Event,
+        plan: asyncio.Future[list[ChunkInfo]],
+        timeline: JobTimeline,
+        sem: asyncio.Semaphore,
     ) -> None:
-        start = round(chunk.start * SAMPLE_RATE)
-        end = round(chunk.end * SAMPLE_RATE)
-        audio = from_pcm16(pcm[start:end])
-        window = Window(start, end)
+        """One window: transcribed (at most max_parallel_chunks at once), then recorded once the
+        plan is (a finished window waiting for the plan holds no slot)."""
+        seconds = round(window.seconds, 3)
         waits = Backoff(self.config.capacity_retry_seconds, self.config.max_capacity_retry_seconds)
         while not failed.is_set():
             try:
-                result = await tracing.traced(
-                    "job.chunk",
-                    self.transcribe(audio, job.options, WorkClass.BATCH),
-                    {"stt.chunk_index": chunk.index, "stt.audio_seconds": round(chunk.end - chunk.start, 3)},
-                )
+                async with sem:
+                    # A window is ~1 MB, read at once: the group's windows reach the model together.
+                    audio = from_pcm16(pcm.read(window.start, window.end))
+                    sent = time.monotonic()
+                    result = await tracing.traced(
+                        "job.chunk",
+                        self.transcribe(audio, job.options, WorkClass.BATCH),
+                        {"stt.chunk_index": index, "stt.audio_seconds": seconds},
+                    )
+                    del audio
             except InvalidInput as exc:
                 # The request itself is wrong (e.g. a language the model cannot do): no retry helps.
                 failed.set()
-                await self.queue.fail_job(lease, f"chunk {chunk.index}: {exc.message}", exc.reason)
+                await self.queue.fail_job(lease, f"chunk {index}: {exc.message}", exc.reason)
                 CHUNKS.labels("invalid").inc()
                 return
             except ServiceError as exc:
@@ -317,26 +488,27 @@ class Dispatcher:
                     CHUNKS.labels("waiting").inc()
                     wait = waits.next()
                     log.warning(
-                        "chunk %d waits for capacity (%s); retrying in %.1fs", chunk.index, exc.message, wait
+                        "chunk %d waits for capacity (%s); retrying in %.1fs", index, exc.message, wait
                     )
                     await asyncio.sleep(wait)
                     continue
                 CHUNKS.labels("error").inc()
-                log.warning("chunk %d failed: %s", chunk.index, exc.message)
+                log.warning("chunk %d failed: %s", index, exc.message)
+                await plan  # an attempt is charged to a recorded chunk
                 if await self._persist(
-                    lease,
-                    "fail chunk",
-                    partial(self.queue.fail_chunk, lease, chunk.index, exc.message, exc.reason),
+                    lease, "fail chunk", partial(self.queue.fail_chunk, lease, index, exc.message, exc.reason)
                 ):
                     failed.set()
                     return
                 await asyncio.sleep(self.config.chunk_retry_seconds)
                 continue
+            timeline.window_done(index, window, sent, result)
+            await plan  # results are recorded against the recorded plan
             segments: list[Segment] = merge([window], [result.segments])
             await self._persist(
                 lease,
-                f"chunk {chunk.index}",
-                partial(self.queue.complete_chunk, lease, chunk.index, segments, result.language),
+                f"chunk {index}",
+                partial(self.queue.complete_chunk, lease, index, segments, result.language),
             )
             CHUNKS.labels("ok").inc()
             return

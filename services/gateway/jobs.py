@@ -165,10 +165,11 @@ class JobsAPI:
                     await asyncio.to_thread(fh.write, piece)
             try:
                 async with self.decode_slots:
+                    # A cheap check (format, codec, declared length, the first seconds, not cut
+                    # short): the job decodes the audio once, enforcing the limits as it goes.
                     info = await asyncio.to_thread(
-                        audio_mod.decode_to_file,
+                        audio_mod.probe,
                         path,
-                        None,
                         limits=self.limits,
                         encoding=cfg.encoding,
                         sample_rate=cfg.sample_rate,

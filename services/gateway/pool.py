@@ -234,6 +234,14 @@ class TranscriberPool:
                 )
         return None
 
+    def batch_capacity(self) -> int:
+        """Windows the serving transcribers take in one model call each, together (8 per replica
+        until they have said): how many planned windows to send at once so calls stay full."""
+        serving = [e for e in self.endpoints.values() if e.serving]
+        return max(
+            1, sum((e.info.max_batch_size if e.info and e.info.max_batch_size else 8) for e in serving)
+        )
+
     def _set_serving(self, ep: Endpoint, serving: bool) -> None:
         if ep.serving != serving:
             log.info("transcriber %s is %s", ep.address, "SERVING" if serving else "NOT_SERVING")

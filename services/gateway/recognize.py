@@ -4,13 +4,22 @@ No grpc here: the transcriber is any async callable."""
 from __future__ import annotations
 
 import asyncio
+import bisect
+import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from services.gateway.chunking import VadSettings, Window, merge, plan_windows, speech_regions
+from services.gateway.chunking import (
+    StreamingPlanner,
+    VadSettings,
+    Window,
+    merge,
+    plan_windows,
+    speech_regions,
+)
 from services.shared.domain import (
     MAX_WINDOW_SECONDS,
     SAMPLE_RATE,
@@ -72,6 +81,121 @@ def first_leaf(group: BaseExceptionGroup) -> BaseException:
 def majority_language(results: list[WindowResult], default: str) -> str:
     langs = Counter(r.language for r in results if r.language)
     return langs.most_common(1)[0][0] if langs else default
+
+
+class SampleStore:
+    """Decoded audio kept as 16-bit blocks (half the memory of float32; the transcriber hop carries
+    16-bit anyway), sliced a window at a time."""
+
+    def __init__(self) -> None:
+        self._blocks: list[np.ndarray] = []
+        self._starts: list[int] = []
+        self.total = 0
+
+    def append(self, samples: np.ndarray) -> None:
+        if samples.shape[0]:
+            self._blocks.append(np.asarray(np.clip(samples, -1.0, 1.0) * 32767.0, dtype="<i2"))
+            self._starts.append(self.total)
+            self.total += samples.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.total
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        parts = []
+        while i < len(self._blocks) and self._starts[i] < end:
+            b0 = self._starts[i]
+            parts.append(self._blocks[i][max(0, start - b0) : max(0, end - b0)])
+            i += 1
+        pcm = np.concatenate(parts) if parts else np.zeros(0, dtype="<i2")
+        return pcm.astype(np.float32) / 32768.0
+
+    def all(self) -> np.ndarray:
+        return self.read(0, self.total)
+
+
+async def recognize_blocks(
+    blocks: Callable[[], Iterator[np.ndarray]],
+    transcribe: TranscribeFn,
+    options: DecodeOptions,
+    *,
+    vad: VadSettings,
+    max_parallel: int,
+    work_class: WorkClass = WorkClass.INTERACTIVE,
+    on_decoded: Callable[[SampleStore], None] | None = None,
+    group: Callable[[], int] = lambda: 8,
+) -> Recognition:
+    """Recognition while decoding: `blocks` (run in a thread) yields the decoded audio; once it is
+    longer than one window, VAD and window planning follow the decoder and each settled window
+    goes to the pool in groups of `group()` windows (full model calls) or when planning ends. Audio
+    that fits in one window is recognized as `recognize` does."""
+    loop = asyncio.get_running_loop()
+    store = SampleStore()
+    planned: asyncio.Queue[Window | None] = asyncio.Queue()
+    stop = threading.Event()
+    limit = int(MAX_WINDOW_SECONDS * SAMPLE_RATE)
+    burst_class = WorkClass.BATCH if work_class == WorkClass.INTERACTIVE else work_class
+
+    def produce() -> None:
+        planner = StreamingPlanner(vad)
+        try:
+            for block in blocks():
+                store.append(block)
+                for w in planner.feed(block):
+                    loop.call_soon_threadsafe(planned.put_nowait, w)
+                if stop.is_set():
+                    return
+            if store.total > limit:
+                for w in planner.finish():
+                    loop.call_soon_threadsafe(planned.put_nowait, w)
+        finally:
+            loop.call_soon_threadsafe(planned.put_nowait, None)
+
+    sem = asyncio.Semaphore(max(1, max_parallel))
+
+    async def one(w: Window) -> WindowResult:
+        async with sem:
+            # The windows of long audio come as a burst: as batch work they may wait a moment for
+            # each other and share model calls (interactive windows never wait for company).
+            return await transcribe(store.read(w.start, w.end), options, burst_class)
+
+    producer = asyncio.ensure_future(asyncio.to_thread(produce))
+    windows: list[Window] = []
+    tasks: list[asyncio.Task[WindowResult]] = []
+    try:
+        async with asyncio.TaskGroup() as tg:
+            held: list[Window] = []
+            while (w := await planned.get()) is not None:
+                windows.append(w)
+                held.append(w)
+                if len(held) >= group():
+                    tasks += [tg.create_task(one(h)) for h in held]
+                    held = []
+            await producer
+            tasks += [tg.create_task(one(h)) for h in held]
+            if on_decoded is not None:
+                on_decoded(store)
+    except BaseExceptionGroup as group:
+        raise first_leaf(group) from None
+    finally:
+        stop.set()
+        if not producer.done():
+            await asyncio.gather(producer, return_exceptions=True)
+    duration = store.total / SAMPLE_RATE
+    if store.total <= limit:
+        return await recognize(
+            store.all(), transcribe, options, vad=vad, max_parallel=max_parallel, work_class=work_class
+        )
+    results = [t.result() for t in tasks]
+    return Recognition(
+        segments=merge(windows, [r.segments for r in results]),
+        language=majority_language(results, options.language or ""),
+        duration=duration,
+        windows=windows,
+        model=next((r.model for r in results if r.model), ""),
+    )
 
 
 async def recognize(

@@ -185,6 +185,7 @@ async def create_server(
                 spool_dir=settings.spool_dir,
             ),
             spool=spool,
+            batch_capacity=pool.batch_capacity,
         )
         dispatcher.start()
         # On SIGTERM: stop claiming and hand held jobs back first, then drain the API calls.

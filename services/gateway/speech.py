@@ -10,10 +10,11 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from prometheus_client import Gauge
 
 from services.gateway import audio as audio_mod
@@ -23,7 +24,7 @@ from services.gateway.config import GatewaySettings
 from services.gateway.observe import StreamObserver
 from services.gateway.pool import TranscriberPool
 from services.gateway.quotas import ByteBudget, Quotas, Reservation, TenantQuota, inflight_var
-from services.gateway.recognize import recognize
+from services.gateway.recognize import SampleStore, recognize, recognize_blocks
 from services.gateway.requests import (
     MAX_BEAM_SIZE,
     MAX_PROMPT_CHARS,
@@ -168,14 +169,20 @@ BODY_COPIES = 2
 
 
 def decode_estimate(size: int, encoding: str, sample_rate: int, channels: int, max_seconds: float) -> int:
-    """Bytes decoding `size` bytes of audio may need (16 kHz float32 samples, twice: the blocks and
-    their concatenation), bounded by the duration limit."""
-    per_second = 16000 * 4 * 2
+    """Bytes decoding `size` bytes of audio may need (16 kHz 16-bit samples kept, plus one decoded
+    float32 block and the planner's VAD block), bounded by the duration limit."""
+    per_second = 16000 * 2
     if encoding == "LINEAR16" and sample_rate > 0:
         seconds = size / (2 * max(channels, 1) * sample_rate)
     else:
         seconds = size / 1000.0  # >= 8 kbit/s: every format we accept
-    return int(min(seconds, max_seconds) * per_second)
+    return int(min(seconds, max_seconds) * per_second) + PLANNER_BYTES
+
+
+PLANNER_BYTES = 16000 * 4 * 100
+# Bodies up to this size are decoded, then recognized (short clips: nothing to overlap); larger ones
+# are recognized while they decode.
+SMALL_BODY = 1 << 20  # the streaming planner's VAD block and pending window (float32)
 
 
 class SpeechAPI:
@@ -240,29 +247,66 @@ class SpeechAPI:
         return self._response(result, cfg, started)
 
     async def _recognize(self, content: bytes, cfg: ValidConfig, reservation: Reservation) -> Any:
+        """Decoded once, while recognition runs: windows go to the pool as soon as they are planned.
+        At most max_concurrent_decodes calls decode at once (and hold a decoding estimate beyond the
+        budget); the slot is given back when the decoding ends."""
         size = len(content)
-        async with self.decode_slots:
-            # At most max_concurrent_decodes calls hold a decoding estimate beyond the budget.
-            reservation.resize(
-                size * BODY_COPIES
-                + decode_estimate(size, cfg.encoding, cfg.sample_rate, cfg.channels, self.limits.max_seconds)
-            )
-            decoded = await asyncio.to_thread(
-                audio_mod.decode,
+        await self.decode_slots.acquire()
+        slot = [True]
+
+        def decoded(store: SampleStore) -> None:
+            reservation.resize(size + store.nbytes)
+            if slot[0]:
+                slot[0] = False
+                self.decode_slots.release()
+
+        def blocks() -> Iterator[np.ndarray]:
+            return audio_mod.iter_source(
                 content,
                 limits=self.limits,
                 encoding=cfg.encoding,
                 sample_rate=cfg.sample_rate,
                 channels=cfg.channels,
             )
-            reservation.resize(size + decoded.samples.nbytes)
-        return await recognize(
-            decoded.samples,
-            self.pool.transcribe,
-            cfg.options,
-            vad=self.vad,
-            max_parallel=self.settings.max_parallel_windows,
-        )
+
+        try:
+            reservation.resize(
+                size * BODY_COPIES
+                + decode_estimate(size, cfg.encoding, cfg.sample_rate, cfg.channels, self.limits.max_seconds)
+            )
+            if size <= SMALL_BODY:
+                # Short clips (the interactive case): decode, then recognize; no pipeline to set up.
+                whole = await asyncio.to_thread(
+                    audio_mod.decode,
+                    content,
+                    limits=self.limits,
+                    encoding=cfg.encoding,
+                    sample_rate=cfg.sample_rate,
+                    channels=cfg.channels,
+                )
+                reservation.resize(size + whole.samples.nbytes)
+                if slot[0]:
+                    slot[0] = False
+                    self.decode_slots.release()
+                return await recognize(
+                    whole.samples,
+                    self.pool.transcribe,
+                    cfg.options,
+                    vad=self.vad,
+                    max_parallel=self.settings.max_parallel_windows,
+                )
+            return await recognize_blocks(
+                blocks,
+                self.pool.transcribe,
+                cfg.options,
+                vad=self.vad,
+                max_parallel=self.settings.max_parallel_windows,
+                on_decoded=decoded,
+                group=self.pool.batch_capacity,
+            )
+        finally:
+            if slot[0]:
+                self.decode_slots.release()
 
     def _response(self, result: Any, cfg: ValidConfig, started: float) -> speech_pb2.RecognizeResponse:
         tracing.set_attributes(

@@ -155,9 +155,16 @@ class Batcher:
                 await self._wakeup.wait()
             head = self._heap[0].work_class
             if head == WorkClass.BATCH and len(self._heap) < self._max_batch and self._window > 0:
-                # Batch work (a job's chunks arrive as a burst) waits a moment for the rest of the
-                # burst; live and interactive windows never wait for company.
-                await asyncio.sleep(self._window)
+                # Batch work (a job's chunks arrive as a burst) waits for the rest of the burst:
+                # until no window arrived for window_ms (at most 5 x window_ms); live and
+                # interactive windows never wait for company.
+                waited = 0.0
+                while len(self._heap) < self._max_batch and waited < 5 * self._window:
+                    queued = len(self._heap)
+                    await asyncio.sleep(self._window)
+                    waited += self._window
+                    if len(self._heap) == queued or self._heap[0].work_class != WorkClass.BATCH:
+                        break
             elif head == WorkClass.LIVE and self._live_gather > 0:
                 await self._gather_live()
             batch = self._take()

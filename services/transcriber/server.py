@@ -61,8 +61,8 @@ async def create_server(
     engine = engine or Engine(settings)
     batcher = Batcher(
         engine.transcribe_batch,
-        window_ms=settings.batch_window_ms,
-        max_batch=settings.max_batch_size,
+        window_ms=settings.batching()[1],
+        max_batch=settings.batching()[0],
         max_queue=settings.max_queue,
         workers=settings.num_workers,
         live_gather_ms=settings.live_gather_ms,

@@ -56,5 +56,5 @@ class TranscriberServicer(transcriber_pb2_grpc.TranscriberServicer):
             language_codes=self.engine.languages(),
             served_by=self.engine.served_by,
             device=self.engine.settings.device,
-            max_batch_size=self.engine.settings.max_batch_size,
+            max_batch_size=self.engine.settings.batching()[0],
         )
