@@ -188,14 +188,7 @@ async def recognize_blocks(
         return await recognize(
             store.all(), transcribe, options, vad=vad, max_parallel=max_parallel, work_class=work_class
         )
-    results = [t.result() for t in tasks]
-    return Recognition(
-        segments=merge(windows, [r.segments for r in results]),
-        language=majority_language(results, options.language or ""),
-        duration=duration,
-        windows=windows,
-        model=next((r.model for r in results if r.model), ""),
-    )
+    return _joined(windows, [t.result() for t in tasks], options, duration)
 
 
 async def recognize(
@@ -226,6 +219,13 @@ async def recognize(
     results = await transcribe_windows(
         audio, windows, transcribe, options, work_class, max_parallel=max_parallel
     )
+    return _joined(windows, results, options, duration)
+
+
+def _joined(
+    windows: list[Window], results: list[WindowResult], options: DecodeOptions, duration: float
+) -> Recognition:
+    """One recognition from the results of its windows."""
     return Recognition(
         segments=merge(windows, [r.segments for r in results]),
         language=majority_language(results, options.language or ""),
