@@ -46,7 +46,19 @@ async def one_slot(transcriber, tmp_path) -> AsyncIterator[tuple[AsyncClient, Ga
     await js.stop(0)
 
 
-async def test_submit_watch_and_transcripts(client: AsyncClient, long_clip):
+async def test_submit_watch_and_transcripts(client: AsyncClient, gateway: Gateway, long_clip):
+    # Windows go to the transcribers in groups of their batch capacity and a group's chunks finish
+    # together; one window at a time here, so chunks finish one by one and partial text shows.
+    assert gateway.dispatcher is not None
+    capacity = gateway.dispatcher.batch_capacity
+    gateway.dispatcher.batch_capacity = lambda: 1
+    try:
+        await _submit_watch_and_transcripts(client, long_clip)
+    finally:
+        gateway.dispatcher.batch_capacity = capacity
+
+
+async def _submit_watch_and_transcripts(client: AsyncClient, long_clip: audio.Clip) -> None:
     job = await client.submit(audio.encode(long_clip.samples, "flac"), filename="talk.flac", language="en")
     assert job.status == jobs_pb2.JOB_STATUS_QUEUED and job.filename == "talk.flac"
     assert abs(job.audio_duration_seconds - long_clip.seconds) < 0.2
