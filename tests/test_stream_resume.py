@@ -243,12 +243,14 @@ def transcript(results: list[speech_pb2.SpeechRecognitionResult]) -> str:
     return " ".join(r.transcript for r in results if r.transcript)
 
 
-SPEED = 3.0
+# Real time: faster pacing puts the sessions behind (catch-up steps), where repeated phrases
+# (issue 11 item 4) make two runs of the same audio differ by more than the 1 point compared here.
+SPEED = 1.0
 
 
 @pytest.fixture(scope="module")
 def harvard() -> tuple[PcmAudio, str]:
-    clip = real.by_name("harvard_osr_0010_8k")
+    clip = real.by_name("librispeech_2412-153948-0000")  # 11.7 s, one long sentence
     return native_pcm(clip.name), clip.text
 
 

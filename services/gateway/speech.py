@@ -147,6 +147,30 @@ def stream_response(
     )
 
 
+@dataclass
+class _IdleClock:
+    last: float  # loop time of the last audio (or of the end of a wait that was ours)
+    waiting: bool = True  # the reader waits for the client's next message
+
+
+async def _watch_idle(clock: _IdleClock, session: StreamingSession, idle: float) -> None:
+    """End the session with STREAM_IDLE once the client has sent no audio for `idle` seconds."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = clock.last + idle - loop.time()
+        if due <= 0 and clock.waiting:
+            session.fail(
+                DeadlineExceeded(
+                    f"no audio for {idle:g}s: the stream is closed (send silence to keep a quiet "
+                    "stream open, or half-close it when the audio ends)",
+                    reason="STREAM_IDLE",
+                    field="audio_content",
+                )
+            )
+            return
+        await asyncio.sleep(min(max(due, 0.1), idle))
+
+
 def _decode_failed(done: asyncio.Future[None], session: StreamingSession) -> None:
     if not done.cancelled() and (exc := done.exception()) is not None:
         session.fail(exc)
@@ -524,42 +548,38 @@ class SpeechAPI:
         high_water = session.policy.max_buffer / 2
         idle = self.settings.stream_idle_seconds
         loop = asyncio.get_running_loop()
-        last_audio = loop.time()
-        it = aiter(requests)
-        while True:
-            try:
-                req = await asyncio.wait_for(anext(it, None), max(0.0, idle - (loop.time() - last_audio)))
-            except TimeoutError:
-                raise DeadlineExceeded(
-                    f"no audio for {idle:g}s: the stream is closed (send silence to keep a quiet stream "
-                    "open, or half-close it when the audio ends)",
-                    reason="STREAM_IDLE",
-                    field="audio_content",
-                ) from None
-            if req is None:
-                break
-            if req.HasField("streaming_config"):
-                raise InvalidInput(
-                    "streaming_config may only be sent once, in the first message",
-                    reason="DUPLICATE_CONFIG",
-                    field="streaming_config",
-                )
-            if req.audio_content:
-                audit().audio_bytes += len(req.audio_content)
-                decoder.feed(req.audio_content)
-                # The decoder holds a bounded amount of undecoded bytes: wait for room.
-                await decoder.room()
-            if session.received_seconds >= max_seconds:
-                decoder.finish()
-                await decoder.done
-                session.end_audio()
-                return True
-            # Back-pressure: stop reading (the client's writes block) while the backlog is high.
-            while session.backlog_seconds > high_water:
-                await session.progressed()
-            # Time spent not reading (back-pressure, a full decoder) is not the client's idleness.
-            if req.audio_content:
-                last_audio = loop.time()
+        clock = _IdleClock(loop.time())
+        # A watchdog rather than a timeout on each read: cancelling a pending read of the request
+        # stream from a nested task can leave the call's handler waiting for it.
+        watch = asyncio.create_task(_watch_idle(clock, session, idle))
+        try:
+            async for req in requests:
+                clock.waiting = False
+                if req.HasField("streaming_config"):
+                    raise InvalidInput(
+                        "streaming_config may only be sent once, in the first message",
+                        reason="DUPLICATE_CONFIG",
+                        field="streaming_config",
+                    )
+                if req.audio_content:
+                    audit().audio_bytes += len(req.audio_content)
+                    decoder.feed(req.audio_content)
+                    # The decoder holds a bounded amount of undecoded bytes: wait for room.
+                    await decoder.room()
+                if session.received_seconds >= max_seconds:
+                    decoder.finish()
+                    await decoder.done
+                    session.end_audio()
+                    return True
+                # Back-pressure: stop reading (the client's writes block) while the backlog is high.
+                while session.backlog_seconds > high_water:
+                    await session.progressed()
+                # Time spent not reading (back-pressure, a full decoder) is not the client's idleness.
+                if req.audio_content:
+                    clock.last = loop.time()
+                clock.waiting = True
+        finally:
+            watch.cancel()
         decoder.finish()
         await decoder.done
         session.end_audio()
