@@ -200,8 +200,8 @@ async def test_cancelled_stream_leaves_nothing_behind(client: AsyncClient, gatew
             await until(
                 lambda: (
                     speech_api.STREAMS._value.get() == before_streams
-                    and len(asyncio.all_tasks()) <= tasks_before
-                ),  # noqa: B023
+                    and len(asyncio.all_tasks()) <= tasks_before  # noqa: B023
+                ),
                 timeout=20,
             )
         assert speech_api.STREAMS._value.get() == before_streams
