@@ -185,8 +185,16 @@ async def _write_stream(
         return  # the call is over: its status is what the reader reports
 
 
+# What grpc's C core reports (as INTERNAL, locally) when the transport under a call breaks while the
+# client writes: a server never sends it, so it means the connection, not the request, failed.
+_TRANSPORT_BROKE = "Internal error from Core"
+
+
 def _resumable(err: SttError) -> bool:
-    """A broken stream (not a refused one): the server went away or is draining."""
+    """A broken stream (not a refused one): the server went away, is draining, or the connection
+    under the call broke."""
+    if err.code == grpc.StatusCode.INTERNAL:
+        return err.message.strip() == _TRANSPORT_BROKE
     return err.code == grpc.StatusCode.UNAVAILABLE
 
 

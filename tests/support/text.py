@@ -24,3 +24,9 @@ def wer(reference: str, hypothesis: str) -> float:
     if not ref:
         return 0.0 if not hyp else 1.0
     return float(jiwer.wer(ref, hyp or "<empty>"))
+
+
+def one_point(reference: str) -> float:
+    """The tolerance of "within one point of WER": 0.01, or one word where the reference has fewer than
+    100 (a resolution finer than one word cannot be measured on a short recording)."""
+    return max(0.01, 1.0 / max(1, len(normalize(reference).split())))
