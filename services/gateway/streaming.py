@@ -54,7 +54,8 @@ log = logging.getLogger("gateway.streaming")
 TranscribeFn = Callable[[np.ndarray, DecodeOptions, WorkClass], Awaitable[WindowResult]]
 VAD_FRAME = 512  # Silero's frame: 32 ms at 16 kHz
 RECENT_WORDS = 40  # final words a new hypothesis is checked against for repeats
-RESUME_MARGIN = 0.25  # a resumed stream restarts this long before the end of the last final word
+RESUME_MARGIN = 1.0  # a resumed stream restarts this long before the end of the last final word (left
+# context for the words after the seam: with 0.25 s the first words after it were often garbled)
 
 
 @dataclass(frozen=True)
