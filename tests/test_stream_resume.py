@@ -180,6 +180,7 @@ from stt.v1 import common_pb2, speech_pb2, speech_pb2_grpc  # noqa: E402
 from tests.conftest import gateway_settings, wait_serving  # noqa: E402
 from tests.support import audio as test_audio  # noqa: E402
 from tests.support import speech as real  # noqa: E402
+from tests.support.speech import paced  # noqa: E402
 from tests.support.text import normalize, one_point, wer  # noqa: E402
 from tests.support.waiting import until  # noqa: E402
 
@@ -202,17 +203,6 @@ async def start_gateway(transcriber, jobstore, **kw: object) -> Gateway:  # type
 def native_pcm(name: str) -> PcmAudio:
     clip = real.by_name(name)
     return PcmAudio(test_audio.encode(real.load_native(clip), "raw"), clip.sample_rate, 1)
-
-
-async def paced(pcm: PcmAudio, speed: float, gate: asyncio.Event | None = None) -> AsyncIterator[bytes]:
-    """0.1 s pieces at `speed` x real time; stops at `gate` (if given) until it is set."""
-    step = int(pcm.sample_rate * 0.1) * 2 * pcm.channels
-    t0 = time.monotonic()
-    for i, off in enumerate(range(0, len(pcm.data), step)):
-        delay = t0 + i * 0.1 / speed - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        yield pcm.data[off : off + step]
 
 
 async def consume(stream, on_final=None) -> list[speech_pb2.StreamingRecognizeResponse]:  # type: ignore[no-untyped-def]

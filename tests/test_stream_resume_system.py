@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ from tests.support import audio as test_audio
 from tests.support import speech as real
 from tests.support.datastores import REDIS_URL, postgres_database, redis_prefix
 from tests.support.metrics import metric, scrape
+from tests.support.speech import paced
 from tests.support.text import one_point, wer
 from tests.support.waiting import until
 
@@ -47,16 +47,6 @@ async def cluster() -> AsyncIterator[LocalCluster]:
 def pcm_of(name: str) -> tuple[PcmAudio, str]:
     clip = real.by_name(name)
     return PcmAudio(test_audio.encode(real.load_native(clip), "raw"), clip.sample_rate, 1), clip.text
-
-
-async def paced(pcm: PcmAudio, speed: float) -> AsyncIterator[bytes]:
-    step = int(pcm.sample_rate * 0.1) * 2
-    t0 = time.monotonic()
-    for i, off in enumerate(range(0, len(pcm.data), step)):
-        delay = t0 + i * 0.1 / speed - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        yield pcm.data[off : off + step]
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -10,6 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 
+from stt.streaming import PcmAudio
 from tests.support.audio import SR, resample
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "speech"
@@ -85,3 +89,14 @@ def load_native(clip: RealClip) -> np.ndarray:
 def load_16k(clip: RealClip) -> np.ndarray:
     """float32 mono 16 kHz (8 kHz and 22.05 kHz files are resampled with PyAV)."""
     return resample(load_native(clip), clip.sample_rate, SR)
+
+
+async def paced(pcm: PcmAudio, speed: float) -> AsyncIterator[bytes]:
+    """The audio in 0.1 s pieces at `speed` x real time."""
+    step = int(pcm.sample_rate * 0.1) * 2 * pcm.channels
+    t0 = time.monotonic()
+    for i, off in enumerate(range(0, len(pcm.data), step)):
+        delay = t0 + i * 0.1 / speed - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield pcm.data[off : off + step]
