@@ -429,13 +429,22 @@ async def test_a_job_taken_over_by_another_gateway_continues_its_trace(deploymen
         assert done.status == jobs_pb2.JOB_STATUS_COMPLETED
 
         def b_finished(spans: list[SpanRecord]) -> bool:
-            return bool(_trace_with(spans, "job.run", **{"stt.worker_id": "gateway-b"}))
+            return bool(
+                _trace_with(spans, "job.run", **{"stt.worker_id": "gateway-b", "stt.outcome": "completed"})
+            )
 
         spans = await d.receiver.receiver.wait_for(b_finished, 60)
         trace = _trace_with(spans, "job.run", **{"stt.worker_id": "gateway-b"})
-        run_b = next(s for s in trace if s.name == "job.run")
-        assert run_b.attributes["stt.job_id"] == job.job_id and run_b.attributes["stt.attempt"] == 2
-        assert run_b.attributes["stt.outcome"] == "completed"
+        # B's run that completed the job. Its attempt (the lease epoch) is past A's; under load B's own
+        # lease may have lapsed once too and been taken again, so it is not always exactly 2.
+        run_b = next(
+            s
+            for s in trace
+            if s.name == "job.run"
+            and s.attributes.get("stt.worker_id") == "gateway-b"
+            and s.attributes.get("stt.outcome") == "completed"
+        )
+        assert run_b.attributes["stt.job_id"] == job.job_id and run_b.attributes["stt.attempt"] >= 2
         assert any(s.name == "stt.v1.Jobs/CreateJob" for s in trace)
         gateways = {s.resource["service.instance.id"] for s in trace if s.service == "stt-gateway"}
         assert len(gateways) == 2, f"spans from {gateways}"

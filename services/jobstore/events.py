@@ -60,6 +60,7 @@ async def wait(fut: asyncio.Future[None], timeout: float) -> bool:
 
 
 WAKE = "__wake__"
+CLOSE_SECONDS = 3.0  # bound on each step of closing the redis client
 
 
 class EventBus:
@@ -71,6 +72,7 @@ class EventBus:
         self._local = Notifier()
         self._redis: Any = None
         self._listener: asyncio.Task[None] | None = None
+        self._closing = False
         self.connected = asyncio.Event()
 
     @property
@@ -92,11 +94,17 @@ class EventBus:
         self._listener = asyncio.create_task(self._listen(), name="redis-listener")
 
     async def close(self) -> None:
+        # Each step is bounded: redis-py's asyncio client can deadlock closing a connection that a
+        # cancelled reader still holds (seen over TLS: shutdown hung for minutes; redis-py #3941).
+        self._closing = True
         if self._listener:
             self._listener.cancel()
-            await asyncio.gather(self._listener, return_exceptions=True)
+            await asyncio.wait([self._listener], timeout=CLOSE_SECONDS)
         if self._redis is not None:
-            await self._redis.aclose()
+            try:
+                await asyncio.wait_for(self._redis.aclose(), CLOSE_SECONDS)
+            except Exception as exc:  # TimeoutError included: the process is leaving anyway
+                log.warning("closing the redis client failed (%s)", exc)
 
     def job_future(self, job_id: str) -> asyncio.Future[None]:
         return self._local.future(job_id)
@@ -133,7 +141,7 @@ class EventBus:
 
     async def _listen(self) -> None:
         backoff = Backoff(maximum=5.0)
-        while True:
+        while not self._closing:
             pubsub = None
             try:
                 assert self._redis is not None
@@ -142,7 +150,12 @@ class EventBus:
                 self.connected.set()
                 backoff.reset()
                 log.info("subscribed to redis job events")
-                async for msg in pubsub.listen():
+                while not self._closing:
+                    # Short reads, not pubsub.listen(): redis-py can swallow the cancellation of a
+                    # blocked read (seen over TLS), so the loop also checks _closing every second.
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if msg is None:
+                        continue
                     data = msg.get("data")
                     channel = msg.get("channel")
                     if isinstance(channel, bytes):
@@ -155,6 +168,8 @@ class EventBus:
                 raise
             except Exception as exc:
                 self.connected.clear()
+                if self._closing:
+                    return  # redis-py can turn the cancellation of a read into ConnectionError
                 delay = backoff.next()
                 log.warning("redis subscription lost (%s); retrying in %.1fs", exc, delay)
                 # Anything may have changed while we were deaf: wake every waiter to re-check SQL.
@@ -163,4 +178,4 @@ class EventBus:
             finally:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
-                        await pubsub.aclose()
+                        await asyncio.wait_for(pubsub.aclose(), CLOSE_SECONDS)
