@@ -504,6 +504,7 @@ class SpeechAPI:
                 settle=s.stream_settle_seconds,
                 interim_beam=s.stream_interim_beam_size,
                 trim=s.stream_trim,
+                final_context=s.stream_final_context_seconds,
             ),
             interim=cfg.interim_results,
             single_utterance=cfg.single_utterance,

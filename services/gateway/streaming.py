@@ -14,7 +14,9 @@ Policy (LocalAgreement-2, as in whisper_streaming, plus VAD endpointing):
 - the window never grows past `max_window`: the agreed words are finalised and the window trimmed;
 - the text already finalised before the window is passed to the model as its prompt;
 - hypotheses are greedy (`interim_beam`); the final of an utterance (at a pause, at the end) uses
-  the request's beam; `trim` restarts the window after final words too ("commit": shortest windows,
+  the request's beam and also hears `final_context` seconds of audio before the window (left
+  context: an utterance decoded alone loses words at its start; final words there are dropped);
+  `trim` restarts the window after final words too ("commit": shortest windows,
   cheapest ticks, "sentence", "none");
 - VAD stops at the first endpoint of a block of audio, so a pause followed by more speech in the
   same block (a client ahead of the session) still ends its utterance;
@@ -81,6 +83,7 @@ class StreamPolicy:
     trim_overlap: float = 1.0  # with trim="commit": audio of final words kept as left context
     tail_passes: int = 0  # extra passes when a final stops >= 1 s before the speech does
     min_window: float = 1.0  # no hypothesis of less audio (sub-second snippets make Whisper guess)
+    final_context: float = 0.0  # seconds of audio before the window heard by an utterance's final
 
 
 @dataclass(frozen=True)
@@ -322,7 +325,8 @@ class StreamingSession:
 
     def _drop_before(self, sample: int) -> None:
         """Forget audio before `sample` (keeps memory bounded)."""
-        cut = min(sample, self._vad_pos) - self._base - SAMPLE_RATE  # keep 1 s for VAD context
+        keep = int(max(1.0, self.policy.final_context) * SAMPLE_RATE)  # VAD and final context
+        cut = min(sample, self._vad_pos) - self._base - keep
         if cut > 0:
             self._audio = self._audio[cut:]
             self._base += cut
@@ -405,15 +409,21 @@ class StreamingSession:
         self._vad_pos += n * VAD_FRAME
         return out
 
-    def _prompt(self) -> str | None:
-        text = _text([w for w in self._final_words if w.end <= self._win / SAMPLE_RATE + 0.05])
+    def _prompt(self, start: int) -> str | None:
+        text = _text([w for w in self._final_words if w.end <= start / SAMPLE_RATE + 0.05])
         return text[-self.policy.prompt_chars :] or self.options.initial_prompt
 
     async def _words(self, start: int, end: int, *, final: bool = False) -> list[Word]:
         """Transcribe [start, end) and return the words after what is already final."""
+        if final and self.policy.final_context > 0:
+            # Left context: the final of an utterance also hears the end of the speech before it
+            # (words already final there are dropped below, by time and by text).
+            start = max(start - int(self.policy.final_context * SAMPLE_RATE), self._base, 0)
         audio = self._slice(start, end)
         beam = (self.policy.final_beam or self.options.beam_size) if final else self.policy.interim_beam
-        opts = replace(self.options, initial_prompt=self._prompt(), beam_size=beam or self.options.beam_size)
+        opts = replace(
+            self.options, initial_prompt=self._prompt(start), beam_size=beam or self.options.beam_size
+        )
         result = await self.transcribe(audio, opts, WorkClass.LIVE)
         if result.language:
             self.language = result.language
