@@ -413,12 +413,12 @@ class StreamingSession:
         text = _text([w for w in self._final_words if w.end <= start / SAMPLE_RATE + 0.05])
         return text[-self.policy.prompt_chars :] or self.options.initial_prompt
 
-    async def _words(self, start: int, end: int, *, final: bool = False) -> list[Word]:
-        """Transcribe [start, end) and return the words after what is already final."""
-        if final and self.policy.final_context > 0:
-            # Left context: the final of an utterance also hears the end of the speech before it
-            # (words already final there are dropped below, by time and by text).
-            start = max(start - int(self.policy.final_context * SAMPLE_RATE), self._base, 0)
+    async def _words(self, start: int, end: int, *, final: bool = False, context: float = 0.0) -> list[Word]:
+        """Transcribe [start, end) and return the words after what is already final. `context`:
+        seconds of audio before `start` heard too (words already final there are dropped below, by
+        time and by text)."""
+        if context > 0:
+            start = max(start - int(context * SAMPLE_RATE), self._base, 0)
         audio = self._slice(start, end)
         beam = (self.policy.final_beam or self.options.beam_size) if final else self.policy.interim_beam
         opts = replace(
@@ -514,20 +514,26 @@ class StreamingSession:
         utterance carries utterance_end (an empty final if every word was already final)."""
         ev: Event | None = None
         start = self._win
-        for _ in range(1 + self.policy.tail_passes):
+        # The first pass also hears `final_context` of the audio before the window. With that left
+        # context Whisper sometimes stops at the end of the speech it already knows from the prompt:
+        # then one more pass, without context, takes the rest (as for a window that ended early).
+        context = self.policy.final_context
+        for _ in range(1 + self.policy.tail_passes + (1 if context > 0 else 0)):
             if not (until > start and self._last_speech >= start):
                 break
-            got = self._commit(await self._words(start, until, final=True))
-            if got is None:
+            got = self._commit(await self._words(start, until, final=True, context=context))
+            if got is None and context == 0:
                 break
-            if ev is not None:
-                yield ev  # an earlier pass's words; the last final is held back for utterance_end
-            ev = got
-            rest = int(self._final_end * SAMPLE_RATE)
+            if got is not None:
+                if ev is not None:
+                    yield ev  # an earlier pass's words; the last final is held back for utterance_end
+                ev = got
+            context = 0.0
+            rest = max(int(self._final_end * SAMPLE_RATE), start)
             speech = min(self._last_speech, until)
             if (speech - rest) / SAMPLE_RATE < 1.0:
                 break
-            start = max(rest, start)
+            start = rest
         if self._utterance_open:
             # The utterance is over (a pause, the end of the audio, or the single utterance).
             if ev is None:
