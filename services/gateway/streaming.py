@@ -22,7 +22,9 @@ Policy (LocalAgreement-2, as in whisper_streaming, plus VAD endpointing):
   same block (a client ahead of the session) still ends its utterance;
 - a hypothesis is cut where the model wrote on past the audio (words squeezed into one instant) and
   where it loops, and never starts with words already final;
-- audio in which VAD finds no speech is never sent to the model, so silence yields no words.
+- audio in which VAD finds no speech is never sent to the model, so silence yields no words;
+- no hypothesis counts towards agreement before `min_window` seconds of window, but the first interim
+  of an utterance comes from `preview_window` seconds (a preview: shown, never made final).
 All times are seconds from the start of the stream.
 
 Utterances: every result carries the index of the utterance (speech between pauses) it belongs to;
@@ -83,6 +85,7 @@ class StreamPolicy:
     trim_overlap: float = 1.0  # with trim="commit": audio of final words kept as left context
     tail_passes: int = 0  # extra passes when a final stops >= 1 s before the speech does
     min_window: float = 1.0  # no hypothesis of less audio (sub-second snippets make Whisper guess)
+    preview_window: float = 0.5  # but the first interim of an utterance may come from this much
     final_context: float = 0.0  # seconds of audio before the window heard by an utterance's final
 
 
@@ -375,7 +378,13 @@ class StreamingSession:
                 yield Event(EventType.PROGRESS)
                 continue
             if end - self._win < int(self.policy.min_window * SAMPLE_RATE):
-                self._covered = end  # too little audio yet for a useful hypothesis
+                # Too little audio yet for a hypothesis that counts towards agreement; a first
+                # interim of the utterance still comes early (a preview: shown, never made final).
+                preview = self.interim and not self._history and not self._last_interim
+                if preview and end - self._win >= int(self.policy.preview_window * SAMPLE_RATE):
+                    async for ev in self._preview(end):
+                        yield ev
+                self._covered = end
                 continue
             async for ev in self._hypothesis(end):
                 yield ev
@@ -454,6 +463,25 @@ class StreamingSession:
         settled = run(self._history[-1:], end - self.policy.settle) if self._history else 0
         return max(strict, settled)
 
+    async def _preview(self, end: int) -> AsyncIterator[Event]:
+        words = await self._words(self._win, end)
+        if words:
+            yield self._interim(words, end)
+
+    def _interim(self, tail: list[Word], end: int) -> Event:
+        self._last_interim = _text(tail)
+        return Event(
+            EventType.RESULT,
+            words=tail,
+            text=self._last_interim,
+            is_final=False,
+            stability=0.1,
+            start=tail[0].start,
+            end=round(end / SAMPLE_RATE, 3),
+            language=self.language,
+            utterance=self._utterance,
+        )
+
     async def _hypothesis(self, end: int) -> AsyncIterator[Event]:
         words = await self._words(self._win, end)
         self._covered = end
@@ -491,21 +519,8 @@ class StreamingSession:
                 new_win = int(self._final_end * SAMPLE_RATE)
             self._win = max(self._win, new_win or end - int(self.policy.speech_pad * SAMPLE_RATE))
             self._drop_before(self._win)
-        if self.interim and tail:
-            text = _text(tail)
-            if text != self._last_interim:
-                self._last_interim = text
-                yield Event(
-                    EventType.RESULT,
-                    words=tail,
-                    text=text,
-                    is_final=False,
-                    stability=0.1,
-                    start=tail[0].start,
-                    end=round(end / SAMPLE_RATE, 3),
-                    language=self.language,
-                    utterance=self._utterance,
-                )
+        if self.interim and tail and _text(tail) != self._last_interim:
+            yield self._interim(tail, end)
 
     async def _finalise(self, until: int) -> AsyncIterator[Event]:
         """Transcribe the window up to `until` one last time and make all of it final. If the words
