@@ -240,7 +240,7 @@ async def cluster(ctx: Context) -> dict[str, Any]:
         async with AsyncClient(target, timeout=900) as client:
             job = await run_job(client, clip.wav(), "cluster-long.wav")
         side = _side(job["wall"], clip.seconds, job["text"], clip.text)
-        side["server"] = job["server"]
+        side.update({k: job[k] for k in ("upload_seconds", "fetch_seconds", "server")})
         procs = getattr(handle, "processes", []) or []
         side["peak_rss_mib"] = {
             getattr(p, "label", str(i)): proc_status(p.pid).get("VmHWM") for i, p in enumerate(procs)
