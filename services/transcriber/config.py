@@ -39,8 +39,8 @@ class TranscriberSettings(CommonSettings):
     # than one of 8, so calls are larger and batch work waits longer to fill them.
     batch_window_ms: float = -1.0
     max_batch_size: int = 0  # 0 = by device
-    # Windows encoded at once within a call (0 = by device: 2 on a CPU, where encoding more at once
-    # only costs memory; the whole call on a GPU).
+    # Windows encoded at once within a call (0 = by device: on a CPU, where encoding more at once only
+    # costs memory, 30 s windows one at a time and live windows two; the whole call on a GPU).
     encode_batch_size: int = 0
     # Windows aligned at once (word timings, CTranslate2 `align`) within a call (0 = by device: one at
     # a time on a CPU, where aligning a whole call at once is the call's memory peak and saves no
@@ -75,10 +75,14 @@ class TranscriberSettings(CommonSettings):
         )
         return size, window
 
-    def encode_batch(self) -> int:
+    def encode_batch(self, *, full_context: bool = False) -> int:
+        """Windows per encoder call. On a CPU, 30 s (full-context) windows one at a time: their
+        attention over 1500 frames is the encoder's memory and encoding them in pairs saves no time."""
         if self.encode_batch_size > 0:
             return self.encode_batch_size
-        return self.batching()[0] if self.on_gpu() else CPU_ENCODE_BATCH
+        if self.on_gpu():
+            return self.batching()[0]
+        return 1 if full_context else CPU_ENCODE_BATCH
 
     def align_batch(self) -> int:
         if self.align_batch_size > 0:
