@@ -470,14 +470,15 @@ class Dispatcher:
             try:
                 async with sem:
                     # A window is ~1 MB, read at once: the group's windows reach the model together.
-                    audio = from_pcm16(pcm.read(window.start, window.end))
+                    # (Its samples are not kept here: the pool holds only the request it makes.)
                     sent = time.monotonic()
                     result = await tracing.traced(
                         "job.chunk",
-                        self.transcribe(audio, job.options, WorkClass.BATCH),
+                        self.transcribe(
+                            from_pcm16(pcm.read(window.start, window.end)), job.options, WorkClass.BATCH
+                        ),
                         {"stt.chunk_index": index, "stt.audio_seconds": seconds},
                     )
-                    del audio
             except InvalidInput as exc:
                 # The request itself is wrong (e.g. a language the model cannot do): no retry helps.
                 failed.set()
