@@ -14,7 +14,16 @@ import tempfile
 import time
 from typing import Any
 
-from bench.common import THREADS, log, proc_status, ratio, raw_transcribe, summary
+from bench.common import (
+    THREADS,
+    cpu_seconds,
+    log,
+    machine_busy_seconds,
+    proc_status,
+    ratio,
+    raw_transcribe,
+    summary,
+)
 from bench.context import Context
 
 
@@ -237,16 +246,33 @@ async def cluster(ctx: Context) -> dict[str, Any]:
         await wait_health(target, "dependency/transcribers", 60)
         from stt.client import AsyncClient
 
-        async with AsyncClient(target, timeout=900) as client:
-            job = await run_job(client, clip.wav(), "cluster-long.wav")
-        side = _side(job["wall"], clip.seconds, job["text"], clip.text)
-        side["server"] = job["server"]
         procs = getattr(handle, "processes", []) or []
+        wav = clip.wav()
+        # CPU time during the job: the cluster's processes, this process, and the whole machine (what
+        # is left is other load on the shared cores, which slows the cluster down).
+        cpu0 = {getattr(p, "label", str(i)): cpu_seconds(p.pid) for i, p in enumerate(procs)}
+        self0, busy0 = cpu_seconds(), machine_busy_seconds()
+        async with AsyncClient(target, timeout=900) as client:
+            job = await run_job(client, wav, "cluster-long.wav")
+        cpu = {k: round(cpu_seconds(p.pid) - cpu0[k], 2) for k, p in zip(cpu0, procs, strict=True)}
+        busy = machine_busy_seconds() - busy0
+        bench_cpu = cpu_seconds() - self0
+        side = _side(job["wall"], clip.seconds, job["text"], clip.text)
+        side.update({k: job[k] for k in ("upload_seconds", "fetch_seconds", "server")})
+        side["cpu_seconds"] = {
+            **cpu,
+            "bench": round(bench_cpu, 2),
+            "machine": round(busy, 2),
+            "other": round(busy - sum(cpu.values()) - bench_cpu, 2),
+        }
         side["peak_rss_mib"] = {
             getattr(p, "label", str(i)): proc_status(p.pid).get("VmHWM") for i, p in enumerate(procs)
         }
         tp = ctx.results.get("throughput", {}).get("x_real_time", {})
-        log(f"  cluster job      {side['x_real_time']:6.1f}x real time, WER {side['wer']:.1f}%")
+        log(
+            f"  cluster job      {side['x_real_time']:6.1f}x real time, WER {side['wer']:.1f}%; server run "
+            f"{job['server']['run']}s, CPU s: {side['cpu_seconds']}"
+        )
         return {
             "how": how,
             "layout": f"{n_trans} transcribers x 1 thread, 1 gateway, jobstore on {db.split(':', 1)[0]}",

@@ -40,7 +40,7 @@ from services.gateway.audio import Limits, iter_source
 from services.gateway.chunking import StreamingPlanner, VadSettings, Window, merge
 from services.gateway.jobqueue import ChunkInfo, ClaimedJob, JobQueue, Lease
 from services.gateway.recognize import first_leaf
-from services.shared import tracing
+from services.shared import memory, tracing
 from services.shared.backoff import Backoff
 from services.shared.context import job_id_var
 from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, WorkClass, join_text
@@ -447,6 +447,7 @@ class Dispatcher:
                     emit[0](w)
                 timeline.vad_seconds = planner.vad_seconds
                 timeline.mark("planned")
+                memory.trim()  # what decoding and VAD (on their own threads) freed
                 emit[0](None)
 
     async def _chunk(
@@ -469,14 +470,15 @@ class Dispatcher:
             try:
                 async with sem:
                     # A window is ~1 MB, read at once: the group's windows reach the model together.
-                    audio = from_pcm16(pcm.read(window.start, window.end))
+                    # (Its samples are not kept here: the pool holds only the request it makes.)
                     sent = time.monotonic()
                     result = await tracing.traced(
                         "job.chunk",
-                        self.transcribe(audio, job.options, WorkClass.BATCH),
+                        self.transcribe(
+                            from_pcm16(pcm.read(window.start, window.end)), job.options, WorkClass.BATCH
+                        ),
                         {"stt.chunk_index": index, "stt.audio_seconds": seconds},
                     )
-                    del audio
             except InvalidInput as exc:
                 # The request itself is wrong (e.g. a language the model cannot do): no retry helps.
                 failed.set()

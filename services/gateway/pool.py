@@ -294,6 +294,7 @@ class TranscriberPool:
         )
         metadata = ((REQUEST_ID_HEADER, request_id_var.get() or "-"), *self.creds.metadata)
         seconds = round(audio.shape[0] / SAMPLE_RATE, 3)
+        del audio  # the request has the samples: a 30 s window's float32 copy is not held for the call
         tried: set[str] = set()
         attempts = max(3, len(self.endpoints) + 1)
         last: grpc.aio.AioRpcError | None = None

@@ -10,7 +10,7 @@ from services.shared.config import CommonSettings
 BUNDLED = "bundled"
 # Batching by device (see TranscriberSettings.batching). CPU: 8 windows per call (measured: 1.5x the
 # windows/s of single calls on 2 cores, no gain beyond); GPU: 24, with a longer wait for batch work.
-CPU_BATCH, CPU_WINDOW_MS, CPU_ENCODE_BATCH = 8, 20.0, 2
+CPU_BATCH, CPU_WINDOW_MS, CPU_ENCODE_BATCH, CPU_ALIGN_BATCH = 8, 20.0, 2, 1
 GPU_BATCH, GPU_WINDOW_MS = 24, 50.0
 
 
@@ -39,9 +39,13 @@ class TranscriberSettings(CommonSettings):
     # than one of 8, so calls are larger and batch work waits longer to fill them.
     batch_window_ms: float = -1.0
     max_batch_size: int = 0  # 0 = by device
-    # Windows encoded at once within a call (0 = by device: 2 on a CPU, where encoding more at once
-    # only costs memory; the whole call on a GPU).
+    # Windows encoded at once within a call (0 = by device: on a CPU, where encoding more at once only
+    # costs memory, 30 s windows one at a time and live windows two; the whole call on a GPU).
     encode_batch_size: int = 0
+    # Windows aligned at once (word timings, CTranslate2 `align`) within a call (0 = by device: one at
+    # a time on a CPU, where aligning a whole call at once is the call's memory peak and saves no
+    # time; the whole call on a GPU).
+    align_batch_size: int = 0
     # Live streams arrive in ticks (each stream sends its next window when its last one returns):
     # an idle model waits up to this long for the rest of a tick, so all streams share one call.
     live_gather_ms: float = 40.0
@@ -71,10 +75,19 @@ class TranscriberSettings(CommonSettings):
         )
         return size, window
 
-    def encode_batch(self) -> int:
+    def encode_batch(self, *, full_context: bool = False) -> int:
+        """Windows per encoder call. On a CPU, 30 s (full-context) windows one at a time: their
+        attention over 1500 frames is the encoder's memory and encoding them in pairs saves no time."""
         if self.encode_batch_size > 0:
             return self.encode_batch_size
-        return self.batching()[0] if self.on_gpu() else CPU_ENCODE_BATCH
+        if self.on_gpu():
+            return self.batching()[0]
+        return 1 if full_context else CPU_ENCODE_BATCH
+
+    def align_batch(self) -> int:
+        if self.align_batch_size > 0:
+            return self.align_batch_size
+        return self.batching()[0] if self.on_gpu() else CPU_ALIGN_BATCH
 
     def threads(self) -> int:
         return self.cpu_threads or (os.cpu_count() or 1)

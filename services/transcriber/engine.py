@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from services.shared import memory
 from services.shared.domain import (
     MAX_WINDOW_SECONDS,
     SAMPLE_RATE,
@@ -53,6 +54,10 @@ TOKENS_PER_SECOND = 12  # generous: fast speech is ~5 text tokens per second, pl
 FULL_CONTEXT = 3000  # 30 s of 10 ms feature frames: what Whisper was trained on
 CONTEXT_STEP = 500  # dynamic context is rounded up to 5 s
 CONTEXT_MARGIN = 100  # and keeps at least 1 s of padding after the audio
+# A call with at least this much audio first hands the memory earlier work freed back to the OS
+# (services.shared.memory.trim, ~10 ms after a big call, ~0.1 ms when there is nothing to return):
+# its own peak then does not stack on top of it.
+TRIM_BEFORE_SAMPLES = 60 * SAMPLE_RATE
 
 
 def _context_frames(samples: int) -> int:
@@ -116,6 +121,7 @@ class Engine:
             t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
             tone = (0.05 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
             self.transcribe(WindowRequest(tone, DecodeOptions(word_timestamps=True)))
+        memory.trim()  # what loading and the warm-up freed
         self.load_seconds = time.perf_counter() - start
         self._loaded.set()
         log.info("model ready in %.2fs", self.load_seconds)
@@ -167,6 +173,8 @@ class Engine:
         """Several windows; compatible ones share model calls. A failing window fails alone."""
         if self._model is None:
             raise RuntimeError("model not loaded")
+        if sum(r.audio.shape[0] for r in reqs) >= TRIM_BEFORE_SAMPLES:
+            memory.trim()  # what earlier work left in malloc's arenas: this call's peak starts lower
         out: list[WindowResult | BaseException | None] = [None] * len(reqs)
         prompts: list[list[int]] = [[] for _ in reqs]
         groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
@@ -283,15 +291,7 @@ class Engine:
             silent = d.no_speech_prob > NO_SPEECH_THRESHOLD and d.avg_logprob < LOG_PROB_THRESHOLD
             tokens = [] if silent else [t for t in d.tokens if t < tok.eot]
             raw.append([{"seek": 0, "start": 0.0, "end": n * fe.time_per_frame, "tokens": tokens}])
-        m.add_word_timestamps(
-            raw,
-            tok,
-            encoder_output,
-            sizes,
-            PREPEND_PUNCTUATIONS,
-            APPEND_PUNCTUATIONS,
-            last_speech_timestamp=0.0,
-        )
+        self._align(raw, tok, encoder_output, sizes)
         return [
             self._result(item[0].get("words") or [], d, req, language)
             for item, d, req in zip(raw, decoded, reqs, strict=True)
@@ -300,9 +300,10 @@ class Engine:
     def _encode(self, features: np.ndarray) -> Any:
         """The encoder over a batch, a few windows at a time on a CPU: its attention over 1500
         frames costs ~50 MiB per window while it runs, and batching the encoder gains little there
-        (measured: a call of 7 windows peaks 190 MiB lower encoding 2 at a time, in the same time);
-        the decoder, where batching pays, still runs the whole batch."""
-        step = self.settings.encode_batch()
+        (measured: a call of 7 windows peaks 190 MiB lower encoding 2 at a time, in the same time,
+        and ~75 MiB lower again encoding 30 s windows one at a time, again in the same time); the
+        decoder, where batching pays, still runs the whole batch."""
+        step = self.settings.encode_batch(full_context=features.shape[-1] >= FULL_CONTEXT)
         if features.shape[0] <= step:
             return self._model.encode(features)
         import ctranslate2
@@ -311,6 +312,37 @@ class Engine:
             np.asarray(self._model.encode(features[i : i + step])) for i in range(0, features.shape[0], step)
         ]
         return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.concatenate(parts)))
+
+    def _align(
+        self, raw: list[list[dict[str, Any]]], tok: Any, encoder_output: Any, sizes: list[int]
+    ) -> None:
+        """Word timings (into `raw`), one window at a time on a CPU: CTranslate2's `align` of a whole
+        call of 7 windows at once was the call's memory peak (~150 MiB above `generate`; measured
+        with the long bench file on 2 cores) and took as long. Aligned alone, a window's word times
+        do not depend on the windows it shared the call with (faster-whisper carries the last
+        speech time from one item of a batch to the next)."""
+        step = self.settings.align_batch()
+        n = len(raw)
+        if n <= step or getattr(encoder_output, "device", "cpu") != "cpu":
+            parts = [(0, n, encoder_output)]
+        else:
+            import ctranslate2
+
+            enc = np.asarray(encoder_output)
+            parts = [
+                (lo, lo + step, ctranslate2.StorageView.from_array(np.ascontiguousarray(enc[lo : lo + step])))
+                for lo in range(0, n, step)
+            ]
+        for lo, hi, enc_part in parts:
+            self._model.add_word_timestamps(
+                raw[lo:hi],
+                tok,
+                enc_part,
+                sizes[lo:hi],
+                PREPEND_PUNCTUATIONS,
+                APPEND_PUNCTUATIONS,
+                last_speech_timestamp=0.0,
+            )
 
     def _prompt(self, tok: Any, opts: DecodeOptions) -> list[int]:
         previous = tok.encode(" " + opts.initial_prompt.strip()) if opts.initial_prompt else []
