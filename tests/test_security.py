@@ -32,6 +32,8 @@ from stt.errors import SttError
 from stt.v1 import common_pb2, jobs_pb2, speech_pb2
 from tests.conftest import gateway_settings, jobstore_settings, wait_serving
 from tests.support import audio
+from tests.support.speech import held_stream
+from tests.support.waiting import until
 
 KEY_A, KEY_A2, KEY_B, KEY_RO, KEY_S = "key-acme-1", "key-acme-2", "key-beta", "key-acme-readonly", "key-slow"
 KEYS = (
@@ -207,29 +209,17 @@ async def test_priority_and_queued_job_quotas(keyed):
 async def test_a_second_stream_over_the_quota_is_refused(keyed):
     _, clients = keyed
     a = clients[KEY_A]
-    gate = asyncio.Event()
-
-    async def slow_audio():
-        yield b"\x00\x00" * 1600
-        await gate.wait()
-
-    first = a.stream(slow_audio(), interim=False)
-    holder = asyncio.ensure_future(anext(first, None))
-    for _ in range(200):  # the first stream holds its slot once the server has its config
-        if keyed[0].quotas.in_use.get(("acme", "concurrent_streams")):
-            break
-        await asyncio.sleep(0.02)
-    with pytest.raises(SttError) as err:
-        async for _ in a.stream([b"\x00\x00" * 1600]):
+    async with held_stream(a):
+        # The first stream holds its slot once the server has its config.
+        await until(lambda: bool(keyed[0].quotas.in_use.get(("acme", "concurrent_streams"))), timeout=10)
+        with pytest.raises(SttError) as err:
+            async for _ in a.stream([b"\x00\x00" * 1600]):
+                pass
+        e = err.value
+        assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "QUOTA_EXCEEDED"
+        assert e.quota_subjects == ["tenant:acme"] and e.quota[0].startswith("concurrent_streams")
+        async for _ in clients[KEY_B].stream([b"\x00\x00" * 1600]):  # beta has its own quota
             pass
-    e = err.value
-    assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "QUOTA_EXCEEDED"
-    assert e.quota_subjects == ["tenant:acme"] and e.quota[0].startswith("concurrent_streams")
-    async for _ in clients[KEY_B].stream([b"\x00\x00" * 1600]):  # beta has its own quota
-        pass
-    gate.set()
-    await holder
-    await first.aclose()
 
 
 async def test_request_rate_limit(keyed):

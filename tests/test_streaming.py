@@ -20,6 +20,7 @@ from stt.errors import SttError
 from stt.streaming import PcmAudio, paced_bytes, pcm_chunks
 from stt.v1 import common_pb2, speech_pb2
 from tests.support import audio
+from tests.support.speech import held_stream
 from tests.support.text import normalize, wer
 from tests.support.waiting import until
 
@@ -336,27 +337,17 @@ async def test_streams_past_capacity_are_refused_with_retry_info(client: AsyncCl
     admission = gateway.speech.admission
     saved = admission.fixed
     admission.fixed = 1
-    gate = asyncio.Event()
-
-    async def held_audio():
-        yield b"\x00\x00" * 1600
-        await gate.wait()
-
-    first = client.stream(held_audio(), interim=False)
-    holder = asyncio.ensure_future(anext(first, None))
     try:
-        await until(lambda: admission.active == 1, timeout=10)
-        info = await client.server_info()
-        assert info.limits.live_stream_capacity == 1
-        with pytest.raises(SttError) as err:
-            async for _ in client.stream([b"\x00\x00" * 1600]):
-                pass
-        e = err.value
-        assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "CAPACITY_EXHAUSTED"
-        assert e.retry_after is not None and e.retry_after > 0
+        async with held_stream(client):
+            await until(lambda: admission.active == 1, timeout=10)
+            info = await client.server_info()
+            assert info.limits.live_stream_capacity == 1
+            with pytest.raises(SttError) as err:
+                async for _ in client.stream([b"\x00\x00" * 1600]):
+                    pass
+            e = err.value
+            assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "CAPACITY_EXHAUSTED"
+            assert e.retry_after is not None and e.retry_after > 0
     finally:
-        gate.set()
-        await asyncio.gather(holder, return_exceptions=True)
-        await first.aclose()
         admission.fixed = saved
     await until(lambda: admission.active == 0, timeout=10)

@@ -1,14 +1,17 @@
-"""Real human speech recordings committed under tests/data/speech (see its README.md for sources)."""
+"""Real human speech recordings committed under tests/data/speech (see its README.md for sources), and
+audio sources for live streams in tests."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -100,3 +103,29 @@ async def paced(pcm: PcmAudio, speed: float) -> AsyncIterator[bytes]:
         if delay > 0:
             await asyncio.sleep(delay)
         yield pcm.data[off : off + step]
+
+
+@contextlib.asynccontextmanager
+async def held_stream(client: Any) -> AsyncIterator[None]:
+    """A live stream (on an AsyncClient) that sends 0.1 s of silence and then stays open, holding its
+    slot (quota, admission), until the block ends; then it ends its audio and is closed. A failure of
+    the held stream fails the block when the block itself succeeded."""
+    gate = asyncio.Event()
+
+    async def audio() -> AsyncIterator[bytes]:
+        yield b"\x00\x00" * 1600
+        await gate.wait()
+
+    stream = client.stream(audio(), interim=False)
+    holder = asyncio.ensure_future(anext(stream, None))
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        gate.set()
+        if ok:
+            await holder
+        else:
+            await asyncio.gather(holder, return_exceptions=True)
+        await stream.aclose()
