@@ -227,7 +227,6 @@ class SpeechAPI:
         self.vad = settings.vad()
         # Set when the gateway starts draining: resumable (gRPC) streams end with DRAINING.
         self.draining = asyncio.Event()
-        self.live_streams = 0  # this gateway's open streams (STREAMS counts the process's)
         self.admission = StreamAdmission(
             pool.serving_replicas,
             target_tick=settings.stream_target_tick_seconds,
@@ -235,6 +234,11 @@ class SpeechAPI:
             fixed=settings.stream_capacity,
             share=settings.stream_capacity_share,
         )
+
+    @property
+    def live_streams(self) -> int:
+        """This gateway's open streams, the ones admission let in (STREAMS counts the process's)."""
+        return self.admission.active
 
     async def drain(self) -> None:
         """SIGTERM: end every resumable live stream now with UNAVAILABLE (DRAINING), so its client
@@ -418,7 +422,6 @@ class SpeechAPI:
     ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
         words = cfg.config.enable_word_time_offsets
         STREAMS.inc()
-        self.live_streams += 1
         reader = asyncio.create_task(self._read_stream(requests, session, decoder, max_seconds))
         reader.add_done_callback(lambda t: _propagate(t, session))
         # A decoding error ends the stream at once, not with the client's next message.
@@ -444,7 +447,6 @@ class SpeechAPI:
                 )
         finally:
             STREAMS.dec()
-            self.live_streams -= 1
             observer.closed()
             reader.cancel()
             if drain is not None:
