@@ -179,7 +179,7 @@ def test_words_are_aligned_one_window_at_a_time_on_a_cpu(transcriber, long_clip)
     model.add_word_timestamps = spy
     try:
         together = engine.transcribe_batch(
-            [WindowRequest(w, DecodeOptions(word_timestamps=True)) for w in windows]
+            [WindowRequest(w, DecodeOptions(word_timestamps=True)) for w in windows], tails=0
         )
     finally:
         model.add_word_timestamps = real

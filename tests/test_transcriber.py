@@ -22,6 +22,7 @@ from tests.conftest import gateway_settings, transcriber_settings
 from tests.support import audio
 from tests.support.metrics import metric, scrape
 from tests.support.procs import ServiceProcess, free_port
+from tests.support.speech import by_name, load_16k
 from tests.support.text import wer
 from tests.support.waiting import until
 
@@ -180,3 +181,26 @@ async def test_model_failures_are_retryable_server_errors(transcriber: Transcrib
             assert err.value.retry_after is not None
     finally:
         engine._decode_group = real  # type: ignore[method-assign]
+
+
+async def test_a_window_whose_text_stops_early_is_decoded_to_its_end(transcriber: Transcriber):
+    """Real speech on which Whisper writes end-of-text after 11 s of a 30 s window (the start of the
+    bench's stream clip: Kennedy, a pause, then read Harvard sentences): the rest of the window must
+    still come back (the engine decodes it again), words in order and inside the window."""
+    jfk, harvard = by_name("jfk_inaugural_16k"), by_name("harvard_osr_0010_8k")
+    first = load_16k(jfk)
+    second_start = 0.5 + first.shape[0] / audio.SR + 0.8
+    window = np.concatenate([audio.silence(0.5), first, audio.silence(0.8), load_16k(harvard)])
+    window = window[: 30 * audio.SR]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{transcriber.port}") as ch:
+        resp = await transcriber_pb2_grpc.TranscriberStub(ch).Transcribe(
+            _request(window, word_timestamps=True, language_code="en", beam_size=5), timeout=120
+        )
+    words = [w for s in resp.segments for w in s.words]
+    assert words and words[-1].end_seconds >= 26.0, " ".join(s.text for s in resp.segments)
+    assert all(a.start_seconds <= b.start_seconds for a, b in zip(words, words[1:], strict=False))
+    assert wer(jfk.text, " ".join(w.word for w in words if w.start_seconds < second_start - 0.3)) <= 0.2
+    # The first sentences of the Harvard recording (at 8 kHz, so the tiny model makes a few errors).
+    opening = "The birch canoe slid on the smooth planks. Glue the sheet to the dark blue background."
+    later = [w.word for w in words if w.start_seconds >= second_start - 0.3]
+    assert wer(opening, " ".join(later[: len(opening.split())])) <= 0.3, later

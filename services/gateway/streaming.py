@@ -87,6 +87,7 @@ class StreamPolicy:
     min_window: float = 1.0  # no hypothesis of less audio (sub-second snippets make Whisper guess)
     preview_window: float = 0.5  # but the first interim of an utterance may come from this much
     final_context: float = 0.0  # seconds of audio before the window heard by an utterance's final
+    hypothesis_context: float = 0.0  # the same for hypotheses
 
 
 @dataclass(frozen=True)
@@ -483,7 +484,7 @@ class StreamingSession:
         )
 
     async def _hypothesis(self, end: int) -> AsyncIterator[Event]:
-        words = await self._words(self._win, end)
+        words = await self._words(self._win, end, context=self.policy.hypothesis_context)
         self._covered = end
         agreed = self._agreed(words, end / SAMPLE_RATE)
         if agreed:

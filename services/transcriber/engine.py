@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -58,6 +58,14 @@ CONTEXT_MARGIN = 100  # and keeps at least 1 s of padding after the audio
 # (services.shared.memory.trim, ~10 ms after a big call, ~0.1 ms when there is nothing to return):
 # its own peak then does not stack on top of it.
 TRIM_BEFORE_SAMPLES = 60 * SAMPLE_RATE
+# Whisper sometimes ends a window's text early (end of text after a sentence, with speech still to
+# come: seen on real recordings, a whole 15 s of a 30 s window dropped). A window whose words stop at
+# least TAIL_MIN_SECONDS before its audio does, where VAD finds at least TAIL_MIN_SPEECH_SECONDS of
+# speech after the last word, has that rest decoded again (prompted with the window's text).
+TAIL_MIN_SECONDS = 2.0
+TAIL_MIN_SPEECH_SECONDS = 1.0
+TAIL_PROMPT_CHARS = 200
+TAIL_PASSES = 3  # at most this many more passes per window (each over less audio)
 
 
 def _context_frames(samples: int) -> int:
@@ -169,8 +177,12 @@ class Engine:
             raise res
         return res
 
-    def transcribe_batch(self, reqs: list[WindowRequest]) -> list[WindowResult | BaseException]:
-        """Several windows; compatible ones share model calls. A failing window fails alone."""
+    def transcribe_batch(
+        self, reqs: list[WindowRequest], *, tails: int = TAIL_PASSES
+    ) -> list[WindowResult | BaseException]:
+        """Several windows; compatible ones share model calls. A failing window fails alone.
+        `tails`: how many times the rest of a window whose text stopped early is decoded again (see
+        TAIL_MIN_SECONDS)."""
         if self._model is None:
             raise RuntimeError("model not loaded")
         if sum(r.audio.shape[0] for r in reqs) >= TRIM_BEFORE_SAMPLES:
@@ -233,7 +245,52 @@ class Engine:
                     res.batch_size = len(idxs)
                     res.language_probability = probabilities.get(i, 1.0)
                 out[i] = res
+        if tails > 0:
+            self._decode_tails(reqs, out, tails)
         return [r if r is not None else RuntimeError("window was not decoded") for r in out]
+
+    def _decode_tails(
+        self, reqs: list[WindowRequest], out: list[WindowResult | BaseException | None], passes: int
+    ) -> None:
+        """Where a window's text stopped early (Whisper wrote end-of-text with speech still to come),
+        decode the rest of its audio once more, prompted with the window's text, and append its
+        words. Live (dynamic-context) windows are left alone: a stream re-decodes its window anyway."""
+        todo: list[tuple[int, float]] = []
+        for i, (req, res) in enumerate(zip(reqs, out, strict=True)):
+            if not isinstance(res, WindowResult) or req.options.dynamic_context:
+                continue
+            words = [w for seg in res.segments for w in seg.words] if req.options.word_timestamps else []
+            last = words[-1].end if words else (res.segments[-1].end if res.segments else 0.0)
+            if req.audio.shape[0] / SAMPLE_RATE - last >= TAIL_MIN_SECONDS and self._speech_after(
+                req.audio, last
+            ):
+                todo.append((i, last))
+        if not todo:
+            return
+        tail_reqs = []
+        for i, last in todo:
+            res = out[i]
+            assert isinstance(res, WindowResult)
+            text = " ".join(seg.text for seg in res.segments)
+            prompt = f"{reqs[i].options.initial_prompt or ''} {text}".strip()[-TAIL_PROMPT_CHARS:]
+            start = int(last * SAMPLE_RATE)
+            tail_reqs.append(
+                WindowRequest(reqs[i].audio[start:], replace(reqs[i].options, initial_prompt=prompt))
+            )
+        log.info("%d window(s) stopped early: decoding the rest of their audio", len(todo))
+        for (i, last), tail in zip(todo, self.transcribe_batch(tail_reqs, tails=passes - 1), strict=True):
+            res = out[i]
+            if not isinstance(tail, WindowResult) or not isinstance(res, WindowResult):
+                continue
+            res.segments = [*res.segments, *(seg.shifted(last) for seg in tail.segments)]
+
+    def _speech_after(self, audio: np.ndarray, seconds: float) -> bool:
+        """VAD finds at least TAIL_MIN_SPEECH_SECONDS of speech in `audio` after `seconds`."""
+        from faster_whisper.vad import VadOptions, get_speech_timestamps
+
+        rest = audio[int(seconds * SAMPLE_RATE) :]
+        spans = get_speech_timestamps(rest, VadOptions(min_silence_duration_ms=300, speech_pad_ms=0))
+        return sum(s["end"] - s["start"] for s in spans) / SAMPLE_RATE >= TAIL_MIN_SPEECH_SECONDS
 
     # -- internals ----------------------------------------------------------------------------------
 
