@@ -277,6 +277,7 @@ class Report:
                 )
             self.timeline(sj.get("timeline"))
             self.plot("throughput", "Batch throughput")
+            self.real_speech(m.get("real_speech"))
         self.add("### Local multi-process cluster\n")
         c = self.status("cluster")
         if c:
@@ -287,6 +288,34 @@ class Report:
                 f"{_fmt(c['ratios'].get('cluster_vs_batched'))}), WER {cj['wer']} %. Peak RSS per process (MiB): "
                 + ", ".join(f"{k} {_fmt(v)}" for k, v in (cj.get("peak_rss_mib") or {}).items())
             )
+
+    def real_speech(self, r: dict[str, Any] | None) -> None:
+        if not r:
+            return
+        self.add("### The same on real speech\n")
+        self.add(
+            f"{r['audio_seconds']:.0f} s of real recordings (tests/data/speech: "
+            f"{', '.join(dict.fromkeys(r.get('recordings') or []))}) one after another with 0.8 s pauses, all sides "
+            "with word times, best of the same reps. Real speech with pauses is where Whisper ends a window's "
+            "text early; the stack decodes the rest of such a window again (docs/architecture.md), "
+            "BatchedInferencePipeline does not.\n"
+        )
+        names = {
+            "stack_job_words": "stack (Jobs API) + word times",
+            "stack_recognize": "stack (Recognize) + word times",
+            "batched_words": "BatchedInferencePipeline + word times",
+        }
+        rows: list[Row] = [
+            [label, r["best"][k]["x_real_time"], r["best"][k]["wall_seconds"], r["best"][k]["wer"]]
+            for k, label in names.items()
+            if k in r["best"]
+        ]
+        self.add(table(["Side", "x real time", "Wall s", "WER %"], rows))
+        ra = r["ratios"]
+        self.add(
+            f"Ratios: Jobs / batched **{_fmt(ra.get('job_words_vs_batched_words'))}**, Recognize / batched "
+            f"**{_fmt(ra.get('recognize_words_vs_batched_words'))}**."
+        )
 
     def timeline(self, tl: dict[str, Any] | None) -> None:
         """Where one job's time goes (the stack_job run shown above), seconds from the claim."""

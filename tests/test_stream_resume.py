@@ -154,6 +154,30 @@ async def test_resume_at_every_response_gives_the_unbroken_finals():
         assert [ev.utterance for ev in got_finals if ev.utterance_end] == expected_ends, f"cut {cut}"
 
 
+async def test_first_interim_of_an_utterance_comes_once_0_3_s_of_speech_is_heard():
+    """A preview: once VAD has heard preview_speech (0.3 s) of an utterance the session tries a
+    hypothesis every 0.1 s of new audio until one has words, rather than waiting for a 1 s window."""
+    audio = script([(1.0, 1.2), (1.25, 1.45), (1.5, 1.9)], 3.0)
+    s = session()
+    first: list[float] = []
+
+    async def consume() -> None:
+        async for ev in s.events():
+            if ev.type == EventType.RESULT and not ev.is_final and ev.words and not first:
+                first.append(s.received_seconds)
+
+    task = asyncio.create_task(consume())
+    step = SAMPLE_RATE // 10
+    for i in range(0, len(audio), step):  # real time, as the session sees it: one piece at a time
+        s.add_audio(audio[i : i + step])
+        for _ in range(20):
+            await asyncio.sleep(0)
+    s.end_audio()
+    await asyncio.wait_for(task, 10)
+    # Speech starts at 1.0 s; VAD works in 32 ms frames and audio arrives in 0.1 s pieces.
+    assert first and first[0] <= 1.0 + 0.3 + 0.1 + 1e-6, first
+
+
 async def test_resume_state_carries_prompt_and_window_words():
     audio = script(WORDS, TOTAL)
     events = await run(session(), audio)

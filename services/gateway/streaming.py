@@ -24,7 +24,8 @@ Policy (LocalAgreement-2, as in whisper_streaming, plus VAD endpointing):
   where it loops, and never starts with words already final;
 - audio in which VAD finds no speech is never sent to the model, so silence yields no words;
 - no hypothesis counts towards agreement before `min_window` seconds of window, but the first interim
-  of an utterance comes from `preview_window` seconds (a preview: shown, never made final).
+  of an utterance comes from `preview_window` seconds holding `preview_speech` seconds of speech (a
+  preview: shown, never made final), tried every `preview_step` of new audio until it has words.
 All times are seconds from the start of the stream.
 
 Utterances: every result carries the index of the utterance (speech between pauses) it belongs to;
@@ -86,6 +87,8 @@ class StreamPolicy:
     tail_passes: int = 0  # extra passes when a final stops >= 1 s before the speech does
     min_window: float = 1.0  # no hypothesis of less audio (sub-second snippets make Whisper guess)
     preview_window: float = 0.5  # but the first interim of an utterance may come from this much
+    preview_speech: float = 0.3  # once VAD has heard this much speech in it
+    preview_step: float = 0.1  # new audio before the next try while an utterance has no interim yet
     final_context: float = 0.0  # seconds of audio before the window heard by an utterance's final
     hypothesis_context: float = 0.0  # the same for hypotheses
 
@@ -227,6 +230,7 @@ class StreamingSession:
         self._vad_pos = 0
         self._in_speech = False
         self._speech_end = 0  # absolute sample where speech last stopped
+        self._speech_begin = 0  # absolute sample where speech last started
         self._last_speech = -1  # absolute sample of the last speech frame
         self._utterance_done = False
         self._endpoint_at: int | None = None  # where _run_vad stopped at an endpoint
@@ -341,8 +345,10 @@ class StreamingSession:
         """Run the session until the audio ends (or the single utterance does)."""
         step = int(self.policy.step * SAMPLE_RATE)
         catch_up = int(max(self.policy.step, self.policy.catch_up) * SAMPLE_RATE)
+        preview_step = int(min(self.policy.step, self.policy.preview_step) * SAMPLE_RATE)
         while True:
-            while not self._ended and self._error is None and self._received - self._covered < step:
+            need = preview_step if self._awaiting_preview() else step
+            while not self._ended and self._error is None and self._received - self._covered < need:
                 self._arrived.clear()
                 await self._arrived.wait()
             if self._error is not None:
@@ -381,8 +387,12 @@ class StreamingSession:
             if end - self._win < int(self.policy.min_window * SAMPLE_RATE):
                 # Too little audio yet for a hypothesis that counts towards agreement; a first
                 # interim of the utterance still comes early (a preview: shown, never made final).
-                preview = self.interim and not self._history and not self._last_interim
-                if preview and end - self._win >= int(self.policy.preview_window * SAMPLE_RATE):
+                heard = end - max(self._win, self._speech_begin)
+                if (
+                    self._awaiting_preview()
+                    and end - self._win >= int(self.policy.preview_window * SAMPLE_RATE)
+                    and heard >= int(self.policy.preview_speech * SAMPLE_RATE)
+                ):
                     async for ev in self._preview(end):
                         yield ev
                 self._covered = end
@@ -403,6 +413,7 @@ class StreamingSession:
             if p >= self.policy.vad_on or (self._in_speech and p >= self.policy.vad_off):
                 if not self._in_speech:
                     self._in_speech = True
+                    self._speech_begin = pos
                     out.append(Event(EventType.SPEECH_BEGIN, offset=round(pos / SAMPLE_RATE, 3)))
                 self._last_speech = pos + VAD_FRAME
             elif self._in_speech and pos + VAD_FRAME - self._last_speech >= silence_frames * VAD_FRAME:
@@ -463,6 +474,10 @@ class StreamingSession:
         strict = run(self._history[-need:], end - self.policy.hold) if len(self._history) >= need else 0
         settled = run(self._history[-1:], end - self.policy.settle) if self._history else 0
         return max(strict, settled)
+
+    def _awaiting_preview(self) -> bool:
+        """Speech is going on in a window too short for hypotheses and nothing of it was shown yet."""
+        return self.interim and self._in_speech and not self._history and not self._last_interim
 
     async def _preview(self, end: int) -> AsyncIterator[Event]:
         words = await self._words(self._win, end)
