@@ -267,6 +267,19 @@ class Report:
                 f"Recognize / batched {_fmt(ra.get('recognize_vs_batched'))}. *Model busy* = share of the wall time the "
                 "stack's transcriber spent inside model calls; *Mean batch* = windows per model call."
             )
+            pr = m.get("paired_ratios") or {}
+            if pr:
+                self.add(
+                    "The same ratios paired within each rep (every side runs back to back in a rep; this VM's "
+                    "speed drifts 10-20 % between reps, for all sides alike), and their median, which the goals "
+                    "use: "
+                    + "; ".join(
+                        f"{k.replace('_', ' ')} {', '.join(_fmt(x) for x in v)} (median "
+                        f"**{_fmt((m.get('paired_median') or {}).get(k))}**)"
+                        for k, v in pr.items()
+                    )
+                    + "."
+                )
             sj = m["best"].get("stack_job", {})
             if sj.get("server"):
                 s = sj["server"]
