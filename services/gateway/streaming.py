@@ -90,7 +90,6 @@ class StreamPolicy:
     preview_speech: float = 0.3  # once VAD has heard this much speech in it
     preview_step: float = 0.1  # new audio before the next try while an utterance has no interim yet
     final_context: float = 0.0  # seconds of audio before the window heard by an utterance's final
-    hypothesis_context: float = 0.0  # the same for hypotheses
 
 
 @dataclass(frozen=True)
@@ -499,7 +498,7 @@ class StreamingSession:
         )
 
     async def _hypothesis(self, end: int) -> AsyncIterator[Event]:
-        words = await self._words(self._win, end, context=self.policy.hypothesis_context)
+        words = await self._words(self._win, end)
         self._covered = end
         agreed = self._agreed(words, end / SAMPLE_RATE)
         if agreed:

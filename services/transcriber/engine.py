@@ -253,7 +253,7 @@ class Engine:
         self, reqs: list[WindowRequest], out: list[WindowResult | BaseException | None], passes: int
     ) -> None:
         """Where a window's text stopped early (Whisper wrote end-of-text with speech still to come),
-        decode the rest of its audio once more, prompted with the window's text, and append its
+        decode the rest of its audio again, prompted with the window's text, and append its
         words. Live (dynamic-context) windows are left alone: a stream re-decodes its window anyway."""
         todo: list[tuple[int, float]] = []
         for i, (req, res) in enumerate(zip(reqs, out, strict=True)):
@@ -272,7 +272,7 @@ class Engine:
             res = out[i]
             assert isinstance(res, WindowResult)
             text = " ".join(seg.text for seg in res.segments)
-            prompt = f"{reqs[i].options.initial_prompt or ''} {text}".strip()[-TAIL_PROMPT_CHARS:]
+            prompt = _last_words(f"{reqs[i].options.initial_prompt or ''} {text}", TAIL_PROMPT_CHARS)
             start = int(last * SAMPLE_RATE)
             tail_reqs.append(
                 WindowRequest(reqs[i].audio[start:], replace(reqs[i].options, initial_prompt=prompt))
@@ -511,6 +511,15 @@ class Engine:
             duration=round(req.audio.shape[0] / SAMPLE_RATE, 3),
             served_by=self.served_by,
         )
+
+
+def _last_words(text: str, chars: int) -> str:
+    """The end of `text`, whole words only, at most `chars` characters."""
+    words = text.split()
+    out: list[str] = []
+    while words and sum(len(w) + 1 for w in out) + len(words[-1]) <= chars:
+        out.insert(0, words.pop())
+    return " ".join(out)
 
 
 def silent_frames(audio: np.ndarray, frame: int = 320) -> np.ndarray:
