@@ -59,6 +59,7 @@ log = logging.getLogger("gateway.streaming")
 TranscribeFn = Callable[[np.ndarray, DecodeOptions, WorkClass], Awaitable[WindowResult]]
 VAD_FRAME = 512  # Silero's frame: 32 ms at 16 kHz
 RECENT_WORDS = 40  # final words a new hypothesis is checked against for repeats
+RESUME_LEFT = 2.0  # after a pause, a resumed part starts at most this long before the window
 RESUME_MARGIN = 1.0  # a resumed stream restarts this long before the end of the last final word (left
 # context for the words after the seam: with 0.25 s the first words after it were often garbled)
 
@@ -237,12 +238,14 @@ class StreamingSession:
         # Utterances: the index of the current one, and whether finals of it were sent.
         self._utterance = 0
         self._utterance_open = False
+        self._resume_floor = 0.0  # the latest resume offset given (offsets never go back)
         if resume is not None:
             self._resume(resume)
 
     def _resume(self, r: ResumeState) -> None:
         """Start where a previous part of the stream stopped (see ResumeState)."""
         start = round(r.offset * SAMPLE_RATE)
+        self._resume_floor = r.offset
         self._base = self._received = self._covered = self._win = self._vad_pos = start
         self._speech_end = start
         self._final_end = r.final_end
@@ -271,6 +274,15 @@ class StreamingSession:
         win = self._win / SAMPLE_RATE
         if self._final_end - RESUME_MARGIN > win:
             win = self._final_end - RESUME_MARGIN
+        elif 0 < self._final_end < win:
+            # The window starts after the final words (a pause ended the utterance): the words after
+            # the seam are heard with the audio before them (the end of the last final word and the
+            # pause), as the unbroken session's final pass hears them; decoded from their first
+            # sample they lose their first word ("ask not" -> "S NOT"). At most RESUME_LEFT before
+            # the window, so the offset moves on through a long silence.
+            win = max(self._final_end - RESUME_MARGIN, win - RESUME_LEFT)
+        win = max(win, self._resume_floor)  # never behind an offset already given (the client
+        self._resume_floor = win  # keeps only the audio after the latest one)
         before = [w for w in self._final_words if w.end <= win + 0.05]
         inside = self._final_words[len(before) :]
         prompt: list[str] = []  # whole words, at most prompt_chars characters
