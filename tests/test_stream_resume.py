@@ -152,6 +152,21 @@ async def test_resume_at_every_response_gives_the_unbroken_finals():
         times = [t for g in got for t in g[1:3]]
         assert times == pytest.approx([t for e in expected for t in e[1:3]], abs=0.05), f"cut {cut}"
         assert [ev.utterance for ev in got_finals if ev.utterance_end] == expected_ends, f"cut {cut}"
+        # Speech events, as a client keeps them (those not after the last one it had are dropped).
+        assert client_speech_events(first + second) == speech_events(whole), f"speech events, cut {cut}"
+
+
+def speech_events(events: list[tuple[Event, ResumeState]]) -> list[tuple[float, int]]:
+    kinds = (EventType.SPEECH_BEGIN, EventType.SPEECH_END)
+    return [(round(ev.offset, 3), ev.type.value) for ev, _ in events if ev.type in kinds]
+
+
+def client_speech_events(events: list[tuple[Event, ResumeState]]) -> list[tuple[float, int]]:
+    kept: list[tuple[float, int]] = []
+    for event in speech_events(events):
+        if not kept or event > kept[-1]:
+            kept.append(event)
+    return kept
 
 
 async def test_first_interim_of_an_utterance_comes_once_0_3_s_of_speech_is_heard():

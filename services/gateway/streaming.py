@@ -281,6 +281,10 @@ class StreamingSession:
             # sample they lose their first word ("ask not" -> "S NOT"). At most RESUME_LEFT before
             # the window, so the offset moves on through a long silence.
             win = max(self._final_end - RESUME_MARGIN, win - RESUME_LEFT)
+        # On the VAD frame grid of the stream (frames of VAD_FRAME samples from its first sample), so a
+        # resumed session's VAD frames are the unbroken session's, and speech events it sends again
+        # carry the same offsets (clients drop events not after the last they had).
+        win = int(win * SAMPLE_RATE) // VAD_FRAME * VAD_FRAME / SAMPLE_RATE
         win = max(win, self._resume_floor)  # never behind an offset already given (the client
         self._resume_floor = win  # keeps only the audio after the latest one)
         before = [w for w in self._final_words if w.end <= win + 0.05]
