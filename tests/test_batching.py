@@ -54,6 +54,59 @@ async def test_batcher_groups_calls_and_serves_live_first():
     assert b.calls == 3
 
 
+async def test_the_last_few_batch_windows_join_a_full_call():
+    """A full call of batch work takes the last batch windows along (at most max_batch // 4), never
+    into a call of live windows, and never more than that."""
+    batches: list[list[float]] = []
+    gate = threading.Event()
+
+    def run(reqs: list[WindowRequest]) -> list[WindowResult | BaseException]:
+        gate.wait(5)
+        batches.append([round(float(r.audio[0]), 2) for r in reqs])
+        return [WindowResult([], "en") for _ in reqs]
+
+    def req(tag: float) -> WindowRequest:
+        return WindowRequest(np.full(1600, tag, dtype=np.float32), DecodeOptions())
+
+    async def burst(n: int, live: int = 0) -> list[list[float]]:
+        batches.clear()
+        gate.clear()
+        first = asyncio.create_task(b.submit(req(0.0), WorkClass.BATCH))  # occupies the model
+        await until(lambda: b.busy == 1, what="the first call to occupy the model")
+        tasks = [asyncio.create_task(b.submit(req(0.01 * (i + 1)), WorkClass.BATCH)) for i in range(n)]
+        tasks += [asyncio.create_task(b.submit(req(0.9), WorkClass.LIVE)) for _ in range(live)]
+        await until(lambda: b.pending == n + live, what="the windows to queue")
+        gate.set()
+        await asyncio.gather(first, *tasks)
+        return [len(x) for x in batches[1:]]
+
+    b = Batcher(run, window_ms=20, max_batch=8, max_queue=100)
+    b.start()
+    try:
+        assert await burst(9) == [9]  # not 8 + 1
+        assert await burst(10) == [10]
+        assert await burst(11) == [8, 3]  # more than max_batch // 4 left: two calls
+        assert await burst(8, live=2) == [8, 2]  # live first (2 live + 6 batch), then the rest
+        assert batches[1][:2] == [0.9, 0.9]
+    finally:
+        await b.close()
+
+
+def test_window_groups_balance_the_last_call():
+    from services.gateway.chunking import Window, WindowGroups
+
+    def sizes(n: int, size: int = 8) -> list[int]:
+        groups = WindowGroups(lambda: size)
+        out = [len(g) for i in range(n) if (g := groups.add(Window(i, i + 1)))]
+        return [*out, len(groups.finish())]
+
+    assert sizes(9) == [9]
+    assert sizes(18) == [8, 10]
+    assert sizes(20) == [8, 8, 4]
+    assert sizes(3) == [3]
+    assert sizes(5, size=1) == [1, 1, 1, 1, 1]
+
+
 async def test_a_caller_that_gives_up_costs_nothing():
     seen: list[int] = []
     gate = threading.Event()

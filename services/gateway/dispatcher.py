@@ -37,7 +37,7 @@ from prometheus_client import Gauge, Histogram
 
 from services.gateway import observe
 from services.gateway.audio import Limits, iter_source
-from services.gateway.chunking import StreamingPlanner, VadSettings, Window, merge
+from services.gateway.chunking import StreamingPlanner, VadSettings, Window, WindowGroups, merge
 from services.gateway.jobqueue import ChunkInfo, ClaimedJob, JobQueue, Lease
 from services.gateway.recognize import first_leaf
 from services.shared import memory, tracing
@@ -379,18 +379,17 @@ class Dispatcher:
 
         producer = asyncio.ensure_future(asyncio.to_thread(produce))
         windows: list[Window] = []
-        held: list[int] = []
+        index: dict[Window, int] = {}
+        groups = WindowGroups(self.batch_capacity)
         try:
             while (w := await planned.get()) is not None:
-                held.append(len(windows))
+                index[w] = len(windows)
                 windows.append(w)
-                if len(held) >= self.batch_capacity():
-                    for i in held:
-                        tg.create_task(one(i, windows[i]))
-                    held = []
+                for g in groups.add(w):
+                    tg.create_task(one(index[g], g))
             await producer
-            for i in held:
-                tg.create_task(one(i, windows[i]))
+            for g in groups.finish():
+                tg.create_task(one(index[g], g))
         except (InvalidInput, LimitExceeded) as exc:
             stop.set()
             await self.queue.fail_job(lease, f"audio could not be decoded: {exc.message}", exc.reason)

@@ -16,6 +16,7 @@ from services.gateway.chunking import (
     StreamingPlanner,
     VadSettings,
     Window,
+    WindowGroups,
     merge,
     plan_windows,
     speech_regions,
@@ -129,7 +130,7 @@ async def recognize_blocks(
 ) -> Recognition:
     """Recognition while decoding: `blocks` (run in a thread) yields the decoded audio; once it is
     longer than one window, VAD and window planning follow the decoder and each settled window
-    goes to the pool in groups of `group()` windows (full model calls) or when planning ends. Audio
+    goes to the pool in groups of `group()` windows (full model calls; see WindowGroups). Audio
     that fits in one window is recognized as `recognize` does."""
     loop = asyncio.get_running_loop()
     store = SampleStore()
@@ -166,15 +167,12 @@ async def recognize_blocks(
     tasks: list[asyncio.Task[WindowResult]] = []
     try:
         async with asyncio.TaskGroup() as tg:
-            held: list[Window] = []
+            groups = WindowGroups(group)
             while (w := await planned.get()) is not None:
                 windows.append(w)
-                held.append(w)
-                if len(held) >= group():
-                    tasks += [tg.create_task(one(h)) for h in held]
-                    held = []
+                tasks += [tg.create_task(one(h)) for h in groups.add(w)]
             await producer
-            tasks += [tg.create_task(one(h)) for h in held]
+            tasks += [tg.create_task(one(h)) for h in groups.finish()]
             if on_decoded is not None:
                 on_decoded(store)
     except BaseExceptionGroup as group:

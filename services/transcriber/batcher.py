@@ -2,11 +2,12 @@
 
 Callers `await submit(...)`. Worker tasks wait for work, take up to `max_batch` windows in priority
 order (LIVE > INTERACTIVE > BATCH, then arrival) and run one model call in a thread; windows that
-queue meanwhile form the next call. When batch work (job chunks) is first in line, the worker gives
-the rest of its burst `window_ms` to arrive. Live streams move in ticks: every stream whose
-hypothesis came back from a call sends its next window at once, so after a call the worker expects
-the live windows already waiting plus those of the call just made, and gives them up to
-`live_gather_ms` to arrive: all streams share one call per tick (without this they split into
+queue meanwhile form the next call. A full call of batch work also takes the last few batch windows
+queued (at most `fold_allowance(max_batch)`) when nothing else waits. When batch work (job chunks)
+is first in line, the worker gives the rest of its burst `window_ms` to arrive. Live streams move in
+ticks: every stream whose hypothesis came back from a call sends its next window at once, so after a
+call the worker expects the live windows already waiting plus those of the call just made, and
+gives them up to `live_gather_ms` to arrive: all streams share one call per tick (without this they split into
 cohorts that alternate, each call half full). A caller that goes away before its window is picked
 costs nothing.
 """
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.shared import tracing
-from services.shared.domain import SAMPLE_RATE, WindowResult, WorkClass
+from services.shared.domain import SAMPLE_RATE, WindowResult, WorkClass, fold_allowance
 from services.shared.errors import Unavailable
 from services.transcriber.engine import WindowRequest
 
@@ -140,11 +141,18 @@ class Batcher:
 
     def _take(self) -> list[_Item]:
         batch: list[_Item] = []
-        while self._heap and len(batch) < self._max_batch:
+        limit = self._max_batch
+        while self._heap and len(batch) < limit:
             item = heapq.heappop(self._heap)
             QUEUE_DEPTH.labels(item.work_class.name).dec()
             if not item.future.done():
                 batch.append(item)
+            if len(batch) == self._max_batch and batch[0].work_class == WorkClass.BATCH:
+                # A full call of batch work: if the little that is left is batch work too, it goes
+                # along rather than alone in a nearly empty call of its own (fold_allowance).
+                rest = [i for i in self._heap if not i.future.done()]
+                if 0 < len(rest) <= fold_allowance(self._max_batch):
+                    limit = self._max_batch + len(rest)
         return batch
 
     async def _worker(self, index: int) -> None:
@@ -154,12 +162,13 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             head = self._heap[0].work_class
-            if head == WorkClass.BATCH and len(self._heap) < self._max_batch and self._window > 0:
+            full = self._max_batch + fold_allowance(self._max_batch)
+            if head == WorkClass.BATCH and len(self._heap) < full and self._window > 0:
                 # Batch work (a job's chunks arrive as a burst) waits for the rest of the burst:
-                # until no window arrived for window_ms (at most 5 x window_ms); live and
-                # interactive windows never wait for company.
+                # until no window arrived for window_ms (at most 5 x window_ms), so its last
+                # windows can go along (see _take); live and interactive windows never wait.
                 waited = 0.0
-                while len(self._heap) < self._max_batch and waited < 5 * self._window:
+                while len(self._heap) < full and waited < 5 * self._window:
                     queued = len(self._heap)
                     await asyncio.sleep(self._window)
                     waited += self._window
