@@ -341,7 +341,7 @@ class Report:
         self.add(
             "**Where the job's time goes** (server side, seconds from the claim; decoding, VAD and window "
             "planning run in one thread while planned windows are transcribed; windows are sent in groups "
-            "the size of the transcribers' batch capacity, or when planning ends):\n"
+            "the size of the transcribers' batch capacity, the last few with the last full group):\n"
         )
         rows: list[Row] = [[name, at, ""] for name, at in marks.items()]
         rows.insert(0, ["VAD (total, inside decoding)", None, f"{_fmt(tl.get('vad_seconds'))} s"])
