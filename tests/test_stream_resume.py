@@ -193,6 +193,52 @@ async def test_first_interim_of_an_utterance_comes_once_0_3_s_of_speech_is_heard
     assert first and first[0] <= 1.0 + 0.3 + 0.1 + 1e-6, first
 
 
+@pytest.mark.parametrize("probability", [0.1, 0.9])
+async def test_unsure_words_of_a_short_window_are_not_made_final_by_agreement(probability: float):
+    """Until the window holds commit_window (2 s) of audio, agreement makes final only words of at
+    least commit_probability; unsure ones wait for a longer window (or the utterance's last pass),
+    and every word still comes out final once."""
+    windows: list[float] = []
+
+    async def transcribe(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
+        windows.append(audio.shape[0] / SAMPLE_RATE)
+        res = await fake_transcribe(audio, options, work)
+        for seg in res.segments:
+            seg.words = [Word(w.word, w.start, w.end, probability) for w in seg.words]
+        return res
+
+    policy = StreamPolicy(
+        step=0.3, max_window=6.0, endpoint_silence=0.5, hold=0.2, settle=1.2, commit_window=2.0,
+        commit_probability=0.3,
+    )  # fmt: skip
+    s = StreamingSession(transcribe, DecodeOptions(), policy, interim=True, vad_model=fake_vad)
+    audio = script(WORDS, TOTAL)
+
+    async def feed() -> None:
+        for k in range(0, len(audio), SAMPLE_RATE // 10):
+            s.add_audio(audio[k : k + SAMPLE_RATE // 10])
+            while s.backlog_seconds > 1.0:
+                await s.progressed()
+            await asyncio.sleep(0)
+        s.end_audio()
+
+    feeder = asyncio.create_task(feed())
+    evs: list[Event] = []
+    early: list[float] = []  # the windows of hypotheses that made words final before a pause
+    async for ev in s.events():
+        if ev.type == EventType.RESULT and ev.is_final:
+            evs.append(ev)
+            if not ev.utterance_end:
+                early.append(windows[-1])
+    await feeder
+    assert text_of(evs) == [f"w{i}" for i in range(1, len(WORDS) + 1)]
+    assert early, "words become final by agreement before the pauses"
+    if probability < 0.3:
+        assert min(early) >= 2.0, early
+    else:
+        assert min(early) < 2.0, early  # sure words do not wait
+
+
 async def test_resume_state_carries_prompt_and_window_words():
     audio = script(WORDS, TOTAL)
     events = await run(session(), audio)

@@ -46,6 +46,12 @@ class GatewaySettings(CommonSettings):
     stream_hold_seconds: float = 0.2
     # ... or two agreeing hypotheses and this much audio after the word.
     stream_settle_seconds: float = 1.2
+    # Until the window holds stream_commit_window_seconds (an utterance's start), only words of at
+    # least stream_commit_probability are made final by agreement. Simulated on the four bench
+    # stream clips (real recordings, audio arriving as model time passes; 2 runs each): WER 13.3 % ->
+    # 10.0 %, final-word latency mean 0.67 s -> 0.76 s, p95 1.34 s -> 1.57 s. 0 = off.
+    stream_commit_window_seconds: float = 2.0
+    stream_commit_probability: float = 0.3
     # Beam size where a live utterance's final is decided (0: the transcriber's default); interim
     # hypotheses use stream_interim_beam_size (1: greedy, cheapest; they are re-made every step).
     stream_beam_size: int = 5

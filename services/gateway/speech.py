@@ -507,6 +507,8 @@ class SpeechAPI:
                 interim_beam=s.stream_interim_beam_size,
                 trim=s.stream_trim,
                 final_context=s.stream_final_context_seconds,
+                commit_window=s.stream_commit_window_seconds,
+                commit_probability=s.stream_commit_probability,
             ),
             interim=cfg.interim_results,
             single_utterance=cfg.single_utterance,

@@ -23,6 +23,8 @@ Policy (LocalAgreement-2, as in whisper_streaming, plus VAD endpointing):
 - a hypothesis is cut where the model wrote on past the audio (words squeezed into one instant) and
   where it loops, and never starts with words already final;
 - audio in which VAD finds no speech is never sent to the model, so silence yields no words;
+- until the window holds `commit_window` seconds, agreement makes final only words of at least
+  `commit_probability` (the rest wait for longer windows or the utterance's final pass);
 - no hypothesis counts towards agreement before `min_window` seconds of window, but the first interim
   of an utterance comes from `preview_window` seconds holding `preview_speech` seconds of speech (a
   preview: shown, never made final), tried every `preview_step` of new audio until it has words.
@@ -87,6 +89,11 @@ class StreamPolicy:
     trim_overlap: float = 1.0  # with trim="commit": audio of final words kept as left context
     tail_passes: int = 0  # extra passes when a final stops >= 1 s before the speech does
     min_window: float = 1.0  # no hypothesis of less audio (sub-second snippets make Whisper guess)
+    # Until the window holds `commit_window` seconds (an utterance's first second or two), agreement
+    # makes final only words the model gave at least `commit_probability` (greedy hypotheses of a
+    # short window agree on guesses: "S not" for "ask not", three times over).
+    commit_window: float = 0.0
+    commit_probability: float = 0.0
     preview_window: float = 0.5  # but the first interim of an utterance may come from this much
     preview_speech: float = 0.3  # once VAD has heard this much speech in it
     preview_step: float = 0.1  # new audio before the next try while an utterance has no interim yet
@@ -517,6 +524,12 @@ class StreamingSession:
         words = await self._words(self._win, end)
         self._covered = end
         agreed = self._agreed(words, end / SAMPLE_RATE)
+        if end - self._win < int(self.policy.commit_window * SAMPLE_RATE):
+            # A short window (an utterance's first second or two): only confident words are agreed.
+            n = 0
+            while n < agreed and words[n].probability >= self.policy.commit_probability:
+                n += 1
+            agreed = n
         if agreed:
             ev = self._commit(words[:agreed])
             if ev:
