@@ -47,10 +47,12 @@ class GatewaySettings(CommonSettings):
     # ... or two agreeing hypotheses and this much audio after the word.
     stream_settle_seconds: float = 1.2
     # Until the window holds stream_commit_window_seconds (an utterance's start), only words of at
-    # least stream_commit_probability are made final by agreement. Simulated on the four bench
-    # stream clips (real recordings, audio arriving as model time passes; 2 runs each): WER 13.3 % ->
-    # 10.0 %, final-word latency mean 0.67 s -> 0.76 s, p95 1.34 s -> 1.57 s. 0 = off.
-    stream_commit_window_seconds: float = 2.0
+    # least stream_commit_probability are made final by agreement (0 = off, the default). With 2 s /
+    # 0.3, simulated on the four bench stream clips (audio arriving as model time passes; 4 runs each):
+    # WER 12.65 % -> 10.7 %, final-word latency mean 0.66 -> 0.76 s, p95 1.31 -> 1.60 s; but the
+    # bench's real-time stream (clip 0, 3 runs each) gained nothing (WER 10.38-12.57 % vs
+    # 10.38-10.93 %) and its p95 went from 1.38-1.50 s to 1.59-1.84 s, so it is off by default.
+    stream_commit_window_seconds: float = 0.0
     stream_commit_probability: float = 0.3
     # Beam size where a live utterance's final is decided (0: the transcriber's default); interim
     # hypotheses use stream_interim_beam_size (1: greedy, cheapest; they are re-made every step).
