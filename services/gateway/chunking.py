@@ -13,11 +13,14 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from services.shared.domain import MAX_WINDOW_SECONDS, SAMPLE_RATE, Segment, Word, fold_allowance
 from services.shared.pcm import from_pcm16
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,28 +344,31 @@ def merge(windows: list[Window], results: list[list[Segment]]) -> list[Segment]:
     return merged
 
 
-class WindowGroups:
-    """Planned windows handed to the transcribers in groups of a model call's size (`size()`), while
-    planning goes on. The last groups are balanced so no call is nearly empty: a full group leaves
-    only once `size() // 4 + 1` more windows are planned, and when planning ends, what is held goes
-    together (a full group plus at most `size() // 4`, which the transcriber's batcher takes as one
-    call; see Batcher._take). On 2 cores a call of 9 windows costs ~0.5 s less than one of 8 and one
-    of 1 (the decoder's cost is per step, nearly the same for 1 or 10 windows)."""
+class WindowGroups(Generic[T]):
+    """Planned windows (or anything standing for them) handed to the transcribers in groups of a model
+        call's size (`size()`), while planning goes on. The last groups are balanced so no call is nearly
+        empty: a full group leaves only once `size() // 4 + 1` more windows are planned (at once when
+    `size() // 4` is 0), and when planning
+        ends, what is held goes together (a full group plus at most `size() // 4`, which the transcriber's
+        batcher takes as one call; see Batcher._take). On 2 cores a call of 9 windows costs ~0.5 s less
+        than one of 8 and one of 1 (the decoder's cost is per step, nearly the same for 1 or 10 windows)."""
 
     def __init__(self, size: Callable[[], int]) -> None:
         self._size = size
-        self._held: list[Window] = []
+        self._held: list[T] = []
 
-    def add(self, w: Window) -> list[Window]:
+    def add(self, w: T) -> list[T]:
         """Hold `w`; the windows to send now (a full group, or nothing)."""
         self._held.append(w)
         n = max(1, self._size())
-        if len(self._held) > n + fold_allowance(n):
+        extra = fold_allowance(n)
+        # With nothing to fold (calls of 1-3 windows), a full group leaves at once.
+        if len(self._held) >= n + extra + (1 if extra else 0):
             out, self._held = self._held[:n], self._held[n:]
             return out
         return []
 
-    def finish(self) -> list[Window]:
+    def finish(self) -> list[T]:
         """Planning ended: everything still held."""
         out, self._held = self._held, []
         return out

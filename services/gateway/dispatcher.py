@@ -379,17 +379,15 @@ class Dispatcher:
 
         producer = asyncio.ensure_future(asyncio.to_thread(produce))
         windows: list[Window] = []
-        index: dict[Window, int] = {}
-        groups = WindowGroups(self.batch_capacity)
+        groups: WindowGroups[tuple[int, Window]] = WindowGroups(self.batch_capacity)
         try:
             while (w := await planned.get()) is not None:
-                index[w] = len(windows)
+                for i, g in groups.add((len(windows), w)):
+                    tg.create_task(one(i, g))
                 windows.append(w)
-                for g in groups.add(w):
-                    tg.create_task(one(index[g], g))
             await producer
-            for g in groups.finish():
-                tg.create_task(one(index[g], g))
+            for i, g in groups.finish():
+                tg.create_task(one(i, g))
         except (InvalidInput, LimitExceeded) as exc:
             stop.set()
             await self.queue.fail_job(lease, f"audio could not be decoded: {exc.message}", exc.reason)

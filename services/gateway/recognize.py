@@ -167,7 +167,7 @@ async def recognize_blocks(
     tasks: list[asyncio.Task[WindowResult]] = []
     try:
         async with asyncio.TaskGroup() as tg:
-            groups = WindowGroups(group)
+            groups: WindowGroups[Window] = WindowGroups(group)
             while (w := await planned.get()) is not None:
                 windows.append(w)
                 tasks += [tg.create_task(one(h)) for h in groups.add(w)]
