@@ -345,13 +345,13 @@ def merge(windows: list[Window], results: list[list[Segment]]) -> list[Segment]:
 
 
 class WindowGroups(Generic[T]):
-    """Planned windows (or anything standing for them) handed to the transcribers in groups of a model
-        call's size (`size()`), while planning goes on. The last groups are balanced so no call is nearly
-        empty: a full group leaves only once `size() // 4 + 1` more windows are planned (at once when
-    `size() // 4` is 0), and when planning
-        ends, what is held goes together (a full group plus at most `size() // 4`, which the transcriber's
-        batcher takes as one call; see Batcher._take). On 2 cores a call of 9 windows costs ~0.5 s less
-        than one of 8 and one of 1 (the decoder's cost is per step, nearly the same for 1 or 10 windows)."""
+    """Planned windows (or anything standing for them) handed to the transcribers in groups of a
+    model call's size (`size()`) while planning goes on, balanced so no call is nearly empty: a full
+    group leaves only once `size() // 4 + 1` more windows are planned (at once when `size() // 4` is
+    0), and when planning ends what is held goes together (a full group plus at most `size() // 4`,
+    which the transcriber's batcher takes as one call; see Batcher._take). On 2 cores a call of 9
+    windows costs ~0.5 s less than one of 8 and one of 1 (the decoder's cost is per step, nearly the
+    same for 1 or 10 windows)."""
 
     def __init__(self, size: Callable[[], int]) -> None:
         self._size = size

@@ -53,7 +53,7 @@ from enum import Enum
 
 import numpy as np
 
-from services.shared.domain import SAMPLE_RATE, DecodeOptions, WindowResult, Word, WorkClass
+from services.shared.domain import SAMPLE_RATE, DecodeOptions, WindowResult, Word, WorkClass, last_words
 from services.shared.errors import LimitExceeded
 
 log = logging.getLogger("gateway.streaming")
@@ -296,11 +296,7 @@ class StreamingSession:
         self._resume_floor = win  # keeps only the audio after the latest one)
         before = [w for w in self._final_words if w.end <= win + 0.05]
         inside = self._final_words[len(before) :]
-        prompt: list[str] = []  # whole words, at most prompt_chars characters
-        for w in reversed(before):
-            if len(w.word.strip()) + sum(len(p) + 1 for p in prompt) > self.policy.prompt_chars:
-                break
-            prompt.insert(0, w.word.strip())
+        prompt = last_words([w.word.strip() for w in before], self.policy.prompt_chars)
         return ResumeState(
             offset=round(win, 6),
             final_end=self._final_end,

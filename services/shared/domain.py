@@ -127,3 +127,15 @@ def join_texts(texts: Iterable[str | None]) -> str:
 
 def join_text(segments: Iterable[Segment]) -> str:
     return join_texts(s.text for s in segments)
+
+
+def last_words(words: list[str], chars: int) -> list[str]:
+    """The last of `words` whose text, joined with single spaces, fits in `chars` characters (a
+    prompt made of recent text: whole words only)."""
+    n, used = 0, -1
+    for w in reversed(words):
+        if used + 1 + len(w) > chars:
+            break
+        used += 1 + len(w)
+        n += 1
+    return words[len(words) - n :]

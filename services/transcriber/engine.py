@@ -32,6 +32,7 @@ from services.shared.domain import (
     Segment,
     WindowResult,
     Word,
+    last_words,
 )
 from services.shared.errors import InvalidInput, Unavailable
 from services.transcriber.config import TranscriberSettings, model_label, resolve_model
@@ -272,7 +273,9 @@ class Engine:
             res = out[i]
             assert isinstance(res, WindowResult)
             text = " ".join(seg.text for seg in res.segments)
-            prompt = _last_words(f"{reqs[i].options.initial_prompt or ''} {text}", TAIL_PROMPT_CHARS)
+            prompt = " ".join(
+                last_words(f"{reqs[i].options.initial_prompt or ''} {text}".split(), TAIL_PROMPT_CHARS)
+            )
             start = int(last * SAMPLE_RATE)
             tail_reqs.append(
                 WindowRequest(reqs[i].audio[start:], replace(reqs[i].options, initial_prompt=prompt))
@@ -511,15 +514,6 @@ class Engine:
             duration=round(req.audio.shape[0] / SAMPLE_RATE, 3),
             served_by=self.served_by,
         )
-
-
-def _last_words(text: str, chars: int) -> str:
-    """The end of `text`, whole words only, at most `chars` characters."""
-    words = text.split()
-    out: list[str] = []
-    while words and sum(len(w) + 1 for w in out) + len(words[-1]) <= chars:
-        out.insert(0, words.pop())
-    return " ".join(out)
 
 
 def silent_frames(audio: np.ndarray, frame: int = 320) -> np.ndarray:
