@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from services.gateway.server import Gateway
 from services.gateway.server import create_server as create_gateway
@@ -199,6 +200,62 @@ async def test_high_priority_starts_before_earlier_low_jobs(one_slot, long_clip,
         await c.wait(j.job_id)
     starts = {j.job_id: (await c.get_job(j.job_id)).start_time.ToDatetime() for j in [*lows, high]}
     assert starts[high.job_id] < min(starts[lo.job_id] for lo in lows)
+
+
+async def test_a_heartbeat_refused_because_the_job_just_completed_does_not_undo_the_run(
+    tmp_path, transcriber, short_clip
+):
+    """The job's last write (CompleteJob) and a heartbeat race: the jobstore completes the job, then
+    refuses the heartbeat (the lease ended with the job). The run still ends "completed", not
+    cancelled half-way through reading CompleteJob's answer (seen as "stopped" under load)."""
+    js, g = await _stack(transcriber, str(tmp_path), job_lease_seconds=3.0, job_heartbeat_seconds=0.1)
+    try:
+        d = g.dispatcher
+        assert d is not None
+        queue = d.queue
+        real_complete, real_heartbeat = queue.complete_job, queue.heartbeat
+        sent = asyncio.Event()  # CompleteJob is on its way
+        refused = asyncio.Event()  # a heartbeat was refused after that
+
+        async def heartbeat(lease):  # type: ignore[no-untyped-def]
+            try:
+                return await real_heartbeat(lease)
+            except Exception:
+                if sent.is_set():  # set once the dispatcher has seen the refusal
+                    asyncio.get_running_loop().call_soon(refused.set)
+                raise
+
+        async def complete_job(lease, transcript, language):  # type: ignore[no-untyped-def]
+            sent.set()
+            await real_complete(lease, transcript, language)
+            # The answer is "still on its way" until a heartbeat has been refused.
+            await asyncio.wait_for(refused.wait(), 30)
+
+        queue.heartbeat = heartbeat  # type: ignore[method-assign]
+        queue.complete_job = complete_job  # type: ignore[method-assign]
+
+        def outcomes() -> dict[str, float]:
+            return {
+                o: REGISTRY.get_sample_value("stt_dispatcher_jobs_total", {"outcome": o}) or 0.0
+                for o in ("completed", "stopped", "error")
+            }
+
+        before = outcomes()
+        async with AsyncClient(f"127.0.0.1:{g.port}") as c:
+            job = await c.submit(audio.encode(short_clip.samples, "wav"))
+            done = await c.wait(job.job_id)
+        assert done.status == jobs_pb2.JOB_STATUS_COMPLETED
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while d.active:
+            assert loop.time() < deadline, "the run never ended"
+            await asyncio.sleep(0.05)
+        assert refused.is_set()
+        after = outcomes()
+        assert {o: after[o] - before[o] for o in after} == {"completed": 1, "stopped": 0, "error": 0}
+    finally:
+        await g.stop(0)
+        await js.stop(0)
 
 
 async def test_cancel_running_job_frees_the_transcribers(one_slot, transcriber: Transcriber, long_clip):

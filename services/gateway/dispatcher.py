@@ -164,6 +164,9 @@ class Dispatcher:
         self._slots: list[asyncio.Task[None]] = []
         self._stopping = False
         self.active: dict[str, asyncio.Task[str]] = {}
+        # Jobs whose work is making its final write (complete, fail): a heartbeat refused from then on
+        # (the job ended, by that very write) must not cancel the write in flight.
+        self._ending: Counter[str] = Counter()
         self.timelines: dict[str, JobTimeline] = {}  # the last jobs' timelines (the bench reads them)
 
     def start(self) -> None:
@@ -246,11 +249,18 @@ class Dispatcher:
             await asyncio.sleep(self.config.heartbeat_seconds)
             try:
                 if await self.queue.heartbeat(lease):
+                    if lease.job_id in self._ending:
+                        continue  # the write in flight is refused (JOB_CANCELLED) or wins: see below
                     log.info("job was cancelled: stopping its work")
                     work.cancel()
                     return
                 last_ok = time.monotonic()
             except (Aborted, NotFound) as exc:
+                if lease.job_id in self._ending:
+                    # Most likely that write ended the job (the work ends with it). If the lease was
+                    # really lost, the write is refused too and says so; if the work goes on (an
+                    # attempt charged to a chunk), the next heartbeat is refused again and stops it.
+                    continue
                 log.warning("lease lost (%s): stopping work", exc)
                 work.cancel()
                 return
@@ -274,6 +284,17 @@ class Dispatcher:
                     raise
                 log.warning("%s: jobstore unavailable (%s); retrying", what, exc.message)
                 await asyncio.sleep(delay)
+
+    async def _end(self, lease: Lease, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """A write that may end the job (complete, fail, the attempt that fails it): while it is in
+        flight the heartbeat does not cancel the work (see _heartbeat)."""
+        self._ending[lease.job_id] += 1
+        try:
+            return await self._persist(lease, what, call)
+        finally:
+            self._ending[lease.job_id] -= 1
+            if self._ending[lease.job_id] <= 0:
+                del self._ending[lease.job_id]
 
     async def _work(self, job: ClaimedJob, lease: Lease) -> str:
         spool = await asyncio.to_thread(self.spool.mkdtemp, f"job-{job.job_id}-")
@@ -309,8 +330,9 @@ class Dispatcher:
                     try:
                         await asyncio.to_thread(self._decode, job, source, pcm, None, timeline)
                     except (InvalidInput, LimitExceeded) as exc:
-                        await self.queue.fail_job(
-                            lease, f"audio could not be decoded: {exc.message}", exc.reason
+                        message = f"audio could not be decoded: {exc.message}"
+                        await self._end(
+                            lease, "fail", partial(self.queue.fail_job, lease, message, exc.reason)
                         )
                         return "failed"
                     chunks = await self._persist(lease, "plan", lambda: self.queue.chunks(job.job_id))
@@ -337,14 +359,15 @@ class Dispatcher:
         if failed.is_set():
             return "failed"
         if not chunks:  # no speech at all
-            await self.queue.complete_job(lease, "", job.options.language or "")
+            language = job.options.language or ""
+            await self._end(lease, "complete", partial(self.queue.complete_job, lease, "", language))
             return "completed"
         final = await self._persist(lease, "chunks", lambda: self.queue.chunks(job.job_id))
         segments = [s for c in final for s in c.segments]
         languages = Counter(c.language for c in final if c.language)
         language = languages.most_common(1)[0][0] if languages else (job.options.language or "")
         transcript = join_text(segments)
-        await self._persist(lease, "complete", lambda: self.queue.complete_job(lease, transcript, language))
+        await self._end(lease, "complete", partial(self.queue.complete_job, lease, transcript, language))
         timeline.mark("completed")
         log.info("job timeline: %s", timeline.summary())
         return "completed"
@@ -390,7 +413,8 @@ class Dispatcher:
                 tg.create_task(one(i, g))
         except (InvalidInput, LimitExceeded) as exc:
             stop.set()
-            await self.queue.fail_job(lease, f"audio could not be decoded: {exc.message}", exc.reason)
+            message = f"audio could not be decoded: {exc.message}"
+            await self._end(lease, "fail", partial(self.queue.fail_job, lease, message, exc.reason))
             raise _AudioFailed() from None
         finally:
             stop.set()
@@ -479,7 +503,8 @@ class Dispatcher:
             except InvalidInput as exc:
                 # The request itself is wrong (e.g. a language the model cannot do): no retry helps.
                 failed.set()
-                await self.queue.fail_job(lease, f"chunk {index}: {exc.message}", exc.reason)
+                message = f"chunk {index}: {exc.message}"
+                await self._end(lease, "fail", partial(self.queue.fail_job, lease, message, exc.reason))
                 CHUNKS.labels("invalid").inc()
                 return
             except ServiceError as exc:
@@ -494,7 +519,7 @@ class Dispatcher:
                 CHUNKS.labels("error").inc()
                 log.warning("chunk %d failed: %s", index, exc.message)
                 await plan  # an attempt is charged to a recorded chunk
-                if await self._persist(
+                if await self._end(
                     lease, "fail chunk", partial(self.queue.fail_chunk, lease, index, exc.message, exc.reason)
                 ):
                     failed.set()
