@@ -239,6 +239,46 @@ async def test_unsure_words_of_a_short_window_are_not_made_final_by_agreement(pr
         assert min(early) < 2.0, early  # sure words do not wait
 
 
+async def test_the_hypothesis_beam_is_asked_for_each_hypothesis():
+    """hypothesis_beam is consulted for every hypothesis (the gateway changes it with its load);
+    an utterance's final pass keeps the stream's beam."""
+    calls: list[tuple[int, float]] = []
+    beam = [3]
+
+    async def transcribe(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
+        calls.append((options.beam_size, audio.shape[0] / SAMPLE_RATE))
+        return await fake_transcribe(audio, options, work)
+
+    s = StreamingSession(
+        transcribe, DecodeOptions(beam_size=5), POLICY, interim=True, vad_model=fake_vad,
+        hypothesis_beam=lambda: beam[0],
+    )  # fmt: skip
+    audio = script(WORDS, TOTAL)
+    evs: list[Event] = []
+
+    async def feed() -> None:
+        for k in range(0, len(audio), SAMPLE_RATE // 10):
+            s.add_audio(audio[k : k + SAMPLE_RATE // 10])
+            while s.backlog_seconds > 1.0:
+                await s.progressed()
+            await asyncio.sleep(0)
+        s.end_audio()
+
+    feeder = asyncio.create_task(feed())
+    switched = 0
+    async for ev in s.events():
+        if ev.type == EventType.RESULT and ev.is_final:
+            evs.append(ev)
+            if ev.utterance_end and not switched:
+                beam[0] = 1  # load came: greedy from the next hypothesis on
+                switched = len(calls)
+    await feeder
+    assert text_of(evs) == [f"w{i}" for i in range(1, len(WORDS) + 1)]
+    assert switched
+    assert {b for b, _ in calls[:switched]} == {3, 5}
+    assert {b for b, _ in calls[switched:]} == {1, 5}
+
+
 async def test_resume_state_carries_prompt_and_window_words():
     audio = script(WORDS, TOTAL)
     events = await run(session(), audio)

@@ -337,6 +337,37 @@ async def test_real_speech_at_real_time_has_no_repeated_phrases(client: AsyncCli
     assert wer(clip.text, text) <= wer(clip.text, offline.transcript) + 0.25, (text, offline.transcript)
 
 
+async def test_hypotheses_widen_their_beam_only_while_few_streams_are_live(
+    client: AsyncClient, gateway, short_clip
+):
+    """One stream on one transcriber is light load: its hypotheses use stream_light_load_beam_size
+    (3); with the threshold at 0 streams (as under load) they are greedy. An utterance's final pass
+    uses the stream beam (5) either way."""
+    beams: list[int] = []
+    pool = gateway.speech.pool
+    real = pool.transcribe
+
+    async def recording(samples, options, work_class):  # type: ignore[no-untyped-def]
+        beams.append(options.beam_size)
+        return await real(samples, options, work_class)
+
+    pcm = PcmAudio(audio.encode(short_clip.samples, "raw"), 16000, 1)
+    settings = gateway.speech.settings
+    saved = settings.stream_light_load_streams
+    pool.transcribe = recording
+    try:
+        finals = _finals(await _collect(client.stream(pcm_chunks(pcm), interim=True, language="en")))
+        light = list(beams)
+        beams.clear()
+        settings.stream_light_load_streams = 0
+        finals_loaded = _finals(await _collect(client.stream(pcm_chunks(pcm), interim=True, language="en")))
+    finally:
+        pool.transcribe = real
+        settings.stream_light_load_streams = saved
+    assert finals and finals_loaded
+    assert set(light) == {3, 5} and set(beams) == {1, 5}, (light, beams)
+
+
 async def test_streams_past_capacity_are_refused_with_retry_info(client: AsyncClient, gateway):
     """Admission control: with room for one live stream, a second is refused at admission with
     RESOURCE_EXHAUSTED / CAPACITY_EXHAUSTED and a retry delay; the admitted one is unaffected."""

@@ -513,6 +513,7 @@ class SpeechAPI:
             interim=cfg.interim_results,
             single_utterance=cfg.single_utterance,
             resume=resume,
+            hypothesis_beam=self.hypothesis_beam,
         )
 
         def sink(samples: Any) -> None:
@@ -535,6 +536,18 @@ class SpeechAPI:
             valid.encoding, valid.sample_rate, valid.channels, limits, sink, asyncio.get_running_loop()
         )
         return session, decoder, max_seconds, session_id
+
+    def hypothesis_beam(self) -> int:
+        """The beam of live hypotheses: stream_light_load_beam_size while this gateway has at most
+        stream_light_load_streams live streams per serving transcriber, else stream_interim_beam_size
+        (greedy): a wider beam makes fewer confident wrong guesses, but under load every stream's
+        hypothesis shares one batched call per tick and beams would lengthen it."""
+        s = self.settings
+        # (per transcriber; gateways that share transcribers count their share, as admission does)
+        light = s.stream_light_load_streams * self.pool.serving_count * s.stream_capacity_share
+        if s.stream_light_load_beam_size > 0 and self.admission.active <= light:
+            return s.stream_light_load_beam_size
+        return s.stream_interim_beam_size
 
     async def _live_transcribe(self, audio: Any, options: Any, work_class: Any) -> Any:
         result = await self.pool.transcribe(audio, options, work_class)

@@ -13,7 +13,8 @@ Policy (LocalAgreement-2, as in whisper_streaming, plus VAD endpointing):
   the pause is transcribed one last time and made final (speech ended), and the window restarts there;
 - the window never grows past `max_window`: the agreed words are finalised and the window trimmed;
 - the text already finalised before the window is passed to the model as its prompt;
-- hypotheses are greedy (`interim_beam`); the final of an utterance (at a pause, at the end) uses
+- hypotheses are greedy (`interim_beam`, or what `hypothesis_beam` says: the gateway widens the
+  beam while it has few streams); the final of an utterance (at a pause, at the end) uses
   the request's beam and also hears `final_context` seconds of audio before the window (left
   context: an utterance decoded alone loses words at its start; final words there are dropped);
   `trim` restarts the window after final words too ("commit": shortest windows,
@@ -209,8 +210,12 @@ class StreamingSession:
         single_utterance: bool = False,
         vad_model: Callable[[np.ndarray], np.ndarray] | None = None,
         resume: ResumeState | None = None,
+        hypothesis_beam: Callable[[], int] | None = None,
     ) -> None:
         self.transcribe = transcribe
+        # The beam of the next hypothesis (e.g. wider while the transcribers are lightly loaded);
+        # default: policy.interim_beam.
+        self._hypothesis_beam = hypothesis_beam or (lambda: policy.interim_beam)
         # Live hypotheses are re-made every step: no temperature fallback (a bad one is replaced soon).
         self.options = replace(
             options, word_timestamps=True, dynamic_context=True, temperature_fallback=False
@@ -459,7 +464,7 @@ class StreamingSession:
         if context > 0:
             start = max(start - int(context * SAMPLE_RATE), self._base, 0)
         audio = self._slice(start, end)
-        beam = (self.policy.final_beam or self.options.beam_size) if final else self.policy.interim_beam
+        beam = (self.policy.final_beam or self.options.beam_size) if final else self._hypothesis_beam()
         opts = replace(
             self.options, initial_prompt=self._prompt(start), beam_size=beam or self.options.beam_size
         )
