@@ -63,23 +63,24 @@ def session(resume: ResumeState | None = None) -> StreamingSession:
     )
 
 
+async def feed(s: StreamingSession, audio: np.ndarray) -> None:
+    """Feed `audio` in 0.1 s pieces, as fast as the session takes it (at most 1 s ahead), then end it."""
+    step = SAMPLE_RATE // 10
+    for i in range(0, len(audio), step):
+        s.add_audio(audio[i : i + step])
+        while s.backlog_seconds > 1.0:
+            await s.progressed()
+        await asyncio.sleep(0)
+    s.end_audio()
+
+
 async def run(
     s: StreamingSession, audio: np.ndarray, *, stop_after: int | None = None
 ) -> list[tuple[Event, ResumeState]]:
     """Feed `audio` in 0.1 s pieces, as fast as the session takes it; collect events with the resume
     state a response for them would carry. stop_after: break the stream after that many events."""
     out: list[tuple[Event, ResumeState]] = []
-
-    async def feed() -> None:
-        step = SAMPLE_RATE // 10
-        for i in range(0, len(audio), step):
-            s.add_audio(audio[i : i + step])
-            while s.backlog_seconds > 1.0:
-                await s.progressed()
-            await asyncio.sleep(0)
-        s.end_audio()
-
-    feeder = asyncio.create_task(feed())
+    feeder = asyncio.create_task(feed(s, audio))
     try:
         async for ev in s.events():
             out.append((ev, s.resume_state()))
@@ -213,16 +214,7 @@ async def test_unsure_words_of_a_short_window_are_not_made_final_by_agreement(pr
     )  # fmt: skip
     s = StreamingSession(transcribe, DecodeOptions(), policy, interim=True, vad_model=fake_vad)
     audio = script(WORDS, TOTAL)
-
-    async def feed() -> None:
-        for k in range(0, len(audio), SAMPLE_RATE // 10):
-            s.add_audio(audio[k : k + SAMPLE_RATE // 10])
-            while s.backlog_seconds > 1.0:
-                await s.progressed()
-            await asyncio.sleep(0)
-        s.end_audio()
-
-    feeder = asyncio.create_task(feed())
+    feeder = asyncio.create_task(feed(s, audio))
     evs: list[Event] = []
     early: list[float] = []  # the windows of hypotheses that made words final before a pause
     async for ev in s.events():
@@ -255,16 +247,7 @@ async def test_the_hypothesis_beam_is_asked_for_each_hypothesis():
     )  # fmt: skip
     audio = script(WORDS, TOTAL)
     evs: list[Event] = []
-
-    async def feed() -> None:
-        for k in range(0, len(audio), SAMPLE_RATE // 10):
-            s.add_audio(audio[k : k + SAMPLE_RATE // 10])
-            while s.backlog_seconds > 1.0:
-                await s.progressed()
-            await asyncio.sleep(0)
-        s.end_audio()
-
-    feeder = asyncio.create_task(feed())
+    feeder = asyncio.create_task(feed(s, audio))
     switched = 0
     async for ev in s.events():
         if ev.type == EventType.RESULT and ev.is_final:
