@@ -405,12 +405,15 @@ class AsyncClient:
         """Live recognition: `audio` yields chunks (LINEAR16 by default at 16 kHz, or set encoding);
         responses carry interim and final results and speech events as they happen.
 
-        `resume`: a LINEAR16 stream that breaks (UNAVAILABLE: a gateway killed or draining, a lost
-        connection) is continued on a new call from the server's latest resume point, with the
-        audio kept since then, after a backoff; up to `max_resume_attempts` attempts in a row
-        without a response in between. The caller sees one stream: no final word twice or missing,
-        times from the start of the stream, speech events not repeated. Compressed streams are not
-        resumed (their error is raised). `timeout` bounds the whole stream, resumptions included."""
+        `resume`: a stream that breaks (UNAVAILABLE: a gateway killed or draining, a lost
+        connection) is continued on a new call from the server's latest resume point, after a
+        backoff; up to `max_resume_attempts` attempts in a row without a response in between. A
+        LINEAR16 stream sends the audio kept since that point; a compressed stream (whose bytes
+        cannot be cut at an offset) is sent again from its first byte (`resume_audio_from_start`;
+        the server skips what was transcribed), so its bytes are kept: past
+        stt.streaming.REPLAY_MAX_BYTES (64 MiB) it is no longer resumed and its error is raised. The
+        caller sees one stream: no final word twice or missing, times from the start of the stream,
+        speech events not repeated. `timeout` bounds the whole stream, resumptions included."""
         if config is None:
             config_kwargs.setdefault("encoding", "LINEAR16")
             config_kwargs.setdefault("sample_rate", 16000)
@@ -427,6 +430,7 @@ class AsyncClient:
             audio,
             frame_bytes=2 * max(config.audio_channel_count, 1) if resume and linear16 else 0,
             sample_rate=config.sample_rate_hz,
+            replay=resume and config.encoding != common_pb2.AUDIO_ENCODING_LINEAR16,
         )
         deadline = time.monotonic() + timeout if timeout else None
         backoff = Backoff(initial=0.1, maximum=2.0)
@@ -438,6 +442,7 @@ class AsyncClient:
                 cfg.CopyFrom(streaming_config)
                 if point is not None:
                     cfg.resume_from.CopyFrom(point)
+                    cfg.resume_audio_from_start = outbox.replay
                 first = speech_pb2.StreamingRecognizeRequest(streaming_config=cfg)
                 start = outbox.byte_offset(point.audio_offset_seconds) if point is not None else 0
                 left = deadline - time.monotonic() if deadline else None

@@ -93,6 +93,9 @@ async def paced_bytes(
 
 
 LOOKAHEAD_BYTES = 256 * 1024  # audio pulled from the source ahead of what was written
+# A compressed stream is resumed by sending it again from its first byte, so its bytes are kept; past
+# this size it is no longer resumable (at 32 kbit/s Opus ~4.6 hours, at 128 kbit/s MP3 ~70 minutes).
+REPLAY_MAX_BYTES = 64 * 1024 * 1024
 WRITE_PIECE = 64 * 1024  # largest audio_content the SDK writes (resent audio is cut into these)
 
 
@@ -101,16 +104,25 @@ class Outbox:
 
     One task pulls the caller's source (never cancelled between calls, so a generator source is not
     broken by a reconnect), at most LOOKAHEAD_BYTES ahead of what was written. `write()` sends the
-    audio of one call from an absolute byte offset. With `bytes_per_second` (LINEAR16), the bytes
-    after the latest acknowledged offset are kept (`trim()`), so a new call can send them again;
-    without it (compressed audio) nothing is kept once written and the stream cannot be resumed."""
+    audio of one call from an absolute byte offset. With `frame_bytes` and `sample_rate` (LINEAR16),
+    the bytes after the latest acknowledged offset are kept (`trim()`), so a new call can send them
+    again. With `replay` (compressed audio, whose bytes cannot be cut at an offset) every byte is
+    kept, up to REPLAY_MAX_BYTES, and a new call sends the stream again from its first byte
+    (`resume_audio_from_start`). Otherwise nothing is kept once written and the stream cannot be
+    resumed."""
 
     def __init__(
-        self, source: AsyncIterable[bytes] | Iterable[bytes], *, frame_bytes: int = 0, sample_rate: int = 0
+        self,
+        source: AsyncIterable[bytes] | Iterable[bytes],
+        *,
+        frame_bytes: int = 0,
+        sample_rate: int = 0,
+        replay: bool = False,
     ) -> None:
         self.source = source
         self.frame_bytes = frame_bytes
         self.sample_rate = sample_rate
+        self.replay = replay and not (frame_bytes > 0 and sample_rate > 0)
         self.data = bytearray()
         self.base = 0  # absolute byte offset of data[0]
         self.sent = 0  # absolute bytes written by the current call
@@ -122,6 +134,10 @@ class Outbox:
 
     @property
     def resumable(self) -> bool:
+        return (self.frame_bytes > 0 and self.sample_rate > 0) or (self.replay and self.base == 0)
+
+    @property
+    def _by_offset(self) -> bool:
         return self.frame_bytes > 0 and self.sample_rate > 0
 
     @property
@@ -129,12 +145,16 @@ class Outbox:
         return self.base + len(self.data)
 
     def byte_offset(self, seconds: float) -> int:
-        """The absolute byte where stream second `seconds` starts (LINEAR16)."""
+        """The absolute byte a resumed call starts from: where stream second `seconds` starts
+        (LINEAR16), or the first byte (replay)."""
+        if not self._by_offset:
+            return 0
         return round(seconds * self.sample_rate) * self.frame_bytes
 
     def trim(self, seconds: float) -> None:
-        """The audio before `seconds` is acknowledged: forget it."""
-        if self.resumable:
+        """The audio before `seconds` is acknowledged: forget it (LINEAR16; a replayed stream keeps
+        everything)."""
+        if self._by_offset:
             self._drop(min(self.byte_offset(seconds), self.end))
 
     def _drop(self, upto: int) -> None:
@@ -193,8 +213,8 @@ class Outbox:
                 await call.write(request(piece))
                 pos += len(piece)
                 self.sent = pos
-                if not self.resumable:
-                    self._drop(pos)
+                if not self.resumable or (self.replay and self.end > REPLAY_MAX_BYTES):
+                    self._drop(pos)  # not kept (a replayed stream past its cap is no longer resumable)
                 self._taken.set()
             elif self.eof:
                 if self.error is not None:

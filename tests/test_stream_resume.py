@@ -282,9 +282,10 @@ import grpc  # noqa: E402
 
 from services.gateway.server import Gateway  # noqa: E402
 from services.gateway.server import create_server as create_gateway  # noqa: E402
+from stt import streaming as streaming_sdk  # noqa: E402
 from stt.client import AsyncClient  # noqa: E402
 from stt.errors import SttError  # noqa: E402
-from stt.streaming import PcmAudio  # noqa: E402
+from stt.streaming import Outbox, PcmAudio, paced_bytes  # noqa: E402
 from stt.v1 import common_pb2, speech_pb2, speech_pb2_grpc  # noqa: E402
 from tests.conftest import gateway_settings, wait_serving  # noqa: E402
 from tests.support import audio as test_audio  # noqa: E402
@@ -384,6 +385,61 @@ async def test_drained_gateway_stream_resumes_on_the_other(transcriber, jobstore
             transcript(undisturbed),
         )
         assert responses[-1].total_billed_seconds == pytest.approx(pcm.seconds, abs=0.2)
+    finally:
+        for g in (a, b):
+            await g.stop(0)
+
+
+async def test_drained_gateway_compressed_stream_resumes_from_its_first_byte(transcriber, jobstore, harvard):
+    """An OGG/Opus stream cannot be cut at an offset: the SDK sends it again from its first byte with
+    resume_audio_from_start, the other gateway skips what was transcribed. Finals continue without a
+    word repeated or lost, and the audio is billed once."""
+    pcm, reference = harvard
+    samples = test_audio.resample(
+        np.frombuffer(pcm.data, dtype=np.int16).astype(np.float32) / 32768, pcm.sample_rate, SAMPLE_RATE
+    )
+    ogg = test_audio.encode(samples, "ogg")
+    seconds = samples.shape[0] / SAMPLE_RATE
+    a = await start_gateway(transcriber, jobstore)
+    b = await start_gateway(transcriber, jobstore)
+    try:
+        target = f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}"
+        async with AsyncClient(target, timeout=120) as c:
+            kw = {"encoding": "OGG_OPUS", "word_timestamps": True}
+            undisturbed = final_results(
+                await consume(c.stream(paced_bytes(ogg, seconds), interim=False, **kw))
+            )
+            base_wer = wer(reference, transcript(undisturbed))
+
+            # Broken once the resume point is 4 s in: audio sent again but not skipped would come
+            # back as repeated words and be billed twice.
+            past = asyncio.Event()
+
+            async def consume_marking() -> list[speech_pb2.StreamingRecognizeResponse]:
+                out = []
+                async for resp in c.stream(paced_bytes(ogg, seconds), interim=True, **kw):
+                    out.append(resp)
+                    if resp.resume_point.audio_offset_seconds >= 4.0:
+                        past.set()
+                return out
+
+            task = asyncio.create_task(consume_marking())
+            await asyncio.wait_for(past.wait(), 60)
+            serving = next(g for g in (a, b) if g.speech.live_streams == 1)
+            other = b if serving is a else a
+            stopping = asyncio.create_task(serving.stop(20))
+            await until(lambda: other.speech.live_streams == 1, timeout=30, what="the resumed stream")
+            responses = await asyncio.wait_for(task, 90)
+            await stopping
+        results = final_results(responses)
+        check_seamless(results)
+        got = transcript(results)
+        assert wer(reference, got) <= base_wer + one_point(reference), (
+            base_wer,
+            got,
+            transcript(undisturbed),
+        )
+        assert responses[-1].total_billed_seconds == pytest.approx(seconds, abs=0.3)
     finally:
         for g in (a, b):
             await g.stop(0)
@@ -510,6 +566,15 @@ async def test_bad_resume_points_are_refused(client: AsyncClient, point, field):
     assert any(field in f for f in err.fields), err.fields
 
 
+async def test_resume_audio_from_start_needs_resume_from(client: AsyncClient):
+    hold = asyncio.Event()
+    hold.set()
+    port = int(client.server.rsplit(":", 1)[1])
+    err = await _raw_stream(port, [_config(resume_audio_from_start=True)], hold)
+    assert err and err.code == grpc.StatusCode.INVALID_ARGUMENT and err.reason == "BAD_CONFIG_VALUE", err
+    assert any("resume_audio_from_start" in f for f in err.fields), err.fields
+
+
 async def test_resumed_stream_continues_times_and_utterances(client: AsyncClient):
     """A resume_from by hand: the part after the offset comes back with stream times, the utterance
     index continues, and the prompt context is accepted."""
@@ -597,3 +662,53 @@ async def test_sync_client_resumes_streams_cut_by_a_connection_age_grace(transcr
     check_seamless(results)
     assert wer(clip.text, transcript(results)) <= 0.15, (transcript(results), resumed)
     assert responses[-1].total_billed_seconds == pytest.approx(pcm.seconds, abs=0.2)
+
+
+class _Call:
+    """What Outbox.write needs of a grpc call: the messages written, and the half-close."""
+
+    def __init__(self) -> None:
+        self.written: list[object] = []
+        self.closed = False
+
+    async def write(self, message: object) -> None:
+        self.written.append(message)
+
+    async def done_writing(self) -> None:
+        self.closed = True
+
+
+async def _write_all(outbox: Outbox, start: int) -> bytes:
+    call = _Call()
+    await outbox.write(call, None, start, lambda piece: piece)
+    assert call.closed and call.written[0] is None
+    return b"".join(call.written[1:])  # type: ignore[arg-type]
+
+
+async def test_outbox_keeps_a_compressed_stream_whole_until_its_cap(monkeypatch):
+    """LINEAR16 keeps only what follows the acknowledged offset; a compressed stream (replay) keeps
+    every byte, so a new call can send it again from the first one, until REPLAY_MAX_BYTES."""
+    data = bytes(range(256)) * 40  # 10240 bytes
+
+    pcm = Outbox([data], frame_bytes=2, sample_rate=1000)
+    assert await _write_all(pcm, 0) == data
+    pcm.trim(2.0)  # 2 s = 4000 bytes acknowledged
+    assert pcm.resumable and pcm.byte_offset(2.0) == 4000
+    assert await _write_all(pcm, pcm.byte_offset(2.0)) == data[4000:]
+
+    ogg = Outbox([data], replay=True)
+    assert await _write_all(ogg, 0) == data
+    ogg.trim(2.0)  # nothing is dropped: the stream goes again from its first byte
+    assert ogg.resumable and ogg.byte_offset(2.0) == 0
+    assert await _write_all(ogg, ogg.byte_offset(2.0)) == data
+
+    monkeypatch.setattr(streaming_sdk, "REPLAY_MAX_BYTES", 4096)
+    big = Outbox([data], replay=True)
+    assert await _write_all(big, 0) == data
+    assert not big.resumable  # past the cap the bytes were not kept
+
+    plain = Outbox([data])  # resume=False
+    await _write_all(plain, 0)
+    assert not plain.resumable
+    for box in (pcm, ogg, big, plain):
+        await box.close()

@@ -42,6 +42,7 @@ from services.shared.domain import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     MAX_REQUEST_ID_CHARS,
+    SAMPLE_RATE,
     Segment,
     join_text,
 )
@@ -488,6 +489,14 @@ class SpeechAPI:
         resume = resume_state(cfg.resume_from, max_seconds) if cfg.HasField("resume_from") else None
         session_id = (resume and cfg.resume_from.session_id) or uuid.uuid4().hex
         offset = resume.offset if resume else 0.0
+        if cfg.resume_audio_from_start and resume is None:
+            raise InvalidInput(
+                "resume_audio_from_start is only for a resumed stream (set resume_from)",
+                reason="BAD_CONFIG_VALUE",
+                field="streaming_config.resume_audio_from_start",
+            )
+        # Audio sent again from the stream's first byte: the samples before the offset are dropped.
+        skip = round(offset * SAMPLE_RATE) if cfg.resume_audio_from_start else 0
         observer.received_seconds = offset
         options = valid.options
         if not options.beam_size:
@@ -517,6 +526,11 @@ class SpeechAPI:
         )
 
         def sink(samples: Any) -> None:
+            nonlocal skip
+            if skip:
+                dropped = min(skip, len(samples))
+                skip -= dropped
+                samples = samples[dropped:]
             try:
                 session.add_audio(samples)
                 observer.arrived(session.received_seconds)
@@ -525,7 +539,7 @@ class SpeechAPI:
 
         # This part's audio: what is left of the stream's duration (and a margin: the reader ends
         # the stream at max_seconds; the decoder refuses audio well past it), in bytes as well.
-        seconds = max_seconds - offset + 60.0
+        seconds = max_seconds - (0.0 if cfg.resume_audio_from_start else offset) + 60.0
         per_second = (
             valid.sample_rate * max(valid.channels, 1) * 2
             if valid.encoding == "LINEAR16"
