@@ -435,6 +435,8 @@ class AsyncClient:
         deadline = time.monotonic() + timeout if timeout else None
         backoff = Backoff(initial=0.1, maximum=2.0)
         point: speech_pb2.StreamResumePoint | None = None
+        progress: speech_pb2.StreamingRecognizeResponse | None = None  # the latest one not passed on
+        billed = 0.0  # total_billed_seconds of the latest response passed on
         last_event = seen = (-1.0, 0)
         try:
             while True:
@@ -468,9 +470,13 @@ class AsyncClient:
                                 continue  # sent again after a resumption
                             last_event = max(last_event, event)
                         elif not resp.results:
-                            continue  # only moves the resume point on
+                            progress = resp  # only moves the resume point on
+                            continue
+                        billed = resp.total_billed_seconds
                         yield resp
                     await writer  # a failure of the audio source itself surfaces here
+                    if progress is not None and progress.total_billed_seconds > billed:
+                        yield progress  # the stream's whole billed seconds (silence after the last result)
                     return
                 except grpc.aio.AioRpcError as exc:
                     err = SttError.from_rpc_error(exc)

@@ -368,6 +368,20 @@ async def test_hypotheses_widen_their_beam_only_while_few_streams_are_live(
     assert set(light) == {3, 5} and set(beams) == {1, 5}, (light, beams)
 
 
+async def test_the_last_response_bills_the_whole_stream_also_after_trailing_silence(
+    client: AsyncClient, short_clip
+):
+    """Speech, then 2.5 s of silence, at real time: the utterance's final comes at the pause, and the
+    stream's last response (a results-less one, passed on by the SDK) carries all of the audio."""
+    samples = np.concatenate([short_clip.samples, np.zeros(int(2.5 * 16000), dtype=np.float32)])
+    pcm = PcmAudio(audio.encode(samples, "raw"), 16000, 1)
+    responses = [r for _, r in await _collect(client.stream(pcm_chunks(pcm, realtime=True), interim=False))]
+    assert _finals([(0.0, r) for r in responses])
+    last_final = max(i for i, r in enumerate(responses) if r.results)
+    assert responses[last_final].total_billed_seconds < pcm.seconds - 1.0  # sent at the pause
+    assert responses[-1].total_billed_seconds == pytest.approx(pcm.seconds, abs=0.05)
+
+
 async def test_streams_past_capacity_are_refused_with_retry_info(client: AsyncClient, gateway):
     """Admission control: with room for one live stream, a second is refused at admission with
     RESOURCE_EXHAUSTED / CAPACITY_EXHAUSTED and a retry delay; the admitted one is unaffected."""

@@ -429,6 +429,7 @@ class SpeechAPI:
         decoder.done.add_done_callback(lambda f: _decode_failed(f, session))
         drain = asyncio.create_task(self._drain_stream(session)) if resumable else None
         sent_offset = -1.0
+        billed = 0.0
         try:
             async for ev in session.events():
                 if ev.type == EventType.PROGRESS:
@@ -439,7 +440,11 @@ class SpeechAPI:
                     observer.final(ev.words, ev.start, ev.end)
                 response = stream_response(ev, session, words=words, session_id=session_id)
                 sent_offset = response.resume_point.audio_offset_seconds
+                billed = response.total_billed_seconds
                 yield response
+            if round(session.received_seconds, 3) > billed:
+                # Audio after the last result (silence): the last response carries the whole stream.
+                yield stream_response(Event(EventType.PROGRESS), session, words=words, session_id=session_id)
             if reader.done() and not reader.cancelled() and reader.result():
                 raise LimitExceeded(
                     f"the stream reached its maximum duration of {max_seconds:.0f}s",
