@@ -442,8 +442,10 @@ class SpeechAPI:
                 sent_offset = response.resume_point.audio_offset_seconds
                 billed = response.total_billed_seconds
                 yield response
-            if round(session.received_seconds, 3) > billed:
+            if not cfg.single_utterance and round(session.received_seconds, 3) > billed:
                 # Audio after the last result (silence): the last response carries the whole stream.
+                # (A single utterance ends with its END_OF_SINGLE_UTTERANCE event; later audio is
+                # ignored.)
                 yield stream_response(Event(EventType.PROGRESS), session, words=words, session_id=session_id)
             if reader.done() and not reader.cancelled() and reader.result():
                 raise LimitExceeded(
