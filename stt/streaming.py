@@ -122,7 +122,7 @@ class Outbox:
         self.source = source
         self.frame_bytes = frame_bytes
         self.sample_rate = sample_rate
-        self.replay = replay and not (frame_bytes > 0 and sample_rate > 0)
+        self.replay = replay and not self._by_offset
         self.data = bytearray()
         self.base = 0  # absolute byte offset of data[0]
         self.sent = 0  # absolute bytes written by the current call
@@ -134,7 +134,7 @@ class Outbox:
 
     @property
     def resumable(self) -> bool:
-        return (self.frame_bytes > 0 and self.sample_rate > 0) or (self.replay and self.base == 0)
+        return self._by_offset or (self.replay and self.base == 0)
 
     @property
     def _by_offset(self) -> bool:
