@@ -322,7 +322,7 @@ async def cluster(ctx: Context) -> dict[str, Any]:
         busy = machine_busy_seconds() - busy0
         bench_cpu = cpu_seconds() - self0
         side = _side(job["wall"], clip.seconds, job["text"], clip.text)
-        side.update({k: job[k] for k in ("upload_seconds", "fetch_seconds", "server")})
+        side.update({k: job[k] for k in ("upload_seconds", "fetch_seconds", "chunks", "server")})
         side["cpu_seconds"] = {
             **cpu,
             "bench": round(bench_cpu, 2),
