@@ -103,7 +103,9 @@ class Outbox:
     """The audio of one live stream, shared by its successive calls (a resumed stream is a new call).
 
     One task pulls the caller's source (never cancelled between calls, so a generator source is not
-    broken by a reconnect), at most LOOKAHEAD_BYTES ahead of what was written. `write()` sends the
+    broken by a reconnect), at most LOOKAHEAD_BYTES ahead of the furthest byte any call has written
+    (not of the current call's position: while a new call sends kept audio again, the source, a
+    microphone say, goes on being read). `write()` sends the
     audio of one call from an absolute byte offset. With `frame_bytes` and `sample_rate` (LINEAR16),
     the bytes after the latest acknowledged offset are kept (`trim()`), so a new call can send them
     again. With `replay` (compressed audio, whose bytes cannot be cut at an offset) every byte is
@@ -126,6 +128,7 @@ class Outbox:
         self.data = bytearray()
         self.base = 0  # absolute byte offset of data[0]
         self.sent = 0  # absolute bytes written by the current call
+        self.high = 0  # the furthest absolute byte written by any call
         self.eof = False
         self.error: BaseException | None = None
         self._more = asyncio.Event()
@@ -195,7 +198,7 @@ class Outbox:
         if chunk:
             self.data += chunk
             self._more.set()
-        while self.end - max(self.sent, self.base) > LOOKAHEAD_BYTES:
+        while self.end - max(self.high, self.base) > LOOKAHEAD_BYTES:
             self._taken.clear()
             await self._taken.wait()
 
@@ -213,6 +216,7 @@ class Outbox:
                 await call.write(request(piece))
                 pos += len(piece)
                 self.sent = pos
+                self.high = max(self.high, pos)
                 if not self.resumable or (self.replay and self.end > REPLAY_MAX_BYTES):
                     self._drop(pos)  # not kept (a replayed stream past its cap is no longer resumable)
                 self._taken.set()

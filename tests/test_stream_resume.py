@@ -676,6 +676,69 @@ async def _write_all(outbox: Outbox, start: int) -> bytes:
     return b"".join(call.written[1:])  # type: ignore[arg-type]
 
 
+class _BrokenCall(_Call):
+    """A call whose connection breaks once `limit` audio bytes are written."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit, self.bytes = limit, 0
+
+    async def write(self, message: object) -> None:
+        if isinstance(message, bytes):
+            if self.bytes >= self.limit:
+                raise ConnectionError("connection reset")
+            self.bytes += len(message)
+        await super().write(message)
+
+
+class _StalledCall(_Call):
+    """A call that takes the config, then accepts no audio (a slow link, a gateway still skipping)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalled = asyncio.Event()
+
+    async def write(self, message: object) -> None:
+        if message is not None:
+            self.stalled.set()
+            await asyncio.Event().wait()
+        await super().write(message)
+
+
+async def test_outbox_reads_the_source_on_while_a_new_call_sends_kept_audio_again(monkeypatch):
+    """While a resumed call sends a compressed stream again from its first byte, the caller's source
+    (a microphone that must be read or loses audio) is still read ahead of the furthest byte sent,
+    not of the new call's position."""
+    monkeypatch.setattr(streaming_sdk, "LOOKAHEAD_BYTES", 4096)
+    monkeypatch.setattr(streaming_sdk, "WRITE_PIECE", 1024)
+    spoken: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def microphone() -> AsyncIterator[bytes]:
+        while True:
+            yield await spoken.get()
+
+    for _ in range(34):  # 17 KiB so far
+        spoken.put_nowait(bytes(512))
+    box = Outbox(microphone(), replay=True)
+    with pytest.raises(ConnectionError):
+        await box.write(_BrokenCall(limit=16384), None, 0, lambda piece: piece)
+    high = box.high
+    assert high >= 16384
+    resend = _StalledCall()
+    writer = asyncio.create_task(box.write(resend, None, box.byte_offset(3.0), lambda piece: piece))
+    await asyncio.wait_for(resend.stalled.wait(), 10)
+    for _ in range(20):  # 10 KiB more are spoken while the new call has sent nothing again yet
+        spoken.put_nowait(bytes(512))
+    # They are read up to LOOKAHEAD_BYTES past the furthest byte written, and no further.
+    deadline = asyncio.get_running_loop().time() + 10
+    while box.end <= high + 4096 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+    assert high + 4096 < box.end <= high + 4096 + 512, (high, box.end)
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
+    await box.close()
+
+
 async def test_outbox_keeps_a_compressed_stream_whole_until_its_cap(monkeypatch):
     """LINEAR16 keeps only what follows the acknowledged offset; a compressed stream (replay) keeps
     every byte, so a new call can send it again from the first one, until REPLAY_MAX_BYTES."""
