@@ -438,6 +438,7 @@ class AsyncClient:
         progress: speech_pb2.StreamingRecognizeResponse | None = None  # the latest one not passed on
         billed = 0.0  # total_billed_seconds of the latest response passed on
         last_event = seen = (-1.0, 0)
+        broke: SttError | None = None  # what broke the stream, while it is being resumed
         try:
             while True:
                 cfg = speech_pb2.StreamingRecognitionConfig()
@@ -455,9 +456,18 @@ class AsyncClient:
                 # the caller sees.
                 call = self.speech.StreamingRecognize(timeout=left, metadata=self.metadata)
                 writer = asyncio.create_task(_write_stream(call, first, outbox, start))
+                unconfirmed = cfg.resume_audio_from_start
                 try:
                     while True:
                         resp = await call.read()
+                        if unconfirmed:
+                            if resp is grpc.aio.EOF or not resp.resume_audio_from_start_accepted:
+                                # A server that predates resume_audio_from_start would transcribe the
+                                # stream again as if it began at the offset: its words twice.
+                                log.warning("the server cannot resume a compressed stream; giving up")
+                                raise broke or SttError(grpc.StatusCode.UNAVAILABLE, "stream broke")
+                            unconfirmed = False
+                            continue
                         if resp is grpc.aio.EOF:
                             break
                         backoff.reset()
@@ -479,7 +489,7 @@ class AsyncClient:
                         yield progress  # the stream's whole billed seconds (silence after the last result)
                     return
                 except grpc.aio.AioRpcError as exc:
-                    err = SttError.from_rpc_error(exc)
+                    err = broke = SttError.from_rpc_error(exc)
                     if (
                         err.code == grpc.StatusCode.INTERNAL
                         and deadline

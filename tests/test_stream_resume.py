@@ -566,6 +566,20 @@ async def test_resume_audio_from_start_needs_resume_from(client: AsyncClient):
     assert any("resume_audio_from_start" in f for f in err.fields), err.fields
 
 
+async def test_a_stream_sent_again_that_ends_before_its_offset_is_refused(client: AsyncClient):
+    """resume_audio_from_start with less audio than the resume offset: not the stream that was
+    acknowledged (or not from its first byte), so INVALID_ARGUMENT rather than an OK that billed the
+    offset and transcribed nothing."""
+    hold = asyncio.Event()
+    hold.set()  # half-close after the audio
+    port = int(client.server.rsplit(":", 1)[1])
+    point = speech_pb2.StreamResumePoint(session_id="s", audio_offset_seconds=5.0, final_end_seconds=4.5)
+    audio = speech_pb2.StreamingRecognizeRequest(audio_content=bytes(2 * 16000 * 2))  # 2 s
+    err = await _raw_stream(port, [_config(resume_from=point, resume_audio_from_start=True), audio], hold)
+    assert err and err.code == grpc.StatusCode.INVALID_ARGUMENT and err.reason == "BAD_RESUME_POINT", err
+    assert "3.00s before" in err.message, err.message
+
+
 async def test_resumed_stream_continues_times_and_utterances(client: AsyncClient):
     """A resume_from by hand: the part after the offset comes back with stream times, the utterance
     index continues, and the prompt context is accepted."""
@@ -653,6 +667,52 @@ async def test_sync_client_resumes_streams_cut_by_a_connection_age_grace(transcr
     check_seamless(results)
     assert wer(clip.text, transcript(results)) <= 0.15, (transcript(results), resumed)
     assert responses[-1].total_billed_seconds == pytest.approx(pcm.seconds, abs=0.2)
+
+
+class _OldSpeech(speech_pb2_grpc.SpeechServicer):
+    """A gateway from before resume_audio_from_start: the first call acknowledges 1 s and breaks; a
+    resumed call transcribes what it gets as if it began at the offset (here: one final result)."""
+
+    def __init__(self) -> None:
+        self.configs: list[speech_pb2.StreamingRecognitionConfig] = []
+
+    async def StreamingRecognize(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        first = await anext(request_iterator)
+        self.configs.append(first.streaming_config)
+        point = speech_pb2.StreamResumePoint(
+            session_id="old", audio_offset_seconds=1.0, final_end_seconds=1.0
+        )
+        if len(self.configs) == 1:
+            yield speech_pb2.StreamingRecognizeResponse(total_billed_seconds=1.0, resume_point=point)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway went away")
+        yield speech_pb2.StreamingRecognizeResponse(
+            results=[speech_pb2.SpeechRecognitionResult(is_final=True, transcript="words said again")],
+            total_billed_seconds=2.0,
+            resume_point=point,
+        )
+
+
+async def test_compressed_stream_is_not_resumed_on_a_server_without_resume_audio_from_start():
+    """The SDK sends a compressed stream again from its first byte only to a server that says, in its
+    first response, that it skips what was transcribed; an older server's results are not passed on
+    and the stream's error is raised."""
+    server = grpc.aio.server()
+    old = _OldSpeech()
+    speech_pb2_grpc.add_SpeechServicer_to_server(old, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with AsyncClient(f"127.0.0.1:{port}", timeout=30) as c:
+            got: list[speech_pb2.StreamingRecognizeResponse] = []
+            with pytest.raises(SttError) as info:
+                async for resp in c.stream([b"OggS" + bytes(4000)], encoding="OGG_OPUS", sample_rate=0):
+                    got.append(resp)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE, info.value
+        assert "went away" in info.value.message
+        assert [len(r.results) for r in got] == [], got  # nothing from the call that did not accept
+        assert len(old.configs) == 2 and old.configs[1].resume_audio_from_start
+    finally:
+        await server.stop(0)
 
 
 class _Call:

@@ -85,6 +85,34 @@ def resume_point(state: ResumeState, session_id: str) -> speech_pb2.StreamResume
     )
 
 
+class _Replay:
+    """A resumed compressed stream sent again from its first byte (resume_audio_from_start): the
+    decoded samples before the resume offset are dropped, and the audio must reach the offset."""
+
+    def __init__(self, skip: int) -> None:
+        self.skip = skip  # 16 kHz samples still to drop
+        self.offset = skip / SAMPLE_RATE
+
+    def take(self, samples: Any) -> Any:
+        if self.skip:
+            dropped = min(self.skip, len(samples))
+            self.skip -= dropped
+            samples = samples[dropped:]
+        return samples
+
+    def check_complete(self) -> None:
+        """At the end of the audio: a stream sent again that ended before the offset was not the
+        same stream (or not from its first byte)."""
+        if self.skip:
+            raise InvalidInput(
+                f"the audio sent again from the first byte ended {self.skip / SAMPLE_RATE:.2f}s before "
+                f"resume_from.audio_offset_seconds ({self.offset:.2f}s): with resume_audio_from_start, "
+                "send the same stream again, byte for byte, from its first byte",
+                reason="BAD_RESUME_POINT",
+                field="streaming_config.resume_audio_from_start",
+            )
+
+
 def resume_state(point: speech_pb2.StreamResumePoint, max_seconds: float) -> ResumeState:
     """A client's resume_from, checked (BAD_RESUME_POINT)."""
 
@@ -399,12 +427,12 @@ class SpeechAPI:
             )
         cfg = first.streaming_config
         observer = StreamObserver()
-        session, decoder, max_seconds, session_id = self._open_stream(cfg, observer)
+        session, decoder, max_seconds, session_id, replay = self._open_stream(cfg, observer)
         try:
             async with self.quotas.slot(caller, "concurrent_streams"):
                 with self.admission.admit():  # refused here if the transcribers are at capacity
                     async for response in self._run_stream(
-                        requests, cfg, session, decoder, max_seconds, observer, session_id, resumable
+                        requests, cfg, session, decoder, replay, max_seconds, observer, session_id, resumable
                     ):
                         yield response
         finally:
@@ -416,6 +444,7 @@ class SpeechAPI:
         cfg: speech_pb2.StreamingRecognitionConfig,
         session: StreamingSession,
         decoder: StreamDecoder,
+        replay: _Replay,
         max_seconds: float,
         observer: StreamObserver,
         session_id: str,
@@ -423,7 +452,7 @@ class SpeechAPI:
     ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
         words = cfg.config.enable_word_time_offsets
         STREAMS.inc()
-        reader = asyncio.create_task(self._read_stream(requests, session, decoder, max_seconds))
+        reader = asyncio.create_task(self._read_stream(requests, session, decoder, replay, max_seconds))
         reader.add_done_callback(lambda t: _propagate(t, session))
         # A decoding error ends the stream at once, not with the client's next message.
         decoder.done.add_done_callback(lambda f: _decode_failed(f, session))
@@ -431,6 +460,16 @@ class SpeechAPI:
         sent_offset = -1.0
         billed = 0.0
         try:
+            if cfg.resume_audio_from_start:
+                # At once: a client learns that this server skips the audio before the offset (a
+                # server that predates the field would transcribe it again).
+                response = stream_response(
+                    Event(EventType.PROGRESS), session, words=words, session_id=session_id
+                )
+                response.resume_audio_from_start_accepted = True
+                sent_offset = response.resume_point.audio_offset_seconds
+                billed = response.total_billed_seconds
+                yield response
             async for ev in session.events():
                 if ev.type == EventType.PROGRESS:
                     offset = session.resume_state().offset
@@ -474,7 +513,7 @@ class SpeechAPI:
 
     def _open_stream(
         self, cfg: speech_pb2.StreamingRecognitionConfig, observer: StreamObserver
-    ) -> tuple[StreamingSession, StreamDecoder, float, str]:
+    ) -> tuple[StreamingSession, StreamDecoder, float, str, _Replay]:
         if not cfg.HasField("config"):
             raise InvalidInput(
                 "streaming_config.config is required (at least its encoding)",
@@ -503,7 +542,7 @@ class SpeechAPI:
                 field="streaming_config.resume_audio_from_start",
             )
         # Audio sent again from the stream's first byte: the samples before the offset are dropped.
-        skip = round(offset * SAMPLE_RATE) if cfg.resume_audio_from_start else 0
+        replay = _Replay(round(offset * SAMPLE_RATE) if cfg.resume_audio_from_start else 0)
         observer.received_seconds = offset
         options = valid.options
         if not options.beam_size:
@@ -533,11 +572,9 @@ class SpeechAPI:
         )
 
         def sink(samples: Any) -> None:
-            nonlocal skip
-            if skip:
-                dropped = min(skip, len(samples))
-                skip -= dropped
-                samples = samples[dropped:]
+            samples = replay.take(samples)
+            if not len(samples):
+                return  # still before the offset: nothing arrived for the session
             try:
                 session.add_audio(samples)
                 observer.arrived(session.received_seconds)
@@ -556,7 +593,7 @@ class SpeechAPI:
         decoder = make_decoder(
             valid.encoding, valid.sample_rate, valid.channels, limits, sink, asyncio.get_running_loop()
         )
-        return session, decoder, max_seconds, session_id
+        return session, decoder, max_seconds, session_id, replay
 
     def hypothesis_beam(self) -> int:
         """The beam of live hypotheses: stream_light_load_beam_size while this gateway has at most
@@ -580,6 +617,7 @@ class SpeechAPI:
         requests: AsyncIterator[speech_pb2.StreamingRecognizeRequest],
         session: StreamingSession,
         decoder: StreamDecoder,
+        replay: _Replay,
         max_seconds: float,
     ) -> bool:
         """Feed audio to the decoder; True if the stream hit its maximum duration. A stream that
@@ -621,6 +659,7 @@ class SpeechAPI:
             watch.cancel()
         decoder.finish()
         await decoder.done
+        replay.check_complete()
         session.end_audio()
         return False
 
