@@ -292,6 +292,13 @@ async def test_job_from_a_raw_body_and_bad_uploads(http: httpx.AsyncClient):
     assert bad_priority.status_code == 400 and bad_priority.json()["error"]["param"] == "priority"
     no_file = await http.post("/v1/jobs", files={"other": ("a.flac", b"x")})
     assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
+    # Numbers past the proto fields' range are the caller's mistake (400), not a server error.
+    huge_beam = await http.post(
+        "/v1/jobs", files={"file": ("a.flac", JFK.path.read_bytes())}, data={"beam_size": "99999999999"}
+    )
+    assert huge_beam.status_code == 400 and huge_beam.json()["error"]["param"] == "beam_size", huge_beam.text
+    huge_page = await http.get("/v1/jobs", params={"page_size": 99999999999})
+    assert huge_page.status_code == 400 and huge_page.json()["error"]["param"] == "page_size", huge_page.text
     stats = (await http.get("/v1/queue")).json()
     assert {p["priority"] for p in stats["priorities"]} >= {"high", "normal", "low"}
     assert (await http.get("/v1/jobs/nope/events")).status_code == 404

@@ -544,6 +544,7 @@ async def test_decoder_error_reaches_the_client_without_more_audio(gateway):
         (speech_pb2.StreamResumePoint(final_end_seconds=float("nan")), "final_end_seconds"),
         (speech_pb2.StreamResumePoint(audio_offset_seconds=1e9), "audio_offset_seconds"),
         (speech_pb2.StreamResumePoint(next_utterance_index=-2), "next_utterance_index"),
+        (speech_pb2.StreamResumePoint(next_utterance_index=2**63 - 1), "next_utterance_index"),
         (speech_pb2.StreamResumePoint(context="a b", context_window_words=3), "context_window_words"),
         (speech_pb2.StreamResumePoint(context="x" * 5000), "context"),
     ],

@@ -113,6 +113,9 @@ class _Replay:
             )
 
 
+UTTERANCES_PER_SECOND = 100  # far more than VAD can end (each needs a pause): a bound, not an estimate
+
+
 def resume_state(point: speech_pb2.StreamResumePoint, max_seconds: float) -> ResumeState:
     """A client's resume_from, checked (BAD_RESUME_POINT)."""
 
@@ -135,6 +138,8 @@ def resume_state(point: speech_pb2.StreamResumePoint, max_seconds: float) -> Res
         raise bad(f"is longer than {MAX_SESSION_ID_CHARS} characters", "session_id")
     if point.next_utterance_index < 0:
         raise bad("must not be negative", "next_utterance_index")
+    if point.next_utterance_index > max_seconds * UTTERANCES_PER_SECOND:
+        raise bad(f"is more than a stream of {max_seconds:g}s can have", "next_utterance_index")
     if not 0 <= point.context_window_words <= len(point.context.split()):
         raise bad("must be between 0 and the number of words in context", "context_window_words")
     return ResumeState(

@@ -48,11 +48,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+# Control characters (newlines above all) in what a client sent (a path, a filename) must not start
+# a forged line of a console log: they are written escaped. (JSON lines escape them anyway.)
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+_CONTROL |= {0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\x85"}
+
+
+def one_line(text: str) -> str:
+    return text.translate(_CONTROL)
+
+
 class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
-        extras = " ".join(f"{k}={v}" for k, v in _extras(record).items())
-        line = f"{ts} {record.levelname[:4]} {record.name}: {record.getMessage()}"
+        extras = one_line(" ".join(f"{k}={v}" for k, v in _extras(record).items()))
+        line = f"{ts} {record.levelname[:4]} {record.name}: {one_line(record.getMessage())}"
         if extras:
             line += f"  {extras}"
         if record.exc_info:

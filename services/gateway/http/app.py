@@ -366,7 +366,7 @@ def create_app(ctx: HttpContext) -> Any:
     )
     async def list_jobs(
         status: str = Query("", description="queued, running, completed, failed or cancelled (default: all)"),
-        page_size: int = Query(0, description="0: the server default"),
+        page_size: int = Query(0, ge=-INT32_MAX - 1, le=INT32_MAX, description="0: the server default"),
         page_token: str = Query("", description="next_page_token of the previous page"),
     ) -> JSONResponse:
         number = enum_number(jobs_pb2.JobStatus.DESCRIPTOR, status) if status else 0
@@ -651,17 +651,23 @@ async def _body_chunks(request: Request) -> AsyncIterator[bytes]:
             yield piece
 
 
+INT32_MAX = 2**31 - 1  # the proto fields' range
+
+
 def _job_metadata(params: dict[str, str], idempotency_key: str, size: int) -> jobs_pb2.JobMetadata:
     def number(name: str, kind: type) -> Any:
         raw = params.get(name, "")
         if raw == "":
             return kind(0)
         try:
-            return kind(raw)
+            value = kind(raw)
         except ValueError:
             raise InvalidInput(
                 f"{name} must be a number, not {raw[:40]!r}", reason="BAD_FIELD_VALUE", field=name
             ) from None
+        if kind is int and not -INT32_MAX - 1 <= value <= INT32_MAX:
+            raise InvalidInput(f"{name} {raw[:40]} is out of range", reason="BAD_FIELD_VALUE", field=name)
+        return value
 
     priority = 0
     if params.get("priority"):
