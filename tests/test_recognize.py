@@ -131,3 +131,29 @@ async def test_access_metrics_count_errors(client: AsyncClient):
         await client.recognize(b"")
     after = metrics.RPC_TOTAL.labels("/stt.v1.Speech/Recognize", "INVALID_ARGUMENT")._value.get()
     assert after == before + 1
+
+
+async def test_a_call_without_speech_does_not_wait_for_the_model():
+    """Up to 30 s, VAD runs beside the model; when it finds no speech first, the model call is
+    cancelled (noise or a tone can keep the model looping for seconds) and no words come back."""
+    import asyncio
+
+    from services.gateway.chunking import VadSettings
+    from services.gateway.recognize import recognize
+    from services.shared.domain import DecodeOptions, WorkClass
+
+    started, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def stuck_model(samples: np.ndarray, options: DecodeOptions, work_class: WorkClass):  # type: ignore[no-untyped-def]
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    tone = (np.sign(np.sin(2 * np.pi * 440 * np.arange(48000) / 16000)) * 0.99).astype(np.float32)
+    result = await asyncio.wait_for(
+        recognize(tone, stuck_model, DecodeOptions(language="en"), vad=VadSettings(), max_parallel=1), 30
+    )
+    assert started.is_set() and cancelled.is_set()
+    assert result.segments == [] and result.windows == []

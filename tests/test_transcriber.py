@@ -205,3 +205,48 @@ async def test_a_window_whose_text_stops_early_is_decoded_to_its_end(transcriber
     opening = "The birch canoe slid on the smooth planks. Glue the sheet to the dark blue background."
     later = [w.word for w in words if w.start_seconds >= second_start - 0.3]
     assert wer(opening, " ".join(later[: len(opening.split())])) <= 0.3, later
+
+
+def _square_wave(seconds: float) -> np.ndarray:
+    n = np.arange(int(seconds * audio.SR))
+    return (np.sign(np.sin(2 * np.pi * 440 * n / audio.SR)) * 0.99).astype(np.float32)
+
+
+class _CountingModel:
+    """The CTranslate2 model with its generate() calls counted."""
+
+    def __init__(self, model: object) -> None:
+        self.model, self.calls = model, 0
+
+    def generate(self, *args: object, **kwargs: object) -> object:
+        self.calls += 1
+        return self.model.generate(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.model, name)
+
+
+async def test_a_tone_is_decoded_within_its_length_and_not_again_once_abandoned(transcriber: Transcriber):
+    """A full-scale tone makes Whisper loop at every fallback temperature: the tokens of a window are
+    capped by its length (3 s: 60, not 448), and a window nobody waits for any more (its call was
+    cancelled) is not sampled again."""
+    from services.shared.domain import DecodeOptions
+    from services.transcriber.engine import WindowRequest
+
+    engine = transcriber.engine
+    counting = _CountingModel(engine._model.model)
+    opts = DecodeOptions(beam_size=5, language="en", word_timestamps=True)
+    engine._model.model = counting
+    try:
+        kept = await asyncio.to_thread(engine.transcribe_batch, [WindowRequest(_square_wave(3), opts)])
+        fallbacks = counting.calls
+        counting.calls = 0
+        gone = WindowRequest(_square_wave(3), opts, abandoned=lambda: True)
+        await asyncio.to_thread(engine.transcribe_batch, [gone])
+    finally:
+        engine._model.model = counting.model
+    assert fallbacks >= 2, "the tone no longer makes the model fall back: the test needs another input"
+    assert counting.calls == 1
+    # Whatever it wrote stays within the cap (about 12 tokens a second plus 24).
+    words = [w for s in kept[0].segments for w in s.words]  # type: ignore[union-attr]
+    assert len(words) <= 60, words

@@ -9,6 +9,7 @@ import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -201,12 +202,26 @@ async def recognize(
     duration = audio.shape[0] / SAMPLE_RATE
     if duration <= MAX_WINDOW_SECONDS:
         # One window, the whole audio (as plain faster-whisper would see it). VAD runs alongside the
-        # model and only decides whether there is any speech at all (no words invented on silence).
+        # model and only decides whether there is any speech at all (no words invented on silence);
+        # when it finds none first, the model call is cancelled (noise or a tone can make the model
+        # loop at every fallback temperature: seconds of model time for nothing).
         regions_task = asyncio.create_task(asyncio.to_thread(speech_regions, audio, vad))
+        model_task: asyncio.Future[WindowResult] = asyncio.ensure_future(
+            transcribe(audio, options, work_class)
+        )
         try:
-            result = await transcribe(audio, options, work_class)
+            first: list[asyncio.Future[Any]] = [regions_task, model_task]
+            await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+            if regions_task.done() and not regions_task.exception() and not regions_task.result():
+                model_task.cancel()
+                await asyncio.gather(model_task, return_exceptions=True)
+                return Recognition([], options.language or "", duration, [], "")
+            result = await model_task
         finally:
-            regions = await regions_task
+            model_task.cancel()
+            regions = (await asyncio.gather(regions_task, return_exceptions=True))[0]
+        if isinstance(regions, BaseException):
+            raise regions
         if not regions:
             return Recognition([], options.language or result.language, duration, [], result.model)
         windows = [Window(0, audio.shape[0])]

@@ -128,6 +128,7 @@ class Batcher:
                 retry_after_seconds=0.5,
             )
         fut: asyncio.Future[WindowResult] = asyncio.get_running_loop().create_future()
+        req.abandoned = fut.done  # (cancelled when the caller goes away: see the finally below)
         item = _Item((-int(work_class), next(self._seq)), req, work_class, fut)
         heapq.heappush(self._heap, item)
         QUEUE_DEPTH.labels(work_class.name).inc()

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -78,10 +79,17 @@ PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"  # noqa: RUF001  (faster-whisper's defaults)
 
 
+def _never() -> bool:
+    return False
+
+
 @dataclass(slots=True)
 class WindowRequest:
     audio: np.ndarray  # float32 mono 16 kHz, at most 30 s
     options: DecodeOptions
+    # True once nobody waits for the result (the call was cancelled): the window is not decoded
+    # again at a fallback temperature. Read from the model's thread.
+    abandoned: Callable[[], bool] = _never
 
 
 @dataclass(slots=True)
@@ -338,14 +346,18 @@ class Engine:
             if fallback
             else (temperature,)
         )
-        # Short (dynamic-context) windows cannot need many tokens: cap them, so a model caught in a
-        # repetition loop costs milliseconds, not seconds.
-        cap = max(sizes) // 100 * TOKENS_PER_SECOND + 24 if context < FULL_CONTEXT else None
+        # A window cannot need more tokens than its audio holds words: cap them, so a model caught in a
+        # repetition loop (noise, a tone, music: then every fallback temperature loops too) costs
+        # what the audio's length allows, not the model's 448 tokens six times over (3 s of a square
+        # wave took 13 s of model time uncapped, with full context; a 30 s window's cap is 384).
+        cap = max(sizes) // 100 * TOKENS_PER_SECOND + 24
         if reqs[0].options.dynamic_context:
             # Live windows are re-made every step: a tight cap (fast speech is ~5 tokens a second)
             # keeps a hypothesis that loops at the window's edge cheap; the loop is cut off anyway.
             cap = max(sizes) * LIVE_TOKENS_PER_SECOND // 100 + 8
-        decoded = self._generate(encoder_output, prompts, tok, language, beam_size, temps, batch, cap)
+        decoded = self._generate(
+            encoder_output, prompts, tok, language, beam_size, temps, batch, cap, [r.abandoned for r in reqs]
+        )
         raw: list[list[dict[str, Any]]] = []
         for d, n in zip(decoded, sizes, strict=True):
             silent = d.no_speech_prob > NO_SPEECH_THRESHOLD and d.avg_logprob < LOG_PROB_THRESHOLD
@@ -424,6 +436,7 @@ class Engine:
         temperatures: tuple[float, ...],
         features: np.ndarray,
         max_new_tokens: int | None = None,
+        abandoned: list[Callable[[], bool]] | None = None,
     ) -> list[_Decoded]:
         from faster_whisper.transcribe import get_compression_ratio
 
@@ -473,7 +486,9 @@ class Engine:
                     again.append(i)
                 else:
                     best[i] = cand
-            todo = again
+            # A window nobody waits for any more is not sampled again (noise or a tone loops at every
+            # temperature: a Recognize whose VAD found no speech cancels its call).
+            todo = [i for i in again if abandoned is None or not abandoned[i]()]
             if not todo:
                 break
         return [b for b in best if b is not None]
