@@ -121,6 +121,17 @@ async def test_compressed_streams(client: AsyncClient, dialog: audio.Clip, fmt: 
     assert sum(w in heard for w in last) >= len(last) // 2, text
 
 
+@pytest.mark.parametrize(("fmt", "encoding", "size"), [("flac", "FLAC", 60), ("ogg", "OGG_OPUS", 200)])
+async def test_a_compressed_stream_cut_before_its_first_audio_ends_ok(
+    client: AsyncClient, fmt: str, encoding: str, size: int
+):
+    """A stream that began right but was half-closed before its header was complete (a hang-up in
+    the first instant) held no audio: OK with no results, not "not FLAC audio: [Errno ...] End of file"."""
+    head = audio.encode(audio.silence(1), fmt)[:size]
+    responses = await _collect(client.stream([head], encoding=encoding, sample_rate=0))
+    assert not [r for _, resp in responses for r in resp.results]
+
+
 async def test_silence_gives_no_words_and_no_model_calls(client: AsyncClient, transcriber):
     calls = transcriber.batcher.calls
     silent = PcmAudio(audio.encode(audio.silence(8), "raw"), 16000, 1)

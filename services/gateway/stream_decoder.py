@@ -159,6 +159,11 @@ class _Pipe(io.RawIOBase):
     def close_writer(self) -> None:
         self._q.put(None)
 
+    @property
+    def ended(self) -> bool:
+        """The reader has reached the end of what the writer wrote (it closed)."""
+        return self._eof and not self._buf
+
     def readinto(self, b: bytearray) -> int:  # type: ignore[override]
         while not self._buf and not self._eof:
             item = self._q.get()
@@ -257,9 +262,15 @@ class ContainerStreamDecoder(StreamDecoder):
                 self._pipe, mode="r", format=fmt, options={"probesize": "4096", "analyzeduration": "0"}
             )
         except (av.error.FFmpegError, ValueError, OSError) as exc:
+            if self._pipe.ended and not self._abandoned.is_set():
+                # The stream ended (half-close) before its header could be read whole: a stream that
+                # began right (see feed) and was cut short, e.g. a hang-up. No audio: OK, no results.
+                log.debug("%s stream ended after %d bytes, before any audio", self.encoding, self._bytes)
+                self.loop.call_soon_threadsafe(self._finish_ok)
+                return
             self._error(
                 InvalidInput(
-                    f"the stream is not {self.encoding} audio: {exc}",
+                    f"the stream is not {self.encoding} audio ({getattr(exc, 'strerror', None) or exc})",
                     reason="UNDECODABLE_AUDIO",
                     field="audio_content",
                 )
