@@ -237,6 +237,16 @@ async def test_native_protocol_errors_and_keys(transcriber, jobstore):  # type: 
             await ws.send(b"audio before any config")
             error = json.loads(await ws.recv())["error"]
             assert error["code"] == "missing_config"
+        async with connect(
+            ws_url(gw, "/v1/stream"), additional_headers={"authorization": f"Bearer {KEY}"}
+        ) as ws:
+            # A second config right after the first (before the session has read anything): answered
+            # at once, as gRPC answers it, not when the stream's idle timer (30 s) ends the session.
+            config = json.dumps({"config": {"encoding": "LINEAR16", "sample_rate_hz": 16000}})
+            await ws.send(config)
+            await ws.send(config)
+            error = json.loads(await asyncio.wait_for(ws.recv(), 10))["error"]
+            assert error["code"] == "duplicate_config", error
         oai = realtime_client(gw, KEY)
         async with oai.beta.realtime.connect(
             model="whisper-1", extra_query={"intent": "transcription"}

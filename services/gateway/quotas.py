@@ -294,8 +294,8 @@ class ByteBudget:
         if not self._fits(size):
             cond = self._condition()
             try:
-                async with cond:
-                    await asyncio.wait_for(cond.wait_for(lambda: self._fits(size)), self.wait)
+                async with cond, asyncio.timeout(self.wait):  # (not wait_for: see SpeechAPI.stream)
+                    await cond.wait_for(lambda: self._fits(size))
             except TimeoutError:
                 INFLIGHT_REFUSED.inc()
                 raise QuotaExceeded(

@@ -409,9 +409,11 @@ class SpeechAPI:
         if resumable and self.draining.is_set():
             raise Unavailable("this gateway is shutting down; reconnect", reason="DRAINING")
         try:
-            first = await asyncio.wait_for(
-                anext(aiter(requests), None), self.settings.stream_config_timeout_seconds
-            )
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation that
+            # arrives as the awaited message does (a WebSocket client's second config right after the
+            # first: the cancelled session went on until its idle timer, 30 s).
+            async with asyncio.timeout(self.settings.stream_config_timeout_seconds):
+                first = await anext(aiter(requests), None)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"no streaming_config within {self.settings.stream_config_timeout_seconds:g}s",

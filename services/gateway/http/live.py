@@ -196,7 +196,8 @@ async def native_stream(ws: WebSocket, ctx: HttpContext) -> None:
 
 async def _native(ws: WebSocket, sock: Socket, ctx: HttpContext) -> None:
     try:
-        first = await asyncio.wait_for(ws.receive(), CONFIG_TIMEOUT)
+        async with asyncio.timeout(CONFIG_TIMEOUT):  # (not wait_for: see SpeechAPI.stream)
+            first = await ws.receive()
     except TimeoutError:
         raise DeadlineExceeded(
             f"no config message within {CONFIG_TIMEOUT:.0f}s", reason="STREAM_IDLE", field="streaming_config"
@@ -241,6 +242,11 @@ async def _native(ws: WebSocket, sock: Socket, ctx: HttpContext) -> None:
                 kind = _message_type(msg["text"])
                 if kind in ("end", "eos", "close"):
                     await feed.end()
+                elif kind == "config":
+                    raise InvalidInput(
+                        "the config may only be sent once, in the first message",
+                        reason="DUPLICATE_CONFIG", field="streaming_config",
+                    )  # fmt: skip
                 else:
                     raise InvalidInput(
                         f"unknown message {kind!r}: send audio as binary messages and {{\"type\": \"end\"}} "
@@ -261,11 +267,16 @@ async def _native(ws: WebSocket, sock: Socket, ctx: HttpContext) -> None:
 
 
 def _message_type(text: str) -> str:
+    """A text message's type: its "type", "config" for a config (which has none), or the text."""
     try:
         doc = json.loads(text)
     except ValueError:
         return text.strip().lower()
-    return str(doc.get("type", "")).lower() if isinstance(doc, dict) else ""
+    if not isinstance(doc, dict):
+        return ""
+    if "type" not in doc and "config" in doc:
+        return "config"
+    return str(doc.get("type", "")).lower()
 
 
 # -- the OpenAI Realtime transcription protocol ------------------------------------------------------
