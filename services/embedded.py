@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 
 from pydantic import SecretStr
 
+from services.gateway.auth import Authenticator
 from services.gateway.config import GatewaySettings
 from services.gateway.server import Gateway
 from services.gateway.server import create_server as create_gateway
 from services.jobstore.config import JobstoreSettings
 from services.jobstore.server import JobstoreApp
 from services.jobstore.server import create_server as create_jobstore
+from services.shared.security import check_exposure
 from services.shared.server import RunningServer, run_until_signalled
 from services.transcriber.config import TranscriberSettings
 from services.transcriber.server import Transcriber
@@ -83,13 +85,25 @@ async def start_stack(
     # The internal servers listen on loopback; a token made for this run still keeps other local
     # users off them (they see every tenant's audio).
     gset = gateway_settings or GatewaySettings()
+    # What would refuse the gateway's start (no keys off loopback, bad key entries) refuses it before
+    # the model is loaded and the other services are up.
+    check_exposure(
+        "gateway",
+        host,
+        authenticated=Authenticator(gset.api_key_entries()).enabled,
+        allow_anonymous=gset.allow_anonymous,
+    )
     token = {"service_token": gset.service_token or SecretStr(secrets.token_urlsafe(32))}
     tset = (transcriber_settings or TranscriberSettings()).model_copy(update=token)
     transcriber = await create_transcriber(tset, host="127.0.0.1", port=0)
     jset = (jobstore_settings or JobstoreSettings()).model_copy(
         update={"data_dir": data_dir, "requeue_running_on_start": True, **token}
     )
-    jobstore = await create_jobstore(jset, host="127.0.0.1", port=0)
+    try:
+        jobstore = await create_jobstore(jset, host="127.0.0.1", port=0)
+    except BaseException:
+        await transcriber.stop(0)
+        raise
     gset = gset.model_copy(
         update={
             "transcriber_address": f"127.0.0.1:{transcriber.port}",
@@ -99,7 +113,12 @@ async def start_stack(
             "spool_dir": os.path.join(data_dir, "spool"),
         }
     )
-    gateway = await create_gateway(gset, host=host, port=port, http_port=http_port)
+    try:
+        gateway = await create_gateway(gset, host=host, port=port, http_port=http_port)
+    except BaseException:
+        await jobstore.stop(0)
+        await transcriber.stop(0)
+        raise
     return Stack(gateway, transcriber, jobstore)
 
 

@@ -73,6 +73,23 @@ def test_fail_closed_start_rule():
     assert check_exposure("jobstore", "0.0.0.0", authenticated=False, allow_anonymous=True) is True
 
 
+async def test_stt_up_off_loopback_without_keys_refuses_before_loading_anything(monkeypatch, tmp_path):
+    """`stt up --host 0.0.0.0` without keys: refused before the transcriber (the model) and the
+    jobstore start, so nothing is left to stop (it used to print two tracebacks on the way out)."""
+    from services import embedded
+
+    started: list[str] = []
+
+    async def not_expected(*args: object, **kwargs: object) -> None:
+        started.append("a service")
+
+    monkeypatch.setattr(embedded, "create_transcriber", not_expected)
+    monkeypatch.setattr(embedded, "create_jobstore", not_expected)
+    with pytest.raises(StartRefused, match="STT_API_KEYS"):
+        await embedded.start_stack(host="0.0.0.0", port=0, data_dir=str(tmp_path), http_port=0)
+    assert started == []
+
+
 async def test_a_gateway_off_loopback_without_keys_refuses_to_start(transcriber, jobstore):
     settings = gateway_settings(
         f"127.0.0.1:{transcriber.port}", jobstore_address=f"127.0.0.1:{jobstore.port}"
