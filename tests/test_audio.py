@@ -93,7 +93,7 @@ def test_declared_encoding_must_match(speech):
         decode(audio.encode(speech, "mp3"), limits=LIMITS, encoding="FLAC")
 
 
-@pytest.mark.parametrize("fmt", ["wav", "flac", "m4a"])
+@pytest.mark.parametrize("fmt", ["wav", "flac", "m4a", "mp3"])  # (this MP3 has an Info header)
 def test_truncated_files_are_refused(speech, fmt):
     data = audio.encode(np.concatenate([speech, speech]), fmt)
     with pytest.raises(InvalidInput, match="truncated|could not"):
@@ -153,7 +153,7 @@ def test_probe_checks_an_upload_without_decoding_all_of_it(tmp_path):
 
     samples = taudio.conversation(taudio.SENTENCES[:4], pause=1.0).samples
     limits = Limits(1 << 30, 3600.0)
-    for fmt in ("wav", "flac"):
+    for fmt in ("wav", "flac", "mp3"):
         data = taudio.encode(samples, fmt)
         whole = tmp_path / f"whole.{fmt}"
         whole.write_bytes(data)

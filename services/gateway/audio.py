@@ -78,6 +78,7 @@ class AudioInfo:
     sample_rate: int = 0
     channels: int = 0
     declared_seconds: float | None = None
+    length_exact: bool = False  # the header states the true length (a shortfall means cut off)
     seconds: float = 0.0
 
 
@@ -264,6 +265,7 @@ def _iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: st
         if fmt == "wav":
             declared = _wav_data_seconds(fileobj, stream) or declared
         info.declared_seconds = declared
+        info.length_exact = fmt in HEADER_DURATION or (fmt == "mp3" and _mp3_counts_frames(fileobj))
         if declared is not None and declared > limits.max_seconds + 1.0:
             raise _too_long(declared, limits, declared=True)
         resampler = Resampler(limits)
@@ -296,7 +298,7 @@ def _iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: st
             )
         if (
             declared is not None
-            and fmt in HEADER_DURATION
+            and info.length_exact
             and info.seconds < declared - max(0.5, 0.02 * declared)
         ):
             raise InvalidInput(
@@ -328,6 +330,35 @@ def _declared_seconds(container: av.container.InputContainer, stream: av.AudioSt
     if container.duration is not None and container.duration > 0:
         return container.duration / 1_000_000
     return None
+
+
+def _mp3_counts_frames(fileobj: str | BinaryIO) -> bool:
+    """An MP3 whose first frame is a Xing/Info (with its frame count) or VBRI header: its length
+    is stated, not estimated from the bitrate (an MP3 without one cannot tell it was cut off)."""
+    if isinstance(fileobj, str):
+        with open(fileobj, "rb") as fh:
+            return _mp3_counts_frames(fh)
+    pos = fileobj.tell()
+    try:
+        fileobj.seek(0)
+        head = fileobj.read(10)
+        start = 0
+        if head[:3] == b"ID3" and len(head) == 10:  # skip an ID3v2 tag (its size is synchsafe)
+            size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F)
+            start = 10 + size + (10 if head[5] & 0x10 else 0)
+        fileobj.seek(start)
+        data = fileobj.read(4096)
+    finally:
+        fileobj.seek(pos)
+    sync = next((i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] & 0xE0 == 0xE0), -1)
+    if sync < 0:
+        return False
+    frame = data[sync : sync + 200]
+    for tag in (b"Xing", b"Info"):
+        at = frame.find(tag)
+        if at >= 0:
+            return bool(int.from_bytes(frame[at + 4 : at + 8], "big") & 1)  # the frame count is there
+    return frame[36:40] == b"VBRI"
 
 
 def _wav_data_seconds(fileobj: str | BinaryIO, stream: av.AudioStream) -> float | None:
@@ -592,7 +623,7 @@ def _probe_container(source: str, limits: Limits, encoding: str) -> AudioInfo | 
     declared = info.declared_seconds
     if declared is None:
         return None
-    if info.container in HEADER_DURATION:
+    if info.length_exact:
         end = _decodable_end(source, info)
         if end is None:
             return None  # cannot tell cheaply: decode it all
