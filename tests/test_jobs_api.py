@@ -16,7 +16,7 @@ from services.gateway.server import Gateway
 from services.gateway.server import create_server as create_gateway
 from services.jobstore.server import JobstoreApp
 from services.jobstore.server import create_server as create_jobstore
-from services.shared.errors import Unavailable
+from services.shared.errors import InvalidInput, Unavailable
 from services.transcriber.server import Transcriber
 from stt.client import AsyncClient, upload_requests
 from stt.errors import SttError
@@ -253,6 +253,62 @@ async def test_a_heartbeat_refused_because_the_job_just_completed_does_not_undo_
         assert refused.is_set()
         after = outcomes()
         assert {o: after[o] - before[o] for o in after} == {"completed": 1, "stopped": 0, "error": 0}
+    finally:
+        await g.stop(0)
+        await js.stop(0)
+
+
+async def test_a_chunk_that_fails_the_job_ends_the_run_failed_not_stopped(tmp_path, transcriber, long_clip):
+    """One chunk fails the job (INVALID_ARGUMENT from the model) while its siblings are still being
+    transcribed: they come back after FailJob and record nothing, the lease is not renewed any more,
+    and the run counts as "failed" (it was counted and traced "stopped": a sibling's CompleteChunk
+    or the next heartbeat was refused because the job had ended)."""
+    js, g = await _stack(transcriber, str(tmp_path), job_lease_seconds=3.0, job_heartbeat_seconds=0.1)
+    try:
+        d = g.dispatcher
+        assert d is not None
+        queue, real_transcribe, real_fail = d.queue, d.transcribe, d.queue.fail_job
+        calls, written, second = 0, asyncio.Event(), asyncio.Event()
+
+        async def transcribe(samples, options, work_class):  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                await asyncio.wait_for(second.wait(), 30)  # a sibling is being transcribed
+                raise InvalidInput("this window cannot be transcribed", reason="BAD_CONFIG_VALUE")
+            second.set()
+            result = await real_transcribe(samples, options, work_class)
+            await asyncio.wait_for(written.wait(), 30)  # comes back after the job has failed
+            return result
+
+        async def fail_job(lease, message, reason):  # type: ignore[no-untyped-def]
+            await real_fail(lease, message, reason)
+            for _ in range(5):  # heartbeats are due meanwhile (every 0.1 s)
+                await asyncio.sleep(0.1)
+            written.set()
+
+        d.transcribe = transcribe  # type: ignore[method-assign]
+        queue.fail_job = fail_job  # type: ignore[method-assign]
+
+        def outcomes() -> dict[str, float]:
+            return {
+                o: REGISTRY.get_sample_value("stt_dispatcher_jobs_total", {"outcome": o}) or 0.0
+                for o in ("failed", "stopped", "error")
+            }
+
+        before = outcomes()
+        async with AsyncClient(f"127.0.0.1:{g.port}") as c:
+            job = await c.submit(audio.encode(long_clip.samples, "flac"))
+            done = await c.wait(job.job_id)
+        assert done.status == jobs_pb2.JOB_STATUS_FAILED and "cannot be transcribed" in done.error_message
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while d.active:
+            assert loop.time() < deadline, "the run never ended"
+            await asyncio.sleep(0.05)
+        assert calls >= 2, "the job needs several chunks for this test"
+        after = outcomes()
+        assert {o: after[o] - before[o] for o in after} == {"failed": 1, "stopped": 0, "error": 0}
     finally:
         await g.stop(0)
         await js.stop(0)

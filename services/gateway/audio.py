@@ -296,11 +296,7 @@ def _iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: st
                 reason="CORRUPT_AUDIO",
                 field="content",
             )
-        if (
-            declared is not None
-            and info.length_exact
-            and info.seconds < declared - max(0.5, 0.02 * declared)
-        ):
+        if declared is not None and info.length_exact and info.seconds < declared - max(0.5, 0.02 * declared):
             raise InvalidInput(
                 f"the file is truncated: its header says {declared:.1f}s of audio but only "
                 f"{info.seconds:.1f}s could be decoded",

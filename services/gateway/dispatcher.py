@@ -167,6 +167,7 @@ class Dispatcher:
         # Jobs whose work is making its final write (complete, fail): a heartbeat refused from then on
         # (the job ended, by that very write) must not cancel the write in flight.
         self._ending: Counter[str] = Counter()
+        self._ended: set[str] = set()  # jobs this worker has ended (completed or failed) while running
         self.timelines: dict[str, JobTimeline] = {}  # the last jobs' timelines (the bench reads them)
 
     def start(self) -> None:
@@ -236,6 +237,7 @@ class Dispatcher:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             self.active.pop(job.job_id, None)
+            self._ended.discard(job.job_id)
             RUNNING.dec()
             JOBS.labels(outcome).inc()
             JOB_SECONDS.observe(time.monotonic() - started)
@@ -247,6 +249,8 @@ class Dispatcher:
         last_ok = time.monotonic()
         while not work.done():
             await asyncio.sleep(self.config.heartbeat_seconds)
+            if lease.job_id in self._ended:
+                return  # this worker ended the job: the lease ended with it (the work winds down)
             try:
                 if await self.queue.heartbeat(lease):
                     if lease.job_id in self._ending:
@@ -256,7 +260,7 @@ class Dispatcher:
                     return
                 last_ok = time.monotonic()
             except (Aborted, NotFound) as exc:
-                if lease.job_id in self._ending:
+                if lease.job_id in self._ending or lease.job_id in self._ended:
                     # Most likely that write ended the job (the work ends with it). If the lease was
                     # really lost, the write is refused too and says so; if the work goes on (an
                     # attempt charged to a chunk), the next heartbeat is refused again and stops it.
@@ -290,7 +294,10 @@ class Dispatcher:
         flight the heartbeat does not cancel the work (see _heartbeat)."""
         self._ending[lease.job_id] += 1
         try:
-            return await self._persist(lease, what, call)
+            result = await self._persist(lease, what, call)
+            if what != "fail chunk" or result:  # (fail_chunk: True when that attempt failed the job)
+                self._ended.add(lease.job_id)
+            return result
         finally:
             self._ending[lease.job_id] -= 1
             if self._ending[lease.job_id] <= 0:
@@ -502,10 +509,12 @@ class Dispatcher:
                     )
             except InvalidInput as exc:
                 # The request itself is wrong (e.g. a language the model cannot do): no retry helps.
+                CHUNKS.labels("invalid").inc()
+                if failed.is_set():
+                    return  # another chunk has failed the job already
                 failed.set()
                 message = f"chunk {index}: {exc.message}"
                 await self._end(lease, "fail", partial(self.queue.fail_job, lease, message, exc.reason))
-                CHUNKS.labels("invalid").inc()
                 return
             except ServiceError as exc:
                 if exc.reason in NOT_THE_JOBS_FAULT:
@@ -518,6 +527,8 @@ class Dispatcher:
                     continue
                 CHUNKS.labels("error").inc()
                 log.warning("chunk %d failed: %s", index, exc.message)
+                if failed.is_set():
+                    return  # the job has failed meanwhile: no attempt to charge
                 await plan  # an attempt is charged to a recorded chunk
                 if await self._end(
                     lease, "fail chunk", partial(self.queue.fail_chunk, lease, index, exc.message, exc.reason)
@@ -527,12 +538,19 @@ class Dispatcher:
                 await asyncio.sleep(self.config.chunk_retry_seconds)
                 continue
             timeline.window_done(index, window, sent, result)
+            if failed.is_set():
+                return  # another chunk failed the job while this one was transcribed
             await plan  # results are recorded against the recorded plan
             segments: list[Segment] = merge([window], [result.segments])
-            await self._persist(
-                lease,
-                f"chunk {index}",
-                partial(self.queue.complete_chunk, lease, index, segments, result.language),
-            )
+            try:
+                await self._persist(
+                    lease,
+                    f"chunk {index}",
+                    partial(self.queue.complete_chunk, lease, index, segments, result.language),
+                )
+            except (Aborted, NotFound):
+                if failed.is_set():
+                    return  # refused: another chunk failed the job meanwhile
+                raise
             CHUNKS.labels("ok").inc()
             return
