@@ -78,8 +78,8 @@ class AudioInfo:
     sample_rate: int = 0
     channels: int = 0
     declared_seconds: float | None = None
-    length_exact: bool = False  # the header states the true length (a shortfall means cut off)
     seconds: float = 0.0
+    length_exact: bool = False  # the header states the true length (a shortfall means cut off)
 
 
 @dataclass(slots=True)
