@@ -516,3 +516,35 @@ async def test_api_keys_and_tenants(transcriber, tmp_path, short_clip):
     finally:
         await g.stop(0)
         await js.stop(0)
+
+
+async def test_a_client_closing_its_watch_ends_the_call_cleanly(tmp_path, transcriber, short_clip):
+    """A watcher that goes away while the gateway waits for the job's next event: the call ends as
+    CANCELLED, not INTERNAL ("aclose(): asynchronous generator is already running")."""
+    method = "/stt.v1.Jobs/WatchJob"
+
+    def ended(code: str) -> float:
+        return REGISTRY.get_sample_value("stt_rpc_total", {"method": method, "code": code}) or 0.0
+
+    js, g = await _stack(transcriber, str(tmp_path), dispatch_concurrency=0)  # the job stays queued
+    try:
+        async with AsyncClient(f"127.0.0.1:{g.port}") as c:
+            job = await c.submit(audio.encode(short_clip.samples, "wav"))
+            before = {code: ended(code) for code in ("CANCELLED", "INTERNAL", "UNKNOWN")}
+            call = c.jobs.WatchJob(jobs_pb2.WatchJobRequest(job_id=job.job_id))
+            first = await call.read()
+            assert first.job.status == jobs_pb2.JOB_STATUS_QUEUED
+            call.cancel()  # the gateway is now waiting for the next event
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while all(ended(code) == n for code, n in before.items()):
+                assert loop.time() < deadline, "the watch call never ended on the server"
+                await asyncio.sleep(0.05)
+        assert {code: ended(code) - n for code, n in before.items()} == {
+            "CANCELLED": 1,
+            "INTERNAL": 0,
+            "UNKNOWN": 0,
+        }
+    finally:
+        await g.stop(0)
+        await js.stop(0)

@@ -248,12 +248,12 @@ class JobsAPI:
         events = self.jobstore.watch(jobstore_pb2.StoreJobRef(tenant=tenant, job_id=job_id_of(job_id)))
         drained = asyncio.ensure_future(self.draining.wait())
         last = b""
+        nxt: asyncio.Future[jobs_pb2.JobEvent] | None = None
         try:
             while True:
                 nxt = asyncio.ensure_future(anext(events))
                 done, _ = await asyncio.wait({nxt, drained}, return_when=asyncio.FIRST_COMPLETED)
                 if nxt not in done:
-                    nxt.cancel()
                     raise Unavailable("this gateway is shutting down; reconnect", reason="DRAINING")
                 try:
                     event = nxt.result()
@@ -265,6 +265,12 @@ class JobsAPI:
                     yield event
         finally:
             drained.cancel()
+            if nxt is not None and not nxt.done():
+                # The caller went away (or the gateway drains) while the next event was awaited: that
+                # read must end before the stream can be closed ("aclose(): asynchronous generator is
+                # already running" turned a client closing its watch into INTERNAL).
+                nxt.cancel()
+                await asyncio.gather(nxt, return_exceptions=True)
             await events.aclose()
 
     async def cancel_job(self, tenant: str, job_id: str) -> jobs_pb2.Job:
