@@ -353,3 +353,44 @@ async def test_request_ids_are_echoed(http: httpx.AsyncClient):
     resp = await http.get("/v1/models", headers={"x-request-id": "trace-42"})
     assert resp.headers["x-request-id"] == "trace-42"
     assert len((await http.get("/v1/models")).headers["x-request-id"]) == 16
+
+
+async def test_a_client_leaving_a_job_event_stream_ends_it_cleanly(transcriber, jobstore, tmp_path, caplog):
+    """A browser that closes /v1/jobs/{id}/events while the gateway waits for the job's next event:
+    the stream ends without "unhandled error" / "Exception in ASGI application" (the event stream was
+    closed while its pending read still ran)."""
+    import asyncio
+    import logging
+
+    caplog.set_level(logging.INFO, logger="access")
+    gw = await create_gateway(
+        gateway_settings(
+            f"127.0.0.1:{transcriber.port}", jobstore_address=f"127.0.0.1:{jobstore.port}",
+            dispatch_concurrency=0, spool_dir=str(tmp_path),
+        ),
+        port=0,
+    )  # fmt: skip
+    try:
+        await wait_serving(gw)
+        async with httpx.AsyncClient(base_url=base_url(gw), timeout=60) as h:
+            created = await h.post(
+                "/v1/jobs", files={"file": ("a.wav", audio.encode(audio.silence(2), "wav"))}
+            )
+            path = f"/v1/jobs/{created.json()['job_id']}/events"
+            for _ in range(3):
+                async with h.stream("GET", path) as resp:
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data"):
+                            break  # the job as it is (queued: this gateway runs no jobs); then leave
+
+        def ended() -> int:
+            return sum(1 for r in caplog.records if r.name == "access" and f"GET {path}" in r.getMessage())
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while ended() < 3:
+            assert loop.time() < deadline, "the event streams never ended on the server"
+            await asyncio.sleep(0.05)
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        await gw.stop(0)

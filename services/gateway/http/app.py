@@ -635,8 +635,9 @@ async def _job_sse(
                     nxt = None
             yield _sse(to_json(event), "job")
     finally:
-        if nxt is not None:
-            nxt.cancel()
+        if nxt is not None and not nxt.done():
+            nxt.cancel()  # that read must end before the stream is closed (see JobsAPI.watch_job)
+            await asyncio.gather(nxt, return_exceptions=True)
         await events.aclose()  # type: ignore[attr-defined]
 
 
