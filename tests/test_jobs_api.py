@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from services.gateway.dispatcher import Dispatcher
 from services.gateway.server import Gateway
 from services.gateway.server import create_server as create_gateway
 from services.jobstore.server import JobstoreApp
@@ -202,6 +203,20 @@ async def test_high_priority_starts_before_earlier_low_jobs(one_slot, long_clip,
     assert starts[high.job_id] < min(starts[lo.job_id] for lo in lows)
 
 
+def _outcomes(*names: str) -> dict[str, float]:
+    """The dispatcher's runs so far, by outcome."""
+    return {o: REGISTRY.get_sample_value("stt_dispatcher_jobs_total", {"outcome": o}) or 0.0 for o in names}
+
+
+async def _until_idle(d: Dispatcher) -> None:
+    """Until the dispatcher has no run (its outcome is counted), at most 30 s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while d.active:
+        assert loop.time() < deadline, "the run never ended"
+        await asyncio.sleep(0.05)
+
+
 async def test_a_heartbeat_refused_because_the_job_just_completed_does_not_undo_the_run(
     tmp_path, transcriber, short_clip
 ):
@@ -234,24 +249,14 @@ async def test_a_heartbeat_refused_because_the_job_just_completed_does_not_undo_
         queue.heartbeat = heartbeat  # type: ignore[method-assign]
         queue.complete_job = complete_job  # type: ignore[method-assign]
 
-        def outcomes() -> dict[str, float]:
-            return {
-                o: REGISTRY.get_sample_value("stt_dispatcher_jobs_total", {"outcome": o}) or 0.0
-                for o in ("completed", "stopped", "error")
-            }
-
-        before = outcomes()
+        before = _outcomes("completed", "stopped", "error")
         async with AsyncClient(f"127.0.0.1:{g.port}") as c:
             job = await c.submit(audio.encode(short_clip.samples, "wav"))
             done = await c.wait(job.job_id)
         assert done.status == jobs_pb2.JOB_STATUS_COMPLETED
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while d.active:
-            assert loop.time() < deadline, "the run never ended"
-            await asyncio.sleep(0.05)
+        await _until_idle(d)
         assert refused.is_set()
-        after = outcomes()
+        after = _outcomes(*before)
         assert {o: after[o] - before[o] for o in after} == {"completed": 1, "stopped": 0, "error": 0}
     finally:
         await g.stop(0)
@@ -290,24 +295,14 @@ async def test_a_chunk_that_fails_the_job_ends_the_run_failed_not_stopped(tmp_pa
         d.transcribe = transcribe  # type: ignore[method-assign]
         queue.fail_job = fail_job  # type: ignore[method-assign]
 
-        def outcomes() -> dict[str, float]:
-            return {
-                o: REGISTRY.get_sample_value("stt_dispatcher_jobs_total", {"outcome": o}) or 0.0
-                for o in ("failed", "stopped", "error")
-            }
-
-        before = outcomes()
+        before = _outcomes("failed", "stopped", "error")
         async with AsyncClient(f"127.0.0.1:{g.port}") as c:
             job = await c.submit(audio.encode(long_clip.samples, "flac"))
             done = await c.wait(job.job_id)
         assert done.status == jobs_pb2.JOB_STATUS_FAILED and "cannot be transcribed" in done.error_message
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while d.active:
-            assert loop.time() < deadline, "the run never ended"
-            await asyncio.sleep(0.05)
+        await _until_idle(d)
         assert calls >= 2, "the job needs several chunks for this test"
-        after = outcomes()
+        after = _outcomes(*before)
         assert {o: after[o] - before[o] for o in after} == {"failed": 1, "stopped": 0, "error": 0}
     finally:
         await g.stop(0)
