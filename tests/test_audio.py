@@ -100,6 +100,18 @@ def test_truncated_files_are_refused(speech, fmt):
         decode(data[: len(data) // 2], limits=LIMITS)
 
 
+def test_mp3s_longer_than_their_header_says_are_not_truncated(speech):
+    """Only a shortfall against a stated length is truncation: an MP3 with a tag or padding after
+    its frames, or two MP3s concatenated (FFmpeg then estimates the length from the bitrate) decode
+    as they are."""
+    data = audio.encode(speech, "mp3")
+    seconds = decode(data, limits=LIMITS).info.seconds
+    for extra in (bytes(20_000), data, bytes(len(data) // 6)):
+        got = decode(data + extra, limits=LIMITS)
+        assert got.info.seconds >= seconds - 0.1
+        assert not got.info.length_exact
+
+
 def test_truncated_header_is_refused(speech):
     with pytest.raises(InvalidInput):
         decode(audio.encode(speech, "flac")[:30], limits=LIMITS)

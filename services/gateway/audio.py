@@ -329,13 +329,18 @@ def _declared_seconds(container: av.container.InputContainer, stream: av.AudioSt
 
 
 def _mp3_counts_frames(fileobj: str | BinaryIO) -> bool:
-    """An MP3 whose first frame is a Xing/Info (with its frame count) or VBRI header: its length
-    is stated, not estimated from the bitrate (an MP3 without one cannot tell it was cut off)."""
+    """An MP3 whose first frame is a Xing/Info header with its frame count and byte count, and
+    whose size agrees with that byte count (FFmpeg then takes the length from the frame count): its
+    length is stated, so a shortfall means it was cut off. Not for a file larger than its header
+    says by more than 1/16 (FFmpeg then estimates from the bitrate: trailing tags, concatenated
+    files) nor for MP3s without such a header: those cannot tell they were cut off."""
     if isinstance(fileobj, str):
         with open(fileobj, "rb") as fh:
             return _mp3_counts_frames(fh)
     pos = fileobj.tell()
     try:
+        fileobj.seek(0, os.SEEK_END)
+        total = fileobj.tell()
         fileobj.seek(0)
         head = fileobj.read(10)
         start = 0
@@ -350,11 +355,16 @@ def _mp3_counts_frames(fileobj: str | BinaryIO) -> bool:
     if sync < 0:
         return False
     frame = data[sync : sync + 200]
-    for tag in (b"Xing", b"Info"):
-        at = frame.find(tag)
-        if at >= 0:
-            return bool(int.from_bytes(frame[at + 4 : at + 8], "big") & 1)  # the frame count is there
-    return frame[36:40] == b"VBRI"
+    at = max(frame.find(b"Xing"), frame.find(b"Info"))
+    if at < 0 or len(frame) < at + 16:
+        return False
+    flags = int.from_bytes(frame[at + 4 : at + 8], "big")
+    if flags & 3 != 3:  # both the frame count and the byte count
+        return False
+    frames = int.from_bytes(frame[at + 8 : at + 12], "big")
+    stated = int.from_bytes(frame[at + 12 : at + 16], "big")
+    audio = total - start - sync
+    return frames > 0 and stated > 0 and audio <= stated + stated // 16
 
 
 def _wav_data_seconds(fileobj: str | BinaryIO, stream: av.AudioStream) -> float | None:
