@@ -52,7 +52,10 @@ LIVE_PROMPT_TOKENS = 16
 # length, so streams with different histories share a model call (at most 3 lengths: 0, 8, 16).
 LIVE_PROMPT_BUCKET = 8
 LIVE_TOKENS_PER_SECOND = 7
-TOKENS_PER_SECOND = 12  # generous: fast speech is ~5 text tokens per second, plus timestamps
+TOKENS_PER_SECOND = 12  # generous for English: fast speech is ~4-5 text tokens per second
+# Other languages take more of Whisper's tokens per second of speech (measured with its tokenizer at
+# brisk rates: Japanese ~12, Hindi ~23, Korean ~24, Thai ~36, Tamil ~50): their caps scale by this.
+OTHER_LANGUAGE_TOKEN_FACTOR = 4.5
 FULL_CONTEXT = 3000  # 30 s of 10 ms feature frames: what Whisper was trained on
 CONTEXT_STEP = 500  # dynamic context is rounded up to 5 s
 CONTEXT_MARGIN = 100  # and keeps at least 1 s of padding after the audio
@@ -266,7 +269,7 @@ class Engine:
         words. Live (dynamic-context) windows are left alone: a stream re-decodes its window anyway."""
         todo: list[tuple[int, float]] = []
         for i, (req, res) in enumerate(zip(reqs, out, strict=True)):
-            if not isinstance(res, WindowResult) or req.options.dynamic_context:
+            if not isinstance(res, WindowResult) or req.options.dynamic_context or req.abandoned():
                 continue
             words = [w for seg in res.segments for w in seg.words] if req.options.word_timestamps else []
             last = words[-1].end if words else (res.segments[-1].end if res.segments else 0.0)
@@ -286,7 +289,11 @@ class Engine:
             )
             start = int(last * SAMPLE_RATE)
             tail_reqs.append(
-                WindowRequest(reqs[i].audio[start:], replace(reqs[i].options, initial_prompt=prompt))
+                WindowRequest(
+                    reqs[i].audio[start:],
+                    replace(reqs[i].options, initial_prompt=prompt),
+                    abandoned=reqs[i].abandoned,
+                )
             )
         log.info("%d window(s) stopped early: decoding the rest of their audio", len(todo))
         for (i, last), tail in zip(todo, self.transcribe_batch(tail_reqs, tails=passes - 1), strict=True):
@@ -350,11 +357,12 @@ class Engine:
         # repetition loop (noise, a tone, music: then every fallback temperature loops too) costs
         # what the audio's length allows, not the model's 448 tokens six times over (3 s of a square
         # wave took 13 s of model time uncapped, with full context; a 30 s window's cap is 384).
-        cap = max(sizes) // 100 * TOKENS_PER_SECOND + 24
+        factor = 1.0 if language in (None, "en") else OTHER_LANGUAGE_TOKEN_FACTOR
+        cap = int(max(sizes) / 100 * TOKENS_PER_SECOND * factor) + 24
         if reqs[0].options.dynamic_context:
             # Live windows are re-made every step: a tight cap (fast speech is ~5 tokens a second)
             # keeps a hypothesis that loops at the window's edge cheap; the loop is cut off anyway.
-            cap = max(sizes) * LIVE_TOKENS_PER_SECOND // 100 + 8
+            cap = int(max(sizes) * LIVE_TOKENS_PER_SECOND * factor / 100) + 8
         decoded = self._generate(
             encoder_output, prompts, tok, language, beam_size, temps, batch, cap, [r.abandoned for r in reqs]
         )
