@@ -353,7 +353,7 @@ class Dispatcher:
                         w = Window(round(c.start * SAMPLE_RATE), round(c.end * SAMPLE_RATE))
                         tg.create_task(one(c.index, w))
                 else:
-                    chunks = await self._pipeline(job, lease, source, pcm, plan, tg, one, timeline)
+                    chunks = await self._pipeline(job, lease, source, pcm, plan, tg, one, timeline, failed)
         except BaseExceptionGroup as group:
             leaf = first_leaf(group)
             if isinstance(leaf, _AudioFailed):
@@ -389,6 +389,7 @@ class Dispatcher:
         tg: asyncio.TaskGroup,
         one: Callable[[int, Window], Coroutine[Any, Any, None]],
         timeline: JobTimeline,
+        failed: asyncio.Event,
     ) -> list[ChunkInfo]:
         """Decode, find speech and plan windows in a thread while the windows already planned are
         transcribed; the plan is recorded once complete (a job interrupted before that plans again,
@@ -427,11 +428,17 @@ class Dispatcher:
             stop.set()
             if not producer.done():
                 await asyncio.gather(producer, return_exceptions=True)
-        if not windows:
+        if not windows or failed.is_set():  # (a chunk has failed the job: no plan to record)
             plan.set_result([])
             return []
         spans = [(w.start_seconds, w.end_seconds) for w in windows]
-        chunks = await self._persist(lease, "plan", lambda: self.queue.set_plan(lease, spans))
+        try:
+            chunks = await self._persist(lease, "plan", lambda: self.queue.set_plan(lease, spans))
+        except (Aborted, NotFound):
+            if failed.is_set():  # refused: a chunk failed the job meanwhile
+                plan.set_result([])
+                return []
+            raise
         plan.set_result(chunks)
         timeline.mark("plan recorded")
         return chunks
@@ -497,6 +504,8 @@ class Dispatcher:
         while not failed.is_set():
             try:
                 async with sem:
+                    if failed.is_set():
+                        return  # another chunk failed the job while this one waited for a slot
                     # A window is ~1 MB, read at once: the group's windows reach the model together.
                     # (Its samples are not kept here: the pool holds only the request it makes.)
                     sent = time.monotonic()
@@ -549,8 +558,10 @@ class Dispatcher:
                     partial(self.queue.complete_chunk, lease, index, segments, result.language),
                 )
             except (Aborted, NotFound):
-                if failed.is_set():
-                    return  # refused: another chunk failed the job meanwhile
+                if failed.is_set() or lease.job_id in self._ending:
+                    # Refused because another chunk failed the job meanwhile (its write may still be
+                    # on its way: if that one is refused too, it says why).
+                    return
                 raise
             CHUNKS.labels("ok").inc()
             return
