@@ -244,7 +244,7 @@ async def test_native_protocol_errors_and_keys(transcriber, jobstore):  # type: 
             # at once, as gRPC answers it, not when the stream's idle timer (30 s) ends the session.
             config = json.dumps({"config": {"encoding": "LINEAR16", "sample_rate_hz": 16000}})
             await ws.send(config)
-            await ws.send(config)
+            await ws.send(json.dumps({"streaming_config": json.loads(config)}))  # the other form
             error = json.loads(await asyncio.wait_for(ws.recv(), 10))["error"]
             assert error["code"] == "duplicate_config", error
         oai = realtime_client(gw, KEY)

@@ -57,6 +57,8 @@ async def test_long_clip_is_chunked_and_merged_with_correct_times(client: AsyncC
 async def test_silence_gives_no_words(client: AsyncClient):
     resp = await client.recognize(audio.encode(audio.silence(20), "wav"))
     assert resp.transcript == "" and not resp.results
+    # No speech found (the model call may have been cancelled): still the English-only model's language.
+    assert resp.language_code == "en" and resp.metadata.model and resp.metadata.window_count == 0
 
 
 async def test_noise_only_gives_no_words(client: AsyncClient):

@@ -380,7 +380,7 @@ class SpeechAPI:
                 for i, s in enumerate(result.segments)
             ],
             transcript=join_text(result.segments),
-            language_code=result.language,
+            language_code=result.language or self._only_language(),
             metadata=speech_pb2.RecognitionMetadata(
                 audio_duration_seconds=round(result.duration, 3),
                 processing_seconds=round(time.perf_counter() - started, 3),
@@ -393,6 +393,14 @@ class SpeechAPI:
     def _model_name(self) -> str:
         caps = self.caps()
         return caps.name if caps else ""
+
+    def _only_language(self) -> str:
+        """The language of a model that has one (English-only models), for a call that found no
+        speech before the model said; "" for a multilingual model."""
+        caps = self.caps()
+        return (
+            next(iter(caps.languages)) if caps and not caps.multilingual and len(caps.languages) == 1 else ""
+        )
 
     # -- StreamingRecognize ------------------------------------------------------------------------
 

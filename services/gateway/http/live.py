@@ -274,7 +274,7 @@ def _message_type(text: str) -> str:
         return text.strip().lower()
     if not isinstance(doc, dict):
         return ""
-    if "type" not in doc and "config" in doc:
+    if "type" not in doc and ("config" in doc or "streaming_config" in doc):
         return "config"
     return str(doc.get("type", "")).lower()
 
