@@ -130,6 +130,11 @@ async def test_a_compressed_stream_cut_before_its_first_audio_ends_ok(
     head = audio.encode(audio.silence(1), fmt)[:size]
     responses = await _collect(client.stream([head], encoding=encoding, sample_rate=0))
     assert not [r for _, resp in responses for r in resp.results]
+    # The same length of something that only starts right is still refused.
+    garbage = head[:4] + np.random.default_rng(1).bytes(3000)
+    with pytest.raises(SttError) as err:
+        await _collect(client.stream([garbage], encoding=encoding, sample_rate=0))
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, err.value
 
 
 async def test_silence_gives_no_words_and_no_model_calls(client: AsyncClient, transcriber):

@@ -136,6 +136,9 @@ class PcmStreamDecoder(StreamDecoder):
         self._finish_ok()
 
 
+HEAD_KEEP = 64 * 1024  # bytes of a compressed stream's start kept to judge a stream cut short
+
+
 class _Pipe(io.RawIOBase):
     """A blocking byte pipe: the event loop writes, the decoder thread reads; `pending` counts the
     bytes written and not yet read, and `on_read` is called (in the reader's thread) after a read."""
@@ -189,6 +192,7 @@ class ContainerStreamDecoder(StreamDecoder):
         self.limits = limits
         self._bytes = 0
         self._head = b""  # the first bytes, until checked
+        self._prefix = bytearray()  # the first HEAD_KEEP bytes (see _cut_short)
         self._room = asyncio.Event()
         self._room.set()
         self._pipe = _Pipe(self._read_some)
@@ -206,6 +210,8 @@ class ContainerStreamDecoder(StreamDecoder):
         if self.done.done():
             self.done.result()  # re-raise the decoding error
         self._bytes += len(data)
+        if len(self._prefix) < HEAD_KEEP:
+            self._prefix += data[: HEAD_KEEP - len(self._prefix)]
         if len(self._head) < 4:
             self._head += data[:4]
             if len(self._head) >= 4 and not _starts_right(self.encoding, self._head):
@@ -244,6 +250,37 @@ class ContainerStreamDecoder(StreamDecoder):
         self._abandoned.set()
         self._pipe.close_writer()
 
+    def _cut_short(self) -> bool:
+        """The stream ended inside its headers, and they are well formed so far (rather than being
+        something else that only starts right: FFmpeg says "end of file" or "invalid data" for
+        both): FLAC metadata blocks (STREAMINFO first, known types) or OGG pages. Other encodings:
+        no."""
+        if self._bytes > HEAD_KEEP:
+            return False
+        data = bytes(self._prefix)
+        if self.encoding == "FLAC":
+            off, first = 4, True
+            while off + 4 <= len(data):
+                kind, size = data[off] & 0x7F, int.from_bytes(data[off + 1 : off + 4], "big")
+                if kind > 6 or (first and (kind != 0 or size != 34)):
+                    return False
+                first, last = False, data[off] & 0x80
+                off += 4 + size
+                if last:
+                    return off >= len(data)  # no audio frame after the metadata
+            return True
+        if self.encoding in ("OGG_OPUS", "OGG_VORBIS"):
+            off = 0
+            while off < len(data):
+                page = data[off : off + 27]
+                if not b"OggS".startswith(page[:4]) or (len(page) > 4 and page[4] != 0):
+                    return False
+                if len(page) < 27 or off + 27 + page[26] > len(data):
+                    return True  # cut inside a page header
+                off += 27 + page[26] + sum(data[off + 27 : off + 27 + page[26]])
+            return True
+        return False
+
     def _emit(self, block: np.ndarray) -> None:
         if not self._abandoned.is_set():
             self.loop.call_soon_threadsafe(self.sink, block)
@@ -262,15 +299,20 @@ class ContainerStreamDecoder(StreamDecoder):
                 self._pipe, mode="r", format=fmt, options={"probesize": "4096", "analyzeduration": "0"}
             )
         except (av.error.FFmpegError, ValueError, OSError) as exc:
-            if self._pipe.ended and not self._abandoned.is_set():
+            if self._pipe.ended and not self._abandoned.is_set() and self._cut_short():
                 # The stream ended (half-close) before its header could be read whole: a stream that
                 # began right (see feed) and was cut short, e.g. a hang-up. No audio: OK, no results.
                 log.debug("%s stream ended after %d bytes, before any audio", self.encoding, self._bytes)
                 self.loop.call_soon_threadsafe(self._finish_ok)
                 return
+            detail = (
+                f"no valid {self.encoding} header in its {self._bytes} bytes"
+                if self._pipe.ended
+                else getattr(exc, "strerror", None) or exc
+            )
             self._error(
                 InvalidInput(
-                    f"the stream is not {self.encoding} audio ({getattr(exc, 'strerror', None) or exc})",
+                    f"the stream is not {self.encoding} audio ({detail})",
                     reason="UNDECODABLE_AUDIO",
                     field="audio_content",
                 )
