@@ -305,13 +305,16 @@ async def test_invalid_utf8_string_field_is_invalid_argument(gateway):
     # RecognitionConfig.language_code (field 4) = b"\xff": not UTF-8, so parsing fails.
     config = b"\x22\x01\xff"
     request = b"\x0a" + bytes([len(config)]) + config
+    # (Measured against what is held before: an earlier test's over-size message leaves its
+    # reservation until BODY_WAIT_SECONDS lapse; gRPC drops such a call before any handler runs.)
+    held = gateway.budget.used
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await channel.unary_unary("/stt.v1.Speech/Recognize")(request, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     # The memory reserved for its body before it was read is given back when the call ends (the
     # server's cleanup runs just after the client has the status).
-    await until(lambda: gateway.budget.used == 0, timeout=10, what="the in-flight reservation released")
+    await until(lambda: gateway.budget.used <= held, timeout=10, what="the in-flight reservation released")
 
 
 @pytest.mark.parametrize("name", sorted(F.known_bad()))
