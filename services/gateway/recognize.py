@@ -218,7 +218,9 @@ async def recognize(
                 return Recognition([], options.language or "", duration, [], "")
             result = await model_task
         finally:
-            model_task.cancel()
+            if not model_task.done():  # (the caller went away)
+                model_task.cancel()
+                await asyncio.gather(model_task, return_exceptions=True)
             regions = (await asyncio.gather(regions_task, return_exceptions=True))[0]
         if isinstance(regions, BaseException):
             raise regions
