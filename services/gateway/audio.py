@@ -379,18 +379,42 @@ def _wav_data_seconds(fileobj: str | BinaryIO, stream: av.AudioStream) -> float 
         fileobj.seek(pos)
     if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None
-    off = 12
-    block_align = rate = 0
+    wav = _wav_layout(head)
+    if wav is None or wav.data_size in (0, 0xFFFFFFFF) or not wav.block or not wav.rate:
+        return None  # streamed WAV: length unknown
+    return wav.data_size / wav.block / wav.rate
+
+
+@dataclass(frozen=True, slots=True)
+class _WavLayout:
+    """A RIFF WAVE's `fmt ` fields (0 when no `fmt ` chunk comes before `data`) and where its `data`
+    chunk starts and how long its header says it is."""
+
+    tag: int
+    channels: int
+    rate: int
+    bits: int
+    block: int
+    data_start: int
+    data_size: int
+
+
+_FMT_FIELDS = ((0, 2), (2, 4), (4, 8), (14, 16), (12, 14))  # byte ranges in a `fmt ` chunk's body
+
+
+def _wav_layout(head: bytes) -> _WavLayout | None:
+    """The chunks of a WAV's first bytes, walked up to `data` (None: no `data` chunk in them). The
+    callers check the RIFF/WAVE magic as they need."""
+    off, fmt = 12, (0, 0, 0, 0, 0)
     while off + 8 <= len(head):
         chunk, size = head[off : off + 4], int.from_bytes(head[off + 4 : off + 8], "little")
+        body = off + 8
         if chunk == b"fmt " and size >= 16:
-            block_align = int.from_bytes(head[off + 20 : off + 22], "little")
-            rate = int.from_bytes(head[off + 12 : off + 16], "little")
-        if chunk == b"data":
-            if size in (0, 0xFFFFFFFF) or not block_align or not rate:
-                return None  # streamed WAV: length unknown
-            return size / block_align / rate
-        off += 8 + size + (size & 1)
+            # format tag, channels, sample rate, bits per sample, block align
+            fmt = tuple(int.from_bytes(head[body + a : body + b], "little") for a, b in _FMT_FIELDS)  # type: ignore[assignment]
+        elif chunk == b"data":
+            return _WavLayout(*fmt, data_start=body, data_size=size)
+        off = body + size + (size & 1)
     return None
 
 
@@ -400,41 +424,20 @@ def _plain_wav(data: bytes) -> tuple[int, int, int, int] | None:
     encodings, a streamed or cut-off WAV, odd headers: PyAV decodes and judges those)."""
     if len(data) < 44 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         return None
-    off, fmt = 12, None
-    while off + 8 <= len(data):
-        chunk, size = data[off : off + 4], int.from_bytes(data[off + 4 : off + 8], "little")
-        body = off + 8
-        if chunk == b"fmt ":
-            if size < 16 or body + 16 > len(data):
-                return None
-            tag, channels = (
-                int.from_bytes(data[body : body + 2], "little"),
-                int.from_bytes(data[body + 2 : body + 4], "little"),
-            )
-            rate, bits = (
-                int.from_bytes(data[body + 4 : body + 8], "little"),
-                int.from_bytes(data[body + 14 : body + 16], "little"),
-            )
-            block = int.from_bytes(data[body + 12 : body + 14], "little")
-            fmt = (tag, channels, rate, bits, block)
-        elif chunk == b"data":
-            if fmt is None:
-                return None
-            tag, channels, rate, bits, block = fmt
-            if (
-                tag != 1
-                or bits != 16
-                or channels not in (1, 2)  # (more channels: FFmpeg's downmix, as before)
-                or not 4000 <= rate <= 192_000
-                or block != 2 * channels
-                or size in (0, 0xFFFFFFFF)
-                or size % block
-                or body + size > len(data)
-            ):
-                return None
-            return rate, channels, body, size
-        off = body + size + (size & 1)
-    return None
+    wav = _wav_layout(data)
+    if (
+        wav is None
+        or wav.tag != 1
+        or wav.bits != 16
+        or wav.channels not in (1, 2)  # (more channels: FFmpeg's downmix, as before)
+        or not 4000 <= wav.rate <= 192_000
+        or wav.block != 2 * wav.channels
+        or wav.data_size in (0, 0xFFFFFFFF)
+        or wav.data_size % wav.block
+        or wav.data_start + wav.data_size > len(data)
+    ):
+        return None
+    return wav.rate, wav.channels, wav.data_start, wav.data_size
 
 
 def _av_msg(exc: BaseException) -> str:
@@ -702,18 +705,10 @@ def _decodable_end(source: str, info: AudioInfo) -> float | None:
         size = os.path.getsize(source)
         with open(source, "rb") as fh:
             head = fh.read(65536)
-        off, block_align, rate = 12, 0, 0
-        while off + 8 <= len(head):
-            chunk, n = head[off : off + 4], int.from_bytes(head[off + 4 : off + 8], "little")
-            if chunk == b"fmt " and n >= 16:
-                block_align = int.from_bytes(head[off + 20 : off + 22], "little")
-                rate = int.from_bytes(head[off + 12 : off + 16], "little")
-            if chunk == b"data":
-                if not block_align or not rate:
-                    return None
-                return (size - off - 8) / block_align / rate
-            off += 8 + n + (n & 1)
-        return None
+        wav = _wav_layout(head)
+        if wav is None or not wav.block or not wav.rate:
+            return None
+        return (size - wav.data_start) / wav.block / wav.rate
     try:
         with av.open(source, mode="r", metadata_errors="ignore") as container:
             stream = container.streams.audio[0]
