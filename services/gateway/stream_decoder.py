@@ -191,8 +191,7 @@ class ContainerStreamDecoder(StreamDecoder):
         self.encoding = encoding
         self.limits = limits
         self._bytes = 0
-        self._head = b""  # the first bytes, until checked
-        self._prefix = bytearray()  # the first HEAD_KEEP bytes (see _cut_short)
+        self._prefix = bytearray()  # the first HEAD_KEEP bytes (its first 4: see feed; _cut_short)
         self._room = asyncio.Event()
         self._room.set()
         self._pipe = _Pipe(self._read_some)
@@ -210,19 +209,18 @@ class ContainerStreamDecoder(StreamDecoder):
         if self.done.done():
             self.done.result()  # re-raise the decoding error
         self._bytes += len(data)
-        if len(self._prefix) < HEAD_KEEP:
-            self._prefix += data[: HEAD_KEEP - len(self._prefix)]
-        if len(self._head) < 4:
-            self._head += data[:4]
-            if len(self._head) >= 4 and not _starts_right(self.encoding, self._head):
-                exc = InvalidInput(
-                    f"the stream is not {self.encoding} audio (it does not start like one)",
-                    reason="UNDECODABLE_AUDIO",
-                    field="audio_content",
-                )
-                self._fail(exc)
-                self.close()
-                raise exc
+        had = len(self._prefix)
+        if had < HEAD_KEEP:
+            self._prefix += data[: HEAD_KEEP - had]
+        if had < 4 <= len(self._prefix) and not _starts_right(self.encoding, bytes(self._prefix[:4])):
+            exc = InvalidInput(
+                f"the stream is not {self.encoding} audio (it does not start like one)",
+                reason="UNDECODABLE_AUDIO",
+                field="audio_content",
+            )
+            self._fail(exc)
+            self.close()
+            raise exc
         try:
             if self._bytes > self.limits.max_bytes:
                 check_size(self._bytes, self.limits)
