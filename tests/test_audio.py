@@ -93,6 +93,46 @@ def test_declared_encoding_must_match(speech):
         decode(audio.encode(speech, "mp3"), limits=LIMITS, encoding="FLAC")
 
 
+@pytest.mark.parametrize(("rate", "channels"), [(16000, 1), (8000, 1), (44100, 2)])
+def test_plain_wav_is_read_without_a_container_and_decodes_the_same(speech, rate, channels, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    """A whole 16-bit PCM WAV (bytes or a file) is read as LINEAR16: the same samples as FFmpeg's,
+    without opening a container."""
+    from services.gateway import audio as gateway_audio
+
+    data = audio.encode(speech, "wav", rate=rate, channels=channels)
+    path = tmp_path / "x.wav"
+    path.write_bytes(data)
+    reference = np.concatenate(list(gateway_audio.iter_container(data, LIMITS)))
+
+    def no_container(*_a, **_k):
+        raise AssertionError("a plain WAV opened a container")
+
+    monkeypatch.setattr(gateway_audio, "iter_container", no_container)
+    for source in (data, str(path)):
+        out = decode(source, limits=LIMITS)
+        assert out.info.container == "wav" and out.info.length_exact
+        assert abs(out.samples.shape[0] - reference.shape[0]) <= 2
+        n = min(out.samples.shape[0], reference.shape[0])
+        # (FFmpeg's resampler and ours differ by a little at other rates.)
+        assert np.abs(out.samples[:n] - reference[:n]).mean() < (1e-6 if rate == 16000 else 0.01)
+
+
+def test_plain_wav_file_over_the_duration_limit_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "long.wav"
+    path.write_bytes(audio.encode(audio.silence(200), "wav"))
+    with pytest.raises(LimitExceeded, match="audio is 200s; the limit is 120s"):
+        decode(str(path), limits=LIMITS)
+
+
+def test_cut_off_wav_file_still_goes_to_ffmpeg_and_is_refused(speech, tmp_path):
+    data = audio.encode(np.concatenate([speech, speech]), "wav")
+    path = tmp_path / "cut.wav"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InvalidInput, match="truncated"):
+        decode(str(path), limits=LIMITS)
+
+
 @pytest.mark.parametrize("fmt", ["wav", "flac", "m4a", "mp3"])  # (this MP3 has an Info header)
 def test_truncated_files_are_refused(speech, fmt):
     data = audio.encode(np.concatenate([speech, speech]), fmt)

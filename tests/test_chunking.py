@@ -97,6 +97,67 @@ def test_windows_given_out_piece_by_piece_are_the_whole_plan():
     assert out == whole
 
 
+def _planned(spans, total_seconds):
+    from services.gateway.chunking import WindowPlanner
+
+    a = np.zeros(int(total_seconds * SR), dtype=np.float32)
+    planner = WindowPlanner(lambda lo, hi: a[lo:hi])
+    windows = planner.add(_regions(spans), a.shape[0])
+    return planner, windows + planner.finish(a.shape[0])
+
+
+def test_rebalance_cuts_the_last_windows_evenly_in_the_same_pauses():
+    # 3.5 s of speech every 5 s for 206 s: 7 windows of up to 30 s (one transcriber of two would
+    # do 4 of them); cut again into 8, each of the two does 4 of about the same length.
+    spans = [(i * 5 + 0.5, i * 5 + 4.0) for i in range(41)]
+    planner, windows = _planned(spans, 206.0)
+    assert len(windows) == 7
+    again = planner.rebalance(windows, 8)
+    assert len(again) == 8
+
+    def imbalance(ws):  # audio seconds of the busier of two replicas taking windows in turn
+        return abs(sum(w.seconds for w in ws[0::2]) - sum(w.seconds for w in ws[1::2]))
+
+    assert imbalance(windows) > 20.0
+    assert imbalance(again) < 6.0
+    assert max(w.seconds for w in again) - min(w.seconds for w in again) < 8.0
+    assert all(w.seconds <= 30.0 + 1e-6 for w in again)
+    assert all(p.end <= n.start for p, n in itertools.pairwise(again))
+    assert again[-1].end <= 206 * SR
+    for a_, b_ in spans:  # every stretch of speech whole, in exactly one window
+        assert sum(1 for w in again if w.start <= a_ * SR and b_ * SR <= w.end) == 1, (a_, b_)
+    # The first windows given out stay; only the tail is cut again, after them.
+    tail = planner.rebalance(windows[3:], 5)
+    assert len(tail) == 5 and tail[0].start >= windows[2].end
+    for a_, b_ in spans[24:]:
+        assert sum(1 for w in tail if w.start <= a_ * SR and b_ * SR <= w.end) == 1, (a_, b_)
+
+
+def test_rebalance_leaves_what_it_cannot_cut():
+    spans = [(i * 5 + 0.5, i * 5 + 4.0) for i in range(41)]
+    planner, windows = _planned(spans, 206.0)
+    assert planner.rebalance(windows[:3], 4) == windows[:3]  # not the planner's last windows
+    assert planner.rebalance(windows, 0) == windows
+    # Speech without pauses cannot be cut finer than its pieces: at most as many windows as pieces.
+    planner, windows = _planned([(0.5, 40.0), (41.0, 80.0)], 81.0)
+    again = planner.rebalance(windows, 10)
+    assert 2 < len(again) <= 4 and all(w.seconds <= 30.0 + 1e-6 for w in again)
+    # Audio that fits in one window is not this planner's to cut.
+    planner, windows = _planned([(1.0, 9.0)], 10.0)
+    assert planner.rebalance(windows, 2) == windows
+
+
+def test_balanced_count():
+    from services.gateway.chunking import balanced_count
+
+    w30 = [Window(0, 30 * SR)] * 7
+    assert balanced_count(w30, 1) == 7
+    assert balanced_count(w30, 2) == 8
+    assert balanced_count(w30, 3) == 9
+    assert balanced_count(w30[:1], 4) == 1  # one window is the whole speech: not cut for speed
+    assert balanced_count([Window(0, 20 * SR)] * 2, 4) == 2  # 10 s windows: not worth it
+
+
 def test_streaming_planner_gives_windows_before_the_audio_ends_and_the_same_however_fed():
     from services.gateway.chunking import StreamingPlanner
 

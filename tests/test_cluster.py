@@ -59,15 +59,20 @@ async def _done(client: AsyncClient, job_id: str, timeout: float = 180) -> jobs_
 
 
 async def test_work_spreads_over_all_transcribers_and_metrics_are_exposed(
-    cluster: LocalCluster, recording, short_clip
+    cluster: LocalCluster, long_clip, short_clip
 ):
+    # 2.5 x the long clip (182 s) plans 7 windows of up to 30 s: one transcriber of three would get 3.
+    half = long_clip.samples[: long_clip.samples.shape[0] // 2]
+    uneven = audio.encode(np.concatenate([long_clip.samples, long_clip.samples, half]), "flac")
     async with AsyncClient(cluster.gateway_target) as c:
-        job = await c.submit(recording, language="en")
+        job = await c.submit(uneven, language="en")
         wav = audio.encode(short_clip.samples, "wav")
         results = await asyncio.gather(*[c.recognize(wav) for _ in range(6)])
         assert all(wer(short_clip.text, r.transcript) <= 0.15 for r in results)
         done = await _done(c, job.job_id)
         assert done.status == jobs_pb2.JOB_STATUS_COMPLETED
+        # The job's windows were cut again so each of the 3 transcribers got as many.
+        assert done.chunks_total % len(cluster.transcribers) == 0, done.chunks_total
     calls = [transcribe_calls(t) for t in cluster.transcribers]
     assert all(n > 0 for n in calls), calls
     t_metrics = scrape(cluster.transcribers[0])

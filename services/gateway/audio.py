@@ -418,10 +418,15 @@ def _wav_layout(head: bytes) -> _WavLayout | None:
     return None
 
 
-def _plain_wav(data: bytes) -> tuple[int, int, int, int] | None:
+WAV_HEAD_BYTES = 65536  # where a WAV file's `data` chunk must start for the plain-PCM path
+
+
+def _plain_wav(data: bytes, size: int | None = None) -> tuple[int, int, int, int] | None:
     """(sample rate, channels, data offset, data size) of a RIFF WAVE of 16-bit integer PCM whose
     data chunk is all there and whose format LINEAR16 accepts; None for anything else (other
-    encodings, a streamed or cut-off WAV, odd headers: PyAV decodes and judges those)."""
+    encodings, a streamed or cut-off WAV, odd headers: PyAV decodes and judges those). `data` is
+    the file, or its first bytes when `size` says how long the file is."""
+    size = len(data) if size is None else size
     if len(data) < 44 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         return None
     wav = _wav_layout(data)
@@ -434,10 +439,15 @@ def _plain_wav(data: bytes) -> tuple[int, int, int, int] | None:
         or wav.block != 2 * wav.channels
         or wav.data_size in (0, 0xFFFFFFFF)
         or wav.data_size % wav.block
-        or wav.data_start + wav.data_size > len(data)
+        or wav.data_start + wav.data_size > size
     ):
         return None
     return wav.rate, wav.channels, wav.data_start, wav.data_size
+
+
+def _plain_wav_info(info: AudioInfo, rate: int, channels: int, size: int) -> None:
+    info.container, info.codec, info.sample_rate, info.channels = "wav", "pcm_s16le", rate, channels
+    info.declared_seconds, info.length_exact = size / (2 * channels * rate), True
 
 
 def _av_msg(exc: BaseException) -> str:
@@ -562,10 +572,23 @@ def _iter_checked(
         # 16-bit PCM WAV, whole (the usual speech file): read as LINEAR16 without opening a
         # container (PyAV's probe alone costs ~4 ms, most of a short Recognize's overhead).
         rate, channels, start, size = pcm
-        info.container, info.codec, info.sample_rate, info.channels = "wav", "pcm_s16le", rate, channels
-        info.declared_seconds, info.length_exact = size / (2 * channels * rate), True
+        _plain_wav_info(info, rate, channels, size)
         yield from iter_linear16(source[start : start + size], rate, channels, limits)
         return
+    if encoding in ("", "WAV") and isinstance(source, str):
+        with open(source, "rb") as fh:
+            if (pcm := _plain_wav(fh.read(WAV_HEAD_BYTES), size)) is not None:
+                rate, channels, start, length = pcm
+                _plain_wav_info(info, rate, channels, length)
+                if (seconds := length / (2 * channels * rate)) > limits.max_seconds:
+                    raise _too_long(seconds, limits, declared=True)
+                decoder = Linear16Decoder(rate, channels, limits)
+                fh.seek(start)
+                while length > 0 and (block := fh.read(min(length, 1 << 20))):
+                    length -= len(block)
+                    yield from decoder.push(block)
+                yield from decoder.flush()
+                return
     if encoding != "LINEAR16":
         yield from iter_container(source, limits, encoding or None, info)
         return

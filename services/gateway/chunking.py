@@ -7,6 +7,7 @@ the maximum is cut at its quietest point.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import deque
@@ -128,6 +129,9 @@ class WindowPlanner:
         self.read = read  # (start, end) -> float32 samples: needed only to cut long speech
         self.limit = int(max_seconds * SAMPLE_RATE)
         self._group: tuple[int, int] | None = None
+        self._group_pieces: list[tuple[int, int]] = []
+        # The last windows given out, with what they were made of (for `rebalance`).
+        self._history: deque[_Closed] = deque(maxlen=REBALANCE_HISTORY)
         self._prev_end = 0  # unwidened end of the last closed window
         self._held: list[Window] = []  # settled windows kept back while the audio may fit in one
         self._any = False
@@ -159,25 +163,51 @@ class WindowPlanner:
     def _piece(self, start: int, end: int) -> list[Window]:
         self._any = True
         if self._group is None:
-            self._group = (start, end)
+            self._group, self._group_pieces = (start, end), [(start, end)]
             return []
         g_start, _ = self._group
         if end - g_start <= self.limit:
             self._group = (g_start, end)
+            self._group_pieces.append((start, end))
             return []
         closed = self._close(Window(*self._group), start)
-        self._group = (start, end)
+        self._group, self._group_pieces = (start, end), [(start, end)]
         return [closed]
 
-    def _close(self, w: Window, next_start: int) -> Window:
+    def _close(self, w: Window, next_start: int, total: int | None = None) -> Window:
         prev_end = self._prev_end
-        lo = max(prev_end + (w.start - prev_end) // 2, w.start - SAMPLE_RATE)
-        hi = min(w.end + (next_start - w.end) // 2, w.end + SAMPLE_RATE)
-        slack = self.limit - (w.end - w.start)
-        lo = max(lo, w.start - slack // 2)
-        hi = min(hi, w.end + (slack - (w.start - lo)))
+        out = _widen(w.start, w.end, prev_end, next_start, self.limit)
+        if total is not None:
+            out = Window(out.start, min(total, out.end))
+        self._history.append(_Closed(out, tuple(self._group_pieces), prev_end, next_start, total))
         self._prev_end = w.end
-        return Window(max(0, lo), hi)
+        return out
+
+    def rebalance(self, tail: list[Window], parts: int) -> list[Window]:
+        """The last windows given out (`tail`, not sent yet) cut again into `parts` windows as even
+        as the pauses allow (fewer if they do not allow that many), in the same pauses and by the
+        same rules: so that N transcribers get the same amount of audio each (7 windows of 30 s on
+        2 replicas keep one busy for 4 windows while the other does 3; 8 of 26 s take 4 each). The
+        windows unchanged when `tail` is not this planner's last windows or `parts` is below 1."""
+        n = len(tail)
+        if parts < 1 or n == 0 or n > len(self._history):
+            return tail
+        closed = list(self._history)[-n:]
+        if [c.window for c in closed] != tail:
+            return tail
+        pieces = [p for c in closed for p in c.pieces]
+        groups = _even_groups(pieces, parts, self.limit)
+        out: list[Window] = []
+        prev_end = closed[0].prev_end
+        for i, (start, end) in enumerate(groups):
+            next_start = groups[i + 1][0] if i + 1 < len(groups) else closed[-1].next_start
+            w = _widen(start, end, prev_end, next_start, self.limit)
+            out.append(w)
+            prev_end = end
+        total = closed[-1].total
+        if total is not None:
+            out[-1] = Window(out[-1].start, min(total, out[-1].end))
+        return out
 
     def _release(self, windows: list[Window], total: int) -> list[Window]:
         if self._released:
@@ -196,10 +226,92 @@ class WindowPlanner:
             return [Window(0, total)] if self._any else []
         out = self._release([], total)
         if self._group is not None:
-            last = self._close(Window(*self._group), total)
-            out.append(Window(last.start, min(total, last.end)))
+            out.append(self._close(Window(*self._group), total, total))
             self._group = None
         return out
+
+
+REBALANCE_HISTORY = 256  # windows `rebalance` can cut again (more than a group ever holds)
+
+
+@dataclass(frozen=True, slots=True)
+class _Closed:
+    """A window given out: the speech pieces it was made of, the end of the speech before it, the
+    start of the speech after it, and the end of the audio when it was the last."""
+
+    window: Window
+    pieces: tuple[tuple[int, int], ...]
+    prev_end: int
+    next_start: int
+    total: int | None
+
+
+def _widen(start: int, end: int, prev_end: int, next_start: int, limit: int) -> Window:
+    """Speech [start, end) widened into half of the pause on either side, up to 1 s each, staying
+    within `limit` samples."""
+    lo = max(prev_end + (start - prev_end) // 2, start - SAMPLE_RATE)
+    hi = min(end + (next_start - end) // 2, end + SAMPLE_RATE)
+    slack = limit - (end - start)
+    lo = max(lo, start - slack // 2)
+    hi = min(hi, end + (slack - (start - lo)))
+    return Window(max(0, lo), hi)
+
+
+def _even_groups(pieces: list[tuple[int, int]], parts: int, limit: int) -> list[tuple[int, int]]:
+    """Consecutive speech pieces in `parts` groups (as many as there are pieces at most), each
+    spanning at most `limit` samples, cut in the pauses nearest to an even split of their span."""
+    n = len(pieces)
+    parts = min(parts, n)
+    first, last = pieces[0][0], pieces[-1][1]
+    bounds: list[int] = [0]  # index of each group's first piece
+    for i in range(1, parts):
+        ideal = first + (last - first) * i // parts
+        begin = bounds[-1]
+        best: int | None = None
+        # Group i-1 is pieces[begin:j]; at least one piece for each group after it, and what is
+        # left must still fit in those groups.
+        for j in range(begin + 1, n - (parts - i) + 1):
+            if pieces[j - 1][1] - pieces[begin][0] > limit:
+                break
+            if _fits(pieces[j:], parts - i, limit):
+                pause = (pieces[j - 1][1] + pieces[j][0]) // 2
+                if best is None or abs(pause - ideal) < abs(
+                    (pieces[best - 1][1] + pieces[best][0]) // 2 - ideal
+                ):
+                    best = j
+        if best is None:  # (cannot happen when the pieces made at most `parts` windows before)
+            return _fill(pieces, limit)
+        bounds.append(best)
+    bounds.append(n)
+    return [(pieces[a][0], pieces[b - 1][1]) for a, b in itertools.pairwise(bounds)]
+
+
+def _fits(pieces: list[tuple[int, int]], groups: int, limit: int) -> bool:
+    return len(_fill(pieces, limit)) <= groups
+
+
+def _fill(pieces: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
+    """Consecutive pieces grouped while a group spans at most `limit` samples (fewest groups)."""
+    out: list[tuple[int, int]] = []
+    for start, end in pieces:
+        if out and end - out[-1][0] <= limit:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+def balanced_count(windows: list[Window], replicas: int, *, min_seconds: float = 15.0) -> int:
+    """How many windows to cut `windows` into so `replicas` transcribers get as many each: the next
+    multiple of `replicas`, unless that makes windows shorter than `min_seconds` on average (each
+    window costs a whole 30 s encoder pass and short ones give the model less context)."""
+    n = len(windows)
+    if replicas <= 1 or n < 2:
+        return n
+    want = -(-n // replicas) * replicas
+    if sum(w.seconds for w in windows) / want < min_seconds:
+        return n
+    return want
 
 
 def _quietest_cut_read(read: Callable[[int, int], np.ndarray], lo: int, hi: int) -> int:
@@ -249,6 +361,10 @@ class StreamingPlanner:
         while self.total - self.queued >= self.block:
             out += self._submit(self.queued + self.block)
         return out + self._collect(wait=False)
+
+    def rebalance(self, tail: list[Window], parts: int) -> list[Window]:
+        """See WindowPlanner.rebalance (once planning has finished)."""
+        return self.planner.rebalance(tail, parts)
 
     def finish(self) -> list[Window]:
         out: list[Window] = []

@@ -37,7 +37,14 @@ from prometheus_client import Gauge, Histogram
 
 from services.gateway import observe
 from services.gateway.audio import Limits, iter_source
-from services.gateway.chunking import StreamingPlanner, VadSettings, Window, WindowGroups, merge
+from services.gateway.chunking import (
+    StreamingPlanner,
+    VadSettings,
+    Window,
+    WindowGroups,
+    balanced_count,
+    merge,
+)
 from services.gateway.jobqueue import ChunkInfo, ClaimedJob, JobQueue, Lease
 from services.gateway.recognize import first_leaf
 from services.shared import memory, tracing
@@ -151,12 +158,16 @@ class Dispatcher:
         config: DispatcherConfig,
         spool: Spool | None = None,
         batch_capacity: Callable[[], int] | None = None,
+        replicas: Callable[[], int] | None = None,
     ) -> None:
         self.queue = queue
         self.transcribe = transcribe
         # Planned windows are sent in groups of this many (or when planning ends), so the model
         # calls stay full: a lone first window costs as much as several batched ones on a CPU.
         self.batch_capacity = batch_capacity or (lambda: 8)
+        # Transcriber replicas serving: the windows still held when planning ends are cut again so
+        # each replica gets as many, of the same length (see WindowPlanner.rebalance).
+        self.replicas = replicas or (lambda: 1)
         self.config = config
         self.spool = spool or Spool(
             config.spool_dir or os.path.join(tempfile.gettempdir(), "stt-spool"), name="dispatcher"
@@ -402,9 +413,11 @@ class Dispatcher:
         def emit(w: Window | None) -> None:
             loop.call_soon_threadsafe(planned.put_nowait, w)
 
+        planner = StreamingPlanner(self.config.vad)
+
         def produce() -> None:
             try:
-                self._decode(job, source, pcm, (emit, stop), timeline)
+                self._decode(job, source, pcm, (planner, emit, stop), timeline)
             finally:
                 emit(None)
 
@@ -417,7 +430,16 @@ class Dispatcher:
                     tg.create_task(one(i, g))
                 windows.append(w)
             await producer
-            for i, g in groups.finish():
+            held = groups.finish()  # the last windows planned, none sent yet
+            tail = [w for _, w in held]
+            again = planner.rebalance(tail, balanced_count(tail, self.replicas()))
+            if again != tail:
+                base = len(windows) - len(tail)
+                windows[base:] = again
+                held = list(enumerate(again, base))
+                for w in again:
+                    timeline.window_planned(w)
+            for i, g in held:
                 tg.create_task(one(i, g))
         except (InvalidInput, LimitExceeded) as exc:
             stop.set()
@@ -448,12 +470,13 @@ class Dispatcher:
         job: ClaimedJob,
         source: str,
         pcm: PcmFile,
-        emit: tuple[Callable[[Window | None], None], threading.Event] | None,
+        plan: tuple[StreamingPlanner, Callable[[Window | None], None], threading.Event] | None,
         timeline: JobTimeline,
     ) -> None:
-        """(Thread) The job's audio into `pcm` (16-bit), once; with `emit`, windows are planned as
-        the audio arrives and handed out as soon as each is settled (and on disk)."""
-        planner = StreamingPlanner(self.config.vad) if emit else None
+        """(Thread) The job's audio into `pcm` (16-bit), once; with `plan` (planner, emit, stop),
+        windows are planned as the audio arrives and handed out as soon as each is settled (and on
+        disk)."""
+        planner, emit, stop = plan if plan else (None, None, None)
         with open(pcm.path, "wb") as out:
             for block in iter_source(
                 source,
@@ -464,26 +487,26 @@ class Dispatcher:
             ):
                 data = to_pcm16(block)
                 out.write(data)
-                if planner is None or emit is None:
+                if planner is None or emit is None or stop is None:
                     continue
-                if emit[1].is_set():
+                if stop.is_set():
                     return
                 windows = planner.feed(from_pcm16(data))
                 if windows:
                     out.flush()
                     for w in windows:
                         timeline.window_planned(w)
-                        emit[0](w)
+                        emit(w)
             out.flush()
             timeline.mark("decoded")
             if planner is not None and emit is not None:
                 for w in planner.finish():
                     timeline.window_planned(w)
-                    emit[0](w)
+                    emit(w)
                 timeline.vad_seconds = planner.vad_seconds
                 timeline.mark("planned")
                 memory.trim()  # what decoding and VAD (on their own threads) freed
-                emit[0](None)
+                emit(None)
 
     async def _chunk(
         self,

@@ -18,6 +18,7 @@ from services.gateway.chunking import (
     VadSettings,
     Window,
     WindowGroups,
+    balanced_count,
     merge,
     plan_windows,
     speech_regions,
@@ -128,11 +129,14 @@ async def recognize_blocks(
     work_class: WorkClass = WorkClass.INTERACTIVE,
     on_decoded: Callable[[SampleStore], None] | None = None,
     group: Callable[[], int] = lambda: 8,
+    replicas: Callable[[], int] = lambda: 1,
 ) -> Recognition:
     """Recognition while decoding: `blocks` (run in a thread) yields the decoded audio; once it is
     longer than one window, VAD and window planning follow the decoder and each settled window
-    goes to the pool in groups of `group()` windows (full model calls; see WindowGroups). Audio
-    that fits in one window is recognized as `recognize` does."""
+    goes to the pool in groups of `group()` windows (full model calls; see WindowGroups); those
+    still held when planning ends are cut again so each of `replicas()` transcribers gets as many
+    of the same length (WindowPlanner.rebalance). Audio that fits in one window is recognized as
+    `recognize` does."""
     loop = asyncio.get_running_loop()
     store = SampleStore()
     planned: asyncio.Queue[Window | None] = asyncio.Queue()
@@ -140,8 +144,9 @@ async def recognize_blocks(
     limit = int(MAX_WINDOW_SECONDS * SAMPLE_RATE)
     burst_class = WorkClass.BATCH if work_class == WorkClass.INTERACTIVE else work_class
 
+    planner = StreamingPlanner(vad)
+
     def produce() -> None:
-        planner = StreamingPlanner(vad)
         try:
             for block in blocks():
                 store.append(block)
@@ -173,7 +178,10 @@ async def recognize_blocks(
                 windows.append(w)
                 tasks += [tg.create_task(one(h)) for h in groups.add(w)]
             await producer
-            tasks += [tg.create_task(one(h)) for h in groups.finish()]
+            tail = groups.finish()  # the last windows planned, none sent yet
+            again = planner.rebalance(tail, balanced_count(tail, replicas()))
+            windows[len(windows) - len(tail) :] = again
+            tasks += [tg.create_task(one(h)) for h in again]
             if on_decoded is not None:
                 on_decoded(store)
     except BaseExceptionGroup as group:

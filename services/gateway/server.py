@@ -186,6 +186,7 @@ async def create_server(
             ),
             spool=spool,
             batch_capacity=pool.batch_capacity,
+            replicas=lambda: pool.serving_count,
         )
         dispatcher.start()
         # On SIGTERM: stop claiming and hand held jobs back first, then drain the API calls.

@@ -365,6 +365,7 @@ class SpeechAPI:
                 max_parallel=self.settings.max_parallel_windows,
                 on_decoded=decoded,
                 group=self.pool.batch_capacity,
+                replicas=lambda: self.pool.serving_count,
             )
         finally:
             if slot[0]:
