@@ -326,14 +326,16 @@ class Report:
                     f"with the {_fmt(bound['lead_in'])} s before the embedded stack's first model call (reading, "
                     "decoding, VAD, planning; same run), this layout finishes the job no sooner than about "
                     f"{bound['lead_in'] + bound['busiest']:.2f} s: at most ~{bound['x_real_time']}x real time, "
-                    f"{_fmt(bound['vs_batched'])} of BatchedInferencePipeline run just after it. The long file is {chunks} windows "
-                    "of up to 30 s, so with an odd count one single-thread transcriber does one window more than the "
-                    "other, and two 1-thread transcribers have the compute of one 2-thread process. "
+                    f"{_fmt(bound['vs_batched'])} of BatchedInferencePipeline run just after it. The job was cut "
+                    f"into {chunks} windows (the planner cuts the windows still held when planning ends into a "
+                    "multiple of the serving transcribers, as even as the pauses allow), and two 1-thread "
+                    "transcribers have the compute of one 2-thread process. "
                     + (
                         "The 1.2x goal is beyond that bound here: it needs more cores (or GPUs)."
                         if (bound["vs_batched"] or 0) < 1.2
-                        else "The rest of the gap to that bound is the lead-in and the transcriber left idle "
-                        "at the end (the uneven split)."
+                        else "The rest of the gap to that bound is what the gateway and the jobstore compute "
+                        "on the same two cores (VAD during the lead-in, storing the upload and the results) "
+                        "and the transcribers' uneven finish."
                     )
                 )
 
