@@ -222,3 +222,14 @@ def test_probe_checks_an_upload_without_decoding_all_of_it(tmp_path):
     garbage.write_bytes(b"\x00garbage" * 1000)
     with pytest.raises(InvalidInput):
         probe(str(garbage), limits=limits)
+
+
+def test_16_bit_samples_go_back_and_forth_unchanged():
+    """The gateway converts a job's audio to 16-bit for its spool and again for the transcriber: no
+    sample may move on the way (scaling by 32767 and truncating took a step off each time)."""
+    from services.shared.pcm import from_pcm16, to_pcm16
+
+    every = np.arange(-32768, 32768, dtype="<i2")
+    assert np.array_equal(np.frombuffer(to_pcm16(from_pcm16(every.tobytes())), dtype="<i2"), every)
+    edges = np.frombuffer(to_pcm16(np.array([1.0, -1.0, 3.0, -3.0], dtype=np.float32)), dtype="<i2")
+    assert edges.tolist() == [32767, -32768, 32767, -32768]

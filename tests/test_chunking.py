@@ -147,6 +147,30 @@ def test_rebalance_leaves_what_it_cannot_cut():
     assert planner.rebalance(windows, 2) == windows
 
 
+def test_balance_leaves_a_single_replica_alone():
+    spans = [(i * 5 + 0.5, i * 5 + 4.0) for i in range(41)]
+    planner, windows = _planned(spans, 206.0)
+    assert planner.balance(windows, 1) == windows  # (rebalance into as many would move the cuts)
+    assert planner.rebalance(windows, 7) != windows
+    assert len(planner.balance(windows, 2)) == 8
+
+
+def test_fewest_groups_of_every_suffix_is_what_filling_gives():
+    from services.gateway.chunking import _fewest_groups, _fill
+
+    rng = np.random.default_rng(7)
+    limit = 30 * SR
+    for _ in range(50):
+        t, pieces = 0, []
+        for _ in range(int(rng.integers(1, 60))):
+            t += int(rng.integers(1, 20 * SR))
+            length = int(rng.integers(SR // 10, limit))
+            pieces.append((t, t + length))
+            t += length
+        need = _fewest_groups(pieces, limit)
+        assert need == [len(_fill(pieces[j:], limit)) for j in range(len(pieces))] + [0]
+
+
 def test_balanced_count():
     from services.gateway.chunking import balanced_count
 

@@ -23,7 +23,7 @@ from tests.conftest import gateway_settings, transcriber_settings
 from tests.support import audio
 from tests.support.metrics import metric, scrape
 from tests.support.procs import ServiceProcess, free_port
-from tests.support.speech import by_name, load_16k
+from tests.support.speech import DATA, by_name, load_16k
 from tests.support.text import wer
 from tests.support.waiting import until
 
@@ -205,6 +205,32 @@ async def test_a_window_whose_text_stops_early_is_decoded_to_its_end(transcriber
     opening = "The birch canoe slid on the smooth planks. Glue the sheet to the dark blue background."
     later = [w.word for w in words if w.start_seconds >= second_start - 0.3]
     assert wer(opening, " ".join(later[: len(opening.split())])) <= 0.3, later
+
+
+async def test_a_window_whose_text_starts_late_is_decoded_from_its_start(transcriber: Transcriber):
+    """A 22.7 s window of a job over real recordings (the end of a Harvard list, Kennedy's "ask not",
+    then a LibriSpeech sentence; tests/data/windows) on which Whisper's first timestamp jumps to
+    14.5 s: the 14 s of speech before must still come back (the engine decodes them again)."""
+    import av
+
+    with av.open(str(DATA.parent / "windows" / "skipped_start.flac")) as f:
+        pcm = np.concatenate([fr.to_ndarray().reshape(-1) for fr in f.decode(audio=0)]).astype("<i2")
+    request = transcriber_pb2.TranscribeRequest(
+        pcm=pcm.tobytes(),  # the window's exact samples: the model's skip depends on them
+        options=transcriber_pb2.DecodeOptions(word_timestamps=True, language_code="en", beam_size=5),
+        work_class=transcriber_pb2.WORK_CLASS_BATCH,
+    )
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{transcriber.port}") as ch:
+        resp = await transcriber_pb2_grpc.TranscriberStub(ch).Transcribe(request, timeout=120)
+    words = [w for s in resp.segments for w in s.words]
+    text = " ".join(w.word for w in words)
+    assert words and words[0].start_seconds < 2.0, text
+    assert all(a.start_seconds <= b.start_seconds for a, b in itertools.pairwise(words))
+    said = " ".join(w.word for w in words if w.start_seconds < 14.3)
+    assert wer("when you hear the bell come quickly " + by_name("jfk_inaugural_16k").text, said) <= 0.25, said
+    rest = " ".join(w.word for w in words if w.start_seconds >= 14.3)
+    libri = by_name("librispeech_2412-153948-0000").text  # (its first sentence is in the window)
+    assert wer(libri[: libri.index(" THE NARRATIVE")], rest) <= 0.2, text
 
 
 def _square_wave(seconds: float) -> np.ndarray:

@@ -183,6 +183,14 @@ class WindowPlanner:
         self._prev_end = w.end
         return out
 
+    def balance(self, tail: list[Window], replicas: int) -> list[Window]:
+        """The last windows given out (`tail`, none sent yet) cut again so each of `replicas`
+        transcribers gets as many, as long (`rebalance` into `balanced_count` windows); unchanged
+        for one replica (the plan stays what the audio alone decides)."""
+        if replicas <= 1 or len(tail) < 2:
+            return tail
+        return self.rebalance(tail, balanced_count(tail, replicas))
+
     def rebalance(self, tail: list[Window], parts: int) -> list[Window]:
         """The last windows given out (`tail`, not sent yet) cut again into `parts` windows as even
         as the pauses allow (fewer if they do not allow that many), in the same pauses and by the
@@ -262,32 +270,40 @@ def _even_groups(pieces: list[tuple[int, int]], parts: int, limit: int) -> list[
     spanning at most `limit` samples, cut in the pauses nearest to an even split of their span."""
     n = len(pieces)
     parts = min(parts, n)
+    need = _fewest_groups(pieces, limit)  # need[j]: fewest groups pieces[j:] fit in
     first, last = pieces[0][0], pieces[-1][1]
     bounds: list[int] = [0]  # index of each group's first piece
     for i in range(1, parts):
         ideal = first + (last - first) * i // parts
         begin = bounds[-1]
-        best: int | None = None
+        best, best_gap = -1, 0
         # Group i-1 is pieces[begin:j]; at least one piece for each group after it, and what is
         # left must still fit in those groups.
         for j in range(begin + 1, n - (parts - i) + 1):
             if pieces[j - 1][1] - pieces[begin][0] > limit:
                 break
-            if _fits(pieces[j:], parts - i, limit):
-                pause = (pieces[j - 1][1] + pieces[j][0]) // 2
-                if best is None or abs(pause - ideal) < abs(
-                    (pieces[best - 1][1] + pieces[best][0]) // 2 - ideal
-                ):
-                    best = j
-        if best is None:  # (cannot happen when the pieces made at most `parts` windows before)
+            if need[j] <= parts - i:
+                gap = abs((pieces[j - 1][1] + pieces[j][0]) // 2 - ideal)
+                if best < 0 or gap < best_gap:
+                    best, best_gap = j, gap
+        if best < 0:  # (cannot happen when the pieces made at most `parts` windows before)
             return _fill(pieces, limit)
         bounds.append(best)
     bounds.append(n)
     return [(pieces[a][0], pieces[b - 1][1]) for a, b in itertools.pairwise(bounds)]
 
 
-def _fits(pieces: list[tuple[int, int]], groups: int, limit: int) -> bool:
-    return len(_fill(pieces, limit)) <= groups
+def _fewest_groups(pieces: list[tuple[int, int]], limit: int) -> list[int]:
+    """For each j, the fewest groups of at most `limit` samples pieces[j:] fit in (filling each
+    group as far as it goes is optimal), in one pass from the end."""
+    n = len(pieces)
+    need = [0] * (n + 1)
+    k = n  # pieces[j:k] is the first group of pieces[j:]; k only moves left as j does
+    for j in range(n - 1, -1, -1):
+        while k - 1 > j and pieces[k - 1][1] - pieces[j][0] > limit:
+            k -= 1
+        need[j] = 1 + need[k]
+    return need
 
 
 def _fill(pieces: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
@@ -362,9 +378,9 @@ class StreamingPlanner:
             out += self._submit(self.queued + self.block)
         return out + self._collect(wait=False)
 
-    def rebalance(self, tail: list[Window], parts: int) -> list[Window]:
-        """See WindowPlanner.rebalance (once planning has finished)."""
-        return self.planner.rebalance(tail, parts)
+    def balance(self, tail: list[Window], replicas: int) -> list[Window]:
+        """See WindowPlanner.balance (once planning has finished)."""
+        return self.planner.balance(tail, replicas)
 
     def finish(self) -> list[Window]:
         out: list[Window] = []

@@ -42,7 +42,6 @@ from services.gateway.chunking import (
     VadSettings,
     Window,
     WindowGroups,
-    balanced_count,
     merge,
 )
 from services.gateway.jobqueue import ChunkInfo, ClaimedJob, JobQueue, Lease
@@ -432,7 +431,7 @@ class Dispatcher:
             await producer
             held = groups.finish()  # the last windows planned, none sent yet
             tail = [w for _, w in held]
-            again = planner.rebalance(tail, balanced_count(tail, self.replicas()))
+            again = planner.balance(tail, self.replicas())
             if again != tail:
                 base = len(windows) - len(tail)
                 windows[base:] = again

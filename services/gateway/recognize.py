@@ -18,7 +18,6 @@ from services.gateway.chunking import (
     VadSettings,
     Window,
     WindowGroups,
-    balanced_count,
     merge,
     plan_windows,
     speech_regions,
@@ -31,6 +30,7 @@ from services.shared.domain import (
     WindowResult,
     WorkClass,
 )
+from services.shared.pcm import from_pcm16, pcm16_array
 
 TranscribeFn = Callable[[np.ndarray, DecodeOptions, WorkClass], Awaitable[WindowResult]]
 
@@ -97,7 +97,7 @@ class SampleStore:
 
     def append(self, samples: np.ndarray) -> None:
         if samples.shape[0]:
-            self._blocks.append(np.asarray(np.clip(samples, -1.0, 1.0) * 32767.0, dtype="<i2"))
+            self._blocks.append(pcm16_array(samples))
             self._starts.append(self.total)
             self.total += samples.shape[0]
 
@@ -112,8 +112,7 @@ class SampleStore:
             b0 = self._starts[i]
             parts.append(self._blocks[i][max(0, start - b0) : max(0, end - b0)])
             i += 1
-        pcm = np.concatenate(parts) if parts else np.zeros(0, dtype="<i2")
-        return pcm.astype(np.float32) / 32768.0
+        return from_pcm16(np.concatenate(parts) if parts else np.zeros(0, dtype="<i2"))
 
     def all(self) -> np.ndarray:
         return self.read(0, self.total)
@@ -179,7 +178,7 @@ async def recognize_blocks(
                 tasks += [tg.create_task(one(h)) for h in groups.add(w)]
             await producer
             tail = groups.finish()  # the last windows planned, none sent yet
-            again = planner.rebalance(tail, balanced_count(tail, replicas()))
+            again = planner.balance(tail, replicas())
             windows[len(windows) - len(tail) :] = again
             tasks += [tg.create_task(one(h)) for h in again]
             if on_decoded is not None:

@@ -66,7 +66,10 @@ TRIM_BEFORE_SAMPLES = 60 * SAMPLE_RATE
 # Whisper sometimes ends a window's text early (end of text after a sentence, with speech still to
 # come: seen on real recordings, a whole 15 s of a 30 s window dropped). A window whose words stop at
 # least TAIL_MIN_SECONDS before its audio does, where VAD finds at least TAIL_MIN_SPEECH_SECONDS of
-# speech after the last word, has that rest decoded again (prompted with the window's text).
+# speech after the last word, has that rest decoded again (prompted with the window's text). It also
+# sometimes starts late (its first timestamp jumps past speech: 14 s of a 23 s window of real
+# recordings skipped): a window whose first word comes TAIL_MIN_SECONDS or more into it, after at
+# least TAIL_MIN_SPEECH_SECONDS of speech, has the audio before that word decoded again.
 TAIL_MIN_SECONDS = 2.0
 TAIL_MIN_SPEECH_SECONDS = 1.0
 TAIL_PROMPT_CHARS = 200
@@ -265,49 +268,53 @@ class Engine:
         self, reqs: list[WindowRequest], out: list[WindowResult | BaseException | None], passes: int
     ) -> None:
         """Where a window's text stopped early (Whisper wrote end-of-text with speech still to come),
-        decode the rest of its audio again, prompted with the window's text, and append its
-        words. Live (dynamic-context) windows are left alone: a stream re-decodes its window anyway."""
-        todo: list[tuple[int, float]] = []
+        decode the rest of its audio again, prompted with the window's text, and append its words;
+        where it started late (its first words come after seconds of speech, which it skipped),
+        decode the audio before them again and put those words first. Live (dynamic-context)
+        windows are left alone: a stream re-decodes its window anyway."""
+        todo: list[tuple[int, float, float]] = []  # (window, start, end) of audio to decode again
         for i, (req, res) in enumerate(zip(reqs, out, strict=True)):
             if not isinstance(res, WindowResult) or req.options.dynamic_context or req.abandoned():
                 continue
             words = [w for seg in res.segments for w in seg.words] if req.options.word_timestamps else []
+            first = words[0].start if words else (res.segments[0].start if res.segments else None)
             last = words[-1].end if words else (res.segments[-1].end if res.segments else 0.0)
-            if req.audio.shape[0] / SAMPLE_RATE - last >= TAIL_MIN_SECONDS and self._speech_after(
-                req.audio, last
-            ):
-                todo.append((i, last))
+            seconds = req.audio.shape[0] / SAMPLE_RATE
+            if first is not None and first >= TAIL_MIN_SECONDS and self._speech_in(req.audio, 0.0, first):
+                todo.append((i, 0.0, first))
+            if seconds - last >= TAIL_MIN_SECONDS and self._speech_in(req.audio, last, seconds):
+                todo.append((i, last, seconds))
         if not todo:
             return
-        tail_reqs = []
-        for i, last in todo:
+        again = []
+        for i, start, end in todo:
             res = out[i]
             assert isinstance(res, WindowResult)
-            text = " ".join(seg.text for seg in res.segments)
-            prompt = " ".join(
-                last_words(f"{reqs[i].options.initial_prompt or ''} {text}".split(), TAIL_PROMPT_CHARS)
-            )
-            start = int(last * SAMPLE_RATE)
-            tail_reqs.append(
+            prompt = reqs[i].options.initial_prompt
+            if start > 0:  # the rest of the window: prompted with what it said so far
+                text = " ".join(seg.text for seg in res.segments)
+                prompt = " ".join(last_words(f"{prompt or ''} {text}".split(), TAIL_PROMPT_CHARS))
+            again.append(
                 WindowRequest(
-                    reqs[i].audio[start:],
+                    reqs[i].audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)],
                     replace(reqs[i].options, initial_prompt=prompt),
                     abandoned=reqs[i].abandoned,
                 )
             )
-        log.info("%d window(s) stopped early: decoding the rest of their audio", len(todo))
-        for (i, last), tail in zip(todo, self.transcribe_batch(tail_reqs, tails=passes - 1), strict=True):
+        log.info("%d part(s) of windows skipped by the model: decoding them again", len(todo))
+        for (i, start, _end), part in zip(todo, self.transcribe_batch(again, tails=passes - 1), strict=True):
             res = out[i]
-            if not isinstance(tail, WindowResult) or not isinstance(res, WindowResult):
+            if not isinstance(part, WindowResult) or not isinstance(res, WindowResult):
                 continue
-            res.segments = [*res.segments, *(seg.shifted(last) for seg in tail.segments)]
+            found = [seg.shifted(start) for seg in part.segments]
+            res.segments = [*res.segments, *found] if start > 0 else [*found, *res.segments]
 
-    def _speech_after(self, audio: np.ndarray, seconds: float) -> bool:
-        """VAD finds at least TAIL_MIN_SPEECH_SECONDS of speech in `audio` after `seconds`."""
+    def _speech_in(self, audio: np.ndarray, start: float, end: float) -> bool:
+        """VAD finds at least TAIL_MIN_SPEECH_SECONDS of speech in `audio` between the two times."""
         from faster_whisper.vad import VadOptions, get_speech_timestamps
 
-        rest = audio[int(seconds * SAMPLE_RATE) :]
-        spans = get_speech_timestamps(rest, VadOptions(min_silence_duration_ms=300, speech_pad_ms=0))
+        part = audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)]
+        spans = get_speech_timestamps(part, VadOptions(min_silence_duration_ms=300, speech_pad_ms=0))
         return sum(s["end"] - s["start"] for s in spans) / SAMPLE_RATE >= TAIL_MIN_SPEECH_SECONDS
 
     # -- internals ----------------------------------------------------------------------------------
