@@ -346,9 +346,11 @@ class Report:
         self.add(
             f"{r['audio_seconds']:.0f} s of real recordings (tests/data/speech: "
             f"{', '.join(dict.fromkeys(r.get('recordings') or []))}) one after another with 0.8 s pauses, all sides "
-            "with word times, best of the same reps. Real speech with pauses is where Whisper ends a window's "
-            "text early; the stack decodes the rest of such a window again (docs/architecture.md), "
-            "BatchedInferencePipeline does not.\n"
+            "with word times, best of the same reps. Real speech with pauses is where Whisper skips part of a "
+            "window: it ends the text early, or starts it late (the text of a 30 s window begins seconds into "
+            "its speech). The stack decodes the skipped audio again (docs/architecture.md), one more model call "
+            "for each such window, which is time BatchedInferencePipeline does not spend: it loses those words "
+            "(the WER column).\n"
         )
         names = {
             "stack_job_words": "stack (Jobs API) + word times",
