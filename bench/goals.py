@@ -135,6 +135,11 @@ def _concurrent_jobs(m: dict[str, Any], _: dict[str, Any]) -> tuple[str, str]:
     if not levels or levels[0].get("vs_batched") is None:
         return NA, "not measured"
     lv = levels[0]
+    if lv.get("vs_batched_words") is not None:  # paired: batched with word times right after the 8 jobs
+        return (PASS if lv["vs_batched_words"] >= 1.0 else MISS), (
+            f"8 jobs (word times) {lv['x_real_time']}x vs BatchedInferencePipeline with word times run just "
+            f"after {lv['batched_words_x_real_time']}x real time on one file (ratio {lv['vs_batched_words']})"
+        )
     base = _get(m, "baseline", "batched_x_real_time")
     return (
         PASS if lv["vs_batched"] >= 1.0 else MISS

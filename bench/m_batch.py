@@ -396,6 +396,7 @@ async def concurrent_jobs(ctx: Context) -> dict[str, Any]:
         "batched_x_real_time": round(clip.seconds / bat_wall, 2),
     }
     levels = []
+    pipe = BatchedInferencePipeline(model)
     for n in (1, 2, 4, 8):
         log(f"concurrent jobs: {n} x {clip.seconds:.0f}s")
         mark = ctx.stack.calls.mark()
@@ -417,9 +418,18 @@ async def concurrent_jobs(ctx: Context) -> dict[str, Any]:
             "jobs_detail": [{"server": r["server"], "client_seconds": round(r["wall"], 3)} for r in results],
             "model": ctx.stack.calls.since(mark, wall),
         }
+        # Right after, on the idle stack: BatchedInferencePipeline on the same file with word times (as
+        # the jobs have them). This VM's speed drifts within minutes: the goal takes this pair's ratio.
+        _, words_wall, _ = await asyncio.to_thread(
+            raw_transcribe, pipe, clip.samples, batch_size=8, word_timestamps=True
+        )
+        level["batched_words_x_real_time"] = round(clip.seconds / words_wall, 2)
+        level["vs_batched_words"] = ratio(xrt, level["batched_words_x_real_time"])
         levels.append(level)
         log(
-            f"  {n} jobs: {xrt:6.1f}x real time, wait p50 {level['wait'].get('p50')}s, turnaround p50 {level['turnaround'].get('p50')}s"
+            f"  {n} jobs: {xrt:6.1f}x real time, wait p50 {level['wait'].get('p50')}s, turnaround p50 "
+            f"{level['turnaround'].get('p50')}s; batched+words just after {level['batched_words_x_real_time']}x "
+            f"(ratio {level['vs_batched_words']})"
         )
     return {
         "audio_seconds_per_job": round(clip.seconds, 2),
