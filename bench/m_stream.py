@@ -16,6 +16,7 @@ import numpy as np
 from bench.common import ERRORS, THREADS, log, pct, ratio, raw_transcribe, summary
 from bench.context import Context
 from bench.corpus import Clip
+from services.shared.pcm import to_pcm16
 
 CHUNK_SECONDS = 0.1
 
@@ -239,7 +240,7 @@ def _request(w: np.ndarray) -> Any:
     from services.shared.internal.v1 import transcriber_pb2
 
     return transcriber_pb2.TranscribeRequest(
-        pcm=(np.clip(w, -1, 1) * 32767).astype("<i2").tobytes(),
+        pcm=to_pcm16(w),
         options=transcriber_pb2.DecodeOptions(word_timestamps=True, language_code="en"),
         work_class=transcriber_pb2.WORK_CLASS_BATCH,
     )

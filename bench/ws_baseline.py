@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from bench.corpus import Clip
+from services.shared.pcm import to_pcm16
 
 MIN_CHUNK = float(os.environ.get("BENCH_WS_MIN_CHUNK", "1.0"))  # whisper_online.py's default --min-chunk-size
 SR = 16_000
@@ -60,7 +61,7 @@ def _soundfile_shim() -> types.ModuleType:
     mod = types.ModuleType("soundfile")
 
     def write(file: Any, data: np.ndarray, samplerate: int, **_: Any) -> None:
-        pcm = (np.clip(np.asarray(data, dtype=np.float32), -1, 1) * 32767).astype("<i2").tobytes()
+        pcm = to_pcm16(np.asarray(data, dtype=np.float32))
         target: Any = file if isinstance(file, io.IOBase) else str(file)
         with wave.open(target, "wb") as w:
             w.setnchannels(1)

@@ -171,6 +171,22 @@ def test_fewest_groups_of_every_suffix_is_what_filling_gives():
         assert need == [len(_fill(pieces[j:], limit)) for j in range(len(pieces))] + [0]
 
 
+def test_balance_keeps_the_plan_rather_than_make_a_tiny_window():
+    """A 0.27 s blip between two long stretches of speech: cutting the plan into 10 for 2 replicas
+    would make it a window of its own (a whole encoder pass for nothing, and where Whisper invents
+    words) and share the work worse; the plan stays."""
+    from services.gateway.chunking import _busiest
+
+    spans = [(1.1, 16.05), (17.44, 43.0), (44.05, 47.65), (48.96, 62.9), (64.61, 87.04), (87.55, 87.82),
+             (88.24, 102.76), (104.43, 119.91), (120.75, 124.13), (125.06, 144.25), (145.8, 164.9),
+             (165.93, 183.16), (183.49, 184.86)]  # fmt: skip
+    planner, windows = _planned(spans, 185.5)
+    again = planner.balance(windows, 2)
+    assert min(w.seconds for w in again) >= min(w.seconds for w in windows) - 1e-6
+    assert _busiest(again, 2) <= _busiest(windows, 2)
+    assert all(w.seconds <= 30.0 + 1e-6 for w in planner.rebalance(windows, 1))  # (never one window)
+
+
 def test_balanced_count():
     from services.gateway.chunking import balanced_count
 

@@ -189,14 +189,21 @@ class WindowPlanner:
         for one replica (the plan stays what the audio alone decides)."""
         if replicas <= 1 or len(tail) < 2:
             return tail
-        return self.rebalance(tail, balanced_count(tail, replicas))
+        again = self.rebalance(tail, balanced_count(tail, replicas))
+        # Kept only when it shares the work better, without a window much shorter than the plan's
+        # (a short window costs a whole encoder pass, and near-empty ones are where Whisper invents).
+        shortest = min(MIN_BALANCED_WINDOW_SECONDS, min(w.seconds for w in tail))
+        if min(w.seconds for w in again) < shortest or _busiest(again, replicas) >= _busiest(tail, replicas):
+            return tail
+        return again
 
     def rebalance(self, tail: list[Window], parts: int) -> list[Window]:
         """The last windows given out (`tail`, not sent yet) cut again into `parts` windows as even
-        as the pauses allow (fewer if they do not allow that many), in the same pauses and by the
-        same rules: so that N transcribers get the same amount of audio each (7 windows of 30 s on
-        2 replicas keep one busy for 4 windows while the other does 3; 8 of 26 s take 4 each). The
-        windows unchanged when `tail` is not this planner's last windows or `parts` is below 1."""
+        as the pauses allow (fewer if there are fewer pieces of speech, more if they do not fit in
+        fewer), in the same pauses and by the same rules: so that N transcribers get the same amount of
+        audio each (7 windows of up to 30 s on 2 replicas keep one busy for 4 windows while the other
+        does 3; 8 of ~25 s take 4 each). The windows unchanged when `tail` is not this planner's last
+        windows or `parts` is below 1."""
         n = len(tail)
         if parts < 1 or n == 0 or n > len(self._history):
             return tail
@@ -239,7 +246,11 @@ class WindowPlanner:
         return out
 
 
-REBALANCE_HISTORY = 256  # windows `rebalance` can cut again (more than a group ever holds)
+# Windows `rebalance` can cut again: what is held when planning ends is at most 1.25 x the batch
+# capacity of every replica together (8 windows each on a CPU, 24 on a GPU), so ~100 CPU or ~40 GPU
+# replicas; a longer tail is left as planned.
+REBALANCE_HISTORY = 1024
+MIN_BALANCED_WINDOW_SECONDS = 5.0  # `balance` makes no window shorter than this (or the plan's shortest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,23 +280,25 @@ def _even_groups(pieces: list[tuple[int, int]], parts: int, limit: int) -> list[
     """Consecutive speech pieces in `parts` groups (as many as there are pieces at most), each
     spanning at most `limit` samples, cut in the pauses nearest to an even split of their span."""
     n = len(pieces)
-    parts = min(parts, n)
     need = _fewest_groups(pieces, limit)  # need[j]: fewest groups pieces[j:] fit in
+    parts = min(max(parts, need[0]), n)
     first, last = pieces[0][0], pieces[-1][1]
+    floor = (last - first) // (2 * parts)  # a group shorter than half the even share only if forced
     bounds: list[int] = [0]  # index of each group's first piece
     for i in range(1, parts):
         ideal = first + (last - first) * i // parts
         begin = bounds[-1]
-        best, best_gap = -1, 0
+        best, best_key = -1, (True, 0)
         # Group i-1 is pieces[begin:j]; at least one piece for each group after it, and what is
         # left must still fit in those groups.
         for j in range(begin + 1, n - (parts - i) + 1):
             if pieces[j - 1][1] - pieces[begin][0] > limit:
                 break
             if need[j] <= parts - i:
-                gap = abs((pieces[j - 1][1] + pieces[j][0]) // 2 - ideal)
-                if best < 0 or gap < best_gap:
-                    best, best_gap = j, gap
+                short = pieces[j - 1][1] - pieces[begin][0] < floor or pieces[-1][1] - pieces[j][0] < floor
+                key = (short, abs((pieces[j - 1][1] + pieces[j][0]) // 2 - ideal))
+                if best < 0 or key < best_key:
+                    best, best_key = j, key
         if best < 0:  # (cannot happen when the pieces made at most `parts` windows before)
             return _fill(pieces, limit)
         bounds.append(best)
@@ -315,6 +328,13 @@ def _fill(pieces: list[tuple[int, int]], limit: int) -> list[tuple[int, int]]:
         else:
             out.append((start, end))
     return out
+
+
+def _busiest(windows: list[Window], replicas: int) -> float:
+    """The most work one replica gets when windows are handed out in turn (as the pool does with a
+    group sent at once): audio seconds plus ~3 s a window for its encoder pass (1-thread CPU: 4 windows
+    of 29 s took 4.0 s, 4 of 25 s 3.5 s)."""
+    return max(sum(w.seconds + 3.0 for w in windows[r::replicas]) for r in range(replicas))
 
 
 def balanced_count(windows: list[Window], replicas: int, *, min_seconds: float = 15.0) -> int:

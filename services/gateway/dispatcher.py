@@ -402,9 +402,10 @@ class Dispatcher:
         failed: asyncio.Event,
     ) -> list[ChunkInfo]:
         """Decode, find speech and plan windows in a thread while the windows already planned are
-        transcribed; the plan is recorded once complete (a job interrupted before that plans again,
-        the same way: the plan depends only on the audio). Audio that fails to decode fails the job
-        (_AudioFailed)."""
+        transcribed; the windows still held when planning ends are cut again for the serving
+        replicas (StreamingPlanner.balance). The plan is recorded once complete; a job interrupted
+        before that plans again (the same way, or cut for the replicas serving then: no chunk is
+        recorded before the plan is). Audio that fails to decode fails the job (_AudioFailed)."""
         loop = asyncio.get_running_loop()
         planned: asyncio.Queue[Window | None] = asyncio.Queue()
         stop = threading.Event()

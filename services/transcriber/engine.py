@@ -196,8 +196,8 @@ class Engine:
         self, reqs: list[WindowRequest], *, tails: int = TAIL_PASSES
     ) -> list[WindowResult | BaseException]:
         """Several windows; compatible ones share model calls. A failing window fails alone.
-        `tails`: how many times the rest of a window whose text stopped early is decoded again (see
-        TAIL_MIN_SECONDS)."""
+        `tails`: how many times audio a window's text skipped (it stopped early or started late) is
+        decoded again (see TAIL_MIN_SECONDS)."""
         if self._model is None:
             raise RuntimeError("model not loaded")
         if sum(r.audio.shape[0] for r in reqs) >= TRIM_BEFORE_SAMPLES:
@@ -290,14 +290,22 @@ class Engine:
         for i, start, end in todo:
             res = out[i]
             assert isinstance(res, WindowResult)
-            prompt = reqs[i].options.initial_prompt
+            opts = reqs[i].options
+            prompt, prefix = opts.initial_prompt, opts.prefix  # (the window's start: as it was asked)
             if start > 0:  # the rest of the window: prompted with what it said so far
                 text = " ".join(seg.text for seg in res.segments)
                 prompt = " ".join(last_words(f"{prompt or ''} {text}".split(), TAIL_PROMPT_CHARS))
+                prefix = None
             again.append(
                 WindowRequest(
                     reqs[i].audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)],
-                    replace(reqs[i].options, initial_prompt=prompt),
+                    # In the window's language (when it was detected, not detected again on a part).
+                    replace(
+                        opts,
+                        initial_prompt=prompt,
+                        prefix=prefix,
+                        language=opts.language or res.language or None,
+                    ),
                     abandoned=reqs[i].abandoned,
                 )
             )
