@@ -165,7 +165,7 @@ class Dispatcher:
         # calls stay full: a lone first window costs as much as several batched ones on a CPU.
         self.batch_capacity = batch_capacity or (lambda: 8)
         # Transcriber replicas serving: the windows still held when planning ends are cut again so
-        # each replica gets as many, of the same length (see WindowPlanner.rebalance).
+        # each replica gets as many, of the same length (see WindowPlanner.balance).
         self.replicas = replicas or (lambda: 1)
         self.config = config
         self.spool = spool or Spool(

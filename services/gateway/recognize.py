@@ -134,7 +134,7 @@ async def recognize_blocks(
     longer than one window, VAD and window planning follow the decoder and each settled window
     goes to the pool in groups of `group()` windows (full model calls; see WindowGroups); those
     still held when planning ends are cut again so each of `replicas()` transcribers gets as many
-    of the same length (WindowPlanner.rebalance). Audio that fits in one window is recognized as
+    of the same length (WindowPlanner.balance). Audio that fits in one window is recognized as
     `recognize` does."""
     loop = asyncio.get_running_loop()
     store = SampleStore()
