@@ -239,6 +239,16 @@ async def _real_speech(ctx: Context, client: Any, pipe: Any, reps: int) -> dict[
     }
 
 
+async def _pair_with_batched_words(pipe: Any, clip: Any, side: dict[str, Any], xrt: float) -> None:
+    """BatchedInferencePipeline with word times on `clip`, run right after a measured run of it: its
+    x real time and the run's ratio to it go into `side` (batched_words_x_real_time, vs_batched_words)."""
+    _, wall, _ = await asyncio.to_thread(
+        raw_transcribe, pipe, clip.samples, batch_size=8, word_timestamps=True
+    )
+    side["batched_words_x_real_time"] = round(clip.seconds / wall, 2)
+    side["vs_batched_words"] = ratio(xrt, side["batched_words_x_real_time"])
+
+
 # -- local multi-process cluster ---------------------------------------------------------------------
 
 
@@ -338,11 +348,7 @@ async def cluster(ctx: Context) -> dict[str, Any]:
                 # Right after, on the idle cluster: BatchedInferencePipeline on the same file, with word
                 # times as the job has them. This VM's speed drifts by 10-30 % within minutes, so the
                 # goal takes the ratio within each rep, not against the throughput measure's run.
-                _, wall, _ = await asyncio.to_thread(
-                    raw_transcribe, pipe, clip.samples, batch_size=8, word_timestamps=True
-                )
-                side["batched_words_x_real_time"] = round(clip.seconds / wall, 2)
-                side["vs_batched_words"] = ratio(side["x_real_time"], side["batched_words_x_real_time"])
+                await _pair_with_batched_words(pipe, clip, side, side["x_real_time"])
                 sides.append(side)
                 log(
                     f"  cluster job      {side['x_real_time']:6.1f}x real time, WER {side['wer']:.1f}%; "
@@ -420,11 +426,7 @@ async def concurrent_jobs(ctx: Context) -> dict[str, Any]:
         }
         # Right after, on the idle stack: BatchedInferencePipeline on the same file with word times (as
         # the jobs have them). This VM's speed drifts within minutes: the goal takes this pair's ratio.
-        _, words_wall, _ = await asyncio.to_thread(
-            raw_transcribe, pipe, clip.samples, batch_size=8, word_timestamps=True
-        )
-        level["batched_words_x_real_time"] = round(clip.seconds / words_wall, 2)
-        level["vs_batched_words"] = ratio(xrt, level["batched_words_x_real_time"])
+        await _pair_with_batched_words(pipe, clip, level, xrt)
         levels.append(level)
         log(
             f"  {n} jobs: {xrt:6.1f}x real time, wait p50 {level['wait'].get('p50')}s, turnaround p50 "

@@ -367,15 +367,18 @@ def _mp3_counts_frames(fileobj: str | BinaryIO) -> bool:
     return frames > 0 and stated > 0 and audio <= stated + stated // 16
 
 
+WAV_HEAD_BYTES = 65536  # a WAV's first bytes, read to find its `data` chunk
+
+
 def _wav_data_seconds(fileobj: str | BinaryIO, stream: av.AudioStream) -> float | None:
     """Seconds the RIFF `data` chunk header claims (ffmpeg clamps it to the file, hiding truncation)."""
     if isinstance(fileobj, str):
         with open(fileobj, "rb") as fh:
-            head = fh.read(65536)
+            head = fh.read(WAV_HEAD_BYTES)
     else:
         pos = fileobj.tell()
         fileobj.seek(0)
-        head = fileobj.read(65536)
+        head = fileobj.read(WAV_HEAD_BYTES)
         fileobj.seek(pos)
     if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None
@@ -418,9 +421,6 @@ def _wav_layout(head: bytes) -> _WavLayout | None:
     return None
 
 
-WAV_HEAD_BYTES = 65536  # where a WAV file's `data` chunk must start for the plain-PCM path
-
-
 def _plain_wav(data: bytes, size: int | None = None) -> tuple[int, int, int, int] | None:
     """(sample rate, channels, data offset, data size) of a RIFF WAVE of 16-bit integer PCM whose
     data chunk is all there and whose format LINEAR16 accepts; None for anything else (other
@@ -445,9 +445,12 @@ def _plain_wav(data: bytes, size: int | None = None) -> tuple[int, int, int, int
     return wav.rate, wav.channels, wav.data_start, wav.data_size
 
 
-def _plain_wav_info(info: AudioInfo, rate: int, channels: int, size: int) -> None:
+def _plain_wav_info(info: AudioInfo, rate: int, channels: int, size: int) -> float:
+    """Fill `info` for a plain WAV; its seconds."""
+    seconds = size / (2 * channels * rate)
     info.container, info.codec, info.sample_rate, info.channels = "wav", "pcm_s16le", rate, channels
-    info.declared_seconds, info.length_exact = size / (2 * channels * rate), True
+    info.declared_seconds, info.length_exact = seconds, True
+    return seconds
 
 
 def _av_msg(exc: BaseException) -> str:
@@ -579,15 +582,9 @@ def _iter_checked(
         with open(source, "rb") as fh:
             if (pcm := _plain_wav(fh.read(WAV_HEAD_BYTES), size)) is not None:
                 rate, channels, start, length = pcm
-                _plain_wav_info(info, rate, channels, length)
-                if (seconds := length / (2 * channels * rate)) > limits.max_seconds:
+                if (seconds := _plain_wav_info(info, rate, channels, length)) > limits.max_seconds:
                     raise _too_long(seconds, limits, declared=True)
-                decoder = Linear16Decoder(rate, channels, limits)
-                fh.seek(start)
-                while length > 0 and (block := fh.read(min(length, 1 << 20))):
-                    length -= len(block)
-                    yield from decoder.push(block)
-                yield from decoder.flush()
+                yield from _iter_pcm_file(fh, start, length, rate, channels, limits)
                 return
     if encoding != "LINEAR16":
         yield from iter_container(source, limits, encoding or None, info)
@@ -599,10 +596,19 @@ def _iter_checked(
         return
     validate_linear16(sample_rate, channels)
     _check_whole_frames(size, channels)
-    decoder = Linear16Decoder(sample_rate, channels, limits)
     with open(source, "rb") as fh:
-        while block := fh.read(1 << 20):
-            yield from decoder.push(block)
+        yield from _iter_pcm_file(fh, 0, size, sample_rate, channels, limits)
+
+
+def _iter_pcm_file(
+    fh: BinaryIO, start: int, length: int, rate: int, channels: int, limits: Limits
+) -> Iterator[np.ndarray]:
+    """`length` bytes of LINEAR16 from `start` in an open file, a MiB at a time."""
+    decoder = Linear16Decoder(rate, channels, limits)
+    fh.seek(start)
+    while length > 0 and (block := fh.read(min(length, 1 << 20))):
+        length -= len(block)
+        yield from decoder.push(block)
     yield from decoder.flush()
 
 
@@ -727,7 +733,7 @@ def _decodable_end(source: str, info: AudioInfo) -> float | None:
     if info.container == "wav":
         size = os.path.getsize(source)
         with open(source, "rb") as fh:
-            head = fh.read(65536)
+            head = fh.read(WAV_HEAD_BYTES)
         wav = _wav_layout(head)
         if wav is None or not wav.block or not wav.rate:
             return None
