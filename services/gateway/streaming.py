@@ -46,6 +46,7 @@ and by the final text). No session state is kept anywhere else.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -162,6 +163,26 @@ def cut_squeezed(words: list[Word], run: int = 3, span: float = 0.1) -> list[Wor
         if words[i + run - 1].end - words[i].start < span:
             return words[:i]
     return words
+
+
+def _alike(a: str, b: str) -> bool:
+    return a == b or difflib.SequenceMatcher(None, a, b).ratio() >= 0.6
+
+
+def after_final(words: list[Word], last: list[Word], final_end: float) -> list[Word]:
+    """The words of a pass that are not the final words heard again: those that start after the
+    final words' end (within 0.1 s), and a word that starts before it but goes on past it unless it
+    looks like one of the `last` final words. Word times move between passes over the same audio (a
+    boundary heard with more audio after it often comes out earlier: "the" 4.86-5.40 s, then
+    "circumstances" from 5.28 s), so a start-time cut alone drops new words for good. A final word
+    heard again with its own text is dropped by drop_repeated_prefix."""
+    seen = [_norm(w.word) for w in last]
+    return [
+        w
+        for w in words
+        if w.start >= final_end - 0.1
+        or (w.end > final_end + 0.02 and not any(_alike(_norm(w.word), n) for n in seen))
+    ]
 
 
 def drop_repeated_prefix(words: list[Word], final: list[Word]) -> list[Word]:
@@ -473,7 +494,7 @@ class StreamingSession:
             self.language = result.language
         offset = start / SAMPLE_RATE
         words = [w.shifted(offset) for seg in result.segments for w in seg.words]
-        words = [w for w in cut_squeezed(words) if w.start >= self._final_end - 0.1]
+        words = after_final(cut_squeezed(words), self._final_words[-2:], self._final_end)
         return drop_repeated_prefix(collapse_repeats(words), self._final_words[-RECENT_WORDS:])
 
     def _agreed(self, words: list[Word], end: float) -> int:
