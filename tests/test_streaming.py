@@ -300,6 +300,33 @@ def test_drop_repeated_prefix():
     ]
 
 
+def test_after_final_keeps_new_words_at_the_seam_and_drops_final_words_heard_again():
+    """The last final words are "my front line" (line ends at 10.0 s). A word of a new pass that starts
+    before 10.0 - 0.1 s and goes on past 10.0 s is new after the last final word, and the last final
+    word heard again (as "lawn") in its place; a pass that starts with it decides by its text."""
+    from services.gateway.streaming import after_final
+
+    def pass_(*words: tuple[str, float, float]) -> list[Word]:
+        return [Word(t, a, b) for t, a, b in words]
+
+    final = pass_(("my", 9.0, 9.3), ("front", 9.3, 9.6), ("line.", 9.6, 10.0))
+
+    def kept(words: list[Word]) -> list[str]:
+        return [w.word for w in after_final(words, final[-2:], 10.0)]
+
+    # After "line" heard again: "lawn" (9.8-10.3 s) is new speech (the start filter lost it).
+    assert kept(pass_(("front", 9.2, 9.5), ("line", 9.5, 9.8), ("lawn", 9.8, 10.3))) == ["lawn"]
+    # In the place of "line" (after "front"): "line" heard as "lawn", not a new word.
+    assert kept(pass_(("my", 9.0, 9.3), ("front", 9.3, 9.55), ("lawn", 9.55, 10.2), ("She", 10.4, 10.6))) == [
+        "She"
+    ]
+    # A pass that starts at the seam: a word like a last final word is that word again.
+    assert kept(pass_(("lines", 9.7, 10.2), ("She", 10.4, 10.6))) == ["She"]
+    assert kept(pass_(("circumstances", 9.7, 10.2), ("She", 10.4, 10.6))) == ["circumstances", "She"]
+    # Ending at (or before) the end of the final words: heard again, whatever its text.
+    assert kept(pass_(("lawn", 9.5, 10.01))) == []
+
+
 def test_drop_repeated_block():
     from services.gateway.streaming import drop_repeated_block
 

@@ -171,18 +171,32 @@ def _alike(a: str, b: str) -> bool:
 
 def after_final(words: list[Word], last: list[Word], final_end: float) -> list[Word]:
     """The words of a pass that are not the final words heard again: those that start after the
-    final words' end (within 0.1 s), and a word that starts before it but goes on past it unless it
-    looks like one of the `last` final words. Word times move between passes over the same audio (a
-    boundary heard with more audio after it often comes out earlier: "the" 4.86-5.40 s, then
-    "circumstances" from 5.28 s), so a start-time cut alone drops new words for good. A final word
-    heard again with its own text is dropped by drop_repeated_prefix."""
-    seen = [_norm(w.word) for w in last]
+    final words' end (within 0.1 s), and a word that starts before it but goes on past it when it is
+    new speech (`_new_at_seam`). Word times move between passes over the same audio (a boundary heard
+    with more audio after it often comes out earlier: "the" 4.86-5.40 s, then "circumstances" from
+    5.28 s), so a start-time cut alone drops new words for good. `last`: the last final words."""
     return [
         w
-        for w in words
+        for i, w in enumerate(words)
         if w.start >= final_end - 0.1
-        or (w.end > final_end + 0.02 and not any(_alike(_norm(w.word), n) for n in seen))
+        or (w.end > final_end + 0.02 and _new_at_seam(words[i - 1] if i else None, w, last))
     ]
+
+
+def _new_at_seam(before: Word | None, word: Word, last: list[Word]) -> bool:
+    """Whether `word`, which starts before the end of the final words and goes on past it, is new
+    speech rather than the last final word heard again (perhaps as another word: "line" -> "lawn").
+    By the pass's word before it: after the last final word (heard again), it is new; in that word's
+    place (after the one before it), it is that word again. A pass that starts with it: new unless it
+    looks like one of the last final words. The same text heard again is also dropped by
+    drop_repeated_prefix."""
+    if before is not None and last:
+        prev = _norm(before.word)
+        if _alike(prev, _norm(last[-1].word)):
+            return True
+        if len(last) > 1 and _alike(prev, _norm(last[-2].word)):
+            return False
+    return not any(_alike(_norm(word.word), _norm(w.word)) for w in last)
 
 
 def drop_repeated_prefix(words: list[Word], final: list[Word]) -> list[Word]:
