@@ -325,6 +325,25 @@ def test_after_final_keeps_new_words_at_the_seam_and_drops_final_words_heard_aga
     assert kept(pass_(("circumstances", 9.7, 10.2), ("She", 10.4, 10.6))) == ["circumstances", "She"]
     # Ending at (or before) the end of the final words: heard again, whatever its text.
     assert kept(pass_(("lawn", 9.5, 10.01))) == []
+    # Punctuation alone at the seam is not new speech.
+    assert kept(pass_(("...", 9.7, 10.2), ("She", 10.4, 10.6))) == ["She"]
+
+    def seam(last: list[tuple[str, float, float]], words: list[tuple[str, float, float]]) -> list[str]:
+        return [w.word for w in after_final(pass_(*words), pass_(*last), 10.0)]
+
+    # The last final word heard again in two words, or as its end: not new (a review's cases).
+    said = [("I", 9.0, 9.5), ("cannot", 9.5, 10.0)]
+    assert seam(said, [("I", 9.0, 9.5), ("can", 9.5, 9.7), ("not", 9.7, 10.1), ("go", 10.2, 10.5)]) == ["go"]
+    said = [("nor", 7.5, 7.8), ("circumstances", 7.8, 10.0)]
+    assert seam(said, [("ances", 9.0, 10.2), ("which", 10.3, 10.6)]) == ["which"]
+    said = [("said", 9.0, 9.4), ("nevertheless", 9.4, 10.0)]
+    assert seam(said, [("never", 9.4, 9.6), ("the", 9.6, 9.7), ("less", 9.7, 10.1), ("we", 10.2, 10.4)]) == [
+        "we"
+    ]
+    # Short words are alike only when equal: "this" heard again before a re-heard "is" ("as").
+    said = [("this", 9.2, 9.5), ("is", 9.5, 10.0)]
+    assert seam(said, [("this", 9.2, 9.5), ("as", 9.5, 10.1), ("fine", 10.2, 10.5)]) == ["fine"]
+    assert seam(said[:1], [("this", 9.2, 9.8), ("is", 9.8, 10.1), ("fine", 10.2, 10.5)]) == ["is", "fine"]
 
 
 def test_drop_repeated_block():

@@ -166,7 +166,9 @@ def cut_squeezed(words: list[Word], run: int = 3, span: float = 0.1) -> list[Wor
 
 
 def _alike(a: str, b: str) -> bool:
-    return a == b or difflib.SequenceMatcher(None, a, b).ratio() >= 0.6
+    """The same word, perhaps heard a little differently ("antecedents" / "antecedence"); short words
+    only when equal ("is" / "this" are different words)."""
+    return a == b or (min(len(a), len(b)) >= 4 and difflib.SequenceMatcher(None, a, b).ratio() >= 0.6)
 
 
 def after_final(words: list[Word], last: list[Word], final_end: float) -> list[Word]:
@@ -185,18 +187,27 @@ def after_final(words: list[Word], last: list[Word], final_end: float) -> list[W
 
 def _new_at_seam(before: Word | None, word: Word, last: list[Word]) -> bool:
     """Whether `word`, which starts before the end of the final words and goes on past it, is new
-    speech rather than the last final word heard again (perhaps as another word: "line" -> "lawn").
-    By the pass's word before it: after the last final word (heard again), it is new; in that word's
-    place (after the one before it), it is that word again. A pass that starts with it: new unless it
-    looks like one of the last final words. The same text heard again is also dropped by
-    drop_repeated_prefix."""
-    if before is not None and last:
+    speech rather than the last final word heard again (perhaps as another word, "line" -> "lawn", in
+    two words, "can not" for "cannot", or as its end, "ances"). By the pass's word before it: after
+    the last final word (heard again), it is new; in that word's place (after the one before it), it
+    is that word again. Then by its text: a piece of the last final word, or a word like one of the
+    last final words, is heard again; punctuation alone is not new speech. The same text heard again
+    is also dropped by drop_repeated_prefix."""
+    text = _norm(word.word)
+    if not text or not last:
+        return bool(text)
+    final = _norm(last[-1].word)
+    if before is not None:
         prev = _norm(before.word)
-        if _alike(prev, _norm(last[-1].word)):
+        if prev and _alike(prev, final):
             return True
-        if len(last) > 1 and _alike(prev, _norm(last[-2].word)):
+        if len(last) > 1 and prev and _alike(prev, _norm(last[-2].word)):
             return False
-    return not any(_alike(_norm(word.word), _norm(w.word)) for w in last)
+        if prev and _alike(prev + text, final):
+            return False  # "can" + "not" = "cannot"
+    if final.endswith(text):
+        return False  # its end heard again ("ances", "less")
+    return not any(_alike(text, _norm(w.word)) for w in last)
 
 
 def drop_repeated_prefix(words: list[Word], final: list[Word]) -> list[Word]:
