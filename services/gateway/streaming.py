@@ -197,13 +197,12 @@ def _new_at_seam(before: Word | None, word: Word, last: list[Word]) -> bool:
     if not text or not last:
         return bool(text)
     final = _norm(last[-1].word)
-    if before is not None:
-        prev = _norm(before.word)
-        if prev and _alike(prev, final):
+    if before is not None and (prev := _norm(before.word)):
+        if _alike(prev, final):
             return True
-        if len(last) > 1 and prev and _alike(prev, _norm(last[-2].word)):
+        if len(last) > 1 and _alike(prev, _norm(last[-2].word)):
             return False
-        if prev and _alike(prev + text, final):
+        if _alike(prev + text, final):
             return False  # "can" + "not" = "cannot"
     if final.endswith(text):
         return False  # its end heard again ("ances", "less")
