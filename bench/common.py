@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import platform
@@ -298,6 +299,21 @@ class ModelCall:
     audio_seconds: float
 
 
+def _trace_call(path: str, start: float, reqs: list[Any]) -> None:
+    """t: start (perf_counter), dt: seconds, w: per window [audio seconds, beam, prompt characters,
+    live (dynamic context)]."""
+    windows = [
+        [round(r.audio.shape[0] / SR, 2), r.options.beam_size, len(r.options.initial_prompt or ""),
+         int(r.options.dynamic_context)]
+        for r in reqs
+    ]  # fmt: skip
+    with open(path, "a") as f:
+        f.write(
+            json.dumps({"t": round(start, 3), "dt": round(time.perf_counter() - start, 3), "w": windows})
+            + "\n"
+        )
+
+
 @dataclass
 class ModelCallLog:
     """Wraps a Batcher's model call (bench-side only) to see how busy the model was and how full the
@@ -317,6 +333,8 @@ class ModelCallLog:
             finally:
                 audio_s = sum(r.audio.shape[0] for r in reqs) / SR
                 self.calls.append(ModelCall(start, time.perf_counter(), len(reqs), audio_s))
+                if os.environ.get("BENCH_CALL_TRACE"):  # a JSON line per model call, for tuning
+                    _trace_call(os.environ["BENCH_CALL_TRACE"], start, reqs)
 
         timed._bench_wrapped = True  # type: ignore[attr-defined]
         batcher._run_batch = timed

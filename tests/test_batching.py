@@ -216,6 +216,32 @@ def test_windows_with_different_prompts_in_one_batch(transcriber):
     assert [r.batch_size for r in results] == [1, 1, 1, 2, 2]  # type: ignore[union-attr]
 
 
+def test_live_windows_share_a_call_by_context_on_a_cpu(transcriber):
+    """Live (dynamic-context) windows are encoded with a context of their length rounded up to 5 s.
+    On a CPU, where a call costs in proportion to its windows, each context size is its own group
+    (no window pays for a longer one's context); on a GPU they share one group, padded to the
+    longest (pad_live_contexts)."""
+    engine = transcriber.engine
+    short = audio.speak("The weather today is sunny.")
+    long = np.concatenate([short, np.zeros(16000, dtype=np.float32), short])
+    assert short.shape[0] < 3.5 * 16000 and 4.5 * 16000 < long.shape[0] < 8.5 * 16000  # 5 s and 10 s
+    live = DecodeOptions(dynamic_context=True, temperature_fallback=False)
+    reqs = [WindowRequest(short, live), WindowRequest(long, live), WindowRequest(short, live)]
+    assert not engine.pad_live_contexts
+    grouped = engine.transcribe_batch(reqs)
+    engine.pad_live_contexts = True
+    try:
+        padded = engine.transcribe_batch(reqs)
+    finally:
+        engine.pad_live_contexts = False
+    for results in (grouped, padded):
+        assert all(isinstance(r, WindowResult) and "today is" in r.segments[0].text.lower() for r in results), [
+            " | ".join(s.text for s in r.segments) if isinstance(r, WindowResult) else r for r in results
+        ]
+    assert [r.batch_size for r in grouped] == [2, 1, 2]  # type: ignore[union-attr]
+    assert [r.batch_size for r in padded] == [3, 3, 3]  # type: ignore[union-attr]
+
+
 def test_words_are_aligned_one_window_at_a_time_on_a_cpu(transcriber, long_clip):
     """A call's windows share the encoder and `generate`, but are aligned one by one: aligning a whole
     call at once was its memory peak, and faster-whisper carries the last speech time from one item of

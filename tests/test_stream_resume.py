@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -231,35 +232,43 @@ async def test_unsure_words_of_a_short_window_are_not_made_final_by_agreement(pr
         assert min(early) < 2.0, early  # sure words do not wait
 
 
-async def test_the_hypothesis_beam_is_asked_for_each_hypothesis():
-    """hypothesis_beam is consulted for every hypothesis (the gateway changes it with its load);
-    an utterance's final pass keeps the stream's beam."""
-    calls: list[tuple[int, float]] = []
-    beam = [3]
+async def test_the_hypothesis_beam_and_the_final_pass_are_asked_for_each_pass():
+    """hypothesis_beam is consulted for every hypothesis and final_pass for every utterance's final
+    pass (the gateway changes both with its load): at light load here hypotheses use beam 3 and
+    finals beam 5 with 2 s of audio before the utterance; under load, beam 1 and beam 2 without it."""
+    calls: list[tuple[int, int]] = []  # (beam, the first word the audio holds)
+    beam, final = [3], [(5, 2.0)]
 
     async def transcribe(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
-        calls.append((options.beam_size, audio.shape[0] / SAMPLE_RATE))
+        heard = np.round(audio * 1000).astype(int)
+        calls.append((options.beam_size, int(heard[heard > 0][0]) if (heard > 0).any() else 0))
         return await fake_transcribe(audio, options, work)
 
     s = StreamingSession(
-        transcribe, DecodeOptions(beam_size=5), POLICY, interim=True, vad_model=fake_vad,
-        hypothesis_beam=lambda: beam[0],
+        transcribe, DecodeOptions(beam_size=5), replace(POLICY, max_window=10.0, final_context=2.0), interim=True,
+        vad_model=fake_vad, hypothesis_beam=lambda: beam[0], final_pass=lambda: final[0],
     )  # fmt: skip
     audio = script(WORDS, TOTAL)
     evs: list[Event] = []
     feeder = asyncio.create_task(feed(s, audio))
-    switched = 0
+    switched = ended = 0
     async for ev in s.events():
         if ev.type == EventType.RESULT and ev.is_final:
             evs.append(ev)
-            if ev.utterance_end and not switched:
-                beam[0] = 1  # load came: greedy from the next hypothesis on
+            ended += ev.utterance_end
+            if ended == 2 and not switched:
+                beam[0], final[0] = 1, (2, 0.0)  # load came
                 switched = len(calls)
     await feeder
     assert text_of(evs) == [f"w{i}" for i in range(1, len(WORDS) + 1)]
     assert switched
-    assert {b for b, _ in calls[:switched]} == {3, 5}
-    assert {b for b, _ in calls[switched:]} == {1, 5}
+    light, loaded = calls[:switched], calls[switched:]
+    assert {b for b, _ in light} == {3, 5} and {b for b, _ in loaded} == {1, 2}
+    # Utterance 2 (words 6-17) starts 1.5 s after word 5 ends: its final pass heard utterance 1's end.
+    first = [w for b, w in light if b == 5]
+    assert len(first) == 2 and first[0] == 1 and 1 < first[1] <= 5, first
+    # Utterance 3 (words 18-20): its final pass heard only its own words.
+    assert [w for b, w in loaded if b == 2] == [18]
 
 
 async def test_resume_state_carries_prompt_and_window_words():

@@ -403,8 +403,8 @@ async def test_hypotheses_widen_their_beam_only_while_few_streams_are_live(
     client: AsyncClient, gateway, short_clip
 ):
     """One stream on one transcriber is light load: its hypotheses use stream_light_load_beam_size
-    (3); with the threshold at 0 streams (as under load) they are greedy. An utterance's final pass
-    uses the stream beam (5) either way."""
+    (3) and an utterance's final pass the stream beam (5); with the threshold at 0 streams (as under
+    load) hypotheses are greedy and final passes use at most stream_loaded_final_beam_size (2 here)."""
     beams: list[int] = []
     pool = gateway.speech.pool
     real = pool.transcribe
@@ -415,19 +415,19 @@ async def test_hypotheses_widen_their_beam_only_while_few_streams_are_live(
 
     pcm = PcmAudio(audio.encode(short_clip.samples, "raw"), 16000, 1)
     settings = gateway.speech.settings
-    saved = settings.stream_light_load_streams
+    saved = settings.stream_light_load_streams, settings.stream_loaded_final_beam_size
     pool.transcribe = recording
     try:
         finals = _finals(await _collect(client.stream(pcm_chunks(pcm), interim=True, language="en")))
         light = list(beams)
         beams.clear()
-        settings.stream_light_load_streams = 0
+        settings.stream_light_load_streams, settings.stream_loaded_final_beam_size = 0, 2
         finals_loaded = _finals(await _collect(client.stream(pcm_chunks(pcm), interim=True, language="en")))
     finally:
         pool.transcribe = real
-        settings.stream_light_load_streams = saved
+        settings.stream_light_load_streams, settings.stream_loaded_final_beam_size = saved
     assert finals and finals_loaded
-    assert set(light) == {3, 5} and set(beams) == {1, 5}, (light, beams)
+    assert set(light) == {3, 5} and set(beams) == {1, 2}, (light, beams)
 
 
 async def test_the_last_response_bills_the_whole_stream_also_after_trailing_silence(

@@ -79,6 +79,13 @@ class GatewaySettings(CommonSettings):
     # there are not repeated): in simulation on the real recordings 6 s took streaming WER from
     # 10.6 % to 9.1 % (offline 6.4 %) for one longer model call per utterance. 0 = none.
     stream_final_context_seconds: float = 6.0
+    # Above stream_light_load_streams live streams per serving transcriber, an utterance's final pass
+    # uses at most beam stream_loaded_final_beam_size and stream_loaded_final_context_seconds of left
+    # context instead (negative: as at light load). With 8 real-time streams on one 2-core
+    # transcriber, finals with beam 5 and 6 s of context were ~2 of every 7 windows in a tick but
+    # most of its time (ticks of 0.95 s against 0.13 s without them).
+    stream_loaded_final_beam_size: int = 1
+    stream_loaded_final_context_seconds: float = 0.0
     # Admission control: live streams admitted per transcriber, estimated from the measured model cost
     # of live windows so that one batched tick for all streams lasts at most
     # stream_target_tick_seconds; stream_capacity_initial until a transcriber has been measured;

@@ -585,6 +585,7 @@ class SpeechAPI:
             single_utterance=cfg.single_utterance,
             resume=resume,
             hypothesis_beam=self.hypothesis_beam,
+            final_pass=lambda: self.final_pass(options.beam_size),
         )
 
         def sink(samples: Any) -> None:
@@ -611,17 +612,37 @@ class SpeechAPI:
         )
         return session, decoder, max_seconds, session_id, replay
 
-    def hypothesis_beam(self) -> int:
-        """The beam of live hypotheses: stream_light_load_beam_size while this gateway has at most
-        stream_light_load_streams live streams per serving transcriber, else stream_interim_beam_size
-        (greedy): a wider beam makes fewer confident wrong guesses, but under load every stream's
-        hypothesis shares one batched call per tick and beams would lengthen it."""
+    def _light_load(self) -> bool:
+        """At most stream_light_load_streams live streams per serving transcriber on this gateway
+        (gateways that share transcribers count their share, as admission does)."""
         s = self.settings
-        # (per transcriber; gateways that share transcribers count their share, as admission does)
         light = s.stream_light_load_streams * self.pool.serving_count * s.stream_capacity_share
-        if s.stream_light_load_beam_size > 0 and self.admission.active <= light:
+        return self.admission.active <= light
+
+    def hypothesis_beam(self) -> int:
+        """The beam of live hypotheses: stream_light_load_beam_size at light load, else
+        stream_interim_beam_size (greedy): a wider beam makes fewer confident wrong guesses, but
+        under load every stream's hypothesis shares one batched call per tick and beams would
+        lengthen it."""
+        s = self.settings
+        if s.stream_light_load_beam_size > 0 and self._light_load():
             return s.stream_light_load_beam_size
         return s.stream_interim_beam_size
+
+    def final_pass(self, beam: int) -> tuple[int, float]:
+        """(beam, left context seconds) of an utterance's final pass: the stream's beam and
+        stream_final_context_seconds at light load; under load at most stream_loaded_final_beam_size
+        and stream_loaded_final_context_seconds (each negative: as at light load), so that the
+        finals of many streams do not hold up every stream's next hypothesis."""
+        s = self.settings
+        context = s.stream_final_context_seconds
+        if self._light_load():
+            return beam, context
+        if s.stream_loaded_final_beam_size > 0:
+            beam = min(beam or s.stream_loaded_final_beam_size, s.stream_loaded_final_beam_size)
+        if s.stream_loaded_final_context_seconds >= 0:
+            context = min(context, s.stream_loaded_final_context_seconds)
+        return beam, context
 
     async def _live_transcribe(self, audio: Any, options: Any, work_class: Any) -> Any:
         result = await self.pool.transcribe(audio, options, work_class)

@@ -16,7 +16,8 @@ Policy (LocalAgreement-2, as in whisper_streaming, plus VAD endpointing):
 - hypotheses are greedy (`interim_beam`, or what `hypothesis_beam` says: the gateway widens the
   beam while it has few streams); the final of an utterance (at a pause, at the end) uses
   the request's beam and also hears `final_context` seconds of audio before the window (left
-  context: an utterance decoded alone loses words at its start; final words there are dropped);
+  context: an utterance decoded alone loses words at its start; final words there are dropped),
+  or what `final_pass` says (the gateway makes it cheaper while the transcribers are loaded);
   `trim` restarts the window after final words too ("commit": shortest windows,
   cheapest ticks, "sentence", "none");
 - VAD stops at the first endpoint of a block of audio, so a pause followed by more speech in the
@@ -256,11 +257,18 @@ class StreamingSession:
         vad_model: Callable[[np.ndarray], np.ndarray] | None = None,
         resume: ResumeState | None = None,
         hypothesis_beam: Callable[[], int] | None = None,
+        final_pass: Callable[[], tuple[int, float]] | None = None,
     ) -> None:
         self.transcribe = transcribe
         # The beam of the next hypothesis (e.g. wider while the transcribers are lightly loaded);
         # default: policy.interim_beam.
         self._hypothesis_beam = hypothesis_beam or (lambda: policy.interim_beam)
+        # (beam, left context seconds) of the next utterance's final pass (e.g. cheaper while the
+        # transcribers are loaded); default: policy.final_beam (or the request's beam), final_context.
+        # The context is at most policy.final_context (the audio kept before the window).
+        self._final_pass = final_pass or (
+            lambda: (policy.final_beam or options.beam_size, policy.final_context)
+        )
         # Live hypotheses are re-made every step: no temperature fallback (a bad one is replaced soon).
         self.options = replace(
             options, word_timestamps=True, dynamic_context=True, temperature_fallback=False
@@ -502,14 +510,16 @@ class StreamingSession:
         text = _text([w for w in self._final_words if w.end <= start / SAMPLE_RATE + 0.05])
         return text[-self.policy.prompt_chars :] or self.options.initial_prompt
 
-    async def _words(self, start: int, end: int, *, final: bool = False, context: float = 0.0) -> list[Word]:
+    async def _words(
+        self, start: int, end: int, *, final_beam: int | None = None, context: float = 0.0
+    ) -> list[Word]:
         """Transcribe [start, end) and return the words after what is already final. `context`:
         seconds of audio before `start` heard too (words already final there are dropped below, by
-        time and by text)."""
+        time and by text). `final_beam`: the beam of an utterance's final pass (else a hypothesis's)."""
         if context > 0:
             start = max(start - int(context * SAMPLE_RATE), self._base, 0)
         audio = self._slice(start, end)
-        beam = (self.policy.final_beam or self.options.beam_size) if final else self._hypothesis_beam()
+        beam = self._hypothesis_beam() if final_beam is None else final_beam
         opts = replace(
             self.options, initial_prompt=self._prompt(start), beam_size=beam or self.options.beam_size
         )
@@ -622,11 +632,12 @@ class StreamingSession:
         # The first pass also hears `final_context` of the audio before the window. With that left
         # context Whisper sometimes stops at the end of the speech it already knows from the prompt:
         # then one more pass, without context, takes the rest (as for a window that ended early).
-        context = self.policy.final_context
+        beam, context = self._final_pass()
+        context = min(context, self.policy.final_context)
         for _ in range(1 + self.policy.tail_passes + (1 if context > 0 else 0)):
             if not (until > start and self._last_speech >= start):
                 break
-            got = self._commit(await self._words(start, until, final=True, context=context))
+            got = self._commit(await self._words(start, until, final_beam=beam, context=context))
             if got is None and context == 0:
                 break
             if got is not None:

@@ -118,6 +118,12 @@ class Engine:
         self.load_seconds = 0.0
         self._tokenizers: dict[str | None, Any] = {}
         self._suppress: dict[str | None, Any] = {}
+        # Live windows of different lengths share a call padded to the longest one's context on a
+        # GPU, where a batch costs little more than one window. On a CPU a call's cost grows with
+        # its windows (8 live windows of 2.5 s: 0.40 s, one: 0.07 s), so padding is paid in full
+        # (6 windows of 2.5 s with 2 of 9 s in one call: 0.72 s; apart: ~0.55 s): there each
+        # context size is its own group.
+        self.pad_live_contexts = settings.on_gpu()
 
     @property
     def ready(self) -> bool:
@@ -218,9 +224,12 @@ class Engine:
                 language = o.language or (None if self.multilingual else "en")
                 if language is None:
                     language, probabilities[i] = self._detect_language(req.audio)
-                # Dynamic-context (live) windows of different lengths share a call: the group is encoded
-                # with the longest window's context (the others are padded, as Whisper was trained).
-                frames = 0 if o.dynamic_context else FULL_CONTEXT
+                # Dynamic-context (live) windows of different lengths share a call on a GPU: the group
+                # is encoded with the longest window's context (the others are padded, as Whisper was
+                # trained). On a CPU they group by their own context (see pad_live_contexts).
+                frames = FULL_CONTEXT
+                if o.dynamic_context:
+                    frames = 0 if self.pad_live_contexts else _context_frames(req.audio.shape[0])
                 prompt = self._prompt(self._tokenizer(language), o)
                 # CTranslate2 batches prompts only when <|startoftranscript|> sits at the same position,
                 # so windows group by prompt length too. Word timings are always aligned (they place
@@ -232,6 +241,7 @@ class Engine:
                     o.temperature_fallback,
                     frames,
                     len(prompt),
+                    o.dynamic_context,
                 )
                 groups[key].append(i)
                 prompts[i] = prompt
@@ -349,7 +359,7 @@ class Engine:
         ends and pauses using the word times."""
         from faster_whisper.audio import pad_or_trim
 
-        language, beam_size, temperature, fallback, context, _prompt_length = key
+        language, beam_size, temperature, fallback, context, _prompt_length, _live = key
         if not context:
             context = max(_context_frames(req.audio.shape[0]) for req in reqs)
         m = self._model
