@@ -136,6 +136,21 @@ class Report:
             ["Packages", ", ".join(f"{k} {v}" for k, v in pk.items() if v)],
             ["Code", f"{git.get('commit', '?')[:12]}{' + uncommitted changes' if git.get('dirty') else ''}"],
         ]
+        here = {
+            "cpu_model": mc.get("cpu_model"),
+            "commit": git.get("commit", "?")[:12],
+            "dirty": git.get("dirty"),
+        }
+        elsewhere: dict[str, list[str]] = {}
+        for name, m in self.r.get("measures", {}).items():
+            where = m.get("ran_on") if isinstance(m, dict) else None
+            if where and where != here:
+                key = f"{where.get('cpu_model')}, code {where.get('commit')}" + (
+                    " + uncommitted changes" if where.get("dirty") else ""
+                )
+                elsewhere.setdefault(key, []).append(name)
+        for key, names in elsewhere.items():
+            rows.append([f"Measures of an earlier run ({', '.join(names)})", key])
         self.add(table(["", ""], rows))
         c = self.r.get("corpus", {})
         if c:

@@ -162,6 +162,17 @@ async def run_measure(m: Measure, ctx: Context) -> dict[str, Any]:
     return entry
 
 
+def ran_on(machine: dict[str, Any]) -> dict[str, Any]:
+    """The CPU and code a measure ran on (kept per measure: a run with --only merges into a file whose
+    other measures may come from another machine or commit)."""
+    git = machine.get("git", {})
+    return {
+        "cpu_model": machine.get("cpu_model"),
+        "commit": git.get("commit", "?")[:12],
+        "dirty": git.get("dirty"),
+    }
+
+
 async def main_async(args: argparse.Namespace) -> Path:
     from services.shared.logging import setup_logging
 
@@ -176,6 +187,9 @@ async def main_async(args: argparse.Namespace) -> Path:
         with contextlib.suppress(ValueError):
             results = json.loads(json_path.read_text())
             results.setdefault("measures", {})
+            # The measures kept from the earlier run say where they ran (the header is this run's).
+            for entry in results["measures"].values():
+                entry.setdefault("ran_on", ran_on(results.get("machine", {})))
             log(f"merging into {json_path}")
     elif args.only:
         carry_forward(results, args.out, stem, quick=args.quick)
@@ -224,6 +238,7 @@ async def main_async(args: argparse.Namespace) -> Path:
             if not m.uses_stack and stack.stack is not None and m.name in ("startup", "memory", "batching"):
                 await stack.close()  # keep this process quiet while other processes are measured
             entry = await run_measure(m, ctx)
+            entry["ran_on"] = ran_on(results["machine"])
             results["measures"][m.name] = entry
             results["goals"] = goals.evaluate(results)
             write_json(json_path, results)

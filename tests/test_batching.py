@@ -216,11 +216,12 @@ def test_windows_with_different_prompts_in_one_batch(transcriber):
     assert [r.batch_size for r in results] == [1, 1, 1, 2, 2]  # type: ignore[union-attr]
 
 
-def test_live_windows_share_a_call_by_context_on_a_cpu(transcriber):
+async def test_live_windows_share_a_call_by_context_on_a_cpu(transcriber):
     """Live (dynamic-context) windows are encoded with a context of their length rounded up to 5 s.
     On a CPU, where a call costs in proportion to its windows, each context size is its own group
     (no window pays for a longer one's context); on a GPU they share one group, padded to the
-    longest (pad_live_contexts)."""
+    longest (pad_live_contexts). Served, every window reports the whole call (its windows and
+    seconds: what the gateway's admission control fits the cost of a live call from)."""
     engine = transcriber.engine
     short = audio.speak("The weather today is sunny.")
     long = np.concatenate([short, np.zeros(16000, dtype=np.float32), short])
@@ -235,11 +236,23 @@ def test_live_windows_share_a_call_by_context_on_a_cpu(transcriber):
     finally:
         engine.pad_live_contexts = False
     for results in (grouped, padded):
-        assert all(isinstance(r, WindowResult) and "today is" in r.segments[0].text.lower() for r in results), [
-            " | ".join(s.text for s in r.segments) if isinstance(r, WindowResult) else r for r in results
-        ]
+        assert all(
+            isinstance(r, WindowResult) and "today is" in r.segments[0].text.lower() for r in results
+        ), [" | ".join(s.text for s in r.segments) if isinstance(r, WindowResult) else r for r in results]
     assert [r.batch_size for r in grouped] == [2, 1, 2]  # type: ignore[union-attr]
     assert [r.batch_size for r in padded] == [3, 3, 3]  # type: ignore[union-attr]
+
+    b = Batcher(engine.transcribe_batch, window_ms=0, max_batch=8, max_queue=100)
+    calls = [asyncio.create_task(b.submit(r, WorkClass.LIVE)) for r in reqs]
+    await until(lambda: b.pending == 3, what="three live windows to queue")
+    b.start()  # (after they queued: one call takes all three)
+    try:
+        served = await asyncio.gather(*calls)
+    finally:
+        await b.close()
+    assert b.calls == 1
+    assert [r.batch_size for r in served] == [3, 3, 3]
+    assert len({r.model_seconds for r in served}) == 1 and served[0].model_seconds > 0
 
 
 def test_words_are_aligned_one_window_at_a_time_on_a_cpu(transcriber, long_clip):
