@@ -193,9 +193,11 @@ async def concurrent_streams(ctx: Context) -> dict[str, Any]:
             "final_word_latency": summary(lat, 3),
             "first_interim_latency": summary(first, 3),
             "wer_mean": round(float(np.mean([s["wer"] for s in ok])), 2) if ok else None,
-            # (stream i plays clip i; None: it failed or timed out)
+            # (stream i plays clip i; None: it failed or timed out, as wer_mean leaves it out)
             "wer_per_stream": [
-                t.result()["wer"] if t in done and not t.cancelled() and t.exception() is None else None
+                t.result()["wer"]
+                if t in done and not t.cancelled() and t.exception() is None and not t.result()["error"]
+                else None
                 for t in tasks
             ],
             "tail_seconds_max": max((s["tail_seconds"] or 0.0) for s in ok) if ok else None,

@@ -122,6 +122,7 @@ def carry_forward(results: dict[str, Any], out: Path, stem: str, *, quick: bool)
         previous = json.loads(earlier[-1].read_text())
         for name, entry in (previous.get("measures") or {}).items():
             entry.setdefault("carried_from", previous.get("date") or earlier[-1].stem)
+            entry.setdefault("ran_on", ran_on(previous.get("machine", {})))
             results["measures"][name] = entry
         log(f"other measures carried from {earlier[-1].name}")
 

@@ -228,13 +228,14 @@ async def test_live_windows_share_a_call_by_context_on_a_cpu(transcriber):
     assert short.shape[0] < 3.5 * 16000 and 4.5 * 16000 < long.shape[0] < 8.5 * 16000  # 5 s and 10 s
     live = DecodeOptions(dynamic_context=True, temperature_fallback=False)
     reqs = [WindowRequest(short, live), WindowRequest(long, live), WindowRequest(short, live)]
-    assert not engine.pad_live_contexts
-    grouped = engine.transcribe_batch(reqs)
-    engine.pad_live_contexts = True
+    saved = engine.pad_live_contexts  # (False on a CPU)
     try:
+        engine.pad_live_contexts = False
+        grouped = engine.transcribe_batch(reqs)
+        engine.pad_live_contexts = True
         padded = engine.transcribe_batch(reqs)
     finally:
-        engine.pad_live_contexts = False
+        engine.pad_live_contexts = saved
     for results in (grouped, padded):
         assert all(
             isinstance(r, WindowResult) and "today is" in r.segments[0].text.lower() for r in results
@@ -244,14 +245,16 @@ async def test_live_windows_share_a_call_by_context_on_a_cpu(transcriber):
 
     b = Batcher(engine.transcribe_batch, window_ms=0, max_batch=8, max_queue=100)
     calls = [asyncio.create_task(b.submit(r, WorkClass.LIVE)) for r in reqs]
-    await until(lambda: b.pending == 3, what="three live windows to queue")
-    b.start()  # (after they queued: one call takes all three)
+    calls.append(asyncio.create_task(b.submit(WindowRequest(short, DecodeOptions()), WorkClass.BATCH)))
+    await until(lambda: b.pending == 4, what="three live windows and a job's to queue")
+    b.start()  # (after they queued: one call takes all four)
     try:
         served = await asyncio.gather(*calls)
     finally:
         await b.close()
     assert b.calls == 1
-    assert [r.batch_size for r in served] == [3, 3, 3]
+    # Each counts the call's windows of its own class; all share the call's seconds.
+    assert [r.batch_size for r in served] == [3, 3, 3, 1]
     assert len({r.model_seconds for r in served}) == 1 and served[0].model_seconds > 0
 
 

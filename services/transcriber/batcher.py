@@ -209,10 +209,12 @@ class Batcher:
                 if isinstance(res, BaseException):
                     item.future.set_exception(res)
                 else:
-                    # The whole call, as the contract says (the engine counted the window's group:
-                    # windows of another beam or context in the call are decoded apart): the
-                    # gateway fits the cost of a live call from (windows, seconds).
-                    res.batch_size, res.model_seconds = len(batch), round(elapsed, 4)
+                    # The call's windows of this window's class (the engine counted its group only:
+                    # windows of another beam or context in the call are decoded apart), and the
+                    # call's seconds: the gateway fits the cost of a live call from them (job
+                    # windows in a live call only lengthen the seconds: the estimate errs safe).
+                    res.batch_size = sum(1 for i in batch if i.work_class == item.work_class)
+                    res.model_seconds = round(elapsed, 4)
                     item.future.set_result(res)
 
     def _live_waiting(self) -> int:
