@@ -150,6 +150,17 @@ def git_revision() -> dict[str, Any]:
         return {}
 
 
+def ran_on(machine: dict[str, Any]) -> dict[str, Any]:
+    """The CPU and code a measure ran on (kept per measure: a run with --only merges into a file whose
+    other measures may come from another machine or commit)."""
+    git = machine.get("git", {})
+    return {
+        "cpu_model": machine.get("cpu_model"),
+        "commit": git.get("commit", "?")[:12],
+        "dirty": git.get("dirty"),
+    }
+
+
 def machine_info() -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),
@@ -299,7 +310,7 @@ class ModelCall:
     audio_seconds: float
 
 
-def _trace_call(path: str, start: float, reqs: list[Any]) -> None:
+def _trace_call(path: str, call: ModelCall, reqs: list[Any]) -> None:
     """t: start (perf_counter), dt: seconds, w: per window [audio seconds, beam, prompt characters,
     live (dynamic context)]."""
     windows = [
@@ -309,7 +320,7 @@ def _trace_call(path: str, start: float, reqs: list[Any]) -> None:
     ]  # fmt: skip
     with open(path, "a") as f:
         f.write(
-            json.dumps({"t": round(start, 3), "dt": round(time.perf_counter() - start, 3), "w": windows})
+            json.dumps({"t": round(call.start, 3), "dt": round(call.end - call.start, 3), "w": windows})
             + "\n"
         )
 
@@ -332,9 +343,10 @@ class ModelCallLog:
                 return inner(reqs)
             finally:
                 audio_s = sum(r.audio.shape[0] for r in reqs) / SR
-                self.calls.append(ModelCall(start, time.perf_counter(), len(reqs), audio_s))
+                call = ModelCall(start, time.perf_counter(), len(reqs), audio_s)
+                self.calls.append(call)
                 if os.environ.get("BENCH_CALL_TRACE"):  # a JSON line per model call, for tuning
-                    _trace_call(os.environ["BENCH_CALL_TRACE"], start, reqs)
+                    _trace_call(os.environ["BENCH_CALL_TRACE"], call, reqs)
 
         timed._bench_wrapped = True  # type: ignore[attr-defined]
         batcher._run_batch = timed

@@ -178,7 +178,11 @@ async def concurrent_streams(ctx: Context) -> dict[str, Any]:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         wall = time.perf_counter() - t0
-        finished = [t.result() for t in done if not t.cancelled() and t.exception() is None]
+        # Per stream (stream i plays clip i): its result, or None when it raised, timed out or was cancelled.
+        outcome = [
+            t.result() if t in done and not t.cancelled() and t.exception() is None else None for t in tasks
+        ]
+        finished = [s for s in outcome if s is not None]
         ok = [s for s in finished if not s["error"]]
         errors = [s["error"] for s in finished if s["error"]]
         errors += [repr(t.exception()) for t in done if not t.cancelled() and t.exception() is not None]
@@ -193,13 +197,8 @@ async def concurrent_streams(ctx: Context) -> dict[str, Any]:
             "final_word_latency": summary(lat, 3),
             "first_interim_latency": summary(first, 3),
             "wer_mean": round(float(np.mean([s["wer"] for s in ok])), 2) if ok else None,
-            # (stream i plays clip i; None: it failed or timed out, as wer_mean leaves it out)
-            "wer_per_stream": [
-                t.result()["wer"]
-                if t in done and not t.cancelled() and t.exception() is None and not t.result()["error"]
-                else None
-                for t in tasks
-            ],
+            # (None: the stream failed or timed out, as wer_mean leaves it out)
+            "wer_per_stream": [s["wer"] if s is not None and not s["error"] else None for s in outcome],
             "tail_seconds_max": max((s["tail_seconds"] or 0.0) for s in ok) if ok else None,
             "wall_seconds": round(wall, 2),
             "model": ctx.stack.calls.since(mark, wall),

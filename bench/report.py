@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import goals as goals_mod
-from bench.common import DOCS, ROOT
+from bench.common import DOCS, ROOT, ran_on
 
 Row = list[Any]
 
@@ -136,11 +136,7 @@ class Report:
             ["Packages", ", ".join(f"{k} {v}" for k, v in pk.items() if v)],
             ["Code", f"{git.get('commit', '?')[:12]}{' + uncommitted changes' if git.get('dirty') else ''}"],
         ]
-        here = {
-            "cpu_model": mc.get("cpu_model"),
-            "commit": git.get("commit", "?")[:12],
-            "dirty": git.get("dirty"),
-        }
+        here = ran_on(mc)
         elsewhere: dict[str, list[str]] = {}
         for name, m in self.r.get("measures", {}).items():
             where = m.get("ran_on") if isinstance(m, dict) else None

@@ -36,6 +36,7 @@ from bench.common import (
     machine_info,
     model_label,
     model_path,
+    ran_on,
     today,
 )
 
@@ -161,17 +162,6 @@ async def run_measure(m: Measure, ctx: Context) -> dict[str, Any]:
     entry["ran_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     log(f"== {m.name}: {entry['status']} in {entry['seconds']:.0f}s")
     return entry
-
-
-def ran_on(machine: dict[str, Any]) -> dict[str, Any]:
-    """The CPU and code a measure ran on (kept per measure: a run with --only merges into a file whose
-    other measures may come from another machine or commit)."""
-    git = machine.get("git", {})
-    return {
-        "cpu_model": machine.get("cpu_model"),
-        "commit": git.get("commit", "?")[:12],
-        "dirty": git.get("dirty"),
-    }
 
 
 async def main_async(args: argparse.Namespace) -> Path:
