@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -50,21 +51,44 @@ async def one_slot(transcriber, tmp_path) -> AsyncIterator[tuple[AsyncClient, Ga
 
 async def test_submit_watch_and_transcripts(client: AsyncClient, gateway: Gateway, long_clip):
     # Windows go to the transcribers in groups of their batch capacity and a group's chunks finish
-    # together; one window at a time here, so chunks finish one by one and partial text shows.
-    assert gateway.dispatcher is not None
-    capacity = gateway.dispatcher.batch_capacity
-    gateway.dispatcher.batch_capacity = lambda: 1
+    # together; one window per group here. Groups still reach the transcriber together (its batcher
+    # may put them in one call) and a chunk is recorded only once the whole plan is, so chunks can
+    # be written in one burst that a watcher sees only as its end (CI once saw no partial text): the
+    # windows after the first wait until the watcher has seen partial text (at most 30 s; then the
+    # assertion below fails).
+    d = gateway.dispatcher
+    assert d is not None
+    capacity, real_transcribe = d.batch_capacity, d.transcribe
+    seen_partial = asyncio.Event()
+    calls = 0
+
+    async def paced(samples, options, work_class):  # type: ignore[no-untyped-def]
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(seen_partial.wait(), 30)
+        return await real_transcribe(samples, options, work_class)
+
+    d.batch_capacity = lambda: 1
+    d.transcribe = paced  # type: ignore[method-assign]
     try:
-        await _submit_watch_and_transcripts(client, long_clip)
+        await _submit_watch_and_transcripts(client, long_clip, seen_partial)
     finally:
-        gateway.dispatcher.batch_capacity = capacity
+        d.batch_capacity, d.transcribe = capacity, real_transcribe  # type: ignore[method-assign]
 
 
-async def _submit_watch_and_transcripts(client: AsyncClient, long_clip: audio.Clip) -> None:
+async def _submit_watch_and_transcripts(
+    client: AsyncClient, long_clip: audio.Clip, seen_partial: asyncio.Event
+) -> None:
     job = await client.submit(audio.encode(long_clip.samples, "flac"), filename="talk.flac", language="en")
     assert job.status == jobs_pb2.JOB_STATUS_QUEUED and job.filename == "talk.flac"
     assert abs(job.audio_duration_seconds - long_clip.seconds) < 0.2
-    events = [e async for e in client.watch_job(job.job_id)]
+    events = []
+    async for e in client.watch_job(job.job_id):
+        events.append(e)
+        if e.job.status == jobs_pb2.JOB_STATUS_RUNNING and e.partial_transcript:
+            seen_partial.set()
     assert events[-1].job.status == jobs_pb2.JOB_STATUS_COMPLETED
     done = [e.job.chunks_completed for e in events]
     assert done == sorted(done) and events[-1].job.chunks_total >= 3
