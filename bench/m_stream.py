@@ -55,6 +55,7 @@ async def stream_session(client: Any, clip: Clip, *, delay: float = 0.0) -> dict
             yield chunk
 
     finals: list[tuple[float, list[tuple[str, float, float]], str]] = []
+    closing: list[bool] = []  # per final: it closed its utterance (made final at a pause or the end)
     interims: list[tuple[float, str]] = []
     error = None
     try:
@@ -64,17 +65,20 @@ async def stream_session(client: Any, clip: Clip, *, delay: float = 0.0) -> dict
                 if r.is_final:
                     words = [(w.word, w.start_seconds, w.end_seconds) for w in r.words]
                     finals.append((now, words, r.transcript))
+                    closing.append(r.utterance_end)
                 elif r.transcript.strip():
                     interims.append((now, r.transcript))
     except Exception as exc:  # keep what arrived before the failure
         error = repr(exc)
     end = time.perf_counter()
     latencies = [arr - send_time_of(we, send_times) for arr, words, _ in finals for (_, _, we) in words]
+    closes = [c for (_, words, _), c in zip(finals, closing, strict=True) for _ in words]
     onset = speech_onset(clip)
     speech_sent = send_times[min(int(onset / CHUNK_SECONDS), len(send_times) - 1)] if send_times else 0.0
     text = " ".join(t for _, _, t in finals)
     return {
         "latencies": latencies,
+        "closes": closes,
         "first_interim": interims[0][0] - speech_sent if interims else None,
         "first_final": finals[0][0] - speech_sent if finals else None,
         "finals": len(finals),
@@ -187,6 +191,7 @@ async def concurrent_streams(ctx: Context) -> dict[str, Any]:
         errors = [s["error"] for s in finished if s["error"]]
         errors += [repr(t.exception()) for t in done if not t.cancelled() and t.exception() is not None]
         lat = [x for s in finished for x in s["latencies"]]  # failed streams count up to their failure
+        closes = [c for s in finished for c in s["closes"]]
         first = [s["first_interim"] for s in finished if s["first_interim"] is not None]
         level = {
             "streams": n,
@@ -195,6 +200,12 @@ async def concurrent_streams(ctx: Context) -> dict[str, Any]:
             "errors": sorted(set(errors)),
             "failed": len(errors),
             "final_word_latency": summary(lat, 3),
+            # Words made final inside an utterance (by agreement of hypotheses) and by the final
+            # result that closed it (a pause, or the end of the stream).
+            "final_word_latency_by_path": {
+                "agreement": summary([x for x, c in zip(lat, closes, strict=True) if not c], 3),
+                "utterance_end": summary([x for x, c in zip(lat, closes, strict=True) if c], 3),
+            },
             "first_interim_latency": summary(first, 3),
             "wer_mean": round(float(np.mean([s["wer"] for s in ok])), 2) if ok else None,
             # (None: the stream failed or timed out, as wer_mean leaves it out)

@@ -606,6 +606,13 @@ class Report:
                     lv["final_word_latency"].get("p50"),
                     lv["final_word_latency"].get("p95"),
                     lv["final_word_latency"].get("mean"),
+                    *(
+                        "{} / {}".format(*(p.get(k, "-") for k in ("mean", "p95")))
+                        for p in (
+                            (lv.get("final_word_latency_by_path") or {}).get(path, {})
+                            for path in ("agreement", "utterance_end")
+                        )
+                    ),
                     lv["first_interim_latency"].get("p50"),
                     lv["wer_mean"],
                     lv["tail_seconds_max"],
@@ -623,6 +630,8 @@ class Report:
                         "p50 s",
                         "p95 s",
                         "mean s",
+                        "Agreed words mean / p95 s",
+                        "Utterance-end words mean / p95 s",
                         "First interim p50 s",
                         "WER %",
                         "Tail max s",

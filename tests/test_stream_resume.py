@@ -18,7 +18,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from services.gateway.streaming import Event, EventType, ResumeState, StreamingSession, StreamPolicy
+from services.gateway.streaming import (
+    Event,
+    EventType,
+    ResumeState,
+    StreamingSession,
+    StreamPolicy,
+    TranscribeFn,
+)
 from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, Word, WorkClass
 from stt.client import _TRANSPORT_BROKE
 
@@ -269,6 +276,107 @@ async def test_the_hypothesis_beam_and_the_final_pass_are_asked_for_each_pass():
     assert len(first) == 2 and first[0] == 1 and 1 < first[1] <= 5, first
     # Utterance 3 (words 18-20): its final pass heard only its own words.
     assert [w for b, w in loaded if b == 2] == [18]
+
+
+async def feed_paced(s: StreamingSession, audio: np.ndarray) -> None:
+    """Feed `audio` in 0.1 s pieces like a real-time client of a fast model: the next piece only once
+    the session has taken what it can (a hypothesis every `step` of audio), then end it."""
+    piece = SAMPLE_RATE // 10
+    for i in range(0, len(audio), piece):
+        s.add_audio(audio[i : i + piece])
+        await asyncio.sleep(0)
+        while s.backlog_seconds >= s.policy.step - 1e-6:
+            await s.progressed()
+    s.end_audio()
+
+
+async def paced_run(
+    audio: np.ndarray, model: TranscribeFn = fake_transcribe, **kwargs: object
+) -> tuple[list[Event], list[tuple[int, set[int]]], list[list[int]]]:
+    """A session fed by feed_paced with the scripted model: its finals, every model call's (beam,
+    words heard to their end), and for each final word how many calls had heard it when it became
+    final."""
+    calls: list[tuple[int, set[int]]] = []
+
+    async def transcribe(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
+        result = await model(audio, options, work)
+        calls.append(
+            (options.beam_size, {int(w.word.strip()[1:]) for seg in result.segments for w in seg.words})
+        )
+        return result
+
+    s = StreamingSession(transcribe, DecodeOptions(beam_size=5), POLICY, vad_model=fake_vad, **kwargs)  # type: ignore[arg-type]
+    feeder = asyncio.create_task(feed_paced(s, audio))
+    evs: list[Event] = []
+    heard: list[list[int]] = []
+    async for ev in s.events():
+        if ev.type == EventType.RESULT and ev.is_final:
+            evs.append(ev)
+            heard.append([sum(int(w.word.strip()[1:]) in got for _, got in calls) for w in ev.words])
+    await feeder
+    return evs, calls, heard
+
+
+async def test_agreement_for_is_asked_for_each_hypothesis():
+    """agreement_for gives the agreement of each hypothesis (the gateway asks for one hypothesis
+    instead of two agreeing ones under heavy load): with 2, a word is final only once a second
+    hypothesis has heard it too; with 1, the first hypothesis that heard it and `hold` after it
+    makes it final."""
+    audio = script(WORDS, TOTAL)
+    expected = [f"w{i}" for i in range(1, len(WORDS) + 1)]
+    two, _, heard_two = await paced_run(audio, agreement_for=lambda: 2)
+    one, _, heard_one = await paced_run(audio, agreement_for=lambda: 1)
+    assert text_of(two) == expected and text_of(one) == expected
+
+    def early(evs: list[Event], heard: list[list[int]]) -> list[int]:
+        """How many calls had heard each word made final before its utterance ended."""
+        return [n for ev, ns in zip(evs, heard, strict=True) if not ev.utterance_end for n in ns]
+
+    assert early(two, heard_two) and min(early(two, heard_two)) >= 2
+    assert early(one, heard_one) and min(early(one, heard_one)) == 1
+    assert len(early(one, heard_one)) >= len(early(two, heard_two))
+
+
+async def test_an_utterance_final_takes_the_last_hypothesis_when_it_is_the_same_pass():
+    """When an utterance's final pass would decode what its last hypothesis decoded (same window,
+    prompt and beam, no left context, all of its speech heard), that hypothesis is the final and no
+    model call is made for it; a final pass with another beam (or left context) is a call of its
+    own. The finals are the same words either way, and so are the hypotheses."""
+    audio = script(WORDS, TOTAL)
+    expected = [f"w{i}" for i in range(1, len(WORDS) + 1)]
+
+    async def passes(final_beam: int) -> tuple[list[Event], list[set[int]], list[set[int]]]:
+        """Finals, and the words heard by each hypothesis call and by each final-pass call."""
+        in_final = [False]
+
+        def hypothesis_beam() -> int:
+            in_final[0] = False
+            return 1
+
+        def final_pass() -> tuple[int, float]:
+            in_final[0] = True
+            return final_beam, 0.0
+
+        kinds: list[bool] = []
+
+        async def marking(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
+            kinds.append(in_final[0])
+            return await fake_transcribe(audio, options, work)
+
+        evs, calls, _ = await paced_run(
+            audio, marking, hypothesis_beam=hypothesis_beam, final_pass=final_pass
+        )
+        hyps = [got for (_, got), final in zip(calls, kinds, strict=True) if not final]
+        finals = [got for (_, got), final in zip(calls, kinds, strict=True) if final]
+        return evs, hyps, finals
+
+    own, own_hyps, own_finals = await passes(2)
+    same, same_hyps, same_finals = await passes(1)
+    assert text_of(own) == expected and text_of(same) == expected
+    assert len(own_finals) == 3  # a final pass per utterance
+    # Utterance 1's last hypothesis heard all of it (utterance 2 outgrew the 6 s window and was cut).
+    assert len(same_finals) < len(own_finals), same_finals
+    assert same_hyps == own_hyps
 
 
 async def test_resume_state_carries_prompt_and_window_words():

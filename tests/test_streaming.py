@@ -430,6 +430,25 @@ async def test_hypotheses_widen_their_beam_only_while_few_streams_are_live(
     assert set(light) == {3, 5} and set(beams) == {1, 2}, (light, beams)
 
 
+async def test_words_need_one_hypothesis_only_under_heavy_load(gateway):
+    """Up to stream_heavy_load_streams live streams per serving transcriber, words are final by
+    agreement of stream_agreement hypotheses; above it, of stream_loaded_agreement (one); 0 turns the
+    switch off."""
+    speech = gateway.speech
+    s = speech.settings
+    heavy = s.stream_heavy_load_streams * speech.pool.serving_count
+    saved = speech.admission.active, s.stream_heavy_load_streams
+    try:
+        speech.admission.active = heavy
+        assert heavy > 0 and speech.agreement() == s.stream_agreement == 2
+        speech.admission.active = heavy + 1
+        assert speech.agreement() == s.stream_loaded_agreement == 1
+        s.stream_heavy_load_streams = 0
+        assert speech.agreement() == 2
+    finally:
+        speech.admission.active, s.stream_heavy_load_streams = saved
+
+
 async def test_the_last_response_bills_the_whole_stream_also_after_trailing_silence(
     client: AsyncClient, short_clip
 ):

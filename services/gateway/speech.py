@@ -586,6 +586,7 @@ class SpeechAPI:
             resume=resume,
             hypothesis_beam=self.hypothesis_beam,
             final_pass=lambda: self.final_pass(options.beam_size),
+            agreement_for=self.agreement,
         )
 
         def sink(samples: Any) -> None:
@@ -612,12 +613,26 @@ class SpeechAPI:
         )
         return session, decoder, max_seconds, session_id, replay
 
-    def _light_load(self) -> bool:
-        """At most stream_light_load_streams live streams per serving transcriber on this gateway
-        (gateways that share transcribers count their share, as admission does)."""
+    def _load_at_most(self, streams_per_transcriber: int) -> bool:
+        """At most this many live streams per serving transcriber on this gateway (gateways that
+        share transcribers count their share, as admission does)."""
         s = self.settings
-        light = s.stream_light_load_streams * self.pool.serving_count * s.stream_capacity_share
-        return self.admission.active <= light
+        return (
+            self.admission.active
+            <= streams_per_transcriber * self.pool.serving_count * s.stream_capacity_share
+        )
+
+    def _light_load(self) -> bool:
+        return self._load_at_most(self.settings.stream_light_load_streams)
+
+    def agreement(self) -> int:
+        """Hypotheses that must agree on a live word: stream_agreement, but above
+        stream_heavy_load_streams per transcriber stream_loaded_agreement (each hypothesis of a
+        loaded tick comes late; waiting for a second one to agree doubles how late a word is final)."""
+        s = self.settings
+        if s.stream_heavy_load_streams <= 0 or self._load_at_most(s.stream_heavy_load_streams):
+            return s.stream_agreement
+        return min(max(s.stream_loaded_agreement, 1), s.stream_agreement)
 
     def hypothesis_beam(self) -> int:
         """The beam of live hypotheses: stream_light_load_beam_size at light load, else
