@@ -201,7 +201,8 @@ async def concurrent_streams(ctx: Context) -> dict[str, Any]:
             "failed": len(errors),
             "final_word_latency": summary(lat, 3),
             # Words made final inside an utterance (by agreement of hypotheses) and by the final
-            # result that closed it (a pause, or the end of the stream).
+            # result that closed it (a pause, or the end of the stream). When an utterance's last pass
+            # gave two finals (left context, then a tail pass), the first one counts as agreement.
             "final_word_latency_by_path": {
                 "agreement": summary([x for x, c in zip(lat, closes, strict=True) if not c], 3),
                 "utterance_end": summary([x for x, c in zip(lat, closes, strict=True) if c], 3),

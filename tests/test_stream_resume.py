@@ -291,11 +291,16 @@ async def feed_paced(s: StreamingSession, audio: np.ndarray) -> None:
 
 
 async def paced_run(
-    audio: np.ndarray, model: TranscribeFn = fake_transcribe, **kwargs: object
+    audio: np.ndarray,
+    model: TranscribeFn = fake_transcribe,
+    *,
+    policy: StreamPolicy = POLICY,
+    collect: list[Event] | None = None,
+    **kwargs: object,
 ) -> tuple[list[Event], list[tuple[int, set[int]]], list[list[int]]]:
     """A session fed by feed_paced with the scripted model: its finals, every model call's (beam,
     words heard to their end), and for each final word how many calls had heard it when it became
-    final."""
+    final. `collect`: the list the finals are appended to as they come."""
     calls: list[tuple[int, set[int]]] = []
 
     async def transcribe(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
@@ -305,9 +310,9 @@ async def paced_run(
         )
         return result
 
-    s = StreamingSession(transcribe, DecodeOptions(beam_size=5), POLICY, vad_model=fake_vad, **kwargs)  # type: ignore[arg-type]
+    s = StreamingSession(transcribe, DecodeOptions(beam_size=5), policy, vad_model=fake_vad, **kwargs)  # type: ignore[arg-type]
     feeder = asyncio.create_task(feed_paced(s, audio))
-    evs: list[Event] = []
+    evs: list[Event] = [] if collect is None else collect
     heard: list[list[int]] = []
     async for ev in s.events():
         if ev.type == EventType.RESULT and ev.is_final:
@@ -320,30 +325,51 @@ async def paced_run(
 async def test_agreement_for_is_asked_for_each_hypothesis():
     """agreement_for gives the agreement of each hypothesis (the gateway asks for one hypothesis
     instead of two agreeing ones under heavy load): with 2, a word is final only once a second
-    hypothesis has heard it too; with 1, the first hypothesis that heard it and `hold` after it
-    makes it final."""
+    hypothesis has heard it too; with 1 (here from the second utterance on), the first hypothesis that
+    heard it with `hold` after it makes it final."""
     audio = script(WORDS, TOTAL)
     expected = [f"w{i}" for i in range(1, len(WORDS) + 1)]
+    agreement = [2]
+    asked = [0]
+
+    def agreement_for() -> int:
+        asked[0] += 1
+        return agreement[0]
+
+    async def model(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
+        if any(ev.utterance_end for ev in evs):
+            agreement[0] = 1  # load came after the first utterance
+        return await fake_transcribe(audio, options, work)
+
+    evs: list[Event] = []
     two, _, heard_two = await paced_run(audio, agreement_for=lambda: 2)
-    one, _, heard_one = await paced_run(audio, agreement_for=lambda: 1)
-    assert text_of(two) == expected and text_of(one) == expected
+    evs, calls, heard = await paced_run(audio, model, agreement_for=agreement_for, collect=evs)
+    assert text_of(two) == expected and text_of(evs) == expected
 
-    def early(evs: list[Event], heard: list[list[int]]) -> list[int]:
+    def early(evs: list[Event], heard: list[list[int]], utterances: set[int]) -> list[int]:
         """How many calls had heard each word made final before its utterance ended."""
-        return [n for ev, ns in zip(evs, heard, strict=True) if not ev.utterance_end for n in ns]
+        return [
+            n
+            for ev, ns in zip(evs, heard, strict=True)
+            if not ev.utterance_end and ev.utterance in utterances
+            for n in ns
+        ]
 
-    assert early(two, heard_two) and min(early(two, heard_two)) >= 2
-    assert early(one, heard_one) and min(early(one, heard_one)) == 1
-    assert len(early(one, heard_one)) >= len(early(two, heard_two))
+    assert early(two, heard_two, {0, 1, 2}) and min(early(two, heard_two, {0, 1, 2})) >= 2
+    assert early(evs, heard, {0}) and min(early(evs, heard, {0})) >= 2
+    assert early(evs, heard, {1, 2}) and min(early(evs, heard, {1, 2})) == 1
+    assert asked[0] >= len(calls) // 2  # asked per hypothesis, not once
 
 
 async def test_an_utterance_final_takes_the_last_hypothesis_when_it_is_the_same_pass():
     """When an utterance's final pass would decode what its last hypothesis decoded (same window,
-    prompt and beam, no left context, all of its speech heard), that hypothesis is the final and no
-    model call is made for it; a final pass with another beam (or left context) is a call of its
-    own. The finals are the same words either way, and so are the hypotheses."""
+    prompt and beam, no left context, all of its speech heard), that hypothesis's words are the final
+    and no model call is made for it; a final pass with another beam (or left context) is a call of
+    its own. The finals are the same words either way, and so are the hypotheses. (Hold and settle
+    are long here, so that every word waits for its utterance's final.)"""
     audio = script(WORDS, TOTAL)
     expected = [f"w{i}" for i in range(1, len(WORDS) + 1)]
+    patient = replace(POLICY, hold=10.0, settle=10.0, max_window=10.0)
 
     async def passes(final_beam: int) -> tuple[list[Event], list[set[int]], list[set[int]]]:
         """Finals, and the words heard by each hypothesis call and by each final-pass call."""
@@ -364,7 +390,7 @@ async def test_an_utterance_final_takes_the_last_hypothesis_when_it_is_the_same_
             return await fake_transcribe(audio, options, work)
 
         evs, calls, _ = await paced_run(
-            audio, marking, hypothesis_beam=hypothesis_beam, final_pass=final_pass
+            audio, marking, policy=patient, hypothesis_beam=hypothesis_beam, final_pass=final_pass
         )
         hyps = [got for (_, got), final in zip(calls, kinds, strict=True) if not final]
         finals = [got for (_, got), final in zip(calls, kinds, strict=True) if final]
@@ -373,10 +399,42 @@ async def test_an_utterance_final_takes_the_last_hypothesis_when_it_is_the_same_
     own, own_hyps, own_finals = await passes(2)
     same, same_hyps, same_finals = await passes(1)
     assert text_of(own) == expected and text_of(same) == expected
+    assert all(ev.utterance_end for ev in same)  # nothing was final before its utterance's final
+    assert [len(ev.words) for ev in same] == [5, 12, 3]
     assert len(own_finals) == 3  # a final pass per utterance
-    # Utterance 1's last hypothesis heard all of it (utterance 2 outgrew the 6 s window and was cut).
+    # Utterances 1 and 2 were each heard whole by their last hypothesis; at the end of the stream the
+    # last hypothesis came before the last word's end had 0.3 s of audio after it.
     assert len(same_finals) < len(own_finals), same_finals
     assert same_hyps == own_hyps
+
+
+async def test_a_final_pass_that_stops_in_its_left_context_is_made_again_without_it():
+    """Given left context, Whisper sometimes stops at the pause inside it: the pass gives only words
+    that are already final. The window is then decoded once more without the context, so the last
+    words of the utterance (not yet final by agreement) are not lost, even when less than a second
+    of speech is left after the last final word."""
+
+    async def stops_at_pauses(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
+        words = [w for seg in (await fake_transcribe(audio, options, work)).segments for w in seg.words]
+        kept = words[:1]
+        for a, b in itertools.pairwise(words):
+            if b.start - a.end >= 0.5:
+                break
+            kept.append(b)
+        seg = Segment(kept[0].start, kept[-1].end, "".join(w.word for w in kept), kept) if kept else None
+        return WindowResult(segments=[seg] if seg else [], language="en")
+
+    evs, calls, _ = await paced_run(
+        script(WORDS, TOTAL),
+        stops_at_pauses,
+        policy=replace(POLICY, max_window=10.0, final_context=2.0),
+        final_pass=lambda: (5, 2.0),
+    )
+    assert text_of(evs) == [f"w{i}" for i in range(1, len(WORDS) + 1)]
+    # Utterance 2's final pass heard utterance 1's last word and stopped there; the next pass did not.
+    finals = [got for beam, got in calls if beam == 5]
+    assert any(got and got <= {1, 2, 3, 4, 5} for got in finals[1:]), finals
+    assert any(17 in got for got in finals), finals
 
 
 async def test_resume_state_carries_prompt_and_window_words():

@@ -430,15 +430,26 @@ async def test_hypotheses_widen_their_beam_only_while_few_streams_are_live(
     assert set(light) == {3, 5} and set(beams) == {1, 2}, (light, beams)
 
 
-async def test_words_need_one_hypothesis_only_under_heavy_load(gateway):
+async def test_words_need_one_hypothesis_only_under_heavy_load(client: AsyncClient, gateway, short_clip):
     """Up to stream_heavy_load_streams live streams per serving transcriber, words are final by
     agreement of stream_agreement hypotheses; above it, of stream_loaded_agreement (one); 0 turns the
-    switch off."""
+    switch off. A live stream asks for each hypothesis."""
     speech = gateway.speech
     s = speech.settings
     heavy = s.stream_heavy_load_streams * speech.pool.serving_count
     saved = speech.admission.active, s.stream_heavy_load_streams
+    asked: list[int] = []
+    real = speech.agreement
+
+    def agreement() -> int:
+        asked.append(real())
+        return asked[-1]
+
+    speech.agreement = agreement  # type: ignore[method-assign]
     try:
+        pcm = PcmAudio(audio.encode(short_clip.samples, "raw"), 16000, 1)
+        assert _finals(await _collect(client.stream(pcm_chunks(pcm), language="en")))
+        assert asked and set(asked) == {2}, asked
         speech.admission.active = heavy
         assert heavy > 0 and speech.agreement() == s.stream_agreement == 2
         speech.admission.active = heavy + 1
@@ -447,6 +458,7 @@ async def test_words_need_one_hypothesis_only_under_heavy_load(gateway):
         assert speech.agreement() == 2
     finally:
         speech.admission.active, s.stream_heavy_load_streams = saved
+        del speech.agreement
 
 
 async def test_the_last_response_bills_the_whole_stream_also_after_trailing_silence(

@@ -90,7 +90,7 @@ class GatewaySettings(CommonSettings):
     # final after stream_loaded_agreement hypotheses (at most stream_agreement): one instead of two.
     # On 2 cores, 8 real-time streams get a hypothesis every ~0.55 s each, and agreement of two then
     # put final words 1.13-1.17 s (p95 1.94-2.04 s) behind speech; with one, 0.85-0.90 s (p95
-    # 1.33-1.38 s), for ~3 points of WER (words decided on less right context).
+    # 1.33-1.38 s), for ~3.5 points of WER (words decided on less right context).
     stream_heavy_load_streams: int = 4
     stream_loaded_agreement: int = 1
     # Admission control: live streams admitted per transcriber, estimated from the measured model cost

@@ -20,8 +20,10 @@ Policy (LocalAgreement-2, as in whisper_streaming, plus VAD endpointing):
   the request's beam and also hears `final_context` seconds of audio before the window (left
   context: an utterance decoded alone loses words at its start; final words there are dropped),
   or what `final_pass` says (the gateway makes it cheaper while the transcribers are loaded);
-  a final pass that would decode just what the last hypothesis did (same window, prompt and beam,
-  no left context, all of the speech heard) takes that hypothesis's words instead of a model call;
+  a final pass that would decode what the last hypothesis did (same window start, prompt and beam,
+  no left context, all of the speech heard: the same audio up to the pause) takes that hypothesis's
+  words before the pause instead of a model call; a final pass with left context that gives nothing
+  of the window's own is made once more without it;
   `trim` restarts the window after final words too ("commit": shortest windows,
   cheapest ticks, "sentence", "none");
 - VAD stops at the first endpoint of a block of audio, so a pause followed by more speech in the
@@ -68,6 +70,7 @@ log = logging.getLogger("gateway.streaming")
 TranscribeFn = Callable[[np.ndarray, DecodeOptions, WorkClass], Awaitable[WindowResult]]
 VAD_FRAME = 512  # Silero's frame: 32 ms at 16 kHz
 RECENT_WORDS = 40  # final words a new hypothesis is checked against for repeats
+MIN_TAIL_SECONDS = 0.15  # speech after the last final word worth another final pass (a short word)
 RESUME_LEFT = 2.0  # after a pause, a resumed part starts at most this long before the window
 RESUME_MARGIN = 1.0  # a resumed stream restarts this long before the end of the last final word (left
 # context for the words after the seam: with 0.25 s the first words after it were often garbled)
@@ -562,7 +565,7 @@ class StreamingSession:
             return n
 
         hold = self.policy.hold
-        need = self._agreement() - 1
+        need = min(self._agreement(), self.policy.agreement) - 1
         if need <= 0:
             return run([], end - hold)
         strict = run(self._history[-need:], end - hold) if len(self._history) >= need else 0
@@ -596,7 +599,7 @@ class StreamingSession:
         )
 
     async def _hypothesis(self, end: int) -> AsyncIterator[Event]:
-        win, beam = self._win, self._beam(self._hypothesis_beam())
+        win, beam, prompt = self._win, self._beam(self._hypothesis_beam()), self._prompt(self._win)
         words = await self._words(win, end, beam)
         self._covered = end
         agreed = self._agreed(words, end / SAMPLE_RATE)
@@ -641,7 +644,7 @@ class StreamingSession:
             self._drop_before(self._win)
         # What the utterance's final pass may take as its own when it would decode the same audio the
         # same way (see _finalise).
-        self._last_pass = _Pass(win, end, beam, self._prompt(win), tail) if self._win == win else None
+        self._last_pass = _Pass(win, end, beam, prompt, tail) if self._win == win else None
         if self.interim and tail and _text(tail) != self._last_interim:
             yield self._interim(tail, end)
 
@@ -685,9 +688,17 @@ class StreamingSession:
                 if ev is not None:
                     yield ev  # an earlier pass's words; the last final is held back for utterance_end
                 ev = got
+            speech = min(self._last_speech, until)
+            if got is None and context > 0:
+                # The pass with left context gave nothing of the window's own (it stopped at the pause
+                # inside the context): the window once more without it, if speech after the last
+                # final word is left ("planks" of "...on the smooth planks", 0.24 s, was lost so).
+                context = 0.0
+                if speech / SAMPLE_RATE - self._final_end >= MIN_TAIL_SECONDS:
+                    continue
+                break
             context = 0.0
             rest = max(int(self._final_end * SAMPLE_RATE), start)
-            speech = min(self._last_speech, until)
             if (speech - rest) / SAMPLE_RATE < 1.0:
                 break
             start = rest
