@@ -564,11 +564,10 @@ class StreamingSession:
                 n += 1
             return n
 
-        hold = self.policy.hold
         need = min(self._agreement(), self.policy.agreement) - 1
         if need <= 0:
-            return run([], end - hold)
-        strict = run(self._history[-need:], end - hold) if len(self._history) >= need else 0
+            return run([], end - self.policy.hold)
+        strict = run(self._history[-need:], end - self.policy.hold) if len(self._history) >= need else 0
         settled = run(self._history[-1:], end - self.policy.settle) if self._history else 0
         return max(strict, settled)
 

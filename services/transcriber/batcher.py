@@ -15,6 +15,7 @@ costs nothing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import heapq
 import itertools
 import logging
@@ -201,6 +202,7 @@ class Batcher:
             audio = sum(i.req.audio.shape[0] for i in batch) / SAMPLE_RATE
             if audio > 0:
                 RTF.observe(elapsed / audio)
+            per_class = collections.Counter(i.work_class for i in batch)
             for item, res in zip(batch, results, strict=True):
                 item.started, item.finished, item.batch_size = now, finished, len(batch)
                 AUDIO_SECONDS.labels(item.work_class.name).inc(item.req.audio.shape[0] / SAMPLE_RATE)
@@ -213,7 +215,7 @@ class Batcher:
                     # windows of another beam or context in the call are decoded apart), and the
                     # call's seconds: the gateway fits the cost of a live call from them (job
                     # windows in a live call only lengthen the seconds: the estimate errs safe).
-                    res.batch_size = sum(1 for i in batch if i.work_class == item.work_class)
+                    res.batch_size = per_class[item.work_class]
                     res.model_seconds = round(elapsed, 4)
                     item.future.set_result(res)
 
