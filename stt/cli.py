@@ -276,6 +276,7 @@ async def _stream(args: argparse.Namespace) -> int:
             channels=audio.channels,
             language=args.language,
             word_timestamps=True,
+            final_results=args.finals,
         )
         async for resp in responses:
             if args.json:
@@ -411,6 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interim", action="store_true", help="show interim results, updated in place")
     p.add_argument("--json", action="store_true", help="print every response as one JSON object per line")
     p.add_argument("--language", "-l", default=None)
+    p.add_argument(
+        "--finals",
+        choices=["stable", "utterance-end"],
+        default=None,
+        help="when words become final: as soon as they are stable (lowest latency) or when the "
+        "utterance ends (later, fewer word errors); default: the server's",
+    )
     p.set_defaults(func=cmd_stream)
 
     p = command("submit", "upload a file as a durable job")

@@ -80,6 +80,13 @@ def status_value(status: str | int | None) -> int:
     return _enum(jobs_pb2.JobStatus, "JOB_STATUS_", status, "status")
 
 
+def final_result_timing(value: str | int | None) -> int:
+    """'stable' / 'utterance_end' / 'utterance-end' / 'FINAL_RESULT_TIMING_STABLE' / 2 -> the enum."""
+    if isinstance(value, str):
+        value = value.replace("-", "_")
+    return _enum(speech_pb2.FinalResultTiming, "FINAL_RESULT_TIMING_", value, "final_results")
+
+
 def format_value(fmt: str | int | None) -> int:
     return _enum(common_pb2.TranscriptFormat, "TRANSCRIPT_FORMAT_", fmt, "format")
 
@@ -400,6 +407,7 @@ class AsyncClient:
         timeout: float | None = None,
         resume: bool = True,
         max_resume_attempts: int = 6,
+        final_results: str | None = None,
         **config_kwargs: Any,
     ) -> AsyncIterator[speech_pb2.StreamingRecognizeResponse]:
         """Live recognition: `audio` yields chunks (LINEAR16 by default at 16 kHz, or set encoding);
@@ -413,7 +421,11 @@ class AsyncClient:
         the server skips what was transcribed), so its bytes are kept: past
         stt.streaming.REPLAY_MAX_BYTES (64 MiB) it is no longer resumed and its error is raised. The
         caller sees one stream: no final word twice or missing, times from the start of the stream,
-        speech events not repeated. `timeout` bounds the whole stream, resumptions included."""
+        speech events not repeated. `timeout` bounds the whole stream, resumptions included.
+
+        `final_results`: when words become final: "stable" (as soon as hypotheses agree on them,
+        the lowest latency), "utterance_end" (only when the utterance ends: later, fewer word
+        errors), or None for the server's default (StreamingRecognitionConfig.final_result_timing)."""
         if config is None:
             config_kwargs.setdefault("encoding", "LINEAR16")
             config_kwargs.setdefault("sample_rate", 16000)
@@ -424,6 +436,7 @@ class AsyncClient:
             interim_results=interim,
             single_utterance=single_utterance,
             max_stream_seconds=max_seconds,
+            final_result_timing=final_result_timing(final_results),  # type: ignore[arg-type]
         )
         linear16 = config.encoding == common_pb2.AUDIO_ENCODING_LINEAR16 and config.sample_rate_hz > 0
         outbox = Outbox(

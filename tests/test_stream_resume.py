@@ -361,6 +361,33 @@ async def test_agreement_for_is_asked_for_each_hypothesis():
     assert asked[0] >= len(calls) // 2  # asked per hypothesis, not once
 
 
+async def test_finals_at_utterance_end_wait_for_the_utterance_and_interims_still_come():
+    """policy.finals "utterance_end": hypotheses agree as before, but no word is final until its
+    utterance's final pass (one final per utterance, marked utterance_end); interims still come while
+    it is spoken, and every word arrives once. With "agreement" (the default) words are final
+    within their utterance. Fails if `finals` is ignored."""
+    audio = script(WORDS, TOTAL)
+    expected = [f"w{i}" for i in range(1, len(WORDS) + 1)]
+
+    async def events(policy: StreamPolicy) -> list[Event]:
+        s = StreamingSession(fake_transcribe, DecodeOptions(beam_size=5), policy, vad_model=fake_vad)
+        feeder = asyncio.create_task(feed_paced(s, audio))
+        out = [ev async for ev in s.events() if ev.type == EventType.RESULT]
+        await feeder
+        return out
+
+    early = await events(POLICY)
+    late = await events(replace(POLICY, finals="utterance_end"))
+    for evs in (early, late):
+        assert text_of([ev for ev in evs if ev.is_final]) == expected
+    assert any(ev.is_final and not ev.utterance_end and ev.utterance in (0, 2) for ev in early)
+    # The second utterance is longer than the window (6 s): at the cap the first half of the newest
+    # hypothesis is made final, the rest when the utterance ends.
+    late_finals = [(ev.utterance, ev.utterance_end) for ev in late if ev.is_final]
+    assert late_finals == [(0, True), (1, False), (1, True), (2, True)]
+    assert {ev.utterance for ev in late if not ev.is_final} == {0, 1, 2}
+
+
 async def test_an_utterance_final_takes_the_last_hypothesis_when_it_is_the_same_pass():
     """When an utterance's final pass would decode what its last hypothesis decoded (same window,
     prompt and beam, no left context, all of its speech heard), that hypothesis's words are the final

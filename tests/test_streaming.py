@@ -94,6 +94,26 @@ async def test_realtime_stream_gives_finals_during_the_stream(client: AsyncClien
     )
 
 
+async def test_finals_at_utterance_end_come_once_the_utterance_ended(client: AsyncClient, dialog: audio.Clip):
+    """final_result_timing UTTERANCE_END: interims while each sentence is spoken, its words final
+    only when it ended: once an utterance has a final, no interim of it follows, and its finals come
+    one after another, the last marked utterance_end."""
+    responses = await _collect(
+        client.stream(pcm_chunks(_pcm(dialog), realtime=True), interim=True, final_results="utterance_end")
+    )
+    results = [r for _, resp in responses for r in resp.results]
+    finals = [r for r in results if r.is_final]
+    assert wer(dialog.text, " ".join(r.transcript for r in finals)) <= 0.25
+    utterances = sorted({r.utterance_index for r in finals if r.transcript})
+    assert len(utterances) >= 2
+    for u in utterances:
+        mine = [r for r in results if r.utterance_index == u]
+        first = next(i for i, r in enumerate(mine) if r.is_final)
+        assert first > 0, f"utterance {u}: no interim before its final"
+        assert all(r.is_final for r in mine[first:]), f"utterance {u}: an interim after its final"
+        assert mine[-1].utterance_end and not any(r.utterance_end for r in mine[:-1])
+
+
 async def test_fast_client_without_interim(client: AsyncClient, dialog: audio.Clip):
     offline = await client.recognize(audio.encode(dialog.samples, "wav"))
     responses = await _collect(client.stream(pcm_chunks(_pcm(dialog)), interim=False))
@@ -195,6 +215,9 @@ AUDIO = speech_pb2.StreamingRecognizeRequest(audio_content=b"\0\0" * 1600)
           speech_pb2.StreamingRecognizeRequest(audio_content=b"\0\0\0")], None),
         ([_cfg(encoding=common_pb2.AUDIO_ENCODING_OGG_OPUS), speech_pb2.StreamingRecognizeRequest(audio_content=b"not ogg" * 500)],
          "OGG_OPUS"),
+        ([speech_pb2.StreamingRecognizeRequest(streaming_config=speech_pb2.StreamingRecognitionConfig(
+            config=common_pb2.RecognitionConfig(encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hz=16000),
+            final_result_timing=9))], "final_result_timing 9 is not one"),
     ],
 )  # fmt: skip
 async def test_bad_streams_are_refused(client: AsyncClient, requests, message):  # type: ignore[no-untyped-def]

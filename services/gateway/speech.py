@@ -559,6 +559,7 @@ class SpeechAPI:
             )
         # Audio sent again from the stream's first byte: the samples before the offset are dropped.
         replay = _Replay(round(offset * SAMPLE_RATE) if cfg.resume_audio_from_start else 0)
+        finals = self._final_results(cfg.final_result_timing)
         observer.received_seconds = offset
         options = valid.options
         if not options.beam_size:
@@ -580,6 +581,7 @@ class SpeechAPI:
                 final_context=s.stream_final_context_seconds,
                 commit_window=s.stream_commit_window_seconds,
                 commit_probability=s.stream_commit_probability,
+                finals=finals,
             ),
             interim=cfg.interim_results,
             single_utterance=cfg.single_utterance,
@@ -612,6 +614,25 @@ class SpeechAPI:
             valid.encoding, valid.sample_rate, valid.channels, limits, sink, asyncio.get_running_loop()
         )
         return session, decoder, max_seconds, session_id, replay
+
+    def _final_results(self, timing: int) -> str:
+        """The session's policy.finals for a stream's final_result_timing."""
+        if timing == speech_pb2.FINAL_RESULT_TIMING_UNSPECIFIED:
+            timing = (
+                speech_pb2.FINAL_RESULT_TIMING_UTTERANCE_END
+                if self.settings.stream_final_results == "utterance_end"
+                else speech_pb2.FINAL_RESULT_TIMING_STABLE
+            )
+        if timing == speech_pb2.FINAL_RESULT_TIMING_STABLE:
+            return "agreement"
+        if timing == speech_pb2.FINAL_RESULT_TIMING_UTTERANCE_END:
+            return "utterance_end"
+        raise InvalidInput(
+            f"final_result_timing {timing} is not one this server knows (FINAL_RESULT_TIMING_STABLE, "
+            "FINAL_RESULT_TIMING_UTTERANCE_END)",
+            reason="BAD_CONFIG_VALUE",
+            field="streaming_config.final_result_timing",
+        )
 
     def _load_at_most(self, streams_per_transcriber: int) -> bool:
         """At most this many live streams per serving transcriber on this gateway (gateways that

@@ -14,6 +14,11 @@ Policy (LocalAgreement-2, as in whisper_streaming, plus VAD endpointing):
 - Silero VAD follows the audio: after `endpoint_silence` of silence following speech, everything up to
   the pause is transcribed one last time and made final (speech ended), and the window restarts there;
 - the window never grows past `max_window`: the agreed words are finalised and the window trimmed;
+- with `finals="utterance_end"` nothing is agreed: the hypotheses are interims only and every word is
+  made final by its utterance's final pass (or, at `max_window` with nothing final, the first half
+  of the newest hypothesis), which decodes the whole utterance with left context: later finals,
+  fewer word errors (a word decided on a partial window and 0.2 s of audio after it is wrong more
+  often);
 - the text already finalised before the window is passed to the model as its prompt;
 - hypotheses are greedy (`interim_beam`, or what `hypothesis_beam` says: the gateway widens the
   beam while it has few streams); the final of an utterance (at a pause, at the end) uses
@@ -108,6 +113,10 @@ class StreamPolicy:
     preview_speech: float = 0.3  # once VAD has heard this much speech in it
     preview_step: float = 0.1  # new audio before the next try while an utterance has no interim yet
     final_context: float = 0.0  # seconds of audio before the window heard by an utterance's final
+    # When words become final: "agreement" (as soon as hypotheses agree on them, within the
+    # utterance: lowest latency) or "utterance_end" (only by the utterance's final pass, at a pause,
+    # at the end of the audio or when the window reaches max_window: later, fewer word errors).
+    finals: str = "agreement"
 
 
 @dataclass(frozen=True)
@@ -552,7 +561,10 @@ class StreamingSession:
     def _agreed(self, words: list[Word], end: float) -> int:
         """How many leading words are settled: the last `agreement - 1` hypotheses also had them and
         `hold` seconds of audio follow them, or the previous hypothesis had them and `settle` seconds
-        follow (so a word is not held back long when early hypotheses were unstable)."""
+        follow (so a word is not held back long when early hypotheses were unstable). 0 while
+        finals wait for the utterance's end (policy.finals "utterance_end")."""
+        if self.policy.finals == "utterance_end":
+            return 0
 
         def run(others: list[list[Word]], horizon: float) -> int:
             n = 0
