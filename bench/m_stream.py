@@ -39,8 +39,11 @@ def speech_onset(clip: Clip) -> float:
     return start + (spans[0]["start"] / 16000 if spans else 0.0)
 
 
-async def stream_session(client: Any, clip: Clip, *, delay: float = 0.0) -> dict[str, Any]:
-    """One StreamingRecognize at real-time pacing with interim results; per-word latencies."""
+async def stream_session(
+    client: Any, clip: Clip, *, delay: float = 0.0, final_results: str | None = None
+) -> dict[str, Any]:
+    """One StreamingRecognize at real-time pacing with interim results; per-word latencies.
+    final_results: the stream's final_result_timing (None: the server's default)."""
     from stt.streaming import PcmAudio, pcm_chunks
     from tests.support.text import wer
 
@@ -59,7 +62,7 @@ async def stream_session(client: Any, clip: Clip, *, delay: float = 0.0) -> dict
     interims: list[tuple[float, str]] = []
     error = None
     try:
-        async for resp in client.stream(paced(), interim=True, language="en"):
+        async for resp in client.stream(paced(), interim=True, language="en", final_results=final_results):
             now = time.perf_counter()
             for r in resp.results:
                 if r.is_final:
@@ -104,6 +107,11 @@ async def streaming(ctx: Context) -> dict[str, Any]:
     if s["error"]:
         raise RuntimeError(f"the stream failed after {s['words']} final words: {s['error']}")
     model = ctx.stack.calls.since(mark, time.perf_counter() - t0)
+    # The same stream with finals only at utterance ends (final_result_timing UTTERANCE_END).
+    log("streaming: the same stream, final_result_timing UTTERANCE_END")
+    late = await asyncio.wait_for(stream_session(client, clip, final_results="utterance_end"), clip.seconds + 120)
+    if late["error"]:
+        raise RuntimeError(f"the utterance-end stream failed after {late['words']} final words: {late['error']}")
     resp = await client.recognize(clip.wav(), language="en")
     raw = await ctx.raw()
     raw_text, _, _ = await asyncio.to_thread(raw_transcribe, raw, clip.samples)
@@ -115,6 +123,7 @@ async def streaming(ctx: Context) -> dict[str, Any]:
         "first_final_latency": round(s["first_final"], 3) if s["first_final"] is not None else None,
         "wer": {
             "streaming": s["wer"],
+            "streaming_utterance_end": late["wer"],
             "offline_recognize": pct(wer(clip.text, resp.transcript)),
             "raw_faster_whisper": pct(wer(clip.text, raw_text)),
         },
@@ -124,6 +133,15 @@ async def streaming(ctx: Context) -> dict[str, Any]:
         "tail_seconds": s["tail_seconds"],
         "model": model,
         "streaming_text": s["text"],
+        "utterance_end": {
+            "final_word_latency": summary(late["latencies"], 3),
+            "wer": late["wer"],
+            "finals": late["finals"],
+            "interims": late["interims"],
+            "final_words": late["words"],
+            "first_final_latency": round(late["first_final"], 3) if late["first_final"] is not None else None,
+            "text": late["text"],
+        },
         "latencies": [round(x, 3) for x in s["latencies"]],
         "note": f"Audio sent in {CHUNK_SECONDS:g} s LINEAR16 chunks at real-time pace (stt.streaming.pcm_chunks). "
         "Final-word latency = arrival of the final result holding the word - send time of the chunk holding the "
@@ -135,6 +153,8 @@ async def streaming(ctx: Context) -> dict[str, Any]:
         f"  final-word latency mean {lat.get('mean')}s p50 {lat.get('p50')}s p95 {lat.get('p95')}s; first interim "
         f"{out['first_interim_latency']}s; WER streaming {s['wer']}% offline {out['wer']['offline_recognize']}%"
     )
+    ue = out["utterance_end"]["final_word_latency"]
+    log(f"  utterance-end finals: latency mean {ue.get('mean')}s p95 {ue.get('p95')}s; WER {late['wer']}%")
     return out
 
 

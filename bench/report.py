@@ -589,6 +589,18 @@ class Report:
                 ],
                 ["finals / interims / final words", f"{m['finals']} / {m['interims']} / {m['final_words']}"],
                 ["stream end after the last audio s", m.get("tail_seconds")],
+            ]
+            ue = m.get("utterance_end")
+            if ue:
+                ul = ue["final_word_latency"]
+                rows += [
+                    [
+                        "final_result_timing UTTERANCE_END: final-word latency mean / p50 / p95 s",
+                        f"{_fmt(ul.get('mean'))} / {_fmt(ul.get('p50'))} / {_fmt(ul.get('p95'))}",
+                    ],
+                    ["final_result_timing UTTERANCE_END: WER %", ue["wer"]],
+                ]
+            rows += [
                 [
                     "model calls / mean batch / busy",
                     f"{m['model'].get('model_calls')} / {m['model'].get('mean_batch')} / {m['model'].get('model_busy_fraction')}",
