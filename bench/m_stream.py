@@ -109,9 +109,13 @@ async def streaming(ctx: Context) -> dict[str, Any]:
     model = ctx.stack.calls.since(mark, time.perf_counter() - t0)
     # The same stream with finals only at utterance ends (final_result_timing UTTERANCE_END).
     log("streaming: the same stream, final_result_timing UTTERANCE_END")
-    late = await asyncio.wait_for(stream_session(client, clip, final_results="utterance_end"), clip.seconds + 120)
+    late = await asyncio.wait_for(
+        stream_session(client, clip, final_results="utterance_end"), clip.seconds + 120
+    )
     if late["error"]:
-        raise RuntimeError(f"the utterance-end stream failed after {late['words']} final words: {late['error']}")
+        raise RuntimeError(
+            f"the utterance-end stream failed after {late['words']} final words: {late['error']}"
+        )
     resp = await client.recognize(clip.wav(), language="en")
     raw = await ctx.raw()
     raw_text, _, _ = await asyncio.to_thread(raw_transcribe, raw, clip.samples)

@@ -65,9 +65,9 @@ def fake_vad(block: np.ndarray) -> np.ndarray:
 POLICY = StreamPolicy(step=0.3, max_window=6.0, endpoint_silence=0.5, hold=0.2, settle=1.2)
 
 
-def session(resume: ResumeState | None = None) -> StreamingSession:
+def session(resume: ResumeState | None = None, policy: StreamPolicy = POLICY) -> StreamingSession:
     return StreamingSession(
-        fake_transcribe, DecodeOptions(), POLICY, interim=True, vad_model=fake_vad, resume=resume
+        fake_transcribe, DecodeOptions(), policy, interim=True, vad_model=fake_vad, resume=resume
     )
 
 
@@ -139,19 +139,24 @@ async def test_unbroken_session_marks_utterances():
     assert [ev.utterance for ev in evs] == sorted(ev.utterance for ev in evs)
 
 
-async def test_resume_at_every_response_gives_the_unbroken_finals():
+@pytest.mark.parametrize("when", ["agreement", "utterance_end"])
+async def test_resume_at_every_response_gives_the_unbroken_finals(when: str):
+    """A stream broken after any response and resumed from that response's resume state gives the
+    unbroken stream's finals, times, utterances and speech events, with words final as soon as they
+    agree or only at utterance ends."""
+    policy = replace(POLICY, finals=when)
     audio = script(WORDS, TOTAL)
-    whole = await run(session(), audio)
+    whole = await run(session(policy=policy), audio)
     expected = [
         (w.word, w.start, w.end, ev.utterance, ev.utterance_end) for ev in finals(whole) for w in ev.words
     ]
     expected_ends = [ev.utterance for ev in finals(whole) if ev.utterance_end]
     for cut in range(1, len(whole), 2):
-        first = await run(session(), audio, stop_after=cut)
+        first = await run(session(policy=policy), audio, stop_after=cut)
         state = first[-1][1]
         assert 0 <= state.offset <= TOTAL
         start = round(state.offset * SAMPLE_RATE)
-        second = await run(session(resume=state), audio[start:])
+        second = await run(session(resume=state, policy=policy), audio[start:])
         got_finals = finals(first) + finals(second)
         got = [
             (w.word, w.start, w.end, ev.utterance, ev.utterance_end) for ev in got_finals for w in ev.words
