@@ -95,8 +95,9 @@ async def stream_session(
 
 
 async def streaming(ctx: Context) -> dict[str, Any]:
-    """7a-c. One real-time stream: final-word latency, first interim latency, streaming vs offline WER."""
-    from tests.support.text import wer
+    """7a-c. One real-time stream: final-word latency, first interim latency, streaming vs offline WER.
+    BENCH_STREAM_MORE_CLIPS=1,2,3: WER of both final-result timings on more streams too (pooled)."""
+    from tests.support.text import normalize, wer
 
     clip = ctx.corpus.stream
     _, client = await ctx.stack.get()
@@ -159,7 +160,47 @@ async def streaming(ctx: Context) -> dict[str, Any]:
     )
     ue = out["utterance_end"]["final_word_latency"]
     log(f"  utterance-end finals: latency mean {ue.get('mean')}s p95 {ue.get('p95')}s; WER {late['wer']}%")
+    if os.environ.get("BENCH_STREAM_MORE_CLIPS"):  # e.g. "1,2,3": other streams of the real recordings
+        more = [int(x) for x in os.environ["BENCH_STREAM_MORE_CLIPS"].split(",")]
+        out["more_clips"] = await _more_clips(client, [ctx.corpus.stream_variant(i) for i in more])
+        out["more_clips"]["clips"].insert(0, {"name": clip.name, "seconds": round(clip.seconds, 2),
+                                              "words": len(normalize(clip.text).split()),
+                                              "wer": {k: out["wer"][k] for k in _WER_KEYS}})  # fmt: skip
+        out["more_clips"]["pooled_wer"] = _pooled(out["more_clips"]["clips"])
+        log(f"  pooled over {len(more) + 1} streams: WER {out['more_clips']['pooled_wer']}")
     return out
+
+
+_WER_KEYS = ("streaming", "streaming_utterance_end", "offline_recognize")
+
+
+def _pooled(clips: list[dict[str, Any]]) -> dict[str, float]:
+    """WER over all the clips' words (each clip's WER weighted by its reference words)."""
+    words = sum(c["words"] for c in clips)
+    return {k: round(sum(c["wer"][k] * c["words"] for c in clips) / words, 2) for k in _WER_KEYS}
+
+
+async def _more_clips(client: Any, clips: list[Clip]) -> dict[str, Any]:
+    """Both final-result timings and offline Recognize on more real-time streams (one at a time)."""
+    from tests.support.text import normalize, wer
+
+    out = []
+    for clip in clips:
+        log(f"streaming: {clip.name} ({clip.seconds:.0f}s), both final-result timings")
+        got = {}
+        for key, timing in (("streaming", None), ("streaming_utterance_end", "utterance_end")):
+            r = await asyncio.wait_for(stream_session(client, clip, final_results=timing), clip.seconds + 120)
+            if r["error"]:
+                raise RuntimeError(
+                    f"{clip.name}: the stream failed after {r['words']} final words: {r['error']}"
+                )
+            got[key] = r["wer"]
+        resp = await client.recognize(clip.wav(), language="en")
+        got["offline_recognize"] = pct(wer(clip.text, resp.transcript))
+        out.append({"name": clip.name, "seconds": round(clip.seconds, 2),
+                    "words": len(normalize(clip.text).split()), "wer": got})  # fmt: skip
+        log(f"  {clip.name}: WER {got}")
+    return {"clips": out}
 
 
 async def concurrent_streams(ctx: Context) -> dict[str, Any]:

@@ -607,6 +607,27 @@ class Report:
                 ],
             ]
             self.add(table(["", "value"], rows))
+            more = m.get("more_clips")
+            if more:
+                self.add(
+                    "WER of both final-result timings on more real-time streams of the real recordings, one "
+                    "at a time (`BENCH_STREAM_MORE_CLIPS`), pooled over their words:\n"
+                )
+                keys = ("streaming", "streaming_utterance_end", "offline_recognize")
+                wrows: list[Row] = [
+                    [c["name"], c["seconds"], c["words"], *(c["wer"][k] for k in keys)] for c in more["clips"]
+                ]
+                wrows.append(
+                    [
+                        "pooled",
+                        "",
+                        sum(c["words"] for c in more["clips"]),
+                        *(more["pooled_wer"][k] for k in keys),
+                    ]
+                )
+                self.add(
+                    table(["stream", "s", "words", "WER STABLE %", "WER UTTERANCE_END %", "offline %"], wrows)
+                )
         self.add("### Concurrent real-time streams\n")
         c = self.status("concurrent_streams")
         if c:

@@ -118,8 +118,11 @@ async def test_realtime_beta_protocol_with_the_openai_client(gateway: Gateway, l
     assert done.usage.seconds == pytest.approx(LIBRI.seconds + 1.5, abs=1)  # type: ignore[union-attr]
 
 
-async def test_realtime_ga_protocol_with_server_vad_turns(gateway: Gateway):
-    # Two sentences with a pause: two turns, each started, stopped, committed and completed.
+@pytest.mark.parametrize("delay", [None, "high"])
+async def test_realtime_ga_protocol_with_server_vad_turns(gateway: Gateway, delay: str | None):
+    """Two sentences with a pause: two turns, each started, stopped, committed and completed. With
+    delay "high" (final results only when the utterance ends) no text of a turn comes before the
+    turn's speech stopped."""
     samples = np.concatenate([load_16k(JFK), audio.silence(1.5), load_16k(LIBRI), audio.silence(1.5)])
     data = pcm16(samples, 24000)
     oai = realtime_client(gateway, "unused")
@@ -131,13 +134,15 @@ async def test_realtime_ga_protocol_with_server_vad_turns(gateway: Gateway):
                 "audio": {
                     "input": {
                         "format": {"type": "audio/pcm", "rate": 24000},
-                        "transcription": {"model": "whisper-1", "language": "en"},
+                        "transcription": {"model": "whisper-1", "language": "en", "delay": delay},
                         "turn_detection": {"type": "server_vad", "silence_duration_ms": 500},
                     }
                 },
             }
         )
-        assert (await asyncio.wait_for(conn.recv(), 10)).type == "session.updated"
+        updated = await asyncio.wait_for(conn.recv(), 10)
+        assert updated.type == "session.updated"
+        assert updated.session.audio.input.transcription.delay == delay  # type: ignore[union-attr]
 
         async def append(b64: str) -> None:
             await conn.input_audio_buffer.append(audio=b64)
@@ -172,6 +177,13 @@ async def test_realtime_ga_protocol_with_server_vad_turns(gateway: Gateway):
     second = (JFK.seconds + 1.5) * 1000  # where the second recording starts
     assert any(abs(b.audio_start_ms - second) < 1000 for b in begins), [b.audio_start_ms for b in begins]
     assert stops[-1].audio_end_ms <= (JFK.seconds + LIBRI.seconds + 1.6) * 1000
+    if delay == "high":
+        stopped: set[str] = set()
+        for e in events:
+            if e.type == "input_audio_buffer.speech_stopped":
+                stopped.add(e.item_id)
+            elif e.type == "conversation.item.input_audio_transcription.delta" and e.delta:
+                assert e.item_id in stopped, f"text of turn {e.item_id} before its speech stopped"
 
 
 async def test_native_protocol_with_webm_opus_as_mediarecorder_sends_it(gateway: Gateway):

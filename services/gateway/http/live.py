@@ -13,8 +13,11 @@ admission, policy and resumption as the gRPC door):
   `input_audio_buffer.append` with base64 PCM16 (24 kHz by default) or G.711; server VAD turns
   give `input_audio_buffer.speech_started` / `speech_stopped` / `committed`, then
   `conversation.item.input_audio_transcription.delta` for each piece of text as it becomes final
-  and `.completed` with the whole turn. `input_audio_buffer.commit` ends the current audio (all of
-  it transcribed and completed); `clear` drops it.
+  and `.completed` with the whole turn. The transcription's `delay` picks when text becomes final:
+  `minimal`/`low` as soon as it is stable, `high`/`xhigh` when the turn's utterance ends (one delta
+  per utterance, fewer word errors), `medium` or unset the server's default.
+  `input_audio_buffer.commit` ends the current audio (all of it transcribed and completed); `clear`
+  drops it.
 
 Drain (SIGTERM): live sockets go on while the shutdown grace lasts; those still open a little
 before it runs out (the last quarter, at most 5 s) end their audio there, get the final results of
@@ -310,6 +313,15 @@ def g711_to_pcm16(data: bytes, law: str) -> bytes:
     return table[np.frombuffer(data, dtype=np.uint8)].astype("<i2").tobytes()
 
 
+_DELAY_TIMING = {
+    "minimal": speech_pb2.FINAL_RESULT_TIMING_STABLE,
+    "low": speech_pb2.FINAL_RESULT_TIMING_STABLE,
+    "medium": speech_pb2.FINAL_RESULT_TIMING_UNSPECIFIED,
+    "high": speech_pb2.FINAL_RESULT_TIMING_UTTERANCE_END,
+    "xhigh": speech_pb2.FINAL_RESULT_TIMING_UTTERANCE_END,
+}
+
+
 @dataclass
 class RealtimeSession:
     """The session settings a client sets with (transcription_)session.update."""
@@ -320,6 +332,10 @@ class RealtimeSession:
     model: str = "whisper-1"
     language: str = ""
     prompt: str = ""
+    # OpenAI's transcription `delay` (latency against accuracy): minimal / low -> final results as soon
+    # as they are stable, high / xhigh -> only when the utterance ends, medium / unset -> the server's
+    # default (STT_STREAM_FINAL_RESULTS).
+    delay: str | None = None
     turn_detection: dict[str, Any] | None = field(
         default_factory=lambda: {
             "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
@@ -328,6 +344,8 @@ class RealtimeSession:
 
     def describe(self) -> dict[str, Any]:
         transcription = {"model": self.model, "language": self.language or None, "prompt": self.prompt}
+        if self.delay is not None:
+            transcription["delay"] = self.delay
         if self.ga:
             fmt = {"pcm16": {"type": "audio/pcm", "rate": self.rate}, "g711_ulaw": {"type": "audio/pcmu"},
                    "g711_alaw": {"type": "audio/pcma"}}[self.format]  # fmt: skip
@@ -408,6 +426,15 @@ class RealtimeSession:
             self.language = str(t.get("language") or "")
         if "prompt" in t:
             self.prompt = str(t.get("prompt") or "")
+        if "delay" in t:
+            delay = t.get("delay")
+            if delay is not None and delay not in _DELAY_TIMING:
+                raise InvalidInput(
+                    f"delay {delay!r} is not one of {', '.join(_DELAY_TIMING)}", reason="BAD_FIELD_VALUE",
+                    field="session.audio.input.transcription.delay" if self.ga
+                    else "session.input_audio_transcription.delay",
+                )  # fmt: skip
+            self.delay = delay
 
     def _set_turn_detection(self, td: Any) -> None:
         if td is not None and not (isinstance(td, dict) and td.get("type", "server_vad") == "server_vad"):
@@ -427,6 +454,7 @@ class RealtimeSession:
                 initial_prompt=self.prompt,
             ),
             interim_results=False,
+            final_result_timing=_DELAY_TIMING.get(self.delay or "medium", 0),  # type: ignore[arg-type]
         )
 
     def pcm(self, data: bytes) -> bytes:
