@@ -136,6 +136,8 @@ def write_json(path: Path, results: dict[str, Any]) -> None:
 
 async def run_measure(m: Measure, ctx: Context) -> dict[str, Any]:
     budget = m.budget_quick if ctx.quick else m.budget_full
+    if m.name == "streaming" and os.environ.get("BENCH_STREAM_MORE_CLIPS"):
+        budget += 400 * len(os.environ["BENCH_STREAM_MORE_CLIPS"].split(","))  # two real-time streams each
     log(f"== {m.name} (budget {budget:.0f}s)")
     load_before = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
