@@ -393,6 +393,30 @@ async def test_finals_at_utterance_end_wait_for_the_utterance_and_interims_still
     assert {ev.utterance for ev in late if not ev.is_final} == {0, 1, 2}
 
 
+@pytest.mark.parametrize("when", ["agreement", "utterance_end"])
+@pytest.mark.parametrize("lead", [0.008, 2.602])
+async def test_speech_without_a_pause_through_many_window_caps_keeps_moving(when: str, lead: float):
+    """27 s of words without a pause reach the window cap (6 s) again and again; each time the window
+    restarts after the final words. With these leads a final word ends at 8.008 s / 16.002 s, which
+    is 128127.99999999999 / 256031.99999999997 samples: compared as floats with the window start
+    (128127 / 256031) the window stopped moving and the session re-made the same hypothesis forever
+    (every utterance longer than ~2 caps with finals at utterance ends). Every word arrives, in a
+    bounded number of model calls."""
+    words = [(lead + 0.45 * i, lead + 0.45 * i + 0.35) for i in range(60)]
+    audio = script(words, words[-1][1] + 1.0)
+    calls = [0]
+
+    async def model(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
+        calls[0] += 1
+        if calls[0] > 1000:
+            raise RuntimeError("the session is stuck: 1000 model calls for 28 s of audio")
+        return await fake_transcribe(audio, options, work)
+
+    evs, _, _ = await paced_run(audio, model, policy=replace(POLICY, finals=when))
+    assert text_of(evs) == [f"w{i}" for i in range(1, 61)]
+    assert calls[0] < 200
+
+
 async def test_an_utterance_final_takes_the_last_hypothesis_when_it_is_the_same_pass():
     """When an utterance's final pass would decode what its last hypothesis decoded (same window,
     prompt and beam, no left context, all of its speech heard), that hypothesis's words are the final

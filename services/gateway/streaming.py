@@ -638,10 +638,11 @@ class StreamingSession:
                 self._win = cut
                 self._drop_before(self._win)
         if (end - self._win) / SAMPLE_RATE >= self.policy.max_window:
-            # The window is at its cap: restart it after the final words.
-            new_win = (
-                int(self._final_end * SAMPLE_RATE) if self._final_end * SAMPLE_RATE > self._win else None
-            )
+            # The window is at its cap: restart it after the final words. Compared in whole samples:
+            # a final end of 8.008 s is 128127.99999999999 samples, above a window start of 128127
+            # that int() gives back unchanged, and the window would never move again.
+            final_end = round(self._final_end * SAMPLE_RATE)
+            new_win = final_end if final_end > self._win else None
             if new_win is None and tail:
                 # Nothing agreed for a whole window: finalise the first half of the hypothesis.
                 half = tail[: max(1, len(tail) // 2)]
