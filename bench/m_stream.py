@@ -104,7 +104,7 @@ async def streaming(ctx: Context) -> dict[str, Any]:
     log(f"streaming: one real-time stream of {clip.seconds:.0f}s")
     mark = ctx.stack.calls.mark()
     t0 = time.perf_counter()
-    s = await asyncio.wait_for(stream_session(client, clip), clip.seconds + 120)
+    s = await asyncio.wait_for(stream_session(client, clip, final_results="stable"), clip.seconds + 120)
     if s["error"]:
         raise RuntimeError(f"the stream failed after {s['words']} final words: {s['error']}")
     model = ctx.stack.calls.since(mark, time.perf_counter() - t0)
@@ -188,7 +188,7 @@ async def _more_clips(client: Any, clips: list[Clip]) -> dict[str, Any]:
     for clip in clips:
         log(f"streaming: {clip.name} ({clip.seconds:.0f}s), both final-result timings")
         got = {}
-        for key, timing in (("streaming", None), ("streaming_utterance_end", "utterance_end")):
+        for key, timing in (("streaming", "stable"), ("streaming_utterance_end", "utterance_end")):
             r = await asyncio.wait_for(stream_session(client, clip, final_results=timing), clip.seconds + 120)
             if r["error"]:
                 raise RuntimeError(

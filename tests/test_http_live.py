@@ -270,6 +270,16 @@ async def test_native_protocol_errors_and_keys(transcriber, jobstore):  # type: 
             await conn.send({"type": "response.create"})
             unknown = await asyncio.wait_for(conn.recv(), 10)
             assert unknown.type == "error" and unknown.error.param == "type"  # type: ignore[union-attr]
+            for delay in ([], "fast"):  # not one of minimal, low, medium, high, xhigh
+                await conn.send(
+                    {
+                        "type": "transcription_session.update",
+                        "session": {"input_audio_transcription": {"model": "whisper-1", "delay": delay}},
+                    }  # type: ignore[arg-type]
+                )
+                bad_delay = await asyncio.wait_for(conn.recv(), 10)
+                assert bad_delay.type == "error", bad_delay
+                assert bad_delay.error.param == "session.input_audio_transcription.delay"  # type: ignore[union-attr]
     finally:
         await gw.stop(0)
 

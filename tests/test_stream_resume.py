@@ -745,7 +745,7 @@ async def test_idle_and_silent_streams_end_with_stream_idle(transcriber, jobstor
         info = await AsyncClient(f"127.0.0.1:{gw.port}").server_info()
         assert info.limits.stream_idle_timeout_seconds == 1.0
         assert info.limits.stream_config_timeout_seconds == 1.0
-        assert info.features.stream_resumption
+        assert info.features.stream_resumption and info.features.final_result_timing
         await until(lambda: gw.speech.live_streams == 0, what="the sessions to close")
     finally:
         hold.set()

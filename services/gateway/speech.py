@@ -794,6 +794,7 @@ class SpeechAPI:
                 ],
                 stream_resumption=True,
                 job_retry=True,
+                final_result_timing=True,
             ),
             caller=speech_pb2.CallerInfo(
                 tenant=caller.tenant,

@@ -14,8 +14,8 @@ admission, policy and resumption as the gRPC door):
   give `input_audio_buffer.speech_started` / `speech_stopped` / `committed`, then
   `conversation.item.input_audio_transcription.delta` for each piece of text as it becomes final
   and `.completed` with the whole turn. The transcription's `delay` picks when text becomes final:
-  `minimal`/`low` as soon as it is stable, `high`/`xhigh` when the turn's utterance ends (one delta
-  per utterance, fewer word errors), `medium` or unset the server's default.
+  `minimal`/`low` as soon as it is stable, `high`/`xhigh` when the turn's utterance ends (usually one
+  delta per utterance, fewer word errors), `medium` or unset the server's default.
   `input_audio_buffer.commit` ends the current audio (all of it transcribed and completed); `clear`
   drops it.
 
@@ -428,7 +428,7 @@ class RealtimeSession:
             self.prompt = str(t.get("prompt") or "")
         if "delay" in t:
             delay = t.get("delay")
-            if delay is not None and delay not in _DELAY_TIMING:
+            if delay is not None and (not isinstance(delay, str) or delay not in _DELAY_TIMING):
                 raise InvalidInput(
                     f"delay {delay!r} is not one of {', '.join(_DELAY_TIMING)}", reason="BAD_FIELD_VALUE",
                     field="session.audio.input.transcription.delay" if self.ga
