@@ -55,6 +55,8 @@ async def test_realtime_stream_gives_finals_during_the_stream(client: AsyncClien
         sent_all = time.monotonic()
 
     responses = await _collect(client.stream(chunks(), interim=True))
+    # The server's default timing, reported on every response.
+    assert {resp.final_result_timing for _, resp in responses} == {speech_pb2.FINAL_RESULT_TIMING_STABLE}
     finals = _finals(responses)
     text = " ".join(r.transcript for r in finals)
     assert wer(dialog.text, text) <= 0.25, text
@@ -101,6 +103,9 @@ async def test_finals_at_utterance_end_come_once_the_utterance_ended(client: Asy
     responses = await _collect(
         client.stream(pcm_chunks(_pcm(dialog), realtime=True), interim=True, final_results="utterance_end")
     )
+    assert {resp.final_result_timing for _, resp in responses} == {
+        speech_pb2.FINAL_RESULT_TIMING_UTTERANCE_END
+    }
     results = [r for _, resp in responses for r in resp.results]
     finals = [r for r in results if r.is_final]
     assert wer(dialog.text, " ".join(r.transcript for r in finals)) <= 0.25

@@ -55,6 +55,11 @@ _EVENT_TYPES = {
     EventType.SPEECH_END: speech_pb2.SPEECH_EVENT_TYPE_SPEECH_ACTIVITY_END,
     EventType.END_OF_SINGLE_UTTERANCE: speech_pb2.SPEECH_EVENT_TYPE_END_OF_SINGLE_UTTERANCE,
 }
+# StreamPolicy.finals -> the timing a response reports.
+_TIMINGS = {
+    "agreement": speech_pb2.FINAL_RESULT_TIMING_STABLE,
+    "utterance_end": speech_pb2.FINAL_RESULT_TIMING_UTTERANCE_END,
+}
 RECOGNIZE_ENCODINGS = ("LINEAR16", "FLAC", "MP3", "OGG_OPUS", "WEBM_OPUS", "MP4_AAC", "WAV", "OGG_VORBIS")
 VERSION = "0.2.0"
 MAX_RESUME_CONTEXT_CHARS = 4000
@@ -155,17 +160,17 @@ def resume_state(point: speech_pb2.StreamResumePoint, max_seconds: float) -> Res
 def stream_response(
     ev: Event, session: StreamingSession, *, words: bool, session_id: str = ""
 ) -> speech_pb2.StreamingRecognizeResponse:
-    billed = round(session.received_seconds, 3)
-    point = resume_point(session.resume_state(), session_id)
+    response = speech_pb2.StreamingRecognizeResponse(
+        total_billed_seconds=round(session.received_seconds, 3),
+        resume_point=resume_point(session.resume_state(), session_id),
+        final_result_timing=_TIMINGS[session.policy.finals],
+    )
     if ev.type == EventType.PROGRESS:
-        return speech_pb2.StreamingRecognizeResponse(total_billed_seconds=billed, resume_point=point)
+        return response
     if ev.type != EventType.RESULT:
-        return speech_pb2.StreamingRecognizeResponse(
-            speech_event_type=_EVENT_TYPES[ev.type],
-            speech_event_offset_seconds=ev.offset,
-            total_billed_seconds=billed,
-            resume_point=point,
-        )
+        response.speech_event_type = _EVENT_TYPES[ev.type]
+        response.speech_event_offset_seconds = ev.offset
+        return response
     seg = Segment(ev.start, ev.end, ev.text, ev.words)
     result = result_from_segment(
         seg,
@@ -176,9 +181,8 @@ def stream_response(
         utterance_index=ev.utterance,
         utterance_end=ev.utterance_end,
     )
-    return speech_pb2.StreamingRecognizeResponse(
-        results=[result], total_billed_seconds=billed, resume_point=point
-    )
+    response.results.append(result)
+    return response
 
 
 @dataclass
