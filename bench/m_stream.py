@@ -97,26 +97,18 @@ async def stream_session(
 async def streaming(ctx: Context) -> dict[str, Any]:
     """7a-c. One real-time stream: final-word latency, first interim latency, streaming vs offline WER.
     BENCH_STREAM_MORE_CLIPS=1,2,3: WER of both final-result timings on more streams too (pooled)."""
-    from tests.support.text import normalize, wer
+    from tests.support.text import wer
 
     clip = ctx.corpus.stream
     _, client = await ctx.stack.get()
     log(f"streaming: one real-time stream of {clip.seconds:.0f}s")
     mark = ctx.stack.calls.mark()
     t0 = time.perf_counter()
-    s = await asyncio.wait_for(stream_session(client, clip, final_results="stable"), clip.seconds + 120)
-    if s["error"]:
-        raise RuntimeError(f"the stream failed after {s['words']} final words: {s['error']}")
+    s = await _whole_stream(client, clip, "stable")
     model = ctx.stack.calls.since(mark, time.perf_counter() - t0)
     # The same stream with finals only at utterance ends (final_result_timing UTTERANCE_END).
     log("streaming: the same stream, final_result_timing UTTERANCE_END")
-    late = await asyncio.wait_for(
-        stream_session(client, clip, final_results="utterance_end"), clip.seconds + 120
-    )
-    if late["error"]:
-        raise RuntimeError(
-            f"the utterance-end stream failed after {late['words']} final words: {late['error']}"
-        )
+    late = await _whole_stream(client, clip, "utterance_end")
     resp = await client.recognize(clip.wav(), language="en")
     raw = await ctx.raw()
     raw_text, _, _ = await asyncio.to_thread(raw_transcribe, raw, clip.samples)
@@ -160,18 +152,44 @@ async def streaming(ctx: Context) -> dict[str, Any]:
     )
     ue = out["utterance_end"]["final_word_latency"]
     log(f"  utterance-end finals: latency mean {ue.get('mean')}s p95 {ue.get('p95')}s; WER {late['wer']}%")
-    if os.environ.get("BENCH_STREAM_MORE_CLIPS"):  # e.g. "1,2,3": other streams of the real recordings
-        more = [int(x) for x in os.environ["BENCH_STREAM_MORE_CLIPS"].split(",")]
-        out["more_clips"] = await _more_clips(client, [ctx.corpus.stream_variant(i) for i in more])
-        out["more_clips"]["clips"].insert(0, {"name": clip.name, "seconds": round(clip.seconds, 2),
-                                              "words": len(normalize(clip.text).split()),
-                                              "wer": {k: out["wer"][k] for k in _WER_KEYS}})  # fmt: skip
-        out["more_clips"]["pooled_wer"] = _pooled(out["more_clips"]["clips"])
-        log(f"  pooled over {len(more) + 1} streams: WER {out['more_clips']['pooled_wer']}")
+    more = _more_clip_indexes()
+    if more:
+        rows = [_clip_row(clip, {k: out["wer"][k] for k in _WER_KEYS})]
+        rows += await _more_clips(client, [ctx.corpus.stream_variant(i) for i in more])
+        out["more_clips"] = {"clips": rows, "pooled_wer": _pooled(rows)}
+        log(f"  pooled over {len(rows)} streams: WER {out['more_clips']['pooled_wer']}")
     return out
 
 
 _WER_KEYS = ("streaming", "streaming_utterance_end", "offline_recognize")
+
+
+async def _whole_stream(client: Any, clip: Clip, final_results: str) -> dict[str, Any]:
+    """stream_session that must get to the end of the clip (a measure of a broken stream is void)."""
+    s = await asyncio.wait_for(stream_session(client, clip, final_results=final_results), clip.seconds + 120)
+    if s["error"]:
+        raise RuntimeError(
+            f"{clip.name} ({final_results}): the stream failed after {s['words']} final words: {s['error']}"
+        )
+    return s
+
+
+def _more_clip_indexes() -> list[int]:
+    """BENCH_STREAM_MORE_CLIPS, e.g. "1,2,3": other streams of the real recordings."""
+    value = os.environ.get("BENCH_STREAM_MORE_CLIPS", "")
+    return [int(x) for x in value.split(",")] if value else []
+
+
+def more_clips_budget() -> float:
+    """The streaming measure's extra seconds: two real-time streams (~100 s each) per more clip."""
+    return 400.0 * len(_more_clip_indexes())
+
+
+def _clip_row(clip: Clip, wers: dict[str, float]) -> dict[str, Any]:
+    from tests.support.text import normalize
+
+    words = len(normalize(clip.text).split())
+    return {"name": clip.name, "seconds": round(clip.seconds, 2), "words": words, "wer": wers}
 
 
 def _pooled(clips: list[dict[str, Any]]) -> dict[str, float]:
@@ -180,27 +198,21 @@ def _pooled(clips: list[dict[str, Any]]) -> dict[str, float]:
     return {k: round(sum(c["wer"][k] * c["words"] for c in clips) / words, 2) for k in _WER_KEYS}
 
 
-async def _more_clips(client: Any, clips: list[Clip]) -> dict[str, Any]:
+async def _more_clips(client: Any, clips: list[Clip]) -> list[dict[str, Any]]:
     """Both final-result timings and offline Recognize on more real-time streams (one at a time)."""
-    from tests.support.text import normalize, wer
+    from tests.support.text import wer
 
     out = []
     for clip in clips:
         log(f"streaming: {clip.name} ({clip.seconds:.0f}s), both final-result timings")
         got = {}
         for key, timing in (("streaming", "stable"), ("streaming_utterance_end", "utterance_end")):
-            r = await asyncio.wait_for(stream_session(client, clip, final_results=timing), clip.seconds + 120)
-            if r["error"]:
-                raise RuntimeError(
-                    f"{clip.name}: the stream failed after {r['words']} final words: {r['error']}"
-                )
-            got[key] = r["wer"]
+            got[key] = (await _whole_stream(client, clip, timing))["wer"]
         resp = await client.recognize(clip.wav(), language="en")
         got["offline_recognize"] = pct(wer(clip.text, resp.transcript))
-        out.append({"name": clip.name, "seconds": round(clip.seconds, 2),
-                    "words": len(normalize(clip.text).split()), "wer": got})  # fmt: skip
+        out.append(_clip_row(clip, got))
         log(f"  {clip.name}: WER {got}")
-    return {"clips": out}
+    return out
 
 
 async def concurrent_streams(ctx: Context) -> dict[str, Any]:

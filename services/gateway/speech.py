@@ -55,7 +55,7 @@ _EVENT_TYPES = {
     EventType.SPEECH_END: speech_pb2.SPEECH_EVENT_TYPE_SPEECH_ACTIVITY_END,
     EventType.END_OF_SINGLE_UTTERANCE: speech_pb2.SPEECH_EVENT_TYPE_END_OF_SINGLE_UTTERANCE,
 }
-# StreamPolicy.finals -> the timing a response reports.
+# StreamPolicy.finals <-> StreamingRecognitionConfig.final_result_timing (asked for, and reported).
 _TIMINGS = {
     "agreement": speech_pb2.FINAL_RESULT_TIMING_STABLE,
     "utterance_end": speech_pb2.FINAL_RESULT_TIMING_UTTERANCE_END,
@@ -620,20 +620,15 @@ class SpeechAPI:
         return session, decoder, max_seconds, session_id, replay
 
     def _final_results(self, timing: int) -> str:
-        """The session's policy.finals for a stream's final_result_timing."""
+        """The session's policy.finals for a stream's final_result_timing (_TIMINGS read backwards)."""
         if timing == speech_pb2.FINAL_RESULT_TIMING_UNSPECIFIED:
-            timing = (
-                speech_pb2.FINAL_RESULT_TIMING_UTTERANCE_END
-                if self.settings.stream_final_results == "utterance_end"
-                else speech_pb2.FINAL_RESULT_TIMING_STABLE
-            )
-        if timing == speech_pb2.FINAL_RESULT_TIMING_STABLE:
-            return "agreement"
-        if timing == speech_pb2.FINAL_RESULT_TIMING_UTTERANCE_END:
-            return "utterance_end"
+            return "utterance_end" if self.settings.stream_final_results == "utterance_end" else "agreement"
+        for finals, known in _TIMINGS.items():
+            if timing == known:
+                return finals
+        names = ", ".join(speech_pb2.FinalResultTiming.Name(t) for t in _TIMINGS.values())
         raise InvalidInput(
-            f"final_result_timing {timing} is not one this server knows (FINAL_RESULT_TIMING_STABLE, "
-            "FINAL_RESULT_TIMING_UTTERANCE_END)",
+            f"final_result_timing {timing} is not one this server knows ({names})",
             reason="BAD_CONFIG_VALUE",
             field="streaming_config.final_result_timing",
         )
