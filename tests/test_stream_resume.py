@@ -493,6 +493,49 @@ async def test_a_final_pass_that_stops_in_its_left_context_is_made_again_without
     assert any(17 in got for got in finals), finals
 
 
+@pytest.mark.parametrize("when", ["agreement", "utterance_end"])
+async def test_a_final_pass_with_a_prefix_goes_on_after_the_final_words_it_hears(when: str):
+    """With final_prefix (the gateway's choice for finals at utterance ends), a final pass with
+    left context starts just before the first final word in it, is given the final words from there
+    on as the start of its text (a decoder prefix: the model goes on after
+    them instead of transcribing them again) and is decoded with the encoder's full context. The
+    prefix is exactly the words the pass hears first, also after a resumption (whose context words
+    stand in no audio of the new part), and the transcript stays whole."""
+    policy = replace(POLICY, max_window=10.0, final_context=2.0, finals=when, final_prefix=True)
+    passes: list[tuple[list[str], list[str], bool]] = []
+
+    async def model(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
+        result = await fake_transcribe(audio, options, work)
+        if options.prefix is not None:
+            heard = [w.word.strip() for seg in result.segments for w in seg.words]
+            passes.append((options.prefix.split(), heard, options.dynamic_context))
+        return result
+
+    def with_model(resume: ResumeState | None = None) -> StreamingSession:
+        return StreamingSession(
+            model,
+            DecodeOptions(beam_size=5),
+            policy,
+            vad_model=fake_vad,
+            resume=resume,
+            final_pass=lambda: (5, 2.0),
+        )
+
+    audio = script(WORDS, TOTAL)
+    expected = [f"w{i}" for i in range(1, len(WORDS) + 1)]
+    whole = await run(with_model(), audio)
+    assert text_of(finals(whole)) == expected
+    assert passes, "the final passes of utterances 2 and 3 hear final words before their windows"
+    cut = len(whole) // 2
+    first = await run(with_model(), audio, stop_after=cut)
+    state = first[-1][1]
+    second = await run(with_model(state), audio[round(state.offset * SAMPLE_RATE) :])
+    assert text_of(finals(first) + finals(second)) == expected
+    for said, heard, dynamic in passes:
+        assert heard[: len(said)] == said, (said, heard)
+        assert not dynamic
+
+
 async def test_resume_state_carries_prompt_and_window_words():
     audio = script(WORDS, TOTAL)
     events = await run(session(), audio)

@@ -233,6 +233,29 @@ async def test_a_window_whose_text_starts_late_is_decoded_from_its_start(transcr
     assert wer(libri[: libri.index(" THE NARRATIVE")], rest) <= 0.2, text
 
 
+async def test_a_window_given_a_prefix_goes_on_after_it(transcriber: Transcriber):
+    """What a live stream's final pass relies on: a window given a prefix (the words already final in
+    its first seconds) returns words whose text starts with the prefix, once, and goes on with the
+    rest of the speech (Kennedy, then the first Harvard sentences: 20 s, full context)."""
+    jfk, harvard = by_name("jfk_inaugural_16k"), by_name("harvard_osr_0010_8k")
+    window = np.concatenate([load_16k(jfk), audio.silence(0.8), load_16k(harvard)])[: 20 * audio.SR]
+    prefix = "And so, my fellow Americans, ask not what your country can do for you, ask what you can"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{transcriber.port}") as ch:
+        resp = await transcriber_pb2_grpc.TranscriberStub(ch).Transcribe(
+            _request(window, word_timestamps=True, language_code="en", beam_size=5, prefix=prefix),
+            timeout=120,
+        )
+    words = [w.word for s in resp.segments for w in s.words]
+    n = len(prefix.split())
+    assert " ".join(words[:n]) == prefix, words
+    rest = " ".join(words[n:])
+    assert (
+        wer("do for your country. The birch canoe slid on the smooth planks.", " ".join(words[n : n + 13]))
+        <= 0.35
+    ), rest
+    assert "ask not" not in rest.lower(), rest
+
+
 def _square_wave(seconds: float) -> np.ndarray:
     n = np.arange(int(seconds * audio.SR))
     return (np.sign(np.sin(2 * np.pi * 440 * n / audio.SR)) * 0.99).astype(np.float32)

@@ -569,6 +569,11 @@ class SpeechAPI:
         if not options.beam_size:
             options.beam_size = self.settings.stream_beam_size
         s = self.settings
+        context = (
+            s.stream_utterance_end_final_context_seconds
+            if finals == "utterance_end"
+            else s.stream_final_context_seconds
+        )
         session = StreamingSession(
             observer.transcribe(self._live_transcribe),
             options,
@@ -582,7 +587,8 @@ class SpeechAPI:
                 settle=s.stream_settle_seconds,
                 interim_beam=s.stream_interim_beam_size,
                 trim=s.stream_trim,
-                final_context=s.stream_final_context_seconds,
+                final_context=context,
+                final_prefix=finals == "utterance_end",
                 commit_window=s.stream_commit_window_seconds,
                 commit_probability=s.stream_commit_probability,
                 finals=finals,
@@ -591,7 +597,7 @@ class SpeechAPI:
             single_utterance=cfg.single_utterance,
             resume=resume,
             hypothesis_beam=self.hypothesis_beam,
-            final_pass=lambda: self.final_pass(options.beam_size),
+            final_pass=lambda: self.final_pass(options.beam_size, context),
             agreement_for=self.agreement,
         )
 
@@ -664,13 +670,12 @@ class SpeechAPI:
             return s.stream_light_load_beam_size
         return s.stream_interim_beam_size
 
-    def final_pass(self, beam: int) -> tuple[int, float]:
-        """(beam, left context seconds) of an utterance's final pass: the stream's beam and
-        stream_final_context_seconds at light load; under load at most stream_loaded_final_beam_size
-        and stream_loaded_final_context_seconds (each negative: as at light load), so that the
-        finals of many streams do not hold up every stream's next hypothesis."""
+    def final_pass(self, beam: int, context: float) -> tuple[int, float]:
+        """(beam, left context seconds) of an utterance's final pass: the stream's beam and left
+        context at light load; under load at most stream_loaded_final_beam_size and
+        stream_loaded_final_context_seconds (each negative: as at light load), so that the finals of
+        many streams do not hold up every stream's next hypothesis."""
         s = self.settings
-        context = s.stream_final_context_seconds
         if self._light_load():
             return beam, context
         if s.stream_loaded_final_beam_size > 0:

@@ -23,7 +23,10 @@ Policy (LocalAgreement-2, as in whisper_streaming, plus VAD endpointing):
 - hypotheses are greedy (`interim_beam`, or what `hypothesis_beam` says: the gateway widens the
   beam while it has few streams); the final of an utterance (at a pause, at the end) uses
   the request's beam and also hears `final_context` seconds of audio before the window (left
-  context: an utterance decoded alone loses words at its start; final words there are dropped),
+  context: an utterance decoded alone loses words at its start; with `final_prefix` the pass starts
+  just before the first final word there, with the final words from there on as the model's prefix,
+  so it goes on after them, and the encoder's full context, as for a file's window; final words are
+  dropped from what it returns),
   or what `final_pass` says (the gateway makes it cheaper while the transcribers are loaded);
   a final pass that would decode what the last hypothesis did (same window start, prompt and beam,
   no left context, all of the speech heard: the same audio up to the pause) takes that hypothesis's
@@ -76,6 +79,7 @@ TranscribeFn = Callable[[np.ndarray, DecodeOptions, WorkClass], Awaitable[Window
 VAD_FRAME = 512  # Silero's frame: 32 ms at 16 kHz
 RECENT_WORDS = 40  # final words a new hypothesis is checked against for repeats
 MIN_TAIL_SECONDS = 0.15  # speech after the last final word worth another final pass (a short word)
+PREFIX_LEAD = 0.1  # a final pass with left context starts this long before the first final word in it
 RESUME_LEFT = 2.0  # after a pause, a resumed part starts at most this long before the window
 RESUME_MARGIN = 1.0  # a resumed stream restarts this long before the end of the last final word (left
 # context for the words after the seam: with 0.25 s the first words after it were often garbled)
@@ -113,6 +117,10 @@ class StreamPolicy:
     preview_speech: float = 0.3  # once VAD has heard this much speech in it
     preview_step: float = 0.1  # new audio before the next try while an utterance has no interim yet
     final_context: float = 0.0  # seconds of audio before the window heard by an utterance's final
+    # With final_context: the final words said in it are the start of the final pass's text (a
+    # decoder prefix; the pass starts just before the first of them) and the pass has the encoder's
+    # full context, instead of decoding the context again with a live window's shorter one.
+    final_prefix: bool = False
     # When words become final: "agreement" (as soon as hypotheses agree on them, within the
     # utterance: lowest latency) or "utterance_end" (only by the utterance's final pass, at a pause,
     # at the end of the audio or when the window reaches max_window: later, fewer word errors).
@@ -211,6 +219,17 @@ def after_final(words: list[Word], last: list[Word], final_end: float) -> list[W
         if w.start >= final_end - 0.1
         or (w.end > final_end + 0.02 and _new_at_seam(words[i - 1] if i else None, w, last))
     ]
+
+
+def after_text(words: list[Word], text: str) -> list[Word]:
+    """The words after those that spell `text` (a decoder prefix: the model's text starts with it,
+    whatever times the aligner gives those words)."""
+    want, got = len(_norm(text.replace(" ", ""))), 0
+    for i, w in enumerate(words):
+        if got >= want:
+            return words[i:]
+        got += len(_norm(w.word))
+    return []
 
 
 def _new_at_seam(before: Word | None, word: Word, last: list[Word]) -> bool:
@@ -336,6 +355,7 @@ class StreamingSession:
         self._utterance = 0
         self._utterance_open = False
         self._resume_floor = 0.0  # the latest resume offset given (offsets never go back)
+        self._timed_after = -1.0  # final words after this time have real times (see _resume)
         if resume is not None:
             self._resume(resume)
 
@@ -354,6 +374,7 @@ class StreamingSession:
         self._final_words = [Word(w, r.offset, r.offset, 1.0) for w in words[:split]] + [
             Word(w, inside, inside, 1.0) for w in words[split:]
         ]
+        self._timed_after = inside  # those words stand in no audio of this part
         self._utterance = r.utterance
         self._utterance_open = r.utterance_open
         if r.utterance_open:
@@ -542,19 +563,39 @@ class StreamingSession:
         text = _text([w for w in self._final_words if w.end <= start / SAMPLE_RATE + 0.05])
         return text[-self.policy.prompt_chars :] or self.options.initial_prompt
 
+    def _said_since(self, sample: int) -> list[Word]:
+        """The final words from `sample` on, where their times are real (not a resumed context's)."""
+        t = sample / SAMPLE_RATE
+        return [w for w in self._final_words if w.start >= t and w.start > self._timed_after]
+
     async def _words(self, start: int, end: int, beam: int, *, context: float = 0.0) -> list[Word]:
         """Transcribe [start, end) with `beam` and return the words after what is already final.
-        `context`: seconds of audio before `start` heard too (words already final there are dropped
-        below, by time and by text)."""
-        if context > 0:
+        `context`: seconds of audio before `start` heard too. With policy.final_prefix the pass then
+        starts just before the first final word in those seconds, the final words from there on are
+        the start of the model's text (a decoder prefix: it goes on after them instead of
+        transcribing them again, which it sometimes stopped doing halfway, or did differently), and
+        the window is decoded with the encoder's full 30 s context, as a file's window is (live
+        windows have a shorter, cheaper one). The final words heard again are dropped below (the
+        prefix by its text; the rest by time and by text)."""
+        opts = replace(self.options, beam_size=beam)
+        if context > 0 and not self.policy.final_prefix:
             start = max(start - int(context * SAMPLE_RATE), self._base, 0)
+        elif context > 0:
+            lo = max(start - int(context * SAMPLE_RATE), self._base, 0)
+            said = self._said_since(lo)
+            if said:
+                start = max(round((said[0].start - PREFIX_LEAD) * SAMPLE_RATE), self._base, 0)
+                said = self._said_since(start)
+                opts = replace(opts, prefix=_text(said) or None, dynamic_context=False)
         audio = self._slice(start, end)
-        opts = replace(self.options, initial_prompt=self._prompt(start), beam_size=beam)
+        opts = replace(opts, initial_prompt=self._prompt(start))
         result = await self.transcribe(audio, opts, WorkClass.LIVE)
         if result.language:
             self.language = result.language
         offset = start / SAMPLE_RATE
         words = [w.shifted(offset) for seg in result.segments for w in seg.words]
+        if opts.prefix:
+            words = after_text(words, opts.prefix)
         words = after_final(cut_squeezed(words), self._final_words[-2:], self._final_end)
         return drop_repeated_prefix(collapse_repeats(words), self._final_words[-RECENT_WORDS:])
 

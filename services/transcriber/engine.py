@@ -290,8 +290,10 @@ class Engine:
             first = words[0].start if words else (res.segments[0].start if res.segments else None)
             last = words[-1].end if words else (res.segments[-1].end if res.segments else 0.0)
             seconds = req.audio.shape[0] / SAMPLE_RATE
-            if first is not None and first >= TAIL_MIN_SECONDS and self._speech_in(req.audio, 0.0, first):
-                todo.append((i, 0.0, first))
+            # (Never a window given a prefix: its text starts with those words, wherever they landed.)
+            late = first is not None and first >= TAIL_MIN_SECONDS and not req.options.prefix
+            if late and self._speech_in(req.audio, 0.0, first or 0.0):
+                todo.append((i, 0.0, first or 0.0))
             if seconds - last >= TAIL_MIN_SECONDS and self._speech_in(req.audio, last, seconds):
                 todo.append((i, last, seconds))
         if not todo:
@@ -301,11 +303,10 @@ class Engine:
             res = out[i]
             assert isinstance(res, WindowResult)
             opts = reqs[i].options
-            prompt, prefix = opts.initial_prompt, opts.prefix  # (the window's start: as it was asked)
+            prompt = opts.initial_prompt
             if start > 0:  # the rest of the window: prompted with what it said so far
                 text = " ".join(seg.text for seg in res.segments)
                 prompt = " ".join(last_words(f"{prompt or ''} {text}".split(), TAIL_PROMPT_CHARS))
-                prefix = None
             again.append(
                 WindowRequest(
                     reqs[i].audio[int(start * SAMPLE_RATE) : int(end * SAMPLE_RATE)],
@@ -313,7 +314,7 @@ class Engine:
                     replace(
                         opts,
                         initial_prompt=prompt,
-                        prefix=prefix,
+                        prefix=None,  # a part after the window's start (a window given one is never late)
                         language=opts.language or res.language or None,
                     ),
                     abandoned=reqs[i].abandoned,
