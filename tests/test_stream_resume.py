@@ -498,7 +498,7 @@ async def test_a_final_pass_with_a_prefix_goes_on_after_the_final_words_it_hears
     """With final_prefix (the gateway's choice for finals at utterance ends), a final pass with
     left context starts just before the first final word in it, is given the final words from there
     on as the start of its text (a decoder prefix: the model goes on after
-    them instead of transcribing them again) and is decoded with the encoder's full context. The
+    them instead of transcribing them again); every final pass has the encoder's full context. The
     prefix is exactly the words the pass hears first, also after a resumption (whose context words
     stand in no audio of the new part), and the transcript stays whole."""
     policy = replace(POLICY, max_window=10.0, final_context=2.0, finals=when, final_prefix=True)
@@ -506,9 +506,9 @@ async def test_a_final_pass_with_a_prefix_goes_on_after_the_final_words_it_hears
 
     async def model(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
         result = await fake_transcribe(audio, options, work)
-        if options.prefix is not None:
+        if options.beam_size == 5:  # a final pass (hypotheses are greedy)
             heard = [w.word.strip() for seg in result.segments for w in seg.words]
-            passes.append((options.prefix.split(), heard, options.dynamic_context))
+            passes.append(((options.prefix or "").split(), heard, options.dynamic_context))
         return result
 
     def with_model(resume: ResumeState | None = None) -> StreamingSession:
@@ -525,7 +525,7 @@ async def test_a_final_pass_with_a_prefix_goes_on_after_the_final_words_it_hears
     expected = [f"w{i}" for i in range(1, len(WORDS) + 1)]
     whole = await run(with_model(), audio)
     assert text_of(finals(whole)) == expected
-    assert passes, "the final passes of utterances 2 and 3 hear final words before their windows"
+    assert sum(bool(said) for said, _, _ in passes) >= 2, "utterances 2 and 3 hear final words before"
     cut = len(whole) // 2
     first = await run(with_model(), audio, stop_after=cut)
     state = first[-1][1]
@@ -533,7 +533,7 @@ async def test_a_final_pass_with_a_prefix_goes_on_after_the_final_words_it_hears
     assert text_of(finals(first) + finals(second)) == expected
     for said, heard, dynamic in passes:
         assert heard[: len(said)] == said, (said, heard)
-        assert not dynamic
+        assert not dynamic  # every final pass, with or without a prefix
 
 
 async def test_resume_state_carries_prompt_and_window_words():

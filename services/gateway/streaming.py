@@ -118,8 +118,9 @@ class StreamPolicy:
     preview_step: float = 0.1  # new audio before the next try while an utterance has no interim yet
     final_context: float = 0.0  # seconds of audio before the window heard by an utterance's final
     # With final_context: the final words said in it are the start of the final pass's text (a
-    # decoder prefix; the pass starts just before the first of them) and the pass has the encoder's
-    # full context, instead of decoding the context again with a live window's shorter one.
+    # decoder prefix; the pass starts just before the first of them), instead of the context being
+    # decoded again, and the pass has the encoder's full context (also with no final words in the
+    # context: a short utterance alone, at a live window's shorter context, is often said twice).
     final_prefix: bool = False
     # When words become final: "agreement" (as soon as hypotheses agree on them, within the
     # utterance: lowest latency) or "utterance_end" (only by the utterance's final pass, at a pause,
@@ -581,12 +582,13 @@ class StreamingSession:
         if context > 0 and not self.policy.final_prefix:
             start = max(start - int(context * SAMPLE_RATE), self._base, 0)
         elif context > 0:
+            opts = replace(opts, dynamic_context=False)
             lo = max(start - int(context * SAMPLE_RATE), self._base, 0)
             said = self._said_since(lo)
             if said:
                 start = max(round((said[0].start - PREFIX_LEAD) * SAMPLE_RATE), self._base, 0)
                 said = self._said_since(start)
-                opts = replace(opts, prefix=_text(said) or None, dynamic_context=False)
+                opts = replace(opts, prefix=_text(said) or None)
         audio = self._slice(start, end)
         opts = replace(opts, initial_prompt=self._prompt(start))
         result = await self.transcribe(audio, opts, WorkClass.LIVE)
