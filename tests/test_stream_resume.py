@@ -26,7 +26,16 @@ from services.gateway.streaming import (
     StreamPolicy,
     TranscribeFn,
 )
-from services.shared.domain import SAMPLE_RATE, DecodeOptions, Segment, WindowResult, Word, WorkClass
+from services.shared.domain import (
+    MAX_WINDOW_SECONDS,
+    SAMPLE_RATE,
+    DecodeOptions,
+    Segment,
+    WindowResult,
+    Word,
+    WorkClass,
+)
+from services.shared.errors import InvalidInput
 from stt.client import _TRANSPORT_BROKE
 
 # -- a scripted model: audio value k (k > 0) held for a word's duration is the word "wK" ---------------
@@ -415,6 +424,27 @@ async def test_speech_without_a_pause_through_many_window_caps_keeps_moving(when
     evs, _, _ = await paced_run(audio, model, policy=replace(POLICY, finals=when))
     assert text_of(evs) == [f"w{i}" for i in range(1, 61)]
     assert calls[0] < 200
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+async def test_a_final_pass_with_long_left_context_fits_in_the_models_window(prefix: bool):
+    """40 s of words without a pause, a 15 s window cap and 20 s of left context for final passes:
+    a pass at the cap would be 35 s, more than the model takes (30 s, refused as AUDIO_TOO_LONG).
+    The context is cut so that every window fits, and every word arrives."""
+    words = [(0.5 + 0.45 * i, 0.85 + 0.45 * i) for i in range(88)]
+    audio = script(words, words[-1][1] + 1.0)
+    longest = [0.0]
+
+    async def model(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
+        longest[0] = max(longest[0], audio.shape[0] / SAMPLE_RATE)
+        if audio.shape[0] > MAX_WINDOW_SECONDS * SAMPLE_RATE:
+            raise InvalidInput("window is too long", reason="AUDIO_TOO_LONG")
+        return await fake_transcribe(audio, options, work)
+
+    policy = replace(POLICY, max_window=15.0, final_context=20.0, final_prefix=prefix, finals="utterance_end")
+    evs, _, _ = await paced_run(audio, model, policy=policy, final_pass=lambda: (5, 20.0))
+    assert text_of(evs) == [f"w{i}" for i in range(1, 89)]
+    assert longest[0] > 25.0, "passes at the cap heard long left context"
 
 
 async def test_an_utterance_final_takes_the_last_hypothesis_when_it_is_the_same_pass():

@@ -70,7 +70,15 @@ from enum import Enum
 
 import numpy as np
 
-from services.shared.domain import SAMPLE_RATE, DecodeOptions, WindowResult, Word, WorkClass, last_words
+from services.shared.domain import (
+    MAX_WINDOW_SECONDS,
+    SAMPLE_RATE,
+    DecodeOptions,
+    WindowResult,
+    Word,
+    WorkClass,
+    last_words,
+)
 from services.shared.errors import LimitExceeded
 
 log = logging.getLogger("gateway.streaming")
@@ -579,14 +587,15 @@ class StreamingSession:
         windows have a shorter, cheaper one). The final words heard again are dropped below (the
         prefix by its text; the rest by time and by text)."""
         opts = replace(self.options, beam_size=beam)
+        # The context is what audio is kept, and no more than fits in the model's window with [start, end).
+        floor = max(self._base, 0, end - int(MAX_WINDOW_SECONDS * SAMPLE_RATE))
         if context > 0 and not self.policy.final_prefix:
-            start = max(start - int(context * SAMPLE_RATE), self._base, 0)
+            start = max(start - int(context * SAMPLE_RATE), floor)
         elif context > 0:
             opts = replace(opts, dynamic_context=False)
-            lo = max(start - int(context * SAMPLE_RATE), self._base, 0)
-            said = self._said_since(lo)
+            said = self._said_since(max(start - int(context * SAMPLE_RATE), floor))
             if said:
-                start = max(round((said[0].start - PREFIX_LEAD) * SAMPLE_RATE), self._base, 0)
+                start = max(round((said[0].start - PREFIX_LEAD) * SAMPLE_RATE), floor)
                 said = self._said_since(start)
                 opts = replace(opts, prefix=_text(said) or None)
         audio = self._slice(start, end)
