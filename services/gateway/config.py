@@ -87,9 +87,10 @@ class GatewaySettings(CommonSettings):
     # UTTERANCE_END): there the words already final in the context are the start of the pass's text
     # (a decoder prefix: the model goes on after them) and the pass has the encoder's full 30 s
     # context. In a deterministic replay of utterance-end finals over 11 real-speech streams, pooled
-    # WER 10.04 % with 6 s decoded again, 9.02 % with 20 s as a prefix (offline 8.26 %); on the
-    # bench's real-time stream 7.1 % (offline 7.65 %); 6 s as a prefix: 10.9 %. A pass costs ~1.0 s
-    # of model time instead of ~0.45 s (light load only, see below). 0 = none.
+    # WER 10.04 % with 6 s decoded again, 9.02 % with 20 s as a prefix (offline 8.26 %); in real
+    # time over the bench's four streams 9.00 % -> 8.57 % (offline 7.29 %); 6 s as a prefix was
+    # worse (bench stream 10.9 % against 7.65 %). A pass costs ~1.0 s of model time instead of
+    # ~0.45 s: finals ~0.7 s later (light load only, see below). 0 = none.
     stream_utterance_end_final_context_seconds: float = 20.0
     # Above stream_light_load_streams live streams per serving transcriber, an utterance's final pass
     # uses at most beam stream_loaded_final_beam_size and stream_loaded_final_context_seconds of left
