@@ -494,7 +494,8 @@ async def test_an_utterance_final_takes_the_last_hypothesis_when_it_is_the_same_
     assert same_hyps == own_hyps
 
 
-async def test_a_final_pass_that_stops_in_its_left_context_is_made_again_without_it():
+@pytest.mark.parametrize("prefix", [False, True])
+async def test_a_final_pass_that_stops_in_its_left_context_is_made_again_without_it(prefix: bool):
     """Given left context, Whisper sometimes stops at the pause inside it: the pass gives only words
     that are already final. The window is then decoded once more without the context, so the last
     words of the utterance (not yet final by agreement) are not lost, even when less than a second
@@ -510,13 +511,22 @@ async def test_a_final_pass_that_stops_in_its_left_context_is_made_again_without
         seg = Segment(kept[0].start, kept[-1].end, "".join(w.word for w in kept), kept) if kept else None
         return WindowResult(segments=[seg] if seg else [], language="en")
 
+    dynamic: list[bool] = []
+
+    async def model(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
+        if options.beam_size == 5:
+            dynamic.append(options.dynamic_context)
+        return await stops_at_pauses(audio, options, work)
+
     evs, calls, _ = await paced_run(
         script(WORDS, TOTAL),
-        stops_at_pauses,
-        policy=replace(POLICY, max_window=10.0, final_context=2.0),
+        model,
+        policy=replace(POLICY, max_window=10.0, final_context=2.0, final_prefix=prefix),
         final_pass=lambda: (5, 2.0),
     )
     assert text_of(evs) == [f"w{i}" for i in range(1, len(WORDS) + 1)]
+    # With final_prefix every pass of those finals, the one made again too, has the full context.
+    assert dynamic and all(d != prefix for d in dynamic), dynamic
     # Utterance 2's final pass heard utterance 1's last word and stopped there; the next pass did not.
     finals = [got for beam, got in calls if beam == 5]
     assert any(got and got <= {1, 2, 3, 4, 5} for got in finals[1:]), finals
@@ -527,43 +537,79 @@ async def test_a_final_pass_that_stops_in_its_left_context_is_made_again_without
 async def test_a_final_pass_with_a_prefix_goes_on_after_the_final_words_it_hears(when: str):
     """With final_prefix (the gateway's choice for finals at utterance ends), a final pass with
     left context starts just before the first final word in it, is given the final words from there
-    on as the start of its text (a decoder prefix: the model goes on after
-    them instead of transcribing them again); every final pass has the encoder's full context. The
-    prefix is exactly the words the pass hears first, also after a resumption (whose context words
-    stand in no audio of the new part), and the transcript stays whole."""
+    on as the start of its text (a decoder prefix: the model goes on after them instead of
+    transcribing them again); every final pass has the encoder's full context. The prefix is exactly
+    the words the pass hears first, also after a resumption (whose context words stand in no audio
+    of the new part), and the transcript stays whole. When the aligner puts the prefix words
+    anywhere (here all at the window's first instant), they are dropped by their text: the same
+    finals in the same passes (none has to be made again without its context)."""
     policy = replace(POLICY, max_window=10.0, final_context=2.0, finals=when, final_prefix=True)
-    passes: list[tuple[list[str], list[str], bool]] = []
 
-    async def model(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
-        result = await fake_transcribe(audio, options, work)
-        if options.beam_size == 5:  # a final pass (hypotheses are greedy)
-            heard = [w.word.strip() for seg in result.segments for w in seg.words]
-            passes.append(((options.prefix or "").split(), heard, options.dynamic_context))
-        return result
+    async def scenario(misplaced: bool) -> list[tuple[list[str], list[str], bool]]:
+        passes: list[tuple[list[str], list[str], bool]] = []
 
-    def with_model(resume: ResumeState | None = None) -> StreamingSession:
-        return StreamingSession(
-            model,
-            DecodeOptions(beam_size=5),
-            policy,
-            vad_model=fake_vad,
-            resume=resume,
-            final_pass=lambda: (5, 2.0),
-        )
+        async def model(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
+            result = await fake_transcribe(audio, options, work)
+            if options.beam_size == 5:  # a final pass (hypotheses are greedy)
+                heard = [w.word.strip() for seg in result.segments for w in seg.words]
+                passes.append(((options.prefix or "").split(), heard, options.dynamic_context))
+            if options.prefix and misplaced:
+                said = [Word(f" {w}", 0.0, 0.0, 1.0) for w in options.prefix.split()]
+                words = [w for seg in result.segments for w in seg.words][len(said) :]
+                seg = Segment(0.0, words[-1].end if words else 0.0, "", [*said, *words])
+                return WindowResult(segments=[seg], language="en")
+            return result
 
-    audio = script(WORDS, TOTAL)
-    expected = [f"w{i}" for i in range(1, len(WORDS) + 1)]
-    whole = await run(with_model(), audio)
-    assert text_of(finals(whole)) == expected
-    assert sum(bool(said) for said, _, _ in passes) >= 2, "utterances 2 and 3 hear final words before"
-    cut = len(whole) // 2
-    first = await run(with_model(), audio, stop_after=cut)
-    state = first[-1][1]
-    second = await run(with_model(state), audio[round(state.offset * SAMPLE_RATE) :])
-    assert text_of(finals(first) + finals(second)) == expected
-    for said, heard, dynamic in passes:
+        def with_model(resume: ResumeState | None = None) -> StreamingSession:
+            return StreamingSession(
+                model,
+                DecodeOptions(beam_size=5),
+                policy,
+                vad_model=fake_vad,
+                resume=resume,
+                final_pass=lambda: (5, 2.0),
+            )
+
+        audio = script(WORDS, TOTAL)
+        expected = [f"w{i}" for i in range(1, len(WORDS) + 1)]
+        whole = await run(with_model(), audio)
+        assert text_of(finals(whole)) == expected
+        cut = len(whole) // 2
+        first = await run(with_model(), audio, stop_after=cut)
+        state = first[-1][1]
+        second = await run(with_model(state), audio[round(state.offset * SAMPLE_RATE) :])
+        assert text_of(finals(first) + finals(second)) == expected
+        return passes
+
+    exact = await scenario(misplaced=False)
+    assert sum(bool(said) for said, _, _ in exact) >= 2, "utterances 2 and 3 hear final words before"
+    for said, heard, dynamic in exact:
         assert heard[: len(said)] == said, (said, heard)
         assert not dynamic  # every final pass, with or without a prefix
+    assert await scenario(misplaced=True) == exact
+
+
+@pytest.mark.parametrize(("word", "budget"), [("planks.", 400), ("доски.", 100)])
+async def test_a_prefix_keeps_the_newest_final_words_that_fit_its_budget(word: str, budget: int):
+    """A prefix is forced decoder input and counts against the decoder's 224 tokens: at most 400
+    UTF-8 bytes of ASCII text (~90 tokens), 100 of other scripts (up to a token a byte), the newest
+    final words; the pass starts just before the first of them."""
+    seen: list[DecodeOptions] = []
+
+    async def model(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
+        seen.append(options)
+        return WindowResult(segments=[], language="en")
+
+    policy = replace(POLICY, final_context=20.0, final_prefix=True)
+    s = StreamingSession(model, DecodeOptions(beam_size=5), policy, vad_model=fake_vad)
+    s.add_audio(np.zeros(22 * SAMPLE_RATE, dtype=np.float32))
+    s._final_words = [Word(f"{word}{i}", 0.2 * i, 0.2 * i + 0.15, 1.0) for i in range(100)]  # 20 s
+    await s._words(20 * SAMPLE_RATE, 22 * SAMPLE_RATE, 5, context=20.0, full=True)
+    prefix = seen[0].prefix or ""
+    kept = prefix.split()
+    assert len(prefix.encode()) <= budget < len(prefix.encode()) + len(f" {word}99".encode()), prefix
+    assert kept[-1] == f"{word}99" and len(kept) < 100
+    assert not seen[0].dynamic_context
 
 
 async def test_resume_state_carries_prompt_and_window_words():

@@ -88,6 +88,13 @@ VAD_FRAME = 512  # Silero's frame: 32 ms at 16 kHz
 RECENT_WORDS = 40  # final words a new hypothesis is checked against for repeats
 MIN_TAIL_SECONDS = 0.15  # speech after the last final word worth another final pass (a short word)
 PREFIX_LEAD = 0.1  # a final pass with left context starts this long before the first final word in it
+# A prefix is forced decoder input, and counts against the decoder's 224 tokens: at most this many
+# UTF-8 bytes of it (English: ~90 tokens, 15-20 s of speech; other scripts take up to a token a
+# byte: Tamil ~0.9, Russian ~0.5), so that the utterance after it always has room.
+PREFIX_BYTES = 400
+PREFIX_BYTES_NON_ASCII = 100
+# Languages faster-whisper splits into words at characters (no spaces between words).
+UNSPACED_LANGUAGES = frozenset({"zh", "ja", "th", "lo", "my", "yue"})
 RESUME_LEFT = 2.0  # after a pause, a resumed part starts at most this long before the window
 RESUME_MARGIN = 1.0  # a resumed stream restarts this long before the end of the last final word (left
 # context for the words after the seam: with 0.25 s the first words after it were often garbled)
@@ -228,6 +235,10 @@ def after_final(words: list[Word], last: list[Word], final_end: float) -> list[W
         if w.start >= final_end - 0.1
         or (w.end > final_end + 0.02 and _new_at_seam(words[i - 1] if i else None, w, last))
     ]
+
+
+def _fits(prefix: str) -> bool:
+    return len(prefix.encode()) <= (PREFIX_BYTES if prefix.isascii() else PREFIX_BYTES_NON_ASCII)
 
 
 def after_text(words: list[Word], text: str) -> list[Word]:
@@ -577,27 +588,37 @@ class StreamingSession:
         t = sample / SAMPLE_RATE
         return [w for w in self._final_words if w.start >= t and w.start > self._timed_after]
 
-    async def _words(self, start: int, end: int, beam: int, *, context: float = 0.0) -> list[Word]:
+    def _prefix_text(self, words: list[Word]) -> str:
+        joined = "".join if self.language in UNSPACED_LANGUAGES else " ".join
+        return joined(w.word for w in words).strip()
+
+    async def _words(
+        self, start: int, end: int, beam: int, *, context: float = 0.0, full: bool = False
+    ) -> list[Word]:
         """Transcribe [start, end) with `beam` and return the words after what is already final.
         `context`: seconds of audio before `start` heard too. With policy.final_prefix the pass then
         starts just before the first final word in those seconds, the final words from there on are
         the start of the model's text (a decoder prefix: it goes on after them instead of
-        transcribing them again, which it sometimes stopped doing halfway, or did differently), and
-        the window is decoded with the encoder's full 30 s context, as a file's window is (live
-        windows have a shorter, cheaper one). The final words heard again are dropped below (the
-        prefix by its text; the rest by time and by text)."""
+        transcribing them again, which it sometimes stopped doing halfway, or did differently; at
+        the newest words, as many as PREFIX_BYTES allows). `full`: the window is decoded with the encoder's
+        full 30 s context, as a file's window is (live windows have a shorter, cheaper one). The
+        final words heard again are dropped below (the prefix by its text; the rest by time and by
+        text)."""
         opts = replace(self.options, beam_size=beam)
         # The context is what audio is kept, and no more than fits in the model's window with [start, end).
         floor = max(self._base, 0, end - int(MAX_WINDOW_SECONDS * SAMPLE_RATE))
         if context > 0 and not self.policy.final_prefix:
             start = max(start - int(context * SAMPLE_RATE), floor)
         elif context > 0:
-            opts = replace(opts, dynamic_context=False)
             said = self._said_since(max(start - int(context * SAMPLE_RATE), floor))
+            while said and not _fits(self._prefix_text(said)):
+                said = said[1:]  # the oldest words go: the prefix must leave the decoder room
             if said:
                 start = max(round((said[0].start - PREFIX_LEAD) * SAMPLE_RATE), floor)
                 said = self._said_since(start)
-                opts = replace(opts, prefix=_text(said) or None)
+                opts = replace(opts, prefix=self._prefix_text(said) or None)
+        if full:
+            opts = replace(opts, dynamic_context=False)
         audio = self._slice(start, end)
         opts = replace(opts, initial_prompt=self._prompt(start))
         result = await self.transcribe(audio, opts, WorkClass.LIVE)
@@ -724,6 +745,9 @@ class StreamingSession:
         # then one more pass, without context, takes the rest (as for a window that ended early).
         beam, context = self._final_pass()
         beam, context = self._beam(beam), min(context, self.policy.final_context)
+        # With final_prefix, a final given left context (light load) has the full encoder context in
+        # every pass (also one made again without the context).
+        full = self.policy.final_prefix and context > 0
         # The last hypothesis may already be this pass: the same window and prompt, the same beam, no
         # left context, and all of the utterance's speech heard (it ended in the pause, or after the
         # last speech of a stream that ended). Then its words are the final, a model call sooner
@@ -744,7 +768,7 @@ class StreamingSession:
                 words = [w for w in last.words if w.start < until / SAMPLE_RATE]
                 reuse = False
             else:
-                words = await self._words(start, until, beam, context=context)
+                words = await self._words(start, until, beam, context=context, full=full)
             got = self._commit(words)
             if got is None and context == 0:
                 break
