@@ -152,10 +152,17 @@ async def test_realtime_ga_protocol_with_server_vad_turns(gateway: Gateway, dela
         completed: dict[str, str] = {}
         deltas: dict[str, str] = {}
         events = []
+        # Until the turn of the last speech stopped (all the audio was sent before the server heard
+        # it all: earlier turns can all be complete while the last has not started yet) and every
+        # turn is complete.
+        last_speech_ms = (JFK.seconds + 1.5 + LIBRI.seconds - 1.0) * 1000
+        heard_to = 0.0
         async with asyncio.timeout(120):
-            while not (sender.done() and started and set(completed) >= set(started)):
+            while not (sender.done() and heard_to >= last_speech_ms and set(completed) >= set(started)):
                 event = await conn.recv()
                 events.append(event)
+                if event.type == "input_audio_buffer.speech_stopped":
+                    heard_to = max(heard_to, event.audio_end_ms)
                 if event.type == "input_audio_buffer.speech_started":
                     started.append(event.item_id)
                 elif event.type == "conversation.item.input_audio_transcription.delta":
