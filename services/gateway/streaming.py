@@ -599,13 +599,13 @@ class StreamingSession:
         `context`: seconds of audio before `start` heard too. With policy.final_prefix the pass then
         starts just before the first final word in those seconds, the final words from there on are
         the start of the model's text (a decoder prefix: it goes on after them instead of
-        transcribing them again, which it sometimes stopped doing halfway, or did differently; at
-        the newest words, as many as PREFIX_BYTES allows). `full`: the window is decoded with the encoder's
-        full 30 s context, as a file's window is (live windows have a shorter, cheaper one). The
-        final words heard again are dropped below (the prefix by its text; the rest by time and by
-        text)."""
+        transcribing them again, which it sometimes stopped doing halfway, or did differently; the
+        newest words, as many as PREFIX_BYTES allows). `full`: the window is decoded with the
+        encoder's full 30 s context, as a file's window is (live windows have a shorter, cheaper
+        one). The final words heard again are dropped below (the prefix by its text; the rest by
+        time and by text)."""
         opts = replace(self.options, beam_size=beam)
-        # The context is what audio is kept, and no more than fits in the model's window with [start, end).
+        # Left context: only audio still kept, and no more than fits in the model's window.
         floor = max(self._base, 0, end - int(MAX_WINDOW_SECONDS * SAMPLE_RATE))
         if context > 0 and not self.policy.final_prefix:
             start = max(start - int(context * SAMPLE_RATE), floor)
