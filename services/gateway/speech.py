@@ -569,11 +569,8 @@ class SpeechAPI:
         if not options.beam_size:
             options.beam_size = self.settings.stream_beam_size
         s = self.settings
-        context = (
-            s.stream_utterance_end_final_context_seconds
-            if finals == "utterance_end"
-            else s.stream_final_context_seconds
-        )
+        at_end = finals == "utterance_end"
+        context = s.stream_utterance_end_final_context_seconds if at_end else s.stream_final_context_seconds
         session = StreamingSession(
             observer.transcribe(self._live_transcribe),
             options,
@@ -588,7 +585,7 @@ class SpeechAPI:
                 interim_beam=s.stream_interim_beam_size,
                 trim=s.stream_trim,
                 final_context=context,
-                final_prefix=finals == "utterance_end",
+                final_prefix=at_end,
                 commit_window=s.stream_commit_window_seconds,
                 commit_probability=s.stream_commit_probability,
                 finals=finals,

@@ -307,8 +307,8 @@ def _ends_sentence(word: str) -> bool:
     return word.rstrip("\"')]}”").endswith((".", "?", "!"))
 
 
-def _text(words: list[Word]) -> str:
-    return " ".join(w.word for w in words).strip()
+def _text(words: list[Word], sep: str = " ") -> str:
+    return sep.join(w.word for w in words).strip()
 
 
 class StreamingSession:
@@ -589,8 +589,7 @@ class StreamingSession:
         return [w for w in self._final_words if w.start >= t and w.start > self._timed_after]
 
     def _prefix_text(self, words: list[Word]) -> str:
-        joined = "".join if self.language in UNSPACED_LANGUAGES else " ".join
-        return joined(w.word for w in words).strip()
+        return _text(words, "" if self.language in UNSPACED_LANGUAGES else " ")
 
     async def _words(
         self, start: int, end: int, beam: int, *, context: float = 0.0, full: bool = False
@@ -607,10 +606,11 @@ class StreamingSession:
         opts = replace(self.options, beam_size=beam)
         # Left context: only audio still kept, and no more than fits in the model's window.
         floor = max(self._base, 0, end - int(MAX_WINDOW_SECONDS * SAMPLE_RATE))
+        heard_from = max(start - int(context * SAMPLE_RATE), floor)
         if context > 0 and not self.policy.final_prefix:
-            start = max(start - int(context * SAMPLE_RATE), floor)
+            start = heard_from
         elif context > 0:
-            said = self._said_since(max(start - int(context * SAMPLE_RATE), floor))
+            said = self._said_since(heard_from)
             while said and not _fits(self._prefix_text(said)):
                 said = said[1:]  # the oldest words go: the prefix must leave the decoder room
             if said:
