@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import time
@@ -160,11 +161,23 @@ class _Call:
         )
 
     def done(self) -> None:
+        """End the call: access log and metrics, the call's cleanups, its span, its context. Every
+        step runs even if one before it fails. A stream can end in another asyncio context than the
+        one it began in (a client cancelled while its response was being sent: the handler's
+        generator is then closed later by the event loop's finaliser, in a task of its own), where
+        the context variables set at the start cannot be reset."""
+        for step in (self._record, self._run_cleanups, self._end_span, self._restore_context):
+            try:
+                step()
+            except Exception:
+                log.exception("ending the call %s failed", self.method)
+
+    def _record(self) -> None:
         code = self.context.code()
         if self.code == grpc.StatusCode.OK and code is not None:
             self.code = code
         elapsed = time.perf_counter() - self.start
-        name = self.code.name if isinstance(self.code, grpc.StatusCode) else str(self.code)
+        name = self._name
         metrics.RPC_IN_FLIGHT.labels(self.method).dec()
         metrics.RPC_TOTAL.labels(self.method, name).inc()
         metrics.RPC_SECONDS.labels(self.method).observe(elapsed)
@@ -187,16 +200,35 @@ class _Call:
                 "error": self.error,
             },
         )
-        audit_var.reset(self.audit_token)
+
+    @property
+    def _name(self) -> str:
+        return self.code.name if isinstance(self.code, grpc.StatusCode) else str(self.code)
+
+    def _run_cleanups(self) -> None:
         for fn in self.cleanups or ():
             try:
                 fn()
             except Exception:
                 log.exception("call cleanup failed")
-        tracing.end_rpc(
-            self.trace, name, self.code.value[0] if isinstance(self.code, grpc.StatusCode) else 2, self.error
-        )
-        request_id_var.reset(self.token)
+
+    def _end_span(self) -> None:
+        code_value = self.code.value[0] if isinstance(self.code, grpc.StatusCode) else 2
+        tracing.end_rpc(self.trace, self._name, code_value, self.error)
+
+    def _restore_context(self) -> None:
+        _reset(audit_var, self.audit_token, self.audit, None)
+        _reset(request_id_var, self.token, self.rid, "")
+
+
+def _reset(var: contextvars.ContextVar[Any], token: contextvars.Token[Any], value: Any, default: Any) -> None:
+    """Undo `var.set(value)` (which returned `token`). In another context than the one it was set
+    in the token cannot be used: there the variable goes back to its default if it holds `value`."""
+    try:
+        var.reset(token)
+    except ValueError:  # "created in a different Context"
+        if var.get() is value:
+            var.set(default)
 
 
 DRAIN_SECONDS = 0.5

@@ -26,6 +26,7 @@ This module imports no grpc: the domain code (dispatcher, batcher, sessions) may
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import socket
@@ -261,7 +262,6 @@ def start_rpc(method: str, metadata: Metadata | None, *, quiet: bool = False) ->
 def end_rpc(handle: Any, code: str, code_value: int, error: str = "") -> None:
     if handle is None:
         return
-    from opentelemetry import context
     from opentelemetry.trace import Status, StatusCode
 
     sp, token = handle
@@ -271,8 +271,7 @@ def end_rpc(handle: Any, code: str, code_value: int, error: str = "") -> None:
     elif code != "OK" and error:
         sp.set_attribute("stt.error", f"{code}: {error}")
     sp.end()
-    with contextlib.suppress(Exception):  # a stream closed from another context: nothing to restore
-        context.detach(token)
+    _detach(token)
 
 
 def start_http(method: str, path: str, headers: Mapping[str, str]) -> Any:
@@ -297,7 +296,6 @@ def end_http(handle: Any, status: Any, route: str | None = None) -> None:
     if handle is None:
         return
     status = int(status or 0)
-    from opentelemetry import context
     from opentelemetry.trace import Status, StatusCode
 
     sp, token = handle
@@ -308,6 +306,19 @@ def end_http(handle: Any, status: Any, route: str | None = None) -> None:
     if status >= 500:
         sp.set_status(Status(StatusCode.ERROR, str(status)))
     sp.end()
+    _detach(token)
+
+
+def _detach(token: Any) -> None:
+    """Make the context before start_rpc/start_http current again. A call that ended in another
+    asyncio context (a stream closed by the event loop's finaliser) has nothing to restore there;
+    OpenTelemetry's own detach would log that as an error with a traceback."""
+    if isinstance(token, contextvars.Token):
+        with contextlib.suppress(ValueError, RuntimeError):  # made in another Context, or used
+            token.var.reset(token)
+        return
+    from opentelemetry import context
+
     with contextlib.suppress(Exception):
         context.detach(token)
 
