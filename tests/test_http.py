@@ -349,10 +349,27 @@ async def test_page_and_its_assets_are_self_contained(http: httpx.AsyncClient):
         assert (await http.get(url)).status_code == 200, url
 
 
-async def test_request_ids_are_echoed(http: httpx.AsyncClient):
+async def test_request_ids_are_echoed(http: httpx.AsyncClient, locked: Gateway):
     resp = await http.get("/v1/models", headers={"x-request-id": "trace-42"})
     assert resp.headers["x-request-id"] == "trace-42"
     assert len((await http.get("/v1/models")).headers["x-request-id"]) == 16
+    # Exactly once, on successes and on every kind of error (an error's own headers carry it too).
+    sent = {"x-request-id": "trace-43"}
+    async with httpx.AsyncClient(base_url=base_url(locked)) as keyed:
+        responses = [
+            (200, await http.get("/v1/models", headers=sent)),
+            (
+                400,
+                await http.post("/v1/audio/transcriptions", files={"file": ("zero.wav", b"")}, headers=sent),
+            ),
+            (400, await http.post("/v1/audio/transcriptions", headers=sent)),  # no file at all
+            (404, await http.get("/v1/no-such-path", headers=sent)),
+            (404, await http.get("/v1/jobs/nope", headers=sent)),
+            (401, await keyed.get("/v1/jobs", headers=sent)),
+        ]
+    for status, resp in responses:
+        assert resp.status_code == status, resp.text
+        assert resp.headers.get_list("x-request-id") == ["trace-43"], (status, resp.headers.raw)
 
 
 async def test_a_client_leaving_a_job_event_stream_ends_it_cleanly(transcriber, jobstore, tmp_path, caplog):

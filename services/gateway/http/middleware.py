@@ -95,7 +95,8 @@ class FrontDoor:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
-                MutableHeaders(scope=message).append(REQUEST_ID_HEADER, rid)
+                # Set, not appended: error responses already carry it (headers_of).
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
             elif message["type"] == "websocket.accept":
                 state["status"] = 101
             elif message["type"] == "websocket.close" and not state["status"]:
