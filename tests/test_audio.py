@@ -7,7 +7,7 @@ import av
 import numpy as np
 import pytest
 
-from services.gateway.audio import Limits, Linear16Decoder, decode
+from services.gateway.audio import Limits, Linear16Decoder, decode, probe
 from services.shared.errors import InvalidInput, LimitExceeded
 from tests.support import audio
 
@@ -131,6 +131,38 @@ def test_cut_off_wav_file_still_goes_to_ffmpeg_and_is_refused(speech, tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(InvalidInput, match="truncated"):
         decode(str(path), limits=LIMITS)
+
+
+@pytest.mark.parametrize("encoding", ["-b16", "-b24", "-efloat"])
+def test_a_wav_written_to_a_pipe_is_as_long_as_what_it_holds(speech, tmp_path, encoding):
+    """A WAV written where its writer cannot seek back (to a pipe) has a placeholder for its data
+    size: sox writes 0x7FFFF000, others 0x7FFFFFFF, 0xFFFFFFFF or 0. It is not hours long (it was
+    refused as AUDIO_TOO_LONG) nor cut off: it is what the file holds, from bytes, a file and the
+    upload check alike."""
+    data = audio.piped_wav(speech, encoding)
+    data_size = int.from_bytes(data[data.index(b"data") + 4 :][:4], "little")
+    assert data_size >= 0x7FFF0000  # sox's placeholder
+    variants = [data]
+    if encoding == "-b16":  # the other writers' placeholders
+        variants += [
+            data[:40] + size.to_bytes(4, "little") + data[44:] for size in (0x7FFFFFFF, 0xFFFFFFFF, 0)
+        ]
+    for i, wav in enumerate(variants):
+        path = tmp_path / f"piped{i}.wav"
+        path.write_bytes(wav)
+        for source in (wav, str(path)):
+            out = decode(source, limits=LIMITS)
+            assert abs(out.duration - speech.shape[0] / 16000) < 0.01, (i, out.info)
+            assert not out.info.length_exact
+        assert abs(probe(str(path), limits=LIMITS).seconds - speech.shape[0] / 16000) < 0.01
+        # Past the duration limit, it is refused for what it holds.
+        with pytest.raises(LimitExceeded, match="the limit is 1.0s"):
+            decode(wav, limits=Limits(LIMITS.max_bytes, 1.0))
+    # A WAV whose header states a real length and that holds less is still cut off.
+    whole = audio.encode(np.concatenate([speech, speech]), "wav")
+    with pytest.raises(InvalidInput) as cut:
+        decode(whole[: len(whole) // 2], limits=LIMITS)
+    assert cut.value.reason == "TRUNCATED_AUDIO"
 
 
 @pytest.mark.parametrize("fmt", ["wav", "flac", "m4a", "mp3"])  # (this MP3 has an Info header)

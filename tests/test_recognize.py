@@ -9,6 +9,7 @@ import pytest
 from services.shared import metrics
 from stt.client import AsyncClient
 from stt.errors import SttError
+from stt.v1 import jobs_pb2
 from tests.support import audio
 from tests.support.text import normalize, wer
 
@@ -159,3 +160,44 @@ async def test_a_call_without_speech_does_not_wait_for_the_model():
     )
     assert started.is_set() and cancelled.is_set()
     assert result.segments == [] and result.windows == []
+
+
+# -- the same audio through every door: Recognize, CreateJob, HTTP ------------------------------------
+
+
+async def _every_door(client: AsyncClient, gateway, data: bytes, **config: object) -> list[object]:  # type: ignore[no-untyped-def]
+    """Recognize, CreateJob and POST /v1/audio/transcriptions (the HTTP door takes no config) on
+    the same bytes: each door's response, or the SttError / HTTP error body it gave."""
+    import httpx
+
+    out: list[object] = []
+    for door in (client.recognize, client.submit):
+        try:
+            out.append(await door(data, **config))  # type: ignore[operator]
+        except SttError as exc:
+            out.append(exc)
+    if not config:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=120) as http:
+            resp = await http.post("/v1/audio/transcriptions", files={"file": ("a.wav", data)})
+            out.append(
+                resp.json()
+                if resp.status_code == 200
+                else resp.json()["error"] | {"status": resp.status_code}
+            )
+    return out
+
+
+async def test_a_wav_written_to_a_pipe_through_every_door(client: AsyncClient, gateway, short_clip):
+    """sox writing a WAV to a pipe puts 0x7FFFF000 in its sizes: it is the audio it holds (Recognize,
+    a job that runs to its transcript, HTTP), not AUDIO_TOO_LONG."""
+    piped = audio.piped_wav(short_clip.samples)
+    recognized, job, http = await _every_door(client, gateway, piped)
+    assert not isinstance(recognized, SttError), recognized
+    assert abs(recognized.metadata.audio_duration_seconds - short_clip.seconds) < 0.05  # type: ignore[attr-defined]
+    assert wer(short_clip.text, recognized.transcript) <= 0.15  # type: ignore[attr-defined]
+    assert not isinstance(job, SttError), job
+    assert abs(job.audio_duration_seconds - short_clip.seconds) < 0.05  # type: ignore[attr-defined]
+    done = await client.wait(job.job_id)  # type: ignore[attr-defined]
+    assert done.status == jobs_pb2.JOB_STATUS_COMPLETED, done
+    assert wer(short_clip.text, (await client.transcript(done.job_id)).content) <= 0.15
+    assert isinstance(http, dict) and wer(short_clip.text, http["text"]) <= 0.15, http

@@ -262,10 +262,14 @@ def _iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: st
                 f"unsupported audio codec {codec!r} in {fmt}", reason="UNSUPPORTED_CODEC", field="content"
             )
         declared = _declared_seconds(container, stream)
+        length_exact = fmt in HEADER_DURATION or (fmt == "mp3" and _mp3_counts_frames(fileobj))
         if fmt == "wav":
-            declared = _wav_data_seconds(fileobj, stream) or declared
+            # The header's length; none for a streamed WAV (FFmpeg's is then the placeholder's, or
+            # what the file holds for some formats): decoded to learn it, nothing to cut short.
+            declared = _wav_data_seconds(_wav_head(fileobj))
+            length_exact = declared is not None
         info.declared_seconds = declared
-        info.length_exact = fmt in HEADER_DURATION or (fmt == "mp3" and _mp3_counts_frames(fileobj))
+        info.length_exact = length_exact
         if declared is not None and declared > limits.max_seconds + 1.0:
             raise _too_long(declared, limits, declared=True)
         resampler = Resampler(limits)
@@ -370,22 +374,38 @@ def _mp3_counts_frames(fileobj: str | BinaryIO) -> bool:
 WAV_HEAD_BYTES = 65536  # a WAV's first bytes, read to find its `data` chunk
 
 
-def _wav_data_seconds(fileobj: str | BinaryIO, stream: av.AudioStream) -> float | None:
-    """Seconds the RIFF `data` chunk header claims (ffmpeg clamps it to the file, hiding truncation)."""
+# A `data` chunk size of 0, or of 2 GiB and more, is a placeholder: the WAV was written where its
+# writer could not seek back to fill in the real size (to a pipe: sox writes 0x7FFFF000, others
+# 0x7FFFFFFF, 0xFFFFFFFF or 0). Its length is what the file holds. (A real WAV of 2 GiB or more is
+# beyond the byte limits; a cut-off one is then taken as it is, and checked against the limits.)
+STREAMED_DATA_SIZE = 0x7FFF0000
+
+
+def _wav_head(fileobj: str | BinaryIO) -> bytes:
+    """A WAV's first WAV_HEAD_BYTES (the position of an open file is kept)."""
     if isinstance(fileobj, str):
         with open(fileobj, "rb") as fh:
-            head = fh.read(WAV_HEAD_BYTES)
-    else:
-        pos = fileobj.tell()
-        fileobj.seek(0)
-        head = fileobj.read(WAV_HEAD_BYTES)
-        fileobj.seek(pos)
+            return fh.read(WAV_HEAD_BYTES)
+    pos = fileobj.tell()
+    fileobj.seek(0)
+    head = fileobj.read(WAV_HEAD_BYTES)
+    fileobj.seek(pos)
+    return head
+
+
+def _wav_data_seconds(head: bytes) -> float | None:
+    """Seconds the RIFF `data` chunk header claims (ffmpeg clamps it to the file, hiding truncation);
+    None when it does not say (a streamed WAV, see STREAMED_DATA_SIZE) or is not read here."""
     if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None
     wav = _wav_layout(head)
-    if wav is None or wav.data_size in (0, 0xFFFFFFFF) or not wav.block or not wav.rate:
-        return None  # streamed WAV: length unknown
+    if wav is None or _streamed(wav) or not wav.block or not wav.rate:
+        return None
     return wav.data_size / wav.block / wav.rate
+
+
+def _streamed(wav: _WavLayout) -> bool:
+    return wav.data_size == 0 or wav.data_size >= STREAMED_DATA_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,11 +441,12 @@ def _wav_layout(head: bytes) -> _WavLayout | None:
     return None
 
 
-def _plain_wav(data: bytes, size: int | None = None) -> tuple[int, int, int, int] | None:
-    """(sample rate, channels, data offset, data size) of a RIFF WAVE of 16-bit integer PCM whose
-    data chunk is all there and whose format LINEAR16 accepts; None for anything else (other
-    encodings, a streamed or cut-off WAV, odd headers: PyAV decodes and judges those). `data` is
-    the file, or its first bytes when `size` says how long the file is."""
+def _plain_wav(data: bytes, size: int | None = None) -> tuple[int, int, int, int, bool] | None:
+    """(sample rate, channels, data offset, data size, streamed) of a RIFF WAVE of 16-bit integer
+    PCM whose data chunk is all there (streamed: the whole frames the file holds, its header not
+    saying how many) and whose format LINEAR16 accepts; None for anything else (other encodings, a
+    cut-off WAV, odd headers: PyAV decodes and judges those). `data` is the file, or its first
+    bytes when `size` says how long the file is."""
     size = len(data) if size is None else size
     if len(data) < 44 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         return None
@@ -437,19 +458,23 @@ def _plain_wav(data: bytes, size: int | None = None) -> tuple[int, int, int, int
         or wav.channels not in (1, 2)  # (more channels: FFmpeg's downmix, as before)
         or not 4000 <= wav.rate <= 192_000
         or wav.block != 2 * wav.channels
-        or wav.data_size in (0, 0xFFFFFFFF)
-        or wav.data_size % wav.block
-        or wav.data_start + wav.data_size > size
     ):
         return None
-    return wav.rate, wav.channels, wav.data_start, wav.data_size
+    if _streamed(wav):
+        held = size - wav.data_start
+        if held < wav.block:
+            return None  # no audio at all: FFmpeg says so
+        return wav.rate, wav.channels, wav.data_start, held - held % wav.block, True
+    if wav.data_size % wav.block or wav.data_start + wav.data_size > size:
+        return None
+    return wav.rate, wav.channels, wav.data_start, wav.data_size, False
 
 
-def _plain_wav_info(info: AudioInfo, rate: int, channels: int, size: int) -> float:
+def _plain_wav_info(info: AudioInfo, rate: int, channels: int, size: int, streamed: bool) -> float:
     """Fill `info` for a plain WAV; its seconds."""
     seconds = size / (2 * channels * rate)
     info.container, info.codec, info.sample_rate, info.channels = "wav", "pcm_s16le", rate, channels
-    info.declared_seconds, info.length_exact = seconds, True
+    info.declared_seconds, info.length_exact = seconds, not streamed
     return seconds
 
 
@@ -574,15 +599,15 @@ def _iter_checked(
     if encoding in ("", "WAV") and isinstance(source, bytes) and (pcm := _plain_wav(source)) is not None:
         # 16-bit PCM WAV, whole (the usual speech file): read as LINEAR16 without opening a
         # container (PyAV's probe alone costs ~4 ms, most of a short Recognize's overhead).
-        rate, channels, start, size = pcm
-        _plain_wav_info(info, rate, channels, size)
+        rate, channels, start, size, streamed = pcm
+        _plain_wav_info(info, rate, channels, size, streamed)
         yield from iter_linear16(source[start : start + size], rate, channels, limits)
         return
     if encoding in ("", "WAV") and isinstance(source, str):
         with open(source, "rb") as fh:
             if (pcm := _plain_wav(fh.read(WAV_HEAD_BYTES), size)) is not None:
-                rate, channels, start, length = pcm
-                if (seconds := _plain_wav_info(info, rate, channels, length)) > limits.max_seconds:
+                rate, channels, start, length, streamed = pcm
+                if (seconds := _plain_wav_info(info, rate, channels, length, streamed)) > limits.max_seconds:
                     raise _too_long(seconds, limits, declared=True)
                 yield from _iter_pcm_file(fh, start, length, rate, channels, limits)
                 return
@@ -645,15 +670,18 @@ def decode_to_file(
     holding one block at a time in memory."""
     info = AudioInfo()
     out = open(dest, "wb") if dest else None  # noqa: SIM115
+    samples = 0
     try:
         for block in iter_source(
             source, limits=limits, encoding=encoding, sample_rate=sample_rate, channels=channels, info=info
         ):
+            samples += block.shape[0]
             if out is not None:
                 out.write(to_pcm16(block))
     finally:
         if out is not None:
             out.close()
+    info.seconds = samples / SAMPLE_RATE
     return info
 
 

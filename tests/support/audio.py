@@ -149,6 +149,16 @@ def encode(samples: np.ndarray, fmt: str, *, rate: int = SR, channels: int = 1) 
     return buf.getvalue()
 
 
+def piped_wav(samples: np.ndarray, *sox_encoding: str) -> bytes:
+    """A WAV as sox writes it to a pipe (it cannot seek back to fill in the sizes: its header has
+    placeholders). `sox_encoding`: sox's output options, e.g. "-b24" or "-efloat"."""
+    return subprocess.run(
+        ["sox", "-t", "raw", "-r", str(SR), "-b", "16", "-e", "signed", "-c", "1", "-",
+         "-t", "wav", *sox_encoding, "-"],
+        input=_to_s16(samples).tobytes(), capture_output=True, check=True,
+    ).stdout  # fmt: skip
+
+
 def _frames(pcm: np.ndarray, rate: int, channels: int, layout: str, enc_rate: int, size: int):  # type: ignore[no-untyped-def]
     frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout=layout)
     frame.sample_rate = rate
