@@ -165,6 +165,40 @@ def test_a_wav_written_to_a_pipe_is_as_long_as_what_it_holds(speech, tmp_path, e
     assert cut.value.reason == "TRUNCATED_AUDIO"
 
 
+def _with_data_size(wav: bytes, size: int) -> bytes:
+    at = wav.index(b"data") + 4
+    return wav[:at] + size.to_bytes(4, "little") + wav[at + 4 :]
+
+
+def test_a_wav_whose_data_chunk_says_less_than_follows_is_refused(speech, tmp_path):
+    """Decoders stop where the data chunk says it ends: a header that says 100 bytes with seconds of
+    audio after them gave 0.003 s and an empty transcript. Refused (CORRUPT_AUDIO) from bytes, a
+    file and the upload check; what may lawfully follow the data (RIFF chunks, a tag, zero padding,
+    a few stray bytes) still decodes, at the stated length."""
+    wav = audio.encode(speech, "wav")
+    path = tmp_path / "lie.wav"
+    path.write_bytes(lie := _with_data_size(wav, 100))
+    for check in (lambda: decode(lie, limits=LIMITS), lambda: decode(str(path), limits=LIMITS),
+                  lambda: probe(str(path), limits=LIMITS)):  # fmt: skip
+        with pytest.raises(InvalidInput) as err:
+            check()
+        assert err.value.reason == "CORRUPT_AUDIO" and "data chunk says 100 bytes" in err.value.message
+    seconds = speech.shape[0] / 16000
+    riff = lambda b: b[:4] + (len(b) - 8).to_bytes(4, "little") + b[8:]  # noqa: E731
+    lawful = {
+        "list chunk": riff(wav + b"LIST" + (5000).to_bytes(4, "little") + b"INFO" + b"x" * 4996),
+        "id3 tag": wav + b"ID3\x04\x00\x00\x00\x00\x7f\x7f" + bytes(range(256)) * 40,
+        "zero padding": wav + bytes(50_000),
+        "stray bytes": wav + bytes(range(256)) * 16,
+    }
+    for name, data in lawful.items():
+        out = decode(data, limits=LIMITS)
+        assert abs(out.duration - seconds) < 0.01, name
+    # A header one second short of the audio is as wrong.
+    with pytest.raises(InvalidInput, match="the WAV header is wrong"):
+        decode(_with_data_size(wav, len(wav) - (wav.index(b"data") + 8) - 32000), limits=LIMITS)
+
+
 @pytest.mark.parametrize("fmt", ["wav", "flac", "m4a", "mp3"])  # (this MP3 has an Info header)
 def test_truncated_files_are_refused(speech, fmt):
     data = audio.encode(np.concatenate([speech, speech]), fmt)

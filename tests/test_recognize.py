@@ -201,3 +201,20 @@ async def test_a_wav_written_to_a_pipe_through_every_door(client: AsyncClient, g
     assert done.status == jobs_pb2.JOB_STATUS_COMPLETED, done
     assert wer(short_clip.text, (await client.transcript(done.job_id)).content) <= 0.15
     assert isinstance(http, dict) and wer(short_clip.text, http["text"]) <= 0.15, http
+
+
+async def test_a_wav_whose_header_says_less_than_it_holds_is_refused_at_every_door(
+    client: AsyncClient, gateway, short_clip
+):
+    """A data chunk that says 100 bytes with seconds of audio after it: not 0.003 s and an empty
+    transcript (Recognize, HTTP) nor a job of 0.003 s, but INVALID_ARGUMENT CORRUPT_AUDIO."""
+    wav = audio.encode(short_clip.samples, "wav")
+    at = wav.index(b"data") + 4
+    lie = wav[:at] + (100).to_bytes(4, "little") + wav[at + 4 :]
+    recognized, job, http = await _every_door(client, gateway, lie)
+    for err in (recognized, job):
+        assert isinstance(err, SttError), err
+        assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.reason == "CORRUPT_AUDIO", err
+        assert "data chunk says 100 bytes" in err.message
+    assert isinstance(http, dict) and http["status"] == 400 and http["code"] == "corrupt_audio", http
+    assert http["param"] == "file"

@@ -266,7 +266,9 @@ def _iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: st
         if fmt == "wav":
             # The header's length; none for a streamed WAV (FFmpeg's is then the placeholder's, or
             # what the file holds for some formats): decoded to learn it, nothing to cut short.
-            declared = _wav_data_seconds(_wav_head(fileobj))
+            head = _wav_head(fileobj)
+            check_wav_tail(fileobj, head, _size_of(fileobj))
+            declared = _wav_data_seconds(head)
             length_exact = declared is not None
         info.declared_seconds = declared
         info.length_exact = length_exact
@@ -381,6 +383,16 @@ WAV_HEAD_BYTES = 65536  # a WAV's first bytes, read to find its `data` chunk
 STREAMED_DATA_SIZE = 0x7FFF0000
 
 
+def _size_of(fileobj: str | BinaryIO) -> int:
+    if isinstance(fileobj, str):
+        return os.path.getsize(fileobj)
+    pos = fileobj.tell()
+    try:
+        return fileobj.seek(0, os.SEEK_END)
+    finally:
+        fileobj.seek(pos)
+
+
 def _wav_head(fileobj: str | BinaryIO) -> bytes:
     """A WAV's first WAV_HEAD_BYTES (the position of an open file is kept)."""
     if isinstance(fileobj, str):
@@ -406,6 +418,67 @@ def _wav_data_seconds(head: bytes) -> float | None:
 
 def _streamed(wav: _WavLayout) -> bool:
     return wav.data_size == 0 or wav.data_size >= STREAMED_DATA_SIZE
+
+
+# Bytes after a WAV's `data` chunk that may be something else than RIFF chunks, a tag or padding
+# (a writer's stray bytes) before the header is judged wrong.
+WAV_TAIL_SLACK = 4096
+_WAV_TAIL_TAGS = (b"ID3", b"TAG", b"APETAGEX")  # tags some programs append to a WAV as they are
+
+
+def check_wav_tail(source: bytes | str | BinaryIO, head: bytes, size: int) -> None:
+    """Refuse a WAV whose `data` chunk says less than the audio that follows it: decoders stop at
+    the stated size, so a broken header (100 bytes stated, 89 KB following) would give a few
+    milliseconds of audio and an empty transcript as if that were the recording. After the data
+    chunk may come RIFF chunks (LIST, id3, cue, ...), a tag, zero padding, or up to WAV_TAIL_SLACK
+    other bytes; more than that is CORRUPT_AUDIO. `head`: the file's first bytes; `size`: its size."""
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return
+    wav = _wav_layout(head)
+    if wav is None or _streamed(wav) or wav.data_start + wav.data_size >= size:
+        return
+    if isinstance(source, str):
+        with open(source, "rb") as fh:
+            tail = _wav_tail(fh, wav, size)
+    elif isinstance(source, bytes):
+        tail = _wav_tail(io.BytesIO(source), wav, size)
+    else:
+        pos = source.tell()
+        try:
+            tail = _wav_tail(source, wav, size)
+        finally:
+            source.seek(pos)
+    if tail:
+        stated = f"{wav.data_size / wav.block / wav.rate:.3f}s of audio, " if wav.block and wav.rate else ""
+        raise InvalidInput(
+            f"the WAV header is wrong: its data chunk says {wav.data_size} bytes ({stated}ending at byte "
+            f"{wav.data_start + wav.data_size}) but {tail} more bytes that are not RIFF chunks follow it; "
+            "fix the header (e.g. ffmpeg -ignore_length 1 -i in.wav out.wav)",
+            reason="CORRUPT_AUDIO",
+            field="content",
+        )
+
+
+def _wav_tail(fh: BinaryIO, wav: _WavLayout, size: int) -> int:
+    """How many bytes after the data chunk are unaccounted for (0 if within the rules above)."""
+    off = wav.data_start + wav.data_size + (wav.data_size & 1)
+    while off + 8 <= size:
+        fh.seek(off)
+        chunk = fh.read(8)
+        if not all(0x20 <= c <= 0x7E for c in chunk[:4]):  # not a chunk id: not a chunk
+            break
+        length = int.from_bytes(chunk[4:8], "little")
+        off += 8 + length + (length & 1)
+    else:
+        return 0  # chunks to the end
+    fh.seek(off)
+    if size - off <= WAV_TAIL_SLACK or fh.read(8).startswith(_WAV_TAIL_TAGS):
+        return 0
+    fh.seek(off)
+    while block := fh.read(1 << 20):
+        if block.strip(b"\0"):
+            return size - off
+    return 0  # zero padding
 
 
 @dataclass(frozen=True, slots=True)
@@ -599,13 +672,15 @@ def _iter_checked(
     if encoding in ("", "WAV") and isinstance(source, bytes) and (pcm := _plain_wav(source)) is not None:
         # 16-bit PCM WAV, whole (the usual speech file): read as LINEAR16 without opening a
         # container (PyAV's probe alone costs ~4 ms, most of a short Recognize's overhead).
+        check_wav_tail(source, source[:WAV_HEAD_BYTES], size)
         rate, channels, start, size, streamed = pcm
         _plain_wav_info(info, rate, channels, size, streamed)
         yield from iter_linear16(source[start : start + size], rate, channels, limits)
         return
     if encoding in ("", "WAV") and isinstance(source, str):
         with open(source, "rb") as fh:
-            if (pcm := _plain_wav(fh.read(WAV_HEAD_BYTES), size)) is not None:
+            if (pcm := _plain_wav(head := fh.read(WAV_HEAD_BYTES), size)) is not None:
+                check_wav_tail(fh, head, size)
                 rate, channels, start, length, streamed = pcm
                 if (seconds := _plain_wav_info(info, rate, channels, length, streamed)) > limits.max_seconds:
                     raise _too_long(seconds, limits, declared=True)
