@@ -254,7 +254,7 @@ async def test_unsure_words_of_a_short_window_are_not_made_final_by_agreement(pr
 
 
 async def test_the_hypothesis_beam_and_the_final_pass_are_asked_for_each_pass():
-    """hypothesis_beam is consulted for every hypothesis and final_pass for every utterance's final
+    """hypothesis is consulted for every hypothesis and final_pass for every utterance's final
     pass (the gateway changes both with its load): at light load here hypotheses use beam 3 and
     finals beam 5 with 2 s of audio before the utterance; under load, beam 1 and beam 2 without it."""
     calls: list[tuple[int, int]] = []  # (beam, the first word the audio holds)
@@ -267,7 +267,7 @@ async def test_the_hypothesis_beam_and_the_final_pass_are_asked_for_each_pass():
 
     s = StreamingSession(
         transcribe, DecodeOptions(beam_size=5), replace(POLICY, max_window=10.0, final_context=2.0), interim=True,
-        vad_model=fake_vad, hypothesis_beam=lambda: beam[0], final_pass=lambda: final[0],
+        vad_model=fake_vad, hypothesis=lambda: (beam[0], 0.0), final_pass=lambda: final[0],
     )  # fmt: skip
     audio = script(WORDS, TOTAL)
     evs: list[Event] = []
@@ -461,9 +461,9 @@ async def test_an_utterance_final_takes_the_last_hypothesis_when_it_is_the_same_
         """Finals, and the words heard by each hypothesis call and by each final-pass call."""
         in_final = [False]
 
-        def hypothesis_beam() -> int:
+        def hypothesis() -> tuple[int, float]:
             in_final[0] = False
-            return 1
+            return 1, 0.0
 
         def final_pass() -> tuple[int, float]:
             in_final[0] = True
@@ -476,7 +476,7 @@ async def test_an_utterance_final_takes_the_last_hypothesis_when_it_is_the_same_
             return await fake_transcribe(audio, options, work)
 
         evs, calls, _ = await paced_run(
-            audio, marking, policy=patient, hypothesis_beam=hypothesis_beam, final_pass=final_pass
+            audio, marking, policy=patient, hypothesis=hypothesis, final_pass=final_pass
         )
         hyps = [got for (_, got), final in zip(calls, kinds, strict=True) if not final]
         finals = [got for (_, got), final in zip(calls, kinds, strict=True) if final]
@@ -586,6 +586,79 @@ async def test_a_final_pass_with_a_prefix_goes_on_after_the_final_words_it_hears
     for said, heard, dynamic in exact:
         assert heard[: len(said)] == said, (said, heard)
         assert not dynamic  # every final pass, with or without a prefix
+    assert await scenario(misplaced=True) == exact
+
+
+async def test_a_hypothesis_with_left_context_goes_on_after_the_final_words_it_hears():
+    """With hypothesis_context (the gateway's choice at light load for stable finals), a hypothesis
+    also hears up to that much audio before its window: it starts just before the first final word
+    there and is given the final words from there on as its prefix (also words of its own utterance
+    made final by agreement), keeps the live window's cheaper encoder context, and its new words are
+    the words after the prefix. The transcript stays whole, also after a resumption and when the
+    aligner puts the prefix words anywhere. When the gateway asks for no context (load came), a
+    hypothesis hears only its window."""
+    policy = replace(POLICY, max_window=10.0, hypothesis_context=2.0)
+
+    async def scenario(misplaced: bool) -> list[tuple[list[str], list[str], bool, bool]]:
+        hyps: list[tuple[list[str], list[str], bool, bool]] = []  # prefix, heard, dynamic, loaded
+        loaded = [False]
+
+        async def model(audio: np.ndarray, options: DecodeOptions, work: WorkClass) -> WindowResult:
+            result = await fake_transcribe(audio, options, work)
+            if options.beam_size == 1:  # a hypothesis (final passes have beam 5)
+                heard = [w.word.strip() for seg in result.segments for w in seg.words]
+                hyps.append(((options.prefix or "").split(), heard, options.dynamic_context, loaded[0]))
+            if options.prefix and misplaced:
+                said = [Word(f" {w}", 0.0, 0.0, 1.0) for w in options.prefix.split()]
+                words = [w for seg in result.segments for w in seg.words][len(said) :]
+                seg = Segment(0.0, words[-1].end if words else 0.0, "", [*said, *words])
+                return WindowResult(segments=[seg], language="en")
+            return result
+
+        def hypothesis() -> tuple[int, float]:
+            return 1, 0.0 if loaded[0] else 5.0  # at most policy.hypothesis_context is heard
+
+        def with_model(resume: ResumeState | None = None) -> StreamingSession:
+            return StreamingSession(
+                model,
+                DecodeOptions(beam_size=5),
+                policy,
+                vad_model=fake_vad,
+                resume=resume,
+                hypothesis=hypothesis,
+            )
+
+        audio = script(WORDS, TOTAL)
+        expected = [f"w{i}" for i in range(1, len(WORDS) + 1)]
+        events: list[tuple[Event, ResumeState]] = []
+        s = with_model()
+        feeder = asyncio.create_task(feed(s, audio))
+        async for ev in s.events():
+            events.append((ev, s.resume_state()))
+            if ev.type == EventType.RESULT and ev.utterance_end and ev.utterance == 1:
+                loaded[0] = True  # load came after utterance 2 (w6-w17)
+        await feeder
+        assert text_of(finals(events)) == expected
+        loaded[0] = False
+        first = await run(with_model(), audio, stop_after=len(events) // 2)
+        state = first[-1][1]
+        second = await run(with_model(state), audio[round(state.offset * SAMPLE_RATE) :])
+        assert text_of(finals(first) + finals(second)) == expected
+        return hyps
+
+    exact = await scenario(misplaced=False)
+    with_prefix = [(said, heard) for said, heard, _, _ in exact if said]
+    assert with_prefix, "hypotheses after the first final words hear them before their window"
+    for said, heard in with_prefix:
+        assert heard[: len(said)] == said, (said, heard)
+    # Utterance 2 (w6 at 4.25 s) starts 1.5 s after utterance 1: of its words only w5 (from 2.3 s)
+    # lies within 2 s before the window.
+    assert {tuple(said) for said, heard in with_prefix if heard[len(said) :][:1] == ["w6"]} == {("w5",)}
+    # Words of utterance 2 made final by agreement are the prefix of its later hypotheses.
+    assert any("w6" in said and "w9" in heard[len(said) :] for said, heard in with_prefix)
+    assert all(dynamic for _, _, dynamic, _ in exact)
+    assert all(not said for said, _, _, loaded in exact if loaded)
+    assert any(loaded for *_, loaded in exact)
     assert await scenario(misplaced=True) == exact
 
 

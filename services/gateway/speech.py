@@ -586,6 +586,8 @@ class SpeechAPI:
                 trim=s.stream_trim,
                 final_context=context,
                 final_prefix=at_end,
+                # Finals at utterance ends come from final passes: their hypotheses are interims only.
+                hypothesis_context=0.0 if at_end else s.stream_hypothesis_context_seconds,
                 commit_window=s.stream_commit_window_seconds,
                 commit_probability=s.stream_commit_probability,
                 finals=finals,
@@ -593,7 +595,7 @@ class SpeechAPI:
             interim=cfg.interim_results,
             single_utterance=cfg.single_utterance,
             resume=resume,
-            hypothesis_beam=self.hypothesis_beam,
+            hypothesis=self.hypothesis,
             final_pass=lambda: self.final_pass(options.beam_size, context),
             agreement_for=self.agreement,
         )
@@ -657,15 +659,19 @@ class SpeechAPI:
             return s.stream_agreement
         return min(max(s.stream_loaded_agreement, 1), s.stream_agreement)
 
-    def hypothesis_beam(self) -> int:
-        """The beam of live hypotheses: stream_light_load_beam_size at light load, else
-        stream_interim_beam_size (greedy): a wider beam makes fewer confident wrong guesses, but
-        under load every stream's hypothesis shares one batched call per tick and beams would
-        lengthen it."""
+    def hypothesis(self) -> tuple[int, float]:
+        """(beam, left context seconds) of a live hypothesis: at light load
+        stream_light_load_beam_size (if set) and stream_hypothesis_context_seconds, else
+        stream_interim_beam_size (greedy) and no left context: a wider beam makes fewer confident
+        wrong guesses and the speech before the window decides its first words better, but under
+        load every stream's hypothesis shares one batched call per tick and both would lengthen it."""
         s = self.settings
-        if s.stream_light_load_beam_size > 0 and self._light_load():
-            return s.stream_light_load_beam_size
-        return s.stream_interim_beam_size
+        if not self._light_load():
+            return s.stream_interim_beam_size, 0.0
+        beam = (
+            s.stream_light_load_beam_size if s.stream_light_load_beam_size > 0 else s.stream_interim_beam_size
+        )
+        return beam, s.stream_hypothesis_context_seconds
 
     def final_pass(self, beam: int, context: float) -> tuple[int, float]:
         """(beam, left context seconds) of an utterance's final pass: the stream's beam and left

@@ -20,8 +20,11 @@ Policy (LocalAgreement-2, as in whisper_streaming, plus VAD endpointing):
   fewer word errors (a word decided on a partial window and 0.2 s of audio after it is wrong more
   often);
 - the text already finalised before the window is passed to the model as its prompt;
-- hypotheses are greedy (`interim_beam`, or what `hypothesis_beam` says: the gateway widens the
-  beam while it has few streams); the final of an utterance (at a pause, at the end) uses
+- hypotheses are greedy (`interim_beam`) and hear only their window, or what `hypothesis` says:
+  the gateway widens the beam while it has few streams and gives them `hypothesis_context` seconds
+  of the audio before the window, its final words as the model's prefix (as `final_prefix` does for
+  final passes), so an utterance's first words and the words after a commit are not decided at the
+  edge of the audio; the final of an utterance (at a pause, at the end) uses
   the request's beam and also hears `final_context` seconds of audio before the window (left
   context: an utterance decoded alone loses words at its start; with `final_prefix` the pass starts
   just before the first final word there, with the final words from there on as the model's prefix,
@@ -137,6 +140,11 @@ class StreamPolicy:
     # decoded again, and the pass has the encoder's full context (also with no final words in the
     # context: a short utterance alone, at a live window's shorter context, is often said twice).
     final_prefix: bool = False
+    # Seconds of audio before a live hypothesis's window that it hears as well, its final words given
+    # as a decoder prefix (as final_prefix does for final passes; without full context): the first
+    # words of an utterance and words after a commit are decided with the speech before them heard,
+    # not at the edge of the audio. 0: the window alone.
+    hypothesis_context: float = 0.0
     # When words become final: "agreement" (as soon as hypotheses agree on them, within the
     # utterance: lowest latency) or "utterance_end" (only by the utterance's final pass, at a pause,
     # at the end of the audio or when the window reaches max_window: later, fewer word errors).
@@ -322,14 +330,15 @@ class StreamingSession:
         single_utterance: bool = False,
         vad_model: Callable[[np.ndarray], np.ndarray] | None = None,
         resume: ResumeState | None = None,
-        hypothesis_beam: Callable[[], int] | None = None,
+        hypothesis: Callable[[], tuple[int, float]] | None = None,
         final_pass: Callable[[], tuple[int, float]] | None = None,
         agreement_for: Callable[[], int] | None = None,
     ) -> None:
         self.transcribe = transcribe
-        # The beam of the next hypothesis (e.g. wider while the transcribers are lightly loaded);
-        # default: policy.interim_beam.
-        self._hypothesis_beam = hypothesis_beam or (lambda: policy.interim_beam)
+        # (beam, left context seconds) of the next hypothesis (e.g. a wider beam and left context
+        # while the transcribers are lightly loaded); default: policy.interim_beam and
+        # policy.hypothesis_context. The context is at most policy.hypothesis_context.
+        self._hypothesis_pass = hypothesis or (lambda: (policy.interim_beam, policy.hypothesis_context))
         # (beam, left context seconds) of the next utterance's final pass (e.g. cheaper while the
         # transcribers are loaded); default: policy.final_beam (or the request's beam), final_context.
         # The context is at most policy.final_context (the audio kept before the window).
@@ -482,7 +491,8 @@ class StreamingSession:
 
     def _drop_before(self, sample: int) -> None:
         """Forget audio before `sample` (keeps memory bounded)."""
-        keep = int(max(1.0, self.policy.final_context) * SAMPLE_RATE)  # VAD and final context
+        # VAD and the left context of finals and hypotheses
+        keep = int(max(1.0, self.policy.final_context, self.policy.hypothesis_context) * SAMPLE_RATE)
         cut = min(sample, self._vad_pos) - self._base - keep
         if cut > 0:
             self._audio = self._audio[cut:]
@@ -592,10 +602,17 @@ class StreamingSession:
         return _text(words, "" if self.language in UNSPACED_LANGUAGES else " ")
 
     async def _words(
-        self, start: int, end: int, beam: int, *, context: float = 0.0, full: bool = False
+        self,
+        start: int,
+        end: int,
+        beam: int,
+        *,
+        context: float = 0.0,
+        prefix: bool = False,
+        full: bool = False,
     ) -> list[Word]:
         """Transcribe [start, end) with `beam` and return the words after what is already final.
-        `context`: seconds of audio before `start` heard too. With policy.final_prefix the pass then
+        `context`: seconds of audio before `start` heard too, decoded again, or with `prefix` the pass
         starts just before the first final word in those seconds, the final words from there on are
         the start of the model's text (a decoder prefix: it goes on after them instead of
         transcribing them again, which it sometimes stopped doing halfway, or did differently; the
@@ -607,7 +624,7 @@ class StreamingSession:
         # Left context: only audio still kept, and no more than fits in the model's window.
         floor = max(self._base, 0, end - int(MAX_WINDOW_SECONDS * SAMPLE_RATE))
         heard_from = max(start - int(context * SAMPLE_RATE), floor)
-        if context > 0 and not self.policy.final_prefix:
+        if context > 0 and not prefix:
             start = heard_from
         elif context > 0:
             said = self._said_since(heard_from)
@@ -664,7 +681,7 @@ class StreamingSession:
         return beam or self.options.beam_size
 
     async def _preview(self, end: int) -> AsyncIterator[Event]:
-        words = await self._words(self._win, end, self._beam(self._hypothesis_beam()))
+        words = await self._words(self._win, end, self._beam(self._hypothesis_pass()[0]))
         if words:
             yield self._interim(words, end)
 
@@ -683,8 +700,10 @@ class StreamingSession:
         )
 
     async def _hypothesis(self, end: int) -> AsyncIterator[Event]:
-        win, beam, prompt = self._win, self._beam(self._hypothesis_beam()), self._prompt(self._win)
-        words = await self._words(win, end, beam)
+        win, prompt = self._win, self._prompt(self._win)
+        beam, context = self._hypothesis_pass()
+        beam, context = self._beam(beam), min(context, self.policy.hypothesis_context)
+        words = await self._words(win, end, beam, context=context, prefix=True)
         self._covered = end
         agreed = self._agreed(words, end / SAMPLE_RATE)
         if end - self._win < int(self.policy.commit_window * SAMPLE_RATE):
@@ -729,7 +748,7 @@ class StreamingSession:
             self._drop_before(self._win)
         # What the utterance's final pass may take as its own when it would decode the same audio the
         # same way (see _finalise).
-        self._last_pass = _Pass(win, end, beam, prompt, tail) if self._win == win else None
+        self._last_pass = _Pass(win, end, beam, prompt, tail) if self._win == win and not context else None
         if self.interim and tail and _text(tail) != self._last_interim:
             yield self._interim(tail, end)
 
@@ -768,7 +787,9 @@ class StreamingSession:
                 words = [w for w in last.words if w.start < until / SAMPLE_RATE]
                 reuse = False
             else:
-                words = await self._words(start, until, beam, context=context, full=full)
+                words = await self._words(
+                    start, until, beam, context=context, prefix=self.policy.final_prefix, full=full
+                )
             got = self._commit(words)
             if got is None and context == 0:
                 break
