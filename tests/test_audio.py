@@ -93,6 +93,51 @@ def test_declared_encoding_must_match(speech):
         decode(audio.encode(speech, "mp3"), limits=LIMITS, encoding="FLAC")
 
 
+def _without_id3(mp3: bytes) -> bytes:
+    if mp3[:3] != b"ID3":
+        return mp3
+    size = (mp3[6] & 0x7F) << 21 | (mp3[7] & 0x7F) << 14 | (mp3[8] & 0x7F) << 7 | (mp3[9] & 0x7F)
+    return mp3[10 + size :]
+
+
+@pytest.mark.parametrize(
+    "fmt", ["wav", "flac", "mp3", "mp3 without ID3", "ogg", "webm", "m4a", "aiff", "png"]
+)
+def test_a_file_sent_as_linear16_is_an_encoding_mismatch(speech, fmt, tmp_path):
+    """LINEAR16 is raw samples: a file (its magic at the start) sent as LINEAR16 was decoded as noise
+    and transcribed as whatever the model made of it. Now ENCODING_MISMATCH, from bytes, a file
+    and the upload check."""
+    if fmt == "png":
+        data = b"\x89PNG\r\n\x1a\n" + bytes(20_000)
+    elif fmt == "mp3 without ID3":
+        data = _without_id3(audio.encode(speech, "mp3"))
+        assert data[0] == 0xFF
+    else:
+        data = audio.encode(speech, fmt)
+    data += bytes(len(data) % 2)  # whole 16-bit frames: not refused as PARTIAL_FRAME instead
+    path = tmp_path / "file"
+    path.write_bytes(data)
+    raw = {"encoding": "LINEAR16", "sample_rate": 16000}
+    for check in (lambda: decode(data, limits=LIMITS, **raw), lambda: decode(str(path), limits=LIMITS, **raw),
+                  lambda: probe(str(path), limits=LIMITS, **raw)):  # fmt: skip
+        with pytest.raises(InvalidInput) as err:
+            check()
+        assert err.value.reason == "ENCODING_MISMATCH" and err.value.field == "config.encoding"
+        assert "is LINEAR16 (raw 16-bit samples, no header) but the content is" in err.value.message
+
+
+def test_raw_speech_never_looks_like_a_file(speech):
+    """The signatures are ones raw samples do not start with: speech at any rate, from any sample,
+    and random bytes pass."""
+    from services.gateway.audio import container_of
+
+    for rate in (8000, 16000, 44100):
+        raw = audio.encode(speech, "raw", rate=rate)
+        assert not [off for off in range(0, len(raw) - 4096, 2) if container_of(raw[off : off + 4096])]
+    rng = np.random.default_rng(5)
+    assert not [i for i in range(20_000) if container_of(rng.bytes(4096))]
+
+
 @pytest.mark.parametrize(("rate", "channels"), [(16000, 1), (8000, 1), (44100, 2)])
 def test_plain_wav_is_read_without_a_container_and_decodes_the_same(speech, rate, channels, tmp_path,
                                                                      monkeypatch):  # fmt: skip

@@ -218,3 +218,18 @@ async def test_a_wav_whose_header_says_less_than_it_holds_is_refused_at_every_do
         assert "data chunk says 100 bytes" in err.message
     assert isinstance(http, dict) and http["status"] == 400 and http["code"] == "corrupt_audio", http
     assert http["param"] == "file"
+
+
+async def test_a_file_sent_as_linear16_is_an_encoding_mismatch_at_every_door(
+    client: AsyncClient, gateway, short_clip
+):
+    """A WAV or an M4A declared LINEAR16: INVALID_ARGUMENT ENCODING_MISMATCH naming the encoding
+    field (Recognize, CreateJob), as FLAC declared on a WAV already was, not noise transcribed."""
+    for fmt in ("wav", "m4a"):
+        data = audio.encode(short_clip.samples, fmt)
+        data += bytes(len(data) % 2)
+        recognized, job = await _every_door(client, gateway, data, encoding="LINEAR16", sample_rate=16000)
+        for err, field in ((recognized, "config.encoding"), (job, "metadata.config.encoding")):
+            assert isinstance(err, SttError), (fmt, err)
+            assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.reason == "ENCODING_MISMATCH", err
+            assert field in err.fields, err.fields

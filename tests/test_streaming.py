@@ -284,6 +284,29 @@ async def test_cancelled_stream_leaves_nothing_behind(client: AsyncClient, gatew
         assert decoders == [], decoders
 
 
+async def test_a_file_streamed_as_linear16_is_refused_on_its_first_bytes(
+    client: AsyncClient, dialog: audio.Clip
+):
+    """A WAV file (header and all) or an Ogg streamed as LINEAR16: INVALID_ARGUMENT
+    ENCODING_MISMATCH at once, also when its first bytes come in pieces smaller than a signature
+    (it was transcribed as raw samples, the header a click, an Ogg as noise). The same samples
+    without the header stream as always."""
+    two_seconds = dialog.samples[: 2 * 16000]
+    wav = audio.encode(two_seconds, "wav")
+    ogg = audio.encode(two_seconds, "ogg")
+    for data, first in ((wav, 3200), (wav, 3), (ogg + bytes(len(ogg) % 2), 3200)):
+        chunks = [data[:first]] + [data[i : i + 3200] for i in range(first, len(data), 3200)]
+        with pytest.raises(SttError) as err:
+            async for _ in client.stream(chunks, encoding="LINEAR16", sample_rate=16000):
+                pass
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert err.value.reason == "ENCODING_MISMATCH", err.value
+        assert "streaming_config.config.encoding" in err.value.fields
+    raw = audio.encode(two_seconds, "raw")
+    responses = [r async for r in client.stream([raw[i : i + 3200] for i in range(0, len(raw), 3200)])]
+    assert responses
+
+
 def test_collapse_repeats():
     def ws(text):  # type: ignore[no-untyped-def]
         return [Word(t, i, i + 1) for i, t in enumerate(text.split())]

@@ -555,6 +555,67 @@ def _av_msg(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
+# Files that LINEAR16 (raw samples, no header) is often mistaken for: (offset, magic, what it is).
+# Only signatures no real recording starts with by chance.
+_CONTAINER_MAGICS = (
+    (0, b"RIFF", "a RIFF file (WAV)"),
+    (0, b"RF64", "an RF64 file (WAV)"),
+    (0, b"fLaC", "a FLAC file"),
+    (0, b"OggS\0", "an Ogg file (Opus, Vorbis or FLAC)"),
+    (0, b"\x1a\x45\xdf\xa3", "a WebM/Matroska file"),
+    (4, b"ftyp", "an MP4/M4A file"),
+    (0, b"FORM", "an IFF file (AIFF)"),
+    (0, b"\x89PNG\r\n\x1a\n", "a PNG image"),
+)
+MAGIC_BYTES = 4096  # enough of a stream's start to see two MP3 frame headers
+_MP3_KBPS = (
+    (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),  # MPEG-1 layer III
+    (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),  # MPEG-2 and 2.5 layer III
+)
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def container_of(head: bytes) -> str | None:
+    """What a file starting with `head` is, if it starts with a signature that raw PCM never has
+    by chance: a container's magic at its offset, an ID3v2 tag header, or two MPEG audio layer III
+    frame headers one frame apart."""
+    for at, magic, what in _CONTAINER_MAGICS:
+        if head[at : at + len(magic)] == magic:
+            return what
+    if head[:3] == b"ID3" and len(head) >= 10 and head[3] in (2, 3, 4) and all(b < 0x80 for b in head[6:10]):
+        return "an MP3 file (ID3 tag)"
+    first = _mp3_frame(head, 0)
+    if first is not None and (second := _mp3_frame(head, first[2])) is not None and second[:2] == first[:2]:
+        return "an MP3 file"
+    return None
+
+
+def _mp3_frame(head: bytes, at: int) -> tuple[int, int, int] | None:
+    """(version, sample rate, frame length) of an MPEG audio layer III frame header at `at`."""
+    if at + 4 > len(head) or head[at] != 0xFF or head[at + 1] & 0xE0 != 0xE0:
+        return None
+    version, layer = (head[at + 1] >> 3) & 3, (head[at + 1] >> 1) & 3
+    bitrate, rate_index, padding = head[at + 2] >> 4, (head[at + 2] >> 2) & 3, (head[at + 2] >> 1) & 1
+    if version == 1 or layer != 1 or bitrate in (0, 15) or rate_index == 3:
+        return None
+    rate = _MP3_RATES[version][rate_index]
+    kbps = _MP3_KBPS[0 if version == 3 else 1][bitrate]
+    return version, rate, (144 if version == 3 else 72) * kbps * 1000 // rate + padding
+
+
+def check_raw(head: bytes, field: str = "config.encoding") -> None:
+    """LINEAR16 is raw samples: refuse bytes that are plainly a file (ENCODING_MISMATCH), which
+    would otherwise be decoded as noise and transcribed as whatever the model makes of it."""
+    what = container_of(head)
+    if what is not None:
+        raise InvalidInput(
+            f"{field} is LINEAR16 (raw 16-bit samples, no header) but the content is {what}; leave the "
+            "encoding unspecified to have it detected, or send the file's own encoding",
+            reason="ENCODING_MISMATCH",
+            field=field,
+        )
+
+
 def iter_linear16(data: bytes, sample_rate: int, channels: int, limits: Limits) -> Iterator[np.ndarray]:
     """Raw little-endian int16 PCM, interleaved channels -> 16 kHz mono float32 blocks."""
     validate_linear16(sample_rate, channels)
@@ -691,12 +752,14 @@ def _iter_checked(
         return
     channels = channels or 1
     info.sample_rate, info.channels = sample_rate, channels
+    validate_linear16(sample_rate, channels)
     if isinstance(source, bytes):
+        check_raw(source[:MAGIC_BYTES])
         yield from iter_linear16(source, sample_rate, channels, limits)
         return
-    validate_linear16(sample_rate, channels)
-    _check_whole_frames(size, channels)
     with open(source, "rb") as fh:
+        check_raw(fh.read(MAGIC_BYTES))
+        _check_whole_frames(size, channels)
         yield from _iter_pcm_file(fh, 0, size, sample_rate, channels, limits)
 
 
@@ -782,6 +845,8 @@ def probe(
         if encoding == "LINEAR16":
             channels = channels or 1
             validate_linear16(sample_rate, channels)
+            with open(source, "rb") as fh:
+                check_raw(fh.read(MAGIC_BYTES))
             _check_whole_frames(size, channels)
             seconds = size / (2 * channels * sample_rate)
             if seconds > limits.max_seconds:

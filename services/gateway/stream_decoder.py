@@ -29,9 +29,11 @@ import numpy as np
 from services.gateway.audio import (
     AV_ERRORS,
     CODECS,
+    MAGIC_BYTES,
     Limits,
     Linear16Decoder,
     Resampler,
+    check_raw,
     check_size,
     check_stream,
 )
@@ -111,9 +113,12 @@ class PcmStreamDecoder(StreamDecoder):
         self._dec = Linear16Decoder(sample_rate, channels, limits)
         self.limits = limits
         self._bytes = 0
+        self._head: bytearray | None = bytearray()  # the stream's first bytes, until checked
 
     def feed(self, data: bytes) -> None:
         try:
+            if self._head is not None:
+                self._check_head(data)
             self._bytes += len(data)
             try:
                 if self._bytes > self.limits.max_bytes:
@@ -125,6 +130,16 @@ class PcmStreamDecoder(StreamDecoder):
         except ServiceError as exc:
             self._fail(exc)
             raise
+
+    def _check_head(self, data: bytes) -> None:
+        """A LINEAR16 stream that starts like a file (a WAV with its header, an Ogg, ...) was sent
+        with the wrong encoding: refused on its first bytes. Checked once, when there are enough of
+        them (the first message's, up to MAGIC_BYTES)."""
+        assert self._head is not None
+        self._head += data[: MAGIC_BYTES - len(self._head)]
+        if len(self._head) >= 12:
+            head, self._head = bytes(self._head), None
+            check_raw(head, "streaming_config.config.encoding")
 
     def finish(self) -> None:
         try:
