@@ -244,7 +244,33 @@ def test_a_wav_whose_data_chunk_says_less_than_follows_is_refused(speech, tmp_pa
         decode(_with_data_size(wav, len(wav) - (wav.index(b"data") + 8) - 32000), limits=LIMITS)
 
 
-@pytest.mark.parametrize("fmt", ["wav", "flac", "m4a", "mp3"])  # (this MP3 has an Info header)
+@pytest.mark.parametrize("fmt", ["ogg", "webm"])
+def test_damaged_ogg_and_webm_are_refused_like_flac(speech, fmt, tmp_path):
+    """Ogg states its length in its last page's granule position, WebM in its Duration element: a
+    file that decodes to much less than that (damaged in the middle; a WebM cut off) is refused as
+    TRUNCATED_AUDIO from bytes, a file and the upload check, as FLAC and M4A are (it gave partial
+    audio and a transcript of it). (The upload check decodes the first 5 s and the end: this file
+    is shorter. Longer, damage in the middle fails the job instead, as for FLAC.)"""
+    data = audio.encode(speech, fmt)
+    damaged = bytearray(data)
+    damaged[len(data) // 3 : len(data) // 3 + 2000] = bytes(2000)
+    cases = [bytes(damaged)] + ([data[: len(data) // 2]] if fmt == "webm" else [])
+    for i, bad in enumerate(cases):
+        path = tmp_path / f"bad{i}.{fmt}"
+        path.write_bytes(bad)
+        for check in (lambda: decode(bad, limits=LIMITS), lambda: decode(str(path), limits=LIMITS),  # noqa: B023
+                      lambda: probe(str(path), limits=LIMITS)):  # noqa: B023  # fmt: skip
+            with pytest.raises(InvalidInput) as err:
+                check()
+            assert err.value.reason == "TRUNCATED_AUDIO", (i, err.value)
+    # Whole files, and a WebM whose muxer wrote no Duration (a live recorder's), decode in full.
+    assert abs(decode(data, limits=LIMITS).duration - speech.shape[0] / 16000) < 0.05
+    if fmt == "webm":
+        live = audio.encode(speech, fmt, seekable=False)
+        assert decode(live[: len(live) // 2], limits=LIMITS).info.length_exact is False
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "m4a", "mp3", "webm"])  # (this MP3 has an Info header)
 def test_truncated_files_are_refused(speech, fmt):
     data = audio.encode(np.concatenate([speech, speech]), fmt)
     with pytest.raises(InvalidInput, match="truncated|could not"):

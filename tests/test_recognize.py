@@ -233,3 +233,19 @@ async def test_a_file_sent_as_linear16_is_an_encoding_mismatch_at_every_door(
             assert isinstance(err, SttError), (fmt, err)
             assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.reason == "ENCODING_MISMATCH", err
             assert field in err.fields, err.fields
+
+
+@pytest.mark.parametrize("fmt", ["ogg", "webm"])
+async def test_a_damaged_ogg_or_webm_is_refused_at_every_door(client: AsyncClient, gateway, fmt):
+    """Damage in the middle of an Ogg/Opus or a WebM (and a WebM cut off): TRUNCATED_AUDIO at every
+    door as for FLAC, not OK with the audio before the damage and a transcript of it."""
+    sentence = audio.speak(audio.SENTENCES[0])  # shorter than the upload check's first seconds
+    data = audio.encode(sentence, fmt)
+    damaged = bytearray(data)
+    damaged[len(data) // 3 : len(data) // 3 + 2000] = bytes(2000)
+    for bad in [bytes(damaged)] + ([data[: len(data) // 2]] if fmt == "webm" else []):
+        recognized, job, http = await _every_door(client, gateway, bad)
+        for err in (recognized, job):
+            assert isinstance(err, SttError), err
+            assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.reason == "TRUNCATED_AUDIO", err
+        assert isinstance(http, dict) and http["status"] == 400 and http["code"] == "truncated_audio", http

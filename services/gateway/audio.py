@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -263,10 +265,19 @@ def _iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: st
             )
         declared = _declared_seconds(container, stream)
         length_exact = fmt in HEADER_DURATION or (fmt == "mp3" and _mp3_counts_frames(fileobj))
+        if fmt == "ogg":
+            # FFmpeg reads the last page's granule position: the stream's true end (None when the
+            # last page is not this stream's, e.g. chained files).
+            length_exact = stream.duration is not None and stream.duration > 0
+        elif fmt == "matroska,webm" and not container.streams.video:
+            # The Segment's Duration element, when the muxer wrote one (a live recorder does not);
+            # with video it may be the video's, longer than the audio.
+            mkv = _matroska_duration(_file_head(fileobj))
+            declared, length_exact = (mkv, True) if mkv is not None else (declared, False)
         if fmt == "wav":
             # The header's length; none for a streamed WAV (FFmpeg's is then the placeholder's, or
             # what the file holds for some formats): decoded to learn it, nothing to cut short.
-            head = _wav_head(fileobj)
+            head = _file_head(fileobj)
             check_wav_tail(fileobj, head, _size_of(fileobj))
             declared = _wav_data_seconds(head)
             length_exact = declared is not None
@@ -303,8 +314,9 @@ def _iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: st
                 field="content",
             )
         if declared is not None and info.length_exact and info.seconds < declared - max(0.5, 0.02 * declared):
+            stated_by = "last page" if fmt == "ogg" else "header"
             raise InvalidInput(
-                f"the file is truncated: its header says {declared:.1f}s of audio but only "
+                f"the file is truncated: its {stated_by} says {declared:.1f}s of audio but only "
                 f"{info.seconds:.1f}s could be decoded",
                 reason="TRUNCATED_AUDIO",
                 field="content",
@@ -332,6 +344,55 @@ def _declared_seconds(container: av.container.InputContainer, stream: av.AudioSt
     if container.duration is not None and container.duration > 0:
         return container.duration / 1_000_000
     return None
+
+
+_EBML, _SEGMENT, _INFO, _CLUSTER = 0x1A45DFA3, 0x18538067, 0x1549A966, 0x1F43B675
+_TIMESTAMP_SCALE, _DURATION = 0x2AD7B1, 0x4489
+
+
+def _matroska_duration(head: bytes) -> float | None:
+    """Seconds the Duration element of a Matroska/WebM Segment's Info states (None if there is
+    none in the file's first bytes). FFmpeg would estimate a length from the bitrate without one."""
+
+    def vint(at: int, keep_marker: bool) -> tuple[int, int] | None:
+        if at >= len(head) or head[at] == 0:
+            return None
+        length = 9 - head[at].bit_length()
+        if at + length > len(head):
+            return None
+        value = int.from_bytes(head[at : at + length], "big")
+        if not keep_marker:
+            value &= (1 << (7 * length)) - 1
+            if value == (1 << (7 * length)) - 1:
+                value = -1  # unknown size
+        return value, at + length
+
+    def element(at: int) -> tuple[int, int, int] | None:  # (id, size, body offset)
+        if (ident := vint(at, True)) is None or (size := vint(ident[1], False)) is None:
+            return None
+        return ident[0], size[0], size[1]
+
+    at, end, scale, duration = 0, len(head), 1_000_000, None
+    while (el := element(at)) is not None:
+        ident, size, body = el
+        if ident in (_SEGMENT, _INFO):  # go in
+            if ident == _INFO:
+                end = body + size if size >= 0 else len(head)
+            at = body
+            continue
+        if ident == _CLUSTER or size < 0:
+            break  # the Info comes before the first cluster
+        if body <= end and body + size <= end:
+            if ident == _TIMESTAMP_SCALE and 1 <= size <= 8:
+                scale = int.from_bytes(head[body : body + size], "big")
+            elif ident == _DURATION and size in (4, 8):
+                duration = struct.unpack(">f" if size == 4 else ">d", head[body : body + size])[0]
+        at = body + size
+        if at >= end and end < len(head):
+            break  # the end of Info
+    if duration is None or not math.isfinite(duration) or duration <= 0 or scale <= 0:
+        return None
+    return float(duration) * scale / 1e9
 
 
 def _mp3_counts_frames(fileobj: str | BinaryIO) -> bool:
@@ -393,8 +454,8 @@ def _size_of(fileobj: str | BinaryIO) -> int:
         fileobj.seek(pos)
 
 
-def _wav_head(fileobj: str | BinaryIO) -> bytes:
-    """A WAV's first WAV_HEAD_BYTES (the position of an open file is kept)."""
+def _file_head(fileobj: str | BinaryIO) -> bytes:
+    """A file's first WAV_HEAD_BYTES (the position of an open file is kept)."""
     if isinstance(fileobj, str):
         with open(fileobj, "rb") as fh:
             return fh.read(WAV_HEAD_BYTES)

@@ -118,9 +118,26 @@ def long_clip(min_seconds: float = 70.0) -> Clip:
             return clip
 
 
-def encode(samples: np.ndarray, fmt: str, *, rate: int = SR, channels: int = 1) -> bytes:
+class _Unseekable(io.RawIOBase):
+    """A write-only stream the muxer cannot seek back in (as a live recorder's output)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:  # type: ignore[no-untyped-def, override]
+        self.data += bytes(b)
+        return len(b)
+
+
+def encode(
+    samples: np.ndarray, fmt: str, *, rate: int = SR, channels: int = 1, seekable: bool = True
+) -> bytes:
     """Encode mono float32 16 kHz audio into a container: wav, flac, mp3, ogg (opus), webm, m4a,
-    aiff, or raw LINEAR16 (at `rate`, `channels`)."""
+    aiff, or raw LINEAR16 (at `rate`, `channels`). `seekable=False`: written as to a pipe (the
+    muxer cannot go back to fill in lengths, e.g. WebM's Duration)."""
     src = resample(samples, SR, rate)
     pcm = _to_s16(src)
     if channels > 1:
@@ -137,7 +154,7 @@ def encode(samples: np.ndarray, fmt: str, *, rate: int = SR, channels: int = 1) 
         "aiff": ("pcm_s16be", "aiff", rate),
     }[fmt]
     layout = "mono" if channels == 1 else "stereo"
-    buf = io.BytesIO()
+    buf: io.BytesIO | _Unseekable = io.BytesIO() if seekable else _Unseekable()
     with av.open(buf, mode="w", format=container) as out:
         stream = out.add_stream(codec, rate=enc_rate, layout=layout)
         frame_size = 960 * (enc_rate // 48000) if codec == "libopus" else 1024
@@ -146,7 +163,7 @@ def encode(samples: np.ndarray, fmt: str, *, rate: int = SR, channels: int = 1) 
                 out.mux(packet)
         for packet in stream.encode(None):
             out.mux(packet)
-    return buf.getvalue()
+    return buf.getvalue() if isinstance(buf, io.BytesIO) else bytes(buf.data)
 
 
 def piped_wav(samples: np.ndarray, *sox_encoding: str) -> bytes:
