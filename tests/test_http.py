@@ -5,9 +5,11 @@ gateway (gRPC and HTTP on one event loop) with a real transcriber and jobstore."
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -20,6 +22,7 @@ from tests.conftest import gateway_settings, wait_serving
 from tests.support import audio
 from tests.support.speech import RealClip, by_name, load_16k
 from tests.support.text import normalize, wer
+from tests.support.waiting import until
 
 KEY = "sk-test-acme"
 JFK = by_name("jfk_inaugural_16k")
@@ -411,3 +414,171 @@ async def test_a_client_leaving_a_job_event_stream_ends_it_cleanly(transcriber, 
         assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     finally:
         await gw.stop(0)
+
+
+# -- slow and vanishing clients ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def spooled(transcriber, jobstore, tmp_path) -> AsyncIterator[Gateway]:  # type: ignore[no-untyped-def]
+    """A gateway of its own whose uploads spool under tmp_path (to see what they leave)."""
+    gw = await create_gateway(
+        gateway_settings(
+            f"127.0.0.1:{transcriber.port}", jobstore_address=f"127.0.0.1:{jobstore.port}",
+            dispatch_concurrency=0, spool_dir=str(tmp_path),
+        ),
+        port=0,
+    )  # fmt: skip
+    await wait_serving(gw)
+    yield gw
+    await gw.stop(0)
+
+
+async def _raw_request(gw: Gateway, head: bytes, body: bytes = b"") -> tuple[Any, Any]:
+    import asyncio
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.http_port)
+    writer.write(head + body)
+    await writer.drain()
+    return reader, writer
+
+
+def _post(path: str, length: int, ctype: str = "application/octet-stream") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: {ctype}\r\ncontent-length: {length}\r\n"
+        "x-request-id: slow-1\r\n\r\n"
+    ).encode()
+
+
+def _errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def _access(caplog: pytest.LogCaptureFixture, path: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "access" and path in r.getMessage()]
+
+
+async def test_an_upload_that_stalls_is_refused_408_and_leaves_nothing(spooled: Gateway, caplog, monkeypatch):
+    """A body that stops arriving (here 1 s without a byte): 408 STREAM_IDLE from the front door,
+    the connection closed, the partial upload gone from the spool; a steady slow body is not
+    refused (each read has the time, not the whole body)."""
+    import asyncio
+
+    from services.gateway.http import middleware
+
+    monkeypatch.setattr(middleware, "BODY_IDLE_SECONDS", 1.0, raising=False)
+    caplog.set_level(logging.INFO)
+    for path, ctype in (
+        ("/v1/jobs", "audio/wav"),
+        ("/v1/audio/transcriptions", "multipart/form-data; boundary=b"),
+    ):
+        part = b'--b\r\ncontent-disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        reader, writer = await _raw_request(spooled, _post(path, 200_000, ctype), part + bytes(50_000))
+        await asyncio.sleep(0.3)
+        if path == "/v1/jobs":
+            assert spooled.jobs.spool.files(), "the upload is being spooled"
+        response = await asyncio.wait_for(reader.read(), 10)  # to EOF: the server closes
+        writer.close()
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 "), response[:300]
+        assert b"connection: close" in head.lower() and head.lower().count(b"x-request-id: slow-1") == 1
+        error = json.loads(body)["error"]
+        assert (
+            error["code"] == "stream_idle"
+            and "no bytes of the request body arrived for 1s" in error["message"]
+        )
+        assert spooled.jobs.spool.files() == []
+        assert any(" 408 " in line for line in _access(caplog, path)), _access(caplog, path)
+    # Slow but steady: a piece every 0.5 s is never idle for 1 s.
+    data = audio.encode(audio.silence(1), "wav")
+    reader, writer = await _raw_request(spooled, _post("/v1/jobs", len(data), "audio/wav"))
+    for i in range(0, len(data), len(data) // 4 + 1):
+        await asyncio.sleep(0.5)
+        writer.write(data[i : i + len(data) // 4 + 1])
+    response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    writer.close()
+    assert response.startswith(b"HTTP/1.1 200 "), response
+    assert not _errors(caplog), _errors(caplog)
+
+
+async def test_a_client_that_leaves_mid_upload_is_a_499_not_a_500(spooled: Gateway, caplog):
+    """The client closes its connection half-way through its body: no 500 nor ERROR traceback
+    (starlette's ClientDisconnect was an unhandled error in POST /v1/jobs), an INFO access line
+    with 499, and nothing left in the spool."""
+    import asyncio
+
+    caplog.set_level(logging.INFO)
+    part = b'--b\r\ncontent-disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    cases = [
+        ("/v1/jobs", "audio/wav", b""),
+        ("/v1/jobs", "multipart/form-data; boundary=b", part),
+        ("/v1/audio/transcriptions", "multipart/form-data; boundary=b", part),
+    ]
+    for path, ctype, start in cases:
+        before = len(_access(caplog, path))
+        _, writer = await _raw_request(spooled, _post(path, 500_000, ctype), start + bytes(100_000))
+        await asyncio.sleep(0.3)
+        writer.close()
+        await until(lambda: len(_access(caplog, path)) > before, timeout=10)  # noqa: B023
+        line = _access(caplog, path)[-1]
+        assert " 499 " in line, line
+        assert [r.levelno for r in caplog.records if r.name == "access"][-1] == logging.INFO
+    assert spooled.jobs.spool.files() == []
+    assert not _errors(caplog), _errors(caplog)
+
+
+async def test_request_headers_that_never_finish_are_cut_off(spooled: Gateway, caplog, monkeypatch):
+    """uvicorn has no deadline for a request's headers: a client sending part of them (or nothing)
+    held its connection for as long as it liked. Now: 408 and closed after the header timeout
+    (1 s here), or just closed when nothing at all was sent; a keep-alive connection that starts
+    its next request and stalls is cut off the same way."""
+    import asyncio
+
+    from services.gateway.http import server
+
+    monkeypatch.setattr(server, "HEADER_TIMEOUT_SECONDS", 1.0, raising=False)
+    caplog.set_level(logging.INFO)
+    loop = asyncio.get_running_loop()
+    for head, expect in (
+        (b"POST /v1/jobs HTTP/1.1\r\nhost: test\r\ncontent-le", b"HTTP/1.1 408 "),
+        (b"", b""),
+    ):
+        reader, writer = await _raw_request(spooled, head)
+        started = loop.time()
+        response = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert response.startswith(expect) and (expect or response == b""), response
+        assert 0.9 < loop.time() - started < 5
+    # One whole request, then half of the next one on the same connection.
+    reader, writer = await _raw_request(spooled, b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
+    first = await asyncio.wait_for(reader.readuntil(b'{"status":"ok"}'), 10)
+    assert first.startswith(b"HTTP/1.1 200 ")
+    writer.write(b"GET /healthz HTTP/1.1\r\nho")
+    started = loop.time()
+    rest = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert rest.startswith(b"HTTP/1.1 408 ") and 0.9 < loop.time() - started < 5, rest
+    # A request that completes in time is not affected.
+    async with httpx.AsyncClient(base_url=base_url(spooled)) as h:
+        assert (await h.get("/healthz")).status_code == 200
+    assert not _errors(caplog), _errors(caplog)
+
+
+async def test_a_body_over_the_limit_without_a_content_length_is_413(locked: Gateway):
+    """A chunked upload past the byte limit is refused by the front door while it arrives: 413
+    AUDIO_TOO_LARGE, the connection closed (FastAPI's form parser made it a bare 400 "There was an
+    error parsing the body")."""
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield b'--b\r\ncontent-disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        for _ in range(40):
+            yield bytes(65536)
+
+    async with httpx.AsyncClient(base_url=base_url(locked), headers={"x-api-key": KEY}) as h:
+        resp = await h.post(
+            "/v1/audio/transcriptions",
+            content=chunked(),
+            headers={"content-type": "multipart/form-data; boundary=b", "x-request-id": "big-1"},
+        )
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "audio_too_large", resp.text
+    assert resp.headers["connection"] == "close" and resp.headers.get_list("x-request-id") == ["big-1"]

@@ -22,6 +22,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 
 from services.gateway.auth import current_tenant
@@ -149,6 +150,13 @@ def create_app(ctx: HttpContext) -> Any:
             }
         }
         return JSONResponse(body, status_code=exc.status_code, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client went away while sending its body, or the front door refused the body (too
+        # large, stalled) and answered already. Nobody to answer: the access log line says which
+        # (499, 413, 408); the handler's cleanups (e.g. the spooled upload) ran as it unwound.
+        return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:

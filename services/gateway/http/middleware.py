@@ -5,6 +5,7 @@ metrics. Handlers below it see `current_caller()` / `current_tenant()` exactly a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from services.gateway.http.errors import body_of, headers_of, status_of
 from services.shared import metrics, tracing
 from services.shared.context import REQUEST_ID_HEADER, new_request_id, request_id_var
 from services.shared.domain import MAX_REQUEST_ID_CHARS
-from services.shared.errors import LimitExceeded, ServiceError, Unauthenticated
+from services.shared.errors import DeadlineExceeded, LimitExceeded, ServiceError, Unauthenticated
 
 log = logging.getLogger("access")
 
@@ -34,6 +35,9 @@ OPEN_PREFIXES = ("/static/", "/docs", "/openapi.json", "/healthz", "/readyz")
 OPEN_PATHS = ("/", "/favicon.ico")
 FORM_OVERHEAD = 1024 * 1024  # multipart boundaries and the small form fields around the file
 SMALL_BODY = 1024 * 1024  # every other request body
+# A request body from which no bytes arrive for this long is refused (408, STREAM_IDLE) and its
+# connection closed: a stalled upload does not hold the request, nor its spooled part, for longer.
+BODY_IDLE_SECONDS = 30.0
 
 
 def is_open(path: str) -> bool:
@@ -89,10 +93,14 @@ class FrontDoor:
         method = scope.get("method", "WS")
         trace = tracing.start_http(method, scope["path"], headers) if tracing.enabled() else None
         started = time.perf_counter()
-        state = {"status": 0, "error": ""}
+        # status, error: for the log; answered: the front door answered for the app (its body was
+        # refused); gone: the client went away before its body had all arrived.
+        state: dict[str, Any] = {"status": 0, "error": "", "answered": False, "gone": False}
         caller: Caller = ANONYMOUS
 
         async def send_with_id(message: Message) -> None:
+            if state["answered"]:
+                return  # the app's own answer to a body the front door refused: already answered
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
                 # Set, not appended: error responses already carry it (headers_of).
@@ -121,7 +129,7 @@ class FrontDoor:
                         state["status"], state["error"] = 413, too_big.message
                         await self.deny(scope, receive, send, too_big, rid)
                         return
-                    receive = _limited(receive, limit)
+                    receive = self._body(receive, send, state, limit, rid)
                 await self.app(scope, receive, send_with_id)
             finally:
                 caller_var.reset(caller_token)
@@ -130,15 +138,60 @@ class FrontDoor:
             tracing.end_http(trace, state["status"], getattr(scope.get("route"), "path", None))
             request_id_var.reset(rid_token)
 
+    def _body(self, receive: Receive, send: Send, state: dict[str, Any], limit: int, rid: str) -> Receive:
+        """The request body as the app reads it: counted against `limit`, and each read waiting at
+        most BODY_IDLE_SECONDS. Past either the front door answers itself (413 AUDIO_TOO_LARGE or
+        408 STREAM_IDLE, closing the connection) and tells the app the client is gone: the app
+        stops reading (starlette's ClientDisconnect) and cleans up, and its answer goes nowhere.
+        Once the body is whole, reads pass through (they wait for the client to leave)."""
+        seen = 0
+        done = False
+
+        async def refuse(exc: ServiceError) -> Message:
+            nonlocal done
+            done = True
+            state["error"] = exc.message
+            if state["status"] == 0:  # (an app that answered before reading all of it: too late)
+                state["status"] = status_of(exc)[0]
+                state["answered"] = True
+                await _respond(send, exc, rid, close=True)
+            return {"type": "http.disconnect"}
+
+        async def wrapped() -> Message:
+            nonlocal seen, done
+            if done:
+                return await receive()
+            try:
+                async with asyncio.timeout(BODY_IDLE_SECONDS):
+                    message = await receive()
+            except TimeoutError:
+                return await refuse(
+                    DeadlineExceeded(
+                        f"no bytes of the request body arrived for {BODY_IDLE_SECONDS:g}s (received "
+                        f"{seen} bytes); the request is refused and the connection closed",
+                        reason="STREAM_IDLE",
+                    )
+                )
+            if message["type"] == "http.disconnect":
+                done = True
+                state["gone"] = True
+                state["error"] = f"the client went away after {seen} bytes of the request body"
+                return message
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                return await refuse(_too_large(limit))
+            done = not message.get("more_body", False)
+            return message
+
+        return wrapped
+
     async def deny(self, scope: Scope, receive: Receive, send: Send, exc: ServiceError, rid: str) -> None:
+        if scope["type"] == "http":
+            await _respond(send, exc, rid)
+            return
         status, _ = status_of(exc)
         body = json.dumps(body_of(exc)).encode()
-        hdrs = [(k.lower().encode(), v.encode()) for k, v in headers_of(exc, rid).items()]
-        hdrs += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": status, "headers": hdrs})
-            await send({"type": "http.response.body", "body": body})
-            return
+        hdrs = _headers(exc, rid, body)
         await receive()  # websocket.connect
         if "websocket.http.response" in scope.get("extensions", {}):
             await send({"type": "websocket.http.response.start", "status": status, "headers": hdrs})
@@ -152,7 +205,8 @@ class FrontDoor:
         if not (scope["path"].startswith("/v1/") or route is not None):
             name = f"HTTP {method} (other)"  # bound the metric labels: unknown paths share one
         elapsed = time.perf_counter() - started
-        status = int(state["status"] or 0)
+        # 499 (nginx's "client closed request"): whatever the app made of it went nowhere.
+        status = 499 if state["gone"] and not state["answered"] else int(state["status"] or 0)
         metrics.RPC_TOTAL.labels(name, str(status)).inc()
         metrics.RPC_SECONDS.labels(name).observe(elapsed)
         quiet = scope["path"].startswith(("/static/", "/healthz", "/readyz"))
@@ -182,17 +236,16 @@ def _too_large(limit: int) -> LimitExceeded:
     )
 
 
-def _limited(receive: Receive, limit: int) -> Receive:
-    """Count the body while it arrives; past `limit` the read fails with AUDIO_TOO_LARGE."""
-    seen = 0
+def _headers(exc: ServiceError, rid: str, body: bytes) -> list[tuple[bytes, bytes]]:
+    hdrs = [(k.lower().encode(), v.encode()) for k, v in headers_of(exc, rid).items()]
+    return [*hdrs, (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
 
-    async def wrapped() -> Message:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise _too_large(limit)
-        return message
 
-    return wrapped
+async def _respond(send: Send, exc: ServiceError, rid: str, *, close: bool = False) -> None:
+    """An error response in the app's format, from the front door itself. `close`: the request's
+    body was not read to its end, so the connection cannot carry another request."""
+    status, _ = status_of(exc)
+    body = json.dumps(body_of(exc)).encode()
+    hdrs = _headers(exc, rid, body) + ([(b"connection", b"close")] if close else [])
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})

@@ -16,7 +16,9 @@ import socket
 import time
 from typing import Any
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.gateway.http.app import create_app
 from services.gateway.http.context import HttpContext
@@ -25,6 +27,62 @@ log = logging.getLogger("gateway.http")
 
 WS_MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # one WebSocket message (a Realtime append is base64 JSON)
 CUT_MARGIN = 5.0  # seconds of the drain's grace kept for live sockets' last results
+# A connection whose request headers have not all arrived this long after it opened (or after the
+# first bytes of its next request) is closed, with 408 if some had. (A stalled body: middleware.)
+HEADER_TIMEOUT_SECONDS = 30.0
+_LATE = b"the request headers did not arrive in time"
+REQUEST_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_LATE), _LATE)
+)
+
+
+class HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for a request's headers. uvicorn has none: a
+    client that opens a connection and sends nothing, or part of its headers, holds the connection
+    (and its memory) for as long as it likes; its keep-alive timeout only covers the wait between
+    requests, and ends as soon as a byte arrives. Armed while h11 waits for a request (their state
+    IDLE) with no timer running; disarmed as soon as the request line and headers are in."""
+
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._check_headers()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._check_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _check_headers(self) -> None:
+        waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+        if not waiting:
+            self._disarm()
+        elif self._header_timer is None:
+            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_SECONDS, self._headers_late)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is not h11.IDLE or self.transport.is_closing():
+            return
+        partial = bool(self.conn.trailing_data[0])
+        if partial:  # a request had begun: say why it ends (no request was parsed: h11 cannot)
+            self.transport.write(REQUEST_TIMEOUT_RESPONSE)
+            log.info(
+                "closed a connection from %s: its request headers did not arrive within %gs",
+                ":".join(str(p) for p in self.client or ()),
+                HEADER_TIMEOUT_SECONDS,
+            )
+        self.transport.close()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -55,6 +113,7 @@ class HttpServer:
             log_config=None,
             access_log=False,  # our middleware logs one line per request, with tenant and key id
             server_header=False,
+            http=HeaderTimeoutProtocol,
             ws="websockets-sansio",
             ws_max_size=WS_MAX_MESSAGE_BYTES,
             ws_ping_interval=20.0,
