@@ -458,31 +458,47 @@ async def test_hypotheses_widen_their_beam_only_while_few_streams_are_live(
     client: AsyncClient, gateway, short_clip
 ):
     """One stream on one transcriber is light load: its hypotheses use stream_light_load_beam_size
-    (3) and an utterance's final pass the stream beam (5); with the threshold at 0 streams (as under
-    load) hypotheses are greedy and final passes use at most stream_loaded_final_beam_size (2 here)."""
+    (3) and hear stream_hypothesis_context_seconds before their window (the final words there as
+    their prefix), an utterance's final pass the stream beam (5); with the threshold at 0 streams (as
+    under load) hypotheses are greedy without a prefix and final passes use at most
+    stream_loaded_final_beam_size (2 here). Admission learns a transcriber's cost only from windows
+    shaped as under load (here the greedy ones): light-load windows cost more and would understate
+    how many streams fit."""
     beams: list[int] = []
+    prefixed: list[int] = []  # beams of the windows with a prefix
     pool = gateway.speech.pool
     real = pool.transcribe
+    admission = gateway.speech.admission
+    learnt: list[int] = []
+    observe = admission.observe
 
     async def recording(samples, options, work_class):  # type: ignore[no-untyped-def]
         beams.append(options.beam_size)
+        if options.prefix:
+            prefixed.append(options.beam_size)
         return await real(samples, options, work_class)
+
+    def learning(result):  # type: ignore[no-untyped-def]
+        learnt.append(result.batch_size)
+        observe(result)
 
     pcm = PcmAudio(audio.encode(short_clip.samples, "raw"), 16000, 1)
     settings = gateway.speech.settings
     saved = settings.stream_light_load_streams, settings.stream_loaded_final_beam_size
-    pool.transcribe = recording
+    pool.transcribe, admission.observe = recording, learning  # type: ignore[method-assign]
     try:
         finals = _finals(await _collect(client.stream(pcm_chunks(pcm), interim=True, language="en")))
-        light = list(beams)
-        beams.clear()
+        light, light_prefixed, light_learnt = list(beams), list(prefixed), list(learnt)
+        beams.clear(), prefixed.clear(), learnt.clear()
         settings.stream_light_load_streams, settings.stream_loaded_final_beam_size = 0, 2
         finals_loaded = _finals(await _collect(client.stream(pcm_chunks(pcm), interim=True, language="en")))
     finally:
-        pool.transcribe = real
+        pool.transcribe, admission.observe = real, observe  # type: ignore[method-assign]
         settings.stream_light_load_streams, settings.stream_loaded_final_beam_size = saved
     assert finals and finals_loaded
     assert set(light) == {3, 5} and set(beams) == {1, 2}, (light, beams)
+    assert 3 in light_prefixed and not prefixed, (light_prefixed, prefixed)
+    assert not light_learnt and len(learnt) == len(beams), (light_learnt, learnt, beams)
 
 
 async def test_words_need_one_hypothesis_only_under_heavy_load(client: AsyncClient, gateway, short_clip):

@@ -689,8 +689,18 @@ class SpeechAPI:
 
     async def _live_transcribe(self, audio: Any, options: Any, work_class: Any) -> Any:
         result = await self.pool.transcribe(audio, options, work_class)
-        self.admission.observe(result)
+        if self._loaded_shape(options):
+            self.admission.observe(result)
         return result
+
+    def _loaded_shape(self, options: Any) -> bool:
+        """A live window as every stream's are under load (greedy hypotheses and finals, the live
+        window's shorter encoder context, no prefix): admission's capacity is what fits in a tick
+        then. Light-load windows (wider beams, left context, full encoder context) cost several times
+        more and would make the estimate refuse streams that the loaded policy serves."""
+        s = self.settings
+        greedy = max(s.stream_interim_beam_size, s.stream_loaded_final_beam_size, 1)
+        return options.beam_size <= greedy and not options.prefix and options.dynamic_context
 
     async def _read_stream(
         self,
