@@ -461,9 +461,9 @@ async def test_hypotheses_widen_their_beam_only_while_few_streams_are_live(
     (3) and hear stream_hypothesis_context_seconds before their window (the final words there as
     their prefix), an utterance's final pass the stream beam (5); with the threshold at 0 streams (as
     under load) hypotheses are greedy without a prefix and final passes use at most
-    stream_loaded_final_beam_size (2 here). Admission learns a transcriber's cost only from windows
-    shaped as under load (here the greedy ones): light-load windows cost more and would understate
-    how many streams fit."""
+    stream_loaded_final_beam_size (2 here); with stream_hypothesis_context_streams at 0 a lone stream's
+    hypotheses have no prefix either. Admission learns a transcriber's cost from every window but
+    those with a prefix (which no stream has under load: they would understate how many fit)."""
     beams: list[int] = []
     prefixed: list[int] = []  # beams of the windows with a prefix
     pool = gateway.speech.pool
@@ -485,20 +485,27 @@ async def test_hypotheses_widen_their_beam_only_while_few_streams_are_live(
     pcm = PcmAudio(audio.encode(short_clip.samples, "raw"), 16000, 1)
     settings = gateway.speech.settings
     saved = settings.stream_light_load_streams, settings.stream_loaded_final_beam_size
+    saved_context = settings.stream_hypothesis_context_streams
     pool.transcribe, admission.observe = recording, learning  # type: ignore[method-assign]
     try:
         finals = _finals(await _collect(client.stream(pcm_chunks(pcm), interim=True, language="en")))
-        light, light_prefixed, light_learnt = list(beams), list(prefixed), list(learnt)
+        light, light_prefixed, light_learnt = list(beams), list(prefixed), len(learnt)
         beams.clear(), prefixed.clear(), learnt.clear()
+        settings.stream_hypothesis_context_streams = 0
+        assert _finals(await _collect(client.stream(pcm_chunks(pcm), interim=True, language="en")))
+        assert set(beams) == {3, 5} and not prefixed, (beams, prefixed)
+        beams.clear(), learnt.clear()
         settings.stream_light_load_streams, settings.stream_loaded_final_beam_size = 0, 2
         finals_loaded = _finals(await _collect(client.stream(pcm_chunks(pcm), interim=True, language="en")))
     finally:
         pool.transcribe, admission.observe = real, observe  # type: ignore[method-assign]
         settings.stream_light_load_streams, settings.stream_loaded_final_beam_size = saved
+        settings.stream_hypothesis_context_streams = saved_context
     assert finals and finals_loaded
     assert set(light) == {3, 5} and set(beams) == {1, 2}, (light, beams)
     assert 3 in light_prefixed and not prefixed, (light_prefixed, prefixed)
-    assert not light_learnt and len(learnt) == len(beams), (light_learnt, learnt, beams)
+    assert light_learnt == len(light) - len(light_prefixed), (light_learnt, light, light_prefixed)
+    assert len(learnt) == len(beams), (learnt, beams)
 
 
 async def test_words_need_one_hypothesis_only_under_heavy_load(client: AsyncClient, gateway, short_clip):

@@ -661,7 +661,8 @@ class SpeechAPI:
 
     def hypothesis(self) -> tuple[int, float]:
         """(beam, left context seconds) of a live hypothesis: at light load
-        stream_light_load_beam_size (if set) and stream_hypothesis_context_seconds, else
+        stream_light_load_beam_size (if set) and, with at most stream_hypothesis_context_streams
+        streams per transcriber, stream_hypothesis_context_seconds, else
         stream_interim_beam_size (greedy) and no left context: a wider beam makes fewer confident
         wrong guesses and the speech before the window decides its first words better, but under
         load every stream's hypothesis shares one batched call per tick and both would lengthen it."""
@@ -671,7 +672,8 @@ class SpeechAPI:
         beam = (
             s.stream_light_load_beam_size if s.stream_light_load_beam_size > 0 else s.stream_interim_beam_size
         )
-        return beam, s.stream_hypothesis_context_seconds
+        context = s.stream_hypothesis_context_seconds
+        return beam, context if self._load_at_most(s.stream_hypothesis_context_streams) else 0.0
 
     def final_pass(self, beam: int, context: float) -> tuple[int, float]:
         """(beam, left context seconds) of an utterance's final pass: the stream's beam and left
@@ -689,18 +691,19 @@ class SpeechAPI:
 
     async def _live_transcribe(self, audio: Any, options: Any, work_class: Any) -> Any:
         result = await self.pool.transcribe(audio, options, work_class)
-        if self._loaded_shape(options):
+        if self._learns_cost(options):
             self.admission.observe(result)
         return result
 
-    def _loaded_shape(self, options: Any) -> bool:
-        """A live window as every stream's are under load (greedy hypotheses and finals, the live
-        window's shorter encoder context, no prefix): admission's capacity is what fits in a tick
-        then. Light-load windows (wider beams, left context, full encoder context) cost several times
-        more and would make the estimate refuse streams that the loaded policy serves."""
-        s = self.settings
-        greedy = max(s.stream_interim_beam_size, s.stream_loaded_final_beam_size, 1)
-        return options.beam_size <= greedy and not options.prefix and options.dynamic_context
+    def _learns_cost(self, options: Any) -> bool:
+        """Whether admission learns the transcriber's cost from this live window: not from windows
+        with left context given as a prefix (hypotheses of a lone stream, utterance-end finals),
+        which no stream has under load and which cost ~40 % (hypotheses) to twice (finals with the
+        full encoder context) as much: with them the bench's 4-stream level was refused 2 streams
+        (estimate: 2 fit). Greedy windows alone made it extrapolate from few sizes (8 streams
+        estimated at 7): other light-load windows (beam 3, beam-5 finals) still count, conservative
+        as before."""
+        return not options.prefix
 
     async def _read_stream(
         self,
