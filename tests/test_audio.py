@@ -101,7 +101,7 @@ def _without_id3(mp3: bytes) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "fmt", ["wav", "flac", "mp3", "mp3 without ID3", "ogg", "webm", "m4a", "aiff", "png"]
+    "fmt", ["riff avi", "flac", "mp3", "mp3 without ID3", "ogg", "webm", "m4a", "aiff", "png"]
 )
 def test_a_file_sent_as_linear16_is_an_encoding_mismatch(speech, fmt, tmp_path):
     """LINEAR16 is raw samples: a file (its magic at the start) sent as LINEAR16 was decoded as noise
@@ -109,6 +109,8 @@ def test_a_file_sent_as_linear16_is_an_encoding_mismatch(speech, fmt, tmp_path):
     and the upload check."""
     if fmt == "png":
         data = b"\x89PNG\r\n\x1a\n" + bytes(20_000)
+    elif fmt == "riff avi":
+        data = b"RIFF" + (20_004).to_bytes(4, "little") + b"AVI " + bytes(20_000)
     elif fmt == "mp3 without ID3":
         data = _without_id3(audio.encode(speech, "mp3"))
         assert data[0] == 0xFF
@@ -123,7 +125,94 @@ def test_a_file_sent_as_linear16_is_an_encoding_mismatch(speech, fmt, tmp_path):
         with pytest.raises(InvalidInput) as err:
             check()
         assert err.value.reason == "ENCODING_MISMATCH" and err.value.field == "config.encoding"
-        assert "is LINEAR16 (raw 16-bit samples, no header) but the content is" in err.value.message
+        assert "is LINEAR16 (raw 16-bit samples) but the content is" in err.value.message
+        assert "leave the encoding unspecified to have it detected" in err.value.message
+
+
+def _wav(pcm: bytes, rate: int, channels: int, *, bits: int = 16, tag: int = 1, subformat: int = 0,
+         rf64: bool = False, before_data: bytes = b"", data_size: int | None = None) -> bytes:  # fmt: skip
+    """A WAV made here: `fmt ` (WAVE_FORMAT_EXTENSIBLE when `subformat`), chunks `before_data`, then
+    `data` holding `pcm` (its size stated as `data_size`, if given). RF64: sizes in a ds64 chunk."""
+    block = channels * bits // 8
+    fmt = tag.to_bytes(2, "little") + channels.to_bytes(2, "little") + rate.to_bytes(4, "little")
+    fmt += (rate * block).to_bytes(4, "little") + block.to_bytes(2, "little") + bits.to_bytes(2, "little")
+    if subformat:
+        guid = subformat.to_bytes(2, "little") + bytes.fromhex("000000001000800000aa00389b71")
+        fmt += (22).to_bytes(2, "little") + bits.to_bytes(2, "little") + bytes(4) + guid
+    size = len(pcm) if data_size is None else data_size
+    chunks = b"fmt " + len(fmt).to_bytes(4, "little") + fmt + before_data
+    if rf64:
+        ds64 = (
+            (36 + len(chunks) + len(pcm)).to_bytes(8, "little") + len(pcm).to_bytes(8, "little") + bytes(12)
+        )
+        chunks = b"ds64" + len(ds64).to_bytes(4, "little") + ds64 + chunks
+        return b"RF64" + b"\xff" * 4 + b"WAVE" + chunks + b"data" + b"\xff" * 4 + pcm
+    body = b"WAVE" + chunks + b"data" + size.to_bytes(4, "little") + pcm
+    return b"RIFF" + len(body).to_bytes(4, "little") + body
+
+
+def test_a_wav_of_the_configured_format_sent_as_linear16_is_its_samples(speech, tmp_path):
+    """A WAV of 16-bit PCM sent as LINEAR16 at its own rate and channels (Google Speech takes that)
+    was refused as ENCODING_MISMATCH (and before that, its header was a click): it is now its
+    samples, exactly those of the same audio sent raw, from bytes, a file and the upload check.
+    Plain PCM or WAVE_FORMAT_EXTENSIBLE PCM, RIFF or RF64, chunks before the data, a WAV written to
+    a pipe (placeholder size), chunks after the data (not heard)."""
+    for rate, channels in ((16000, 1), (44100, 2)):
+        raw = audio.encode(speech, "raw", rate=rate, channels=channels)
+        cfg = {"encoding": "LINEAR16", "sample_rate": rate, "channels": channels}
+        expected = decode(raw, limits=LIMITS, **cfg).samples
+        wavs = {
+            "pcm": _wav(raw, rate, channels),
+            "extensible": _wav(raw, rate, channels, tag=0xFFFE, subformat=1),
+            "rf64": _wav(raw, rate, channels, rf64=True),
+            "list before data": _wav(raw, rate, channels, before_data=b"LIST\x05\x00\x00\x00INFOx\x00"),
+            "pipe": _wav(raw, rate, channels, data_size=0xFFFFFFFF),
+            "list after data": _wav(
+                raw + b"LIST" + (4).to_bytes(4, "little") + b"INFO", rate, channels, data_size=len(raw)
+            ),
+        }
+        for name, data in wavs.items():
+            path = tmp_path / f"{name}.wav"
+            path.write_bytes(data)
+            for source in (data, str(path)):
+                got = decode(source, limits=LIMITS, **cfg)
+                assert np.array_equal(got.samples, expected), (rate, name)
+            assert (
+                abs(probe(str(path), limits=LIMITS, **cfg).seconds - len(raw) / (2 * channels * rate)) < 1e-6
+            )
+    # sox's, the usual writer of WAVs to pipes
+    piped = audio.piped_wav(speech)
+    out = decode(piped, limits=LIMITS, encoding="LINEAR16", sample_rate=16000)
+    assert np.array_equal(out.samples, decode(audio.encode(speech, "raw"), limits=LIMITS,
+                                              encoding="LINEAR16", sample_rate=16000).samples)  # fmt: skip
+
+
+def test_a_wav_of_another_format_sent_as_linear16_is_an_encoding_mismatch(speech, tmp_path):
+    """A WAV whose format, rate or channels are not the config's: ENCODING_MISMATCH, saying what the
+    WAV is and what to do (give its rate and channels, or leave the encoding unspecified)."""
+    raw = audio.encode(speech, "raw")
+    cases = {
+        "8 kHz": (_wav(audio.encode(speech, "raw", rate=8000), 8000, 1), "16-bit PCM, 8000 Hz, 1 channel",
+                  "set sample_rate_hz to 8000 and audio_channel_count to 1"),
+        "stereo": (_wav(audio.encode(speech, "raw", channels=2), 16000, 2), "16-bit PCM, 16000 Hz, 2 channels",
+                   "set sample_rate_hz to 16000 and audio_channel_count to 2"),
+        "24-bit": (audio.piped_wav(speech, "-b24"), "24-bit PCM, 16000 Hz", "leave the encoding unspecified"),
+        "float": (audio.piped_wav(speech, "-efloat"), "32-bit IEEE float", "leave the encoding unspecified"),
+        "extensible float": (_wav(raw + raw, 16000, 1, bits=32, tag=0xFFFE, subformat=3), "32-bit IEEE float",
+                             "leave the encoding unspecified"),
+        "mu-law": (_wav(raw[: len(raw) // 2], 16000, 1, bits=8, tag=7), "mu-law", "leave the encoding unspecified"),
+    }  # fmt: skip
+    for name, (data, what, advice) in cases.items():
+        path = tmp_path / f"{name}.wav"
+        path.write_bytes(data)
+        for check in (lambda: decode(data, limits=LIMITS, encoding="LINEAR16", sample_rate=16000),  # noqa: B023
+                      lambda: decode(str(path), limits=LIMITS, encoding="LINEAR16", sample_rate=16000),  # noqa: B023
+                      lambda: probe(str(path), limits=LIMITS, encoding="LINEAR16", sample_rate=16000)):  # noqa: B023  # fmt: skip
+            with pytest.raises(InvalidInput) as err:
+                check()
+            assert err.value.reason == "ENCODING_MISMATCH" and err.value.field == "config.encoding", name
+            assert "is LINEAR16 (16000 Hz, 1 channel) but the content is a WAV of" in err.value.message
+            assert what in err.value.message and advice in err.value.message, (name, err.value.message)
 
 
 def test_raw_speech_never_looks_like_a_file(speech):

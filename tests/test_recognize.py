@@ -223,16 +223,34 @@ async def test_a_wav_whose_header_says_less_than_it_holds_is_refused_at_every_do
 async def test_a_file_sent_as_linear16_is_an_encoding_mismatch_at_every_door(
     client: AsyncClient, gateway, short_clip
 ):
-    """A WAV or an M4A declared LINEAR16: INVALID_ARGUMENT ENCODING_MISMATCH naming the encoding
-    field (Recognize, CreateJob), as FLAC declared on a WAV already was, not noise transcribed."""
-    for fmt in ("wav", "m4a"):
-        data = audio.encode(short_clip.samples, fmt)
-        data += bytes(len(data) % 2)
+    """An M4A declared LINEAR16, or a WAV at another rate than the config's: INVALID_ARGUMENT
+    ENCODING_MISMATCH naming the encoding field (Recognize, CreateJob), as FLAC declared on a WAV
+    already was, not noise transcribed."""
+    m4a = audio.encode(short_clip.samples, "m4a")
+    for data in (m4a + bytes(len(m4a) % 2), audio.encode(short_clip.samples, "wav", rate=8000)):
         recognized, job = await _every_door(client, gateway, data, encoding="LINEAR16", sample_rate=16000)
         for err, field in ((recognized, "config.encoding"), (job, "metadata.config.encoding")):
-            assert isinstance(err, SttError), (fmt, err)
+            assert isinstance(err, SttError), err
             assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.reason == "ENCODING_MISMATCH", err
             assert field in err.fields, err.fields
+
+
+async def test_a_wav_sent_as_linear16_at_its_own_rate_is_transcribed(
+    client: AsyncClient, gateway, short_clip
+):
+    """A 16-bit WAV declared LINEAR16 at its rate (Google Speech takes it): transcribed from its
+    samples, header skipped, by Recognize and a job that runs to its transcript (it was refused as
+    ENCODING_MISMATCH)."""
+    wav = audio.encode(short_clip.samples, "wav")
+    recognized, job = await _every_door(client, gateway, wav, encoding="LINEAR16", sample_rate=16000)
+    assert not isinstance(recognized, SttError), recognized
+    assert abs(recognized.metadata.audio_duration_seconds - short_clip.seconds) < 0.01  # type: ignore[attr-defined]
+    assert wer(short_clip.text, recognized.transcript) <= 0.15  # type: ignore[attr-defined]
+    assert not isinstance(job, SttError), job
+    assert abs(job.audio_duration_seconds - short_clip.seconds) < 0.01  # type: ignore[attr-defined]
+    done = await client.wait(job.job_id)  # type: ignore[attr-defined]
+    assert done.status == jobs_pb2.JOB_STATUS_COMPLETED, done
+    assert wer(short_clip.text, (await client.transcript(done.job_id)).content) <= 0.15
 
 
 @pytest.mark.parametrize("fmt", ["ogg", "webm"])

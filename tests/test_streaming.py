@@ -287,14 +287,15 @@ async def test_cancelled_stream_leaves_nothing_behind(client: AsyncClient, gatew
 async def test_a_file_streamed_as_linear16_is_refused_on_its_first_bytes(
     client: AsyncClient, dialog: audio.Clip
 ):
-    """A WAV file (header and all) or an Ogg streamed as LINEAR16: INVALID_ARGUMENT
-    ENCODING_MISMATCH at once, also when its first bytes come in pieces smaller than a signature
-    (it was transcribed as raw samples, the header a click, an Ogg as noise). The same samples
-    without the header stream as always."""
+    """An Ogg, or a WAV at another rate than the stream's, streamed as LINEAR16: INVALID_ARGUMENT
+    ENCODING_MISMATCH at once, also when its first bytes come in pieces smaller than a signature,
+    saying what to stream instead (it was transcribed as raw samples, an Ogg as noise)."""
     two_seconds = dialog.samples[: 2 * 16000]
-    wav = audio.encode(two_seconds, "wav")
+    wav8k = audio.encode(two_seconds, "wav", rate=8000)
     ogg = audio.encode(two_seconds, "ogg")
-    for data, first in ((wav, 3200), (wav, 3), (ogg + bytes(len(ogg) % 2), 3200)):
+    cases = [(wav8k, 3200, "set sample_rate_hz to 8000"), (wav8k, 3, "strip the header"),
+             (ogg + bytes(len(ogg) % 2), 3200, "OGG_OPUS")]  # fmt: skip
+    for data, first, advice in cases:
         chunks = [data[:first]] + [data[i : i + 3200] for i in range(first, len(data), 3200)]
         with pytest.raises(SttError) as err:
             async for _ in client.stream(chunks, encoding="LINEAR16", sample_rate=16000):
@@ -302,8 +303,51 @@ async def test_a_file_streamed_as_linear16_is_refused_on_its_first_bytes(
         assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT, err.value
         assert err.value.reason == "ENCODING_MISMATCH", err.value
         assert "streaming_config.config.encoding" in err.value.fields
+        assert advice in err.value.message and "leave the encoding unspecified" not in err.value.message
     raw = audio.encode(two_seconds, "raw")
     responses = [r async for r in client.stream([raw[i : i + 3200] for i in range(0, len(raw), 3200)])]
+    assert responses
+
+
+async def test_a_wav_streamed_as_linear16_at_its_own_rate_is_its_samples(
+    client: AsyncClient, dialog: audio.Clip
+):
+    """A WAV of 16-bit PCM streamed as LINEAR16 at its rate and channels (Google Speech takes it;
+    it was refused as ENCODING_MISMATCH): its header is dropped, also when it comes in pieces and
+    spans several messages (a large chunk before the data), and also with a pipe's placeholder
+    size; the stream decodes to exactly the samples of the same audio streamed raw."""
+    from services.gateway.audio import Limits
+    from services.gateway.stream_decoder import make_decoder
+
+    two_seconds = dialog.samples[: 2 * 16000]
+    raw = audio.encode(two_seconds, "raw")
+    wav = audio.encode(two_seconds, "wav")
+    at = wav.index(b"data")
+    big_list = b"LIST" + (9001).to_bytes(4, "little") + b"INFO" + bytes(range(256)) * 35 + b"z" * 37 + b"\0"
+    with_list = wav[:at] + big_list + wav[at:]
+    piped = audio.piped_wav(two_seconds)
+    loop = asyncio.get_running_loop()
+
+    def decoded(data: bytes, sizes: list[int]) -> np.ndarray:
+        out: list[np.ndarray] = []
+        dec = make_decoder("LINEAR16", 16000, 1, Limits(1 << 30, 3600.0), out.append, loop)
+        at = 0
+        for size in sizes:
+            dec.feed(data[at : at + size])
+            at += size
+        while at < len(data):
+            dec.feed(data[at : at + 3200])
+            at += 3200
+        dec.finish()
+        return np.concatenate(out)
+
+    expected = decoded(raw, [])
+    for name, data, sizes in (("wav", wav, []), ("wav in 3-byte pieces", wav, [3] * 40),
+                              ("a LIST chunk over several messages", with_list, [20, 100, 4000, 4000, 4000]),
+                              ("sox's pipe", piped, [7, 5])):  # fmt: skip
+        assert np.array_equal(decoded(data, sizes), expected), name
+    responses = [r async for r in client.stream([wav[i : i + 3200] for i in range(0, len(wav), 3200)],
+                                                encoding="LINEAR16", sample_rate=16000)]  # fmt: skip
     assert responses
 
 

@@ -554,25 +554,44 @@ class _WavLayout:
     block: int
     data_start: int
     data_size: int
+    subformat: int = 0  # WAVE_FORMAT_EXTENSIBLE: the format tag its SubFormat GUID holds (-1: another GUID)
 
 
 _FMT_FIELDS = ((0, 2), (2, 4), (4, 8), (14, 16), (12, 14))  # byte ranges in a `fmt ` chunk's body
+_EXTENSIBLE = 0xFFFE
+# The bytes of a KSDATAFORMAT_SUBTYPE_* GUID after its first two (the format tag it stands for).
+_SUBTYPE_GUID_TAIL = bytes.fromhex("000000001000800000aa00389b71")
+
+
+def _parse_fmt(body: bytes) -> tuple[int, int, int, int, int, int]:
+    """A `fmt ` chunk's body (16 bytes or more): format tag, channels, sample rate, bits per sample,
+    block align, and the SubFormat's tag of a WAVE_FORMAT_EXTENSIBLE (else 0)."""
+    tag, channels, rate, bits, block = (int.from_bytes(body[a:b], "little") for a, b in _FMT_FIELDS)
+    subformat = 0
+    if tag == _EXTENSIBLE:
+        guid = body[24:40]
+        subformat = int.from_bytes(guid[:2], "little") if guid[2:] == _SUBTYPE_GUID_TAIL else -1
+    return tag, channels, rate, bits, block, subformat
 
 
 def _wav_layout(head: bytes) -> _WavLayout | None:
     """The chunks of a WAV's first bytes, walked up to `data` (None: no `data` chunk in them). The
     callers check the RIFF/WAVE magic as they need."""
-    off, fmt = 12, (0, 0, 0, 0, 0)
+    off, fmt = 12, (0, 0, 0, 0, 0, 0)
     while off + 8 <= len(head):
         chunk, size = head[off : off + 4], int.from_bytes(head[off + 4 : off + 8], "little")
         body = off + 8
         if chunk == b"fmt " and size >= 16:
-            # format tag, channels, sample rate, bits per sample, block align
-            fmt = tuple(int.from_bytes(head[body + a : body + b], "little") for a, b in _FMT_FIELDS)  # type: ignore[assignment]
+            fmt = _parse_fmt(head[body : body + min(size, 40)])
         elif chunk == b"data":
-            return _WavLayout(*fmt, data_start=body, data_size=size)
+            return _wav_of(fmt, body, size)
         off = body + size + (size & 1)
     return None
+
+
+def _wav_of(fmt: tuple[int, int, int, int, int, int], data_start: int, data_size: int) -> _WavLayout:
+    tag, channels, rate, bits, block, subformat = fmt
+    return _WavLayout(tag, channels, rate, bits, block, data_start, data_size, subformat)
 
 
 def _plain_wav(data: bytes, size: int | None = None) -> tuple[int, int, int, int, bool] | None:
@@ -664,16 +683,198 @@ def _mp3_frame(head: bytes, at: int) -> tuple[int, int, int] | None:
     return version, rate, (144 if version == 3 else 72) * kbps * 1000 // rate + padding
 
 
-def check_raw(head: bytes, field: str = "config.encoding") -> None:
+UNARY_ADVICE = "leave the encoding unspecified to have it detected, or send the file's own encoding"
+
+
+def check_raw(head: bytes, field: str = "config.encoding", advice: str = UNARY_ADVICE) -> None:
     """LINEAR16 is raw samples: refuse bytes that are plainly a file (ENCODING_MISMATCH), which
-    would otherwise be decoded as noise and transcribed as whatever the model makes of it."""
+    would otherwise be decoded as noise and transcribed as whatever the model makes of it. (A WAV
+    of 16-bit PCM is not refused: see linear16_span and Linear16Start.) `advice`: what to do
+    instead, for the kind of call."""
     what = container_of(head)
     if what is not None:
         raise InvalidInput(
-            f"{field} is LINEAR16 (raw 16-bit samples, no header) but the content is {what}; leave the "
-            "encoding unspecified to have it detected, or send the file's own encoding",
+            f"{field} is LINEAR16 (raw 16-bit samples) but the content is {what}; {advice}",
             reason="ENCODING_MISMATCH",
             field=field,
+        )
+
+
+def is_wav(head: bytes) -> bool:
+    """A RIFF or RF64 WAVE file's first 12 bytes."""
+    return head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE"
+
+
+_WAV_TAGS = {
+    1: "PCM",
+    2: "MS ADPCM",
+    3: "IEEE float",
+    6: "A-law",
+    7: "mu-law",
+    0x11: "IMA ADPCM",
+    0x55: "MP3",
+}
+
+
+def _wav_format(wav: _WavLayout) -> str:
+    """A WAV's format for a message, e.g. '24-bit PCM, 44100 Hz, 2 channels'."""
+    tag = wav.subformat if wav.tag == _EXTENSIBLE else wav.tag
+    name = _WAV_TAGS.get(tag, f"format {tag:#06x}")
+    bits = f"{wav.bits}-bit " if tag in (1, 3) else ""
+    return f"{bits}{name}, {wav.rate} Hz, {wav.channels} channel{'' if wav.channels == 1 else 's'}"
+
+
+def _is_pcm16(wav: _WavLayout) -> bool:
+    pcm = wav.tag == 1 or (wav.tag == _EXTENSIBLE and wav.subformat == 1)
+    return pcm and wav.bits == 16 and wav.channels >= 1 and wav.block == 2 * wav.channels
+
+
+def check_linear16_wav(
+    wav: _WavLayout, sample_rate: int, channels: int, field: str, stream_encodings: str | None = None
+) -> None:
+    """A WAV sent as LINEAR16 is read as its samples when it is 16-bit PCM at the config's sample
+    rate and channel count (Google Speech takes LINEAR16 with a WAV header too); any other WAV is
+    ENCODING_MISMATCH, saying what to do instead: for Recognize and jobs, to leave the encoding
+    unspecified (or give the WAV's rate and channels); for a stream (`stream_encodings`: the
+    compressed ones it may use), to give the WAV's rate and channels, strip the header and send
+    16-bit samples, or stream a compressed encoding."""
+    if _is_pcm16(wav) and wav.rate == sample_rate and wav.channels == channels:
+        return
+    config = f"{sample_rate} Hz, {channels} channel{'' if channels == 1 else 's'}"
+    if _is_pcm16(wav):
+        give = f"set sample_rate_hz to {wav.rate} and audio_channel_count to {wav.channels} (the WAV's)"
+        advice = (
+            f"{give}, or strip the header and send samples at the configured rate and channels"
+            if stream_encodings is not None
+            else f"{give}, or leave the encoding unspecified to have it detected"
+        )
+    elif stream_encodings is not None:
+        advice = (
+            "LINEAR16 carries 16-bit PCM only: convert the audio to it (and strip the header, e.g. "
+            "ffmpeg -i in.wav -f s16le -ac 1 -ar 16000 -), or stream a compressed encoding "
+            f"({stream_encodings})"
+        )
+    else:
+        advice = "leave the encoding unspecified to have it detected, or send it as WAV"
+    raise InvalidInput(
+        f"{field} is LINEAR16 ({config}) but the content is a WAV of {_wav_format(wav)}; {advice}",
+        reason="ENCODING_MISMATCH",
+        field=field,
+    )
+
+
+def linear16_span(fh: BinaryIO, size: int, sample_rate: int, channels: int) -> tuple[int, int, bool]:
+    """Where the samples of LINEAR16 content (an open file of `size` bytes) are: (offset, length,
+    whether it is a WAV). Raw samples: all of it. A WAV (RIFF or RF64) of 16-bit PCM at the
+    config's rate and channels: its data chunk, up to the size it states (the whole rest for the
+    placeholder size of a WAV written to a pipe), in whole frames; the header is skipped (it was a
+    click at the start). Anything else that starts like a file: ENCODING_MISMATCH."""
+    fh.seek(0)
+    head = fh.read(WAV_HEAD_BYTES)
+    if not is_wav(head):
+        check_raw(head[:MAGIC_BYTES])
+        return 0, size, False
+    wav = _wav_layout(head)
+    if wav is None:
+        raise InvalidInput(
+            f"config.encoding is LINEAR16 and the content is a WAV, but its data chunk is not within its "
+            f"first {WAV_HEAD_BYTES} bytes; leave the encoding unspecified to have it detected",
+            reason="ENCODING_MISMATCH",
+            field="config.encoding",
+        )
+    check_linear16_wav(wav, sample_rate, channels, "config.encoding")
+    check_wav_tail(fh, head, size)
+    held = max(0, size - wav.data_start)
+    length = held if _streamed(wav) else min(wav.data_size, held)
+    return wav.data_start, length - length % wav.block, True
+
+
+class Linear16Start:
+    """The start of a LINEAR16 stream, judged as it arrives. Raw samples pass on. A WAV header
+    (RIFF or RF64 WAVE) of 16-bit PCM at the stream's rate and channels is dropped up to its data
+    chunk, however many messages it spans, and what follows is the samples (to the end of the
+    stream: a WAV written live states a placeholder for its size). Another WAV, or a file of another
+    kind, is ENCODING_MISMATCH on its first bytes. `advice`: what to do instead of another file;
+    `stream_encodings`: the compressed streaming encodings, for a WAV's message."""
+
+    _SNIFF, _CHUNKS, _SAMPLES = 0, 1, 2
+
+    def __init__(
+        self, sample_rate: int, channels: int, field: str, advice: str, stream_encodings: str
+    ) -> None:
+        self.sample_rate, self.channels = sample_rate, channels
+        self.field, self.advice, self.stream_encodings = field, advice, stream_encodings
+        self._state = self._SNIFF
+        self._buf = bytearray()  # bytes held while the start is read (a chunk header, `fmt `)
+        self._skip = 0  # bytes of the current chunk still to drop
+        self._pad = 0  # 1 after an odd-sized chunk: a pad byte may come
+        self._fmt: _WavLayout | None = None
+
+    @property
+    def done(self) -> bool:
+        """Everything from here on is samples."""
+        return self._state == self._SAMPLES
+
+    def feed(self, data: bytes) -> bytes:
+        """The samples in `data` (b"" while the header is still being read)."""
+        if self._state == self._SAMPLES:
+            return data
+        self._buf += data
+        if self._state == self._SNIFF:
+            if len(self._buf) < 12:
+                return b""
+            if not is_wav(bytes(self._buf[:12])):
+                check_raw(bytes(self._buf[:MAGIC_BYTES]), self.field, self.advice)
+                return self._samples(0)
+            self._state = self._CHUNKS
+            del self._buf[:12]
+        while True:
+            if self._skip:
+                n = min(self._skip, len(self._buf))
+                del self._buf[:n]
+                self._skip -= n
+            if self._skip or len(self._buf) < 8 + self._pad:
+                return b""
+            if self._pad:  # the pad byte after an odd-sized chunk (some writers leave it out)
+                if not all(0x20 <= c <= 0x7E for c in self._buf[:4]):
+                    del self._buf[:1]
+                self._pad = 0
+            ident, size = bytes(self._buf[:4]), int.from_bytes(self._buf[4:8], "little")
+            if not all(0x20 <= c <= 0x7E for c in ident):
+                raise self._corrupt(f"a chunk id of bytes {ident!r}")
+            if ident == b"data":
+                if self._fmt is None:
+                    raise self._corrupt("its data chunk before a `fmt ` chunk")
+                return self._samples(8)
+            if ident == b"fmt ":
+                if not 16 <= size <= 4096:
+                    raise self._corrupt(f"a `fmt ` chunk of {size} bytes")
+                if len(self._buf) < 8 + size:
+                    return b""
+                self._fmt = _wav_of(_parse_fmt(bytes(self._buf[8 : 8 + min(size, 40)])), 0, 0)
+                check_linear16_wav(
+                    self._fmt, self.sample_rate, self.channels, self.field, self.stream_encodings
+                )
+            self._skip, self._pad = 8 + size, size & 1
+
+    def finish(self) -> bytes:
+        """At the end of the stream: bytes still held that are samples (a stream of fewer than 12
+        bytes); none of a WAV header without data."""
+        if self._state == self._SNIFF:
+            return self._samples(0)
+        return b""
+
+    def _samples(self, skip: int) -> bytes:
+        self._state = self._SAMPLES
+        out = bytes(self._buf[skip:])
+        self._buf = bytearray()
+        return out
+
+    def _corrupt(self, what: str) -> InvalidInput:
+        return InvalidInput(
+            f"the stream starts with a WAV header, but it is corrupt ({what})",
+            reason="UNDECODABLE_AUDIO",
+            field="audio_content",
         )
 
 
@@ -815,13 +1016,19 @@ def _iter_checked(
     info.sample_rate, info.channels = sample_rate, channels
     validate_linear16(sample_rate, channels)
     if isinstance(source, bytes):
-        check_raw(source[:MAGIC_BYTES])
-        yield from iter_linear16(source, sample_rate, channels, limits)
+        start, length, wav = linear16_span(io.BytesIO(source), size, sample_rate, channels)
+        if wav:
+            info.container = "wav"
+        yield from iter_linear16(
+            source[start : start + length] if wav else source, sample_rate, channels, limits
+        )
         return
     with open(source, "rb") as fh:
-        check_raw(fh.read(MAGIC_BYTES))
-        _check_whole_frames(size, channels)
-        yield from _iter_pcm_file(fh, 0, size, sample_rate, channels, limits)
+        start, length, wav = linear16_span(fh, size, sample_rate, channels)
+        if wav:
+            info.container = "wav"
+        _check_whole_frames(length, channels)
+        yield from _iter_pcm_file(fh, start, length, sample_rate, channels, limits)
 
 
 def _iter_pcm_file(
@@ -907,12 +1114,12 @@ def probe(
             channels = channels or 1
             validate_linear16(sample_rate, channels)
             with open(source, "rb") as fh:
-                check_raw(fh.read(MAGIC_BYTES))
-            _check_whole_frames(size, channels)
-            seconds = size / (2 * channels * sample_rate)
+                _, length, wav = linear16_span(fh, size, sample_rate, channels)
+            _check_whole_frames(length, channels)
+            seconds = length / (2 * channels * sample_rate)
             if seconds > limits.max_seconds:
                 raise _too_long(seconds, limits, declared=True)
-            return AudioInfo("raw", "pcm_s16le", sample_rate, channels, seconds, seconds)
+            return AudioInfo("wav" if wav else "raw", "pcm_s16le", sample_rate, channels, seconds, seconds)
         info = _probe_container(source, limits, encoding)
     except ServiceError as exc:
         DECODE_REJECTIONS.labels(exc.reason).inc()

@@ -29,11 +29,10 @@ import numpy as np
 from services.gateway.audio import (
     AV_ERRORS,
     CODECS,
-    MAGIC_BYTES,
     Limits,
     Linear16Decoder,
+    Linear16Start,
     Resampler,
-    check_raw,
     check_size,
     check_stream,
 )
@@ -51,6 +50,12 @@ STREAM_FORMATS = {
     "MP3": "mp3",
 }
 STREAM_ENCODINGS = ("LINEAR16", *STREAM_FORMATS)
+# What a LINEAR16 stream that is a file (not a WAV of 16-bit PCM) should be sent as instead.
+_COMPRESSED = ", ".join(STREAM_FORMATS)
+FILE_AS_LINEAR16_ADVICE = (
+    f"stream it with its own encoding if it is one of {_COMPRESSED}, or send its 16-bit samples without "
+    "a header as LINEAR16"
+)
 
 
 def _starts_right(encoding: str, head: bytes) -> bool:
@@ -113,36 +118,38 @@ class PcmStreamDecoder(StreamDecoder):
         self._dec = Linear16Decoder(sample_rate, channels, limits)
         self.limits = limits
         self._bytes = 0
-        self._head: bytearray | None = bytearray()  # the stream's first bytes, until checked
+        # The stream's first bytes, until judged: raw samples, a WAV header of the stream's format
+        # (dropped up to its data), or a file sent with the wrong encoding (refused at once).
+        self._start: Linear16Start | None = Linear16Start(
+            sample_rate, channels, "streaming_config.config.encoding", FILE_AS_LINEAR16_ADVICE, _COMPRESSED
+        )
 
     def feed(self, data: bytes) -> None:
         try:
-            if self._head is not None:
-                self._check_head(data)
-            self._bytes += len(data)
+            if self._start is not None:
+                samples = self._start.feed(data)
+                if self._start.done:
+                    self._start = None
+            else:
+                samples = data
+            self._bytes += len(data)  # a WAV header's bytes too
             try:
                 if self._bytes > self.limits.max_bytes:
                     check_size(self._bytes, self.limits)
             except ServiceError as exc:
                 raise exc.relocated({"content": "audio_content"}) from None
-            for block in self._dec.push(data):
+            for block in self._dec.push(samples):
                 self.sink(block)
         except ServiceError as exc:
             self._fail(exc)
             raise
 
-    def _check_head(self, data: bytes) -> None:
-        """A LINEAR16 stream that starts like a file (a WAV with its header, an Ogg, ...) was sent
-        with the wrong encoding: refused on its first bytes. Checked once, when there are enough of
-        them (the first message's, up to MAGIC_BYTES)."""
-        assert self._head is not None
-        self._head += data[: MAGIC_BYTES - len(self._head)]
-        if len(self._head) >= 12:
-            head, self._head = bytes(self._head), None
-            check_raw(head, "streaming_config.config.encoding")
-
     def finish(self) -> None:
         try:
+            if self._start is not None:
+                for block in self._dec.push(self._start.finish()):
+                    self.sink(block)
+                self._start = None
             for block in self._dec.flush():
                 self.sink(block)
         except ServiceError as exc:
