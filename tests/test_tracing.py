@@ -243,21 +243,43 @@ async def test_the_http_door_traces_its_requests_too(gateway, spans):
     assert named(trace, "transcriber.model")
 
 
-async def test_a_stream_the_client_cancels_mid_send_still_ends_completely(spans, caplog) -> None:
+async def test_a_stream_the_client_cancels_mid_send_still_ends_completely(spans, caplog, monkeypatch) -> None:
     """A client that cancels a server stream while the server is sending to it (blocked on flow
     control): grpc drops the handler's generator where it stands, and the event loop's finaliser
     closes it later in a task of its own, another asyncio context than the call began in. Ending the
     call there must still do everything: one access log line, the call's cleanups, its SERVER span,
-    and no "Task exception was never retrieved ... was created in a different Context"."""
+    and no "Task exception was never retrieved ... was created in a different Context". The access
+    line carries the call's own request id, trace id and span id, also when the finaliser runs in a
+    context where another request id and another span are current (the generators of two calls are
+    let go of there; their lines had that request id and span)."""
     import asyncio
     import gc
 
+    from services.shared import interceptors
     from services.shared.config import CommonSettings
     from services.shared.context import audit_var, call_cleanups_var, request_id_var
     from services.shared.server import Service, start_server
 
     caplog.set_level(logging.INFO)
+    ids_filter = _ContextFilter()  # as the log handlers have: the ids the access line is written with
+    caplog.handler.addFilter(ids_filter)
     cleaned: list[str] = []
+    kept: list[Any] = []  # the generators of calls ended where the test lets go of them
+    wrap_stream = interceptors._wrap_stream
+
+    def keeping(*args: Any, **kwargs: Any) -> Any:
+        wrapper = wrap_stream(*args, **kwargs)
+
+        async def relay(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            calls = wrapper(request, context)
+            if dict(context.invocation_metadata() or ()).get("x-request-id") in ("cancel-3", "cancel-4"):
+                kept.append(calls)  # (closing the relay does not close it)
+            async for item in calls:
+                yield item
+
+        return relay
+
+    monkeypatch.setattr(interceptors, "_wrap_stream", keeping)
 
     class Cleanups(grpc.aio.ServerInterceptor):  # as the gateway's admission registers its release
         async def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
@@ -292,16 +314,31 @@ async def test_a_stream_the_client_cancels_mid_send_still_ends_completely(spans,
         def ended() -> list[logging.LogRecord]:
             return [r for r in caplog.records if r.name == "access" and "/test.Flood/Flood" in r.getMessage()]
 
+        await until(lambda: (gc.collect(), len(ended()) == calls - 2)[1], timeout=20, interval=0.1)
+        assert len(kept) == 2
+        elsewhere = request_id_var.set("not-this-call")
+        try:
+            with tracing.span("elsewhere"):
+                kept.clear()  # their finaliser runs in this context
+                gc.collect()
+        finally:
+            request_id_var.reset(elsewhere)
         await until(lambda: (gc.collect(), len(ended()) == calls)[1], timeout=20, interval=0.1)
         await until(lambda: len(cleaned) == calls, timeout=5)
         await asyncio.sleep(0.2)  # a failing finaliser task would be reported by now
         gc.collect()
     finally:
+        caplog.handler.removeFilter(ids_filter)
         await server.stop(0)
     assert all("CANCELLED" in r.getMessage() for r in ended())
     assert sorted(cleaned) == [f"cancel-{i}" for i in range(calls)]
+    assert sorted(getattr(r, "request_id", "") for r in ended()) == [f"cancel-{i}" for i in range(calls)]
     got = collected(spans)
     assert len(named(got, "test.Flood/Flood")) == calls
+    own = {
+        (f"{s.context.trace_id:032x}", f"{s.context.span_id:016x}") for s in named(got, "test.Flood/Flood")
+    }
+    assert {(getattr(r, "trace_id", ""), getattr(r, "span_id", "")) for r in ended()} == own
     assert request_id_var.get() == "" and audit_var.get() is None
     errors = [
         f"{r.name}: {r.getMessage()}" for r in caplog.records

@@ -184,6 +184,9 @@ class _Call:
         quiet = self.method.startswith(_QUIET) and name in ("OK", "CANCELLED")
         level = logging.DEBUG if quiet else (logging.INFO if name in ("OK", "CANCELLED") else logging.WARNING)
         a = self.audit
+        # The call's own ids, not the current context's: a call can end in another context (see
+        # done), where they are another call's or none.
+        ids = tracing.handle_log_ids(self.trace)
         log.log(
             level,
             "%s %s %.1fms",
@@ -198,6 +201,8 @@ class _Call:
                 "audio_bytes": a.audio_bytes,
                 "peer": self.peer,
                 "error": self.error,
+                "request_id": self.rid,
+                **({"trace_id": ids[0], "span_id": ids[1]} if ids is not None else {}),
             },
         )
 

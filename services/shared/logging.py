@@ -24,7 +24,7 @@ class _ContextFilter(logging.Filter):
             record.request_id = request_id_var.get()
         if not getattr(record, "job_id", None):
             record.job_id = job_id_var.get()
-        if (ids := tracing.log_ids()) is not None:
+        if not getattr(record, "trace_id", None) and (ids := tracing.log_ids()) is not None:
             record.trace_id, record.span_id = ids
         return True
 

@@ -417,6 +417,17 @@ def log_ids() -> tuple[str, str] | None:
     return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
 
 
+def handle_log_ids(handle: Any) -> tuple[str, str] | None:
+    """(trace id, span id) in hex of the SERVER span of start_rpc's `handle`, for the call's own log
+    lines wherever they are written (the span need not be current there); None without one."""
+    if handle is None:
+        return None
+    ctx = handle[0].get_span_context()
+    if not ctx.is_valid:
+        return None
+    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+
+
 @contextlib.contextmanager
 def capture(service: str = "test") -> Iterator[list[Any]]:
     """Tracing on in this process with spans kept in a list (tests and benchmarks)."""
