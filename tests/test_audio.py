@@ -299,6 +299,36 @@ def test_a_wav_written_to_a_pipe_is_as_long_as_what_it_holds(speech, tmp_path, e
     assert cut.value.reason == "TRUNCATED_AUDIO"
 
 
+def test_a_wav_whose_data_starts_past_the_first_64_kib_is_checked_against_its_header(speech, tmp_path):
+    """A 100 KiB JUNK chunk before the data (as bext, iXML or JUNK chunks of some writers): its
+    data chunk's stated length is still read (it was taken as unknown): cut off, it is
+    TRUNCATED_AUDIO; stating an hour, it is AUDIO_TOO_LONG before any decoding; whole, it decodes,
+    from bytes, a file and the upload check."""
+    wav = audio.encode(np.concatenate([speech, speech]), "wav")
+    at = wav.index(b"data")
+    big = wav[:at] + b"JUNK" + (100 * 1024).to_bytes(4, "little") + bytes(100 * 1024) + wav[at:]
+    data_at = big.index(b"data")
+    assert data_at > 65536
+    cut = big[: data_at + (len(big) - data_at) // 2]
+    hour = _with_data_size(big, 16000 * 2 * 3600)
+    seconds = 2 * speech.shape[0] / 16000
+    for name, data in (("whole", big), ("cut", cut), ("an hour", hour)):
+        path = tmp_path / f"{name}.wav"
+        path.write_bytes(data)
+        for check in (lambda: decode(data, limits=LIMITS).duration,  # noqa: B023
+                      lambda: decode(str(path), limits=LIMITS).duration,  # noqa: B023
+                      lambda: probe(str(path), limits=LIMITS).seconds):  # noqa: B023  # fmt: skip
+            if name == "whole":
+                assert abs(check() - seconds) < 0.01
+            elif name == "cut":
+                with pytest.raises(InvalidInput) as err:
+                    check()
+                assert err.value.reason == "TRUNCATED_AUDIO", err.value
+            else:
+                with pytest.raises(LimitExceeded, match="audio is 3600s; the limit is 120s"):
+                    check()
+
+
 def _with_data_size(wav: bytes, size: int) -> bytes:
     at = wav.index(b"data") + 4
     return wav[:at] + size.to_bytes(4, "little") + wav[at + 4 :]

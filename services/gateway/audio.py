@@ -275,12 +275,23 @@ def _iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: st
             mkv = _matroska_duration(_file_head(fileobj))
             declared, length_exact = (mkv, True) if mkv is not None else (declared, False)
         if fmt == "wav":
-            # The header's length; none for a streamed WAV (FFmpeg's is then the placeholder's, or
-            # what the file holds for some formats): decoded to learn it, nothing to cut short.
+            # The length the data chunk states (also when it starts past the first bytes: large
+            # bext, iXML or JUNK chunks before it). None for a WAV written to a pipe (FFmpeg's is
+            # then the placeholder's, or what the file holds for some formats): decoded to learn
+            # it, nothing to cut short. FFmpeg's where there is no such chunk to read (RF64: its
+            # ds64's), as for the other formats.
+            size = _size_of(fileobj)
             head = _file_head(fileobj)
-            check_wav_tail(fileobj, head, _size_of(fileobj))
-            declared = _wav_data_seconds(head)
-            length_exact = declared is not None
+            check_wav_tail(fileobj, head, size)
+            wav = (
+                _find_wav_layout(fileobj, head, size)
+                if head[:4] == b"RIFF" and head[8:12] == b"WAVE"
+                else None
+            )
+            if wav is not None and _streamed(wav):
+                declared, length_exact = None, False
+            elif wav is not None and wav.block and wav.rate:
+                declared = wav.data_size / wav.block / wav.rate
         info.declared_seconds = declared
         info.length_exact = length_exact
         if declared is not None and declared > limits.max_seconds + 1.0:
@@ -466,15 +477,40 @@ def _file_head(fileobj: str | BinaryIO) -> bytes:
     return head
 
 
-def _wav_data_seconds(head: bytes) -> float | None:
-    """Seconds the RIFF `data` chunk header claims (ffmpeg clamps it to the file, hiding truncation);
-    None when it does not say (a streamed WAV, see STREAMED_DATA_SIZE) or is not read here."""
-    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-        return None
+def _find_wav_layout(source: bytes | str | BinaryIO, head: bytes, size: int) -> _WavLayout | None:
+    """_wav_layout of a whole WAV: from `head` (its first bytes), else walking on through the
+    rest of the file's chunk headers (a `data` chunk past the first bytes, after large bext, iXML
+    or JUNK chunks). FFmpeg clamps the data size to the file, hiding truncation: read here."""
     wav = _wav_layout(head)
-    if wav is None or _streamed(wav) or not wav.block or not wav.rate:
-        return None
-    return wav.data_size / wav.block / wav.rate
+    if wav is not None or len(head) >= size:
+        return wav
+    if isinstance(source, str):
+        with open(source, "rb") as fh:
+            return _walk_wav_chunks(fh, size)
+    if isinstance(source, bytes):
+        return _wav_layout(source)
+    pos = source.tell()
+    try:
+        return _walk_wav_chunks(source, size)
+    finally:
+        source.seek(pos)
+
+
+def _walk_wav_chunks(fh: BinaryIO, size: int) -> _WavLayout | None:
+    """_wav_layout over an open file, a chunk header at a time."""
+    off, fmt = 12, (0, 0, 0, 0, 0, 0)
+    while off + 8 <= size:
+        fh.seek(off)
+        header = fh.read(8)
+        if len(header) < 8:
+            return None
+        chunk, length = header[:4], int.from_bytes(header[4:8], "little")
+        if chunk == b"fmt " and length >= 16:
+            fmt = _parse_fmt(fh.read(min(length, 40)))
+        elif chunk == b"data":
+            return _wav_of(fmt, off + 8, length)
+        off += 8 + length + (length & 1)
+    return None
 
 
 def _streamed(wav: _WavLayout) -> bool:
@@ -495,7 +531,7 @@ def check_wav_tail(source: bytes | str | BinaryIO, head: bytes, size: int) -> No
     other bytes; more than that is CORRUPT_AUDIO. `head`: the file's first bytes; `size`: its size."""
     if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return
-    wav = _wav_layout(head)
+    wav = _find_wav_layout(source, head, size)
     if wav is None or _streamed(wav) or wav.data_start + wav.data_size >= size:
         return
     if isinstance(source, str):
@@ -774,11 +810,11 @@ def linear16_span(fh: BinaryIO, size: int, sample_rate: int, channels: int) -> t
     if not is_wav(head):
         check_raw(head[:MAGIC_BYTES])
         return 0, size, False
-    wav = _wav_layout(head)
+    wav = _find_wav_layout(fh, head, size)
     if wav is None:
         raise InvalidInput(
-            f"config.encoding is LINEAR16 and the content is a WAV, but its data chunk is not within its "
-            f"first {WAV_HEAD_BYTES} bytes; leave the encoding unspecified to have it detected",
+            "config.encoding is LINEAR16 and the content is a WAV, but it has no data chunk; leave the "
+            "encoding unspecified to have it detected",
             reason="ENCODING_MISMATCH",
             field="config.encoding",
         )
@@ -1169,8 +1205,7 @@ def _decodable_end(source: str, info: AudioInfo) -> float | None:
     if info.container == "wav":
         size = os.path.getsize(source)
         with open(source, "rb") as fh:
-            head = fh.read(WAV_HEAD_BYTES)
-        wav = _wav_layout(head)
+            wav = _find_wav_layout(fh, fh.read(WAV_HEAD_BYTES), size)
         if wav is None or not wav.block or not wav.rate:
             return None
         return (size - wav.data_start) / wav.block / wav.rate
