@@ -363,6 +363,32 @@ def test_a_wav_whose_data_chunk_says_less_than_follows_is_refused(speech, tmp_pa
         decode(_with_data_size(wav, len(wav) - (wav.index(b"data") + 8) - 32000), limits=LIMITS)
 
 
+def test_the_chunks_after_a_wav_data_chunk_are_walked_as_writers_write_them(speech, tmp_path):
+    """Some writers leave out the pad byte after an odd-sized chunk: a LIST chunk of 13 bytes with
+    none, then an iXML chunk of 5000 bytes, is a lawful tail (it was CORRUPT_AUDIO: the walk
+    landed a byte into the iXML header and took it all for stray bytes). A chunk length past the
+    end of the file is no chunk: 5000 stray bytes behind a wild LIST header are CORRUPT_AUDIO (the
+    walk jumped past the end and took them for chunks)."""
+    wav = audio.encode(speech, "wav")
+    riff = lambda b: b[:4] + (len(b) - 8).to_bytes(4, "little") + b[8:]  # noqa: E731
+    odd_list = b"LIST" + (13).to_bytes(4, "little") + b"INFOICMT" + (1).to_bytes(4, "little") + b"x"
+    ixml = (b"<BWFXML>" + b"<NOTE>take 1</NOTE>" * 300)[:5000]
+    lawful = riff(wav + odd_list + b"iXML" + len(ixml).to_bytes(4, "little") + ixml)
+    wild = riff(wav + b"LIST" + (0x7FFFFFF0).to_bytes(4, "little") + bytes(range(1, 251)) * 20)
+    for name, data in (("lawful", lawful), ("wild", wild)):
+        path = tmp_path / f"{name}.wav"
+        path.write_bytes(data)
+        for check in (lambda: decode(data, limits=LIMITS).duration,  # noqa: B023
+                      lambda: decode(str(path), limits=LIMITS).duration,  # noqa: B023
+                      lambda: probe(str(path), limits=LIMITS).seconds):  # noqa: B023  # fmt: skip
+            if name == "lawful":
+                assert abs(check() - speech.shape[0] / 16000) < 0.01
+            else:
+                with pytest.raises(InvalidInput) as err:
+                    check()
+                assert err.value.reason == "CORRUPT_AUDIO", err.value
+
+
 @pytest.mark.parametrize("fmt", ["ogg", "webm"])
 def test_damaged_ogg_and_webm_are_refused_like_flac(speech, fmt, tmp_path):
     """Ogg states its length in its last page's granule position, WebM in its Duration element: a

@@ -557,14 +557,25 @@ def check_wav_tail(source: bytes | str | BinaryIO, head: bytes, size: int) -> No
 
 
 def _wav_tail(fh: BinaryIO, wav: _WavLayout, size: int) -> int:
-    """How many bytes after the data chunk are unaccounted for (0 if within the rules above)."""
+    """How many bytes after the data chunk are unaccounted for (0 if within the rules above). A
+    chunk counts only if it fits in the file (a wild length jumping past the end is not a chunk).
+    Some writers leave out the pad byte after an odd-sized chunk: where no chunk id follows one,
+    the next chunk is looked for a byte earlier."""
     off = wav.data_start + wav.data_size + (wav.data_size & 1)
+    odd = bool(wav.data_size & 1)
     while off + 8 <= size:
         fh.seek(off)
         chunk = fh.read(8)
-        if not all(0x20 <= c <= 0x7E for c in chunk[:4]):  # not a chunk id: not a chunk
+        if odd and not _chunk_id(chunk):
+            fh.seek(off - 1)
+            if _chunk_id(unpadded := fh.read(8)):
+                off, chunk = off - 1, unpadded
+        if not _chunk_id(chunk):  # not a chunk id: not a chunk
             break
         length = int.from_bytes(chunk[4:8], "little")
+        if off + 8 + length > size:
+            break
+        odd = bool(length & 1)
         off += 8 + length + (length & 1)
     else:
         return 0  # chunks to the end
@@ -576,6 +587,11 @@ def _wav_tail(fh: BinaryIO, wav: _WavLayout, size: int) -> int:
         if block.strip(b"\0"):
             return size - off
     return 0  # zero padding
+
+
+def _chunk_id(header: bytes) -> bool:
+    """Whether a RIFF chunk header starts with a chunk id (four printable ASCII characters)."""
+    return len(header) >= 4 and all(0x20 <= c <= 0x7E for c in header[:4])
 
 
 @dataclass(frozen=True, slots=True)
