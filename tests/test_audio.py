@@ -415,6 +415,34 @@ def test_damaged_ogg_and_webm_are_refused_like_flac(speech, fmt, tmp_path):
         assert decode(live[: len(live) // 2], limits=LIMITS).info.length_exact is False
 
 
+def test_a_webm_whose_duration_overstates_its_audio_decodes_in_full(speech, tmp_path):
+    """Web apps patch the Duration of MediaRecorder's WebM with the wall-clock time of the
+    recording, pauses included (fix-webm-duration): a WebM all of whose bytes demux but whose
+    Duration says three times as long decodes in full (it was TRUNCATED_AUDIO), from bytes, a file
+    and the upload check (longer than its first seconds: it checks the end too). Cut off or
+    damaged, the same WebM is still TRUNCATED_AUDIO."""
+    import struct
+
+    long = np.concatenate([speech] * 3)
+    data = audio.encode(long, "webm")
+    at = data.index(b"\x44\x89\x88") + 3  # the Duration element, an 8-byte float (milliseconds)
+    stated = struct.unpack(">d", data[at : at + 8])[0]
+    assert abs(stated / 1000 - long.shape[0] / 16000) < 0.1
+    patched = data[:at] + struct.pack(">d", stated * 3) + data[at + 8 :]
+    path = tmp_path / "patched.webm"
+    path.write_bytes(patched)
+    seconds = long.shape[0] / 16000
+    assert abs(decode(patched, limits=LIMITS).duration - seconds) < 0.2
+    assert abs(decode(str(path), limits=LIMITS).duration - seconds) < 0.2
+    assert abs(probe(str(path), limits=LIMITS).seconds - seconds) < 0.2
+    damaged = bytearray(patched)
+    damaged[len(patched) // 3 : len(patched) // 3 + 2000] = bytes(2000)
+    for bad in (patched[: len(patched) // 2], bytes(damaged)):
+        with pytest.raises(InvalidInput) as err:
+            decode(bad, limits=LIMITS)
+        assert err.value.reason == "TRUNCATED_AUDIO", err.value
+
+
 @pytest.mark.parametrize("fmt", ["wav", "flac", "m4a", "mp3", "webm"])  # (this MP3 has an Info header)
 def test_truncated_files_are_refused(speech, fmt):
     data = audio.encode(np.concatenate([speech, speech]), fmt)

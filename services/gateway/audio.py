@@ -264,6 +264,7 @@ def _iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: st
                 f"unsupported audio codec {codec!r} in {fmt}", reason="UNSUPPORTED_CODEC", field="content"
             )
         declared = _declared_seconds(container, stream)
+        segment_end: int | None = None
         length_exact = fmt in HEADER_DURATION or (fmt == "mp3" and _mp3_counts_frames(fileobj))
         if fmt == "ogg":
             # FFmpeg reads the last page's granule position: the stream's true end (None when the
@@ -271,9 +272,11 @@ def _iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: st
             length_exact = stream.duration is not None and stream.duration > 0
         elif fmt == "matroska,webm" and not container.streams.video:
             # The Segment's Duration element, when the muxer wrote one (a live recorder does not);
-            # with video it may be the video's, longer than the audio.
-            mkv = _matroska_duration(_file_head(fileobj))
+            # with video it may be the video's, longer than the audio. It can be wrong (see below).
+            head = _file_head(fileobj)
+            mkv = _matroska_duration(head)
             declared, length_exact = (mkv, True) if mkv is not None else (declared, False)
+            segment_end = _matroska_segment_end(head)
         if fmt == "wav":
             # The length the data chunk states (also when it starts past the first bytes: large
             # bext, iXML or JUNK chunks before it). None for a WAV written to a pipe (FFmpeg's is
@@ -298,7 +301,8 @@ def _iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: st
             raise _too_long(declared, limits, declared=True)
         resampler = Resampler(limits)
         errors = packets = 0
-        for packet in _demux(container, stream):
+        demuxed = _Demuxed()
+        for packet in _demux(container, stream, demuxed):
             if packet.size == 0:
                 continue
             packets += 1
@@ -325,18 +329,74 @@ def _iter_container(source: bytes | str | BinaryIO, limits: Limits, encoding: st
                 field="content",
             )
         if declared is not None and info.length_exact and info.seconds < declared - max(0.5, 0.02 * declared):
+            # (Ogg: its last granule position is the true sample count, so a shortfall is enough;
+            # its packets' positions are their pages', no evidence of skipped bytes.)
+            why = demuxed.stopped_early(_size_of(fileobj), segment_end) if fmt == "matroska,webm" else None
+            if fmt == "matroska,webm" and why is None:
+                # Every byte was demuxed: the audio decoded is all the file holds, and its Duration
+                # is wrong (web apps patch MediaRecorder's WebM with the wall-clock time of the
+                # recording, pauses included). Not cut short.
+                log.debug("WebM Duration %.1fs, decoded %.1fs from all of it", declared, info.seconds)
+                info.length_exact = False
+                return
             stated_by = "last page" if fmt == "ogg" else "header"
             raise InvalidInput(
                 f"the file is truncated: its {stated_by} says {declared:.1f}s of audio but only "
-                f"{info.seconds:.1f}s could be decoded",
+                f"{info.seconds:.1f}s could be decoded" + (f" ({why})" if why else ""),
                 reason="TRUNCATED_AUDIO",
                 field="content",
             )
 
 
-def _demux(container: av.container.InputContainer, stream: av.AudioStream) -> Iterator[Any]:
+# Bytes of a WebM the demuxer may leave behind without having stopped early: after the last
+# packet (Cues, Tags: tens of bytes for a minute, ~20 per cluster), and between two packets (block
+# and cluster headers: under 20 bytes).
+DEMUX_TAIL_SLACK = 4096  # and 1 % of the file
+DEMUX_GAP_SLACK = 1024
+
+
+class _Demuxed:
+    """How far demuxing got through a file: whether the demuxer stopped on an error, where the
+    packets ended, and the most bytes it skipped between two packets (resyncing past damage)."""
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+        self.end = 0
+        self.skipped = 0
+        self.positions = True  # every packet said where it was
+        self._last: int | None = None
+
+    def saw(self, packet: Any) -> None:
+        pos = packet.pos
+        if pos is None or pos < 0:
+            self.positions = False
+            return
+        if self._last is not None:
+            self.skipped = max(self.skipped, pos - self._last)
+        self._last = pos + packet.size
+        self.end = max(self.end, self._last)
+
+    def stopped_early(self, size: int, stated_end: int | None) -> str | None:
+        """Why the demuxer did not get through all `size` bytes of the file (`stated_end`: where
+        its outermost element says it ends), or None if it did."""
+        if self.error is not None:
+            return f"demuxing stopped: {self.error}"
+        if stated_end is not None and stated_end > size + 1:
+            return f"the file says it is {stated_end} bytes long but is {size}"
+        if not self.positions:
+            return "packet positions unknown"
+        if self.end < size - max(DEMUX_TAIL_SLACK, size // 100):
+            return f"demuxing stopped at byte {self.end} of {size}"
+        if self.skipped > DEMUX_GAP_SLACK:
+            return f"the demuxer skipped {self.skipped} unreadable bytes"
+        return None
+
+
+def _demux(
+    container: av.container.InputContainer, stream: av.AudioStream, demuxed: _Demuxed | None = None
+) -> Iterator[Any]:
     """The stream's packets; a demuxer error ends them (what was read is still decoded, and the
-    truncation and corruption checks judge the result)."""
+    truncation and corruption checks judge the result). `demuxed` learns how far it got."""
     packets = container.demux(stream)
     while True:
         try:
@@ -345,7 +405,11 @@ def _demux(container: av.container.InputContainer, stream: av.AudioStream) -> It
             return
         except av.error.FFmpegError as exc:
             log.debug("demuxing stopped: %s", _av_msg(exc))
+            if demuxed is not None:
+                demuxed.error = _av_msg(exc)
             return
+        if demuxed is not None and packet.size:
+            demuxed.saw(packet)
         yield packet
 
 
@@ -361,27 +425,46 @@ _EBML, _SEGMENT, _INFO, _CLUSTER = 0x1A45DFA3, 0x18538067, 0x1549A966, 0x1F43B67
 _TIMESTAMP_SCALE, _DURATION = 0x2AD7B1, 0x4489
 
 
+def _ebml_vint(head: bytes, at: int, keep_marker: bool) -> tuple[int, int] | None:
+    """An EBML variable-size integer at `at`: (value, offset after it); a size of all ones is -1
+    (unknown size)."""
+    if at >= len(head) or head[at] == 0:
+        return None
+    length = 9 - head[at].bit_length()
+    if at + length > len(head):
+        return None
+    value = int.from_bytes(head[at : at + length], "big")
+    if not keep_marker:
+        value &= (1 << (7 * length)) - 1
+        if value == (1 << (7 * length)) - 1:
+            value = -1  # unknown size
+    return value, at + length
+
+
+def _ebml_element(head: bytes, at: int) -> tuple[int, int, int] | None:
+    """(id, size, body offset) of the EBML element at `at`."""
+    if (ident := _ebml_vint(head, at, True)) is None or (size := _ebml_vint(head, ident[1], False)) is None:
+        return None
+    return ident[0], size[0], size[1]
+
+
+def _matroska_segment_end(head: bytes) -> int | None:
+    """Where a Matroska/WebM file's Segment ends by the size it states (None: unknown, as a live
+    recorder writes it)."""
+    if (ebml := _ebml_element(head, 0)) is None or ebml[0] != _EBML:
+        return None
+    segment = _ebml_element(head, ebml[2] + ebml[1])
+    if segment is None or segment[0] != _SEGMENT or segment[1] < 0:
+        return None
+    return segment[2] + segment[1]
+
+
 def _matroska_duration(head: bytes) -> float | None:
     """Seconds the Duration element of a Matroska/WebM Segment's Info states (None if there is
     none in the file's first bytes). FFmpeg would estimate a length from the bitrate without one."""
 
-    def vint(at: int, keep_marker: bool) -> tuple[int, int] | None:
-        if at >= len(head) or head[at] == 0:
-            return None
-        length = 9 - head[at].bit_length()
-        if at + length > len(head):
-            return None
-        value = int.from_bytes(head[at : at + length], "big")
-        if not keep_marker:
-            value &= (1 << (7 * length)) - 1
-            if value == (1 << (7 * length)) - 1:
-                value = -1  # unknown size
-        return value, at + length
-
     def element(at: int) -> tuple[int, int, int] | None:  # (id, size, body offset)
-        if (ident := vint(at, True)) is None or (size := vint(ident[1], False)) is None:
-            return None
-        return ident[0], size[0], size[1]
+        return _ebml_element(head, at)
 
     at, end, scale, duration = 0, len(head), 1_000_000, None
     while (el := element(at)) is not None:
@@ -1205,6 +1288,8 @@ def _probe_container(source: str, limits: Limits, encoding: str) -> AudioInfo | 
         if end is None:
             return None  # cannot tell cheaply: decode it all
         if end < declared - max(0.5, 0.02 * declared):
+            if info.container == "matroska,webm":
+                return None  # a WebM's Duration may be wrong: decode it all to tell (see there)
             raise InvalidInput(
                 f"the file is truncated: its header says {declared:.1f}s of audio but it ends at {end:.1f}s",
                 reason="TRUNCATED_AUDIO",
