@@ -699,10 +699,9 @@ class SpeechAPI:
         """Whether admission learns the transcriber's cost from this live window: not from windows
         with left context given as a prefix (hypotheses of a lone stream, utterance-end finals),
         which no stream has under load and which cost ~40 % (hypotheses) to twice (finals with the
-        full encoder context) as much: with them the bench's 4-stream level was refused 2 streams
-        (estimate: 2 fit). Greedy windows alone made it extrapolate from few sizes (8 streams
-        estimated at 7): other light-load windows (beam 3, beam-5 finals) still count, conservative
-        as before."""
+        full encoder context) as much: with a lone stream's counted, the bench's next level was
+        refused 2 of 4 streams (estimate: 2 fit). The other light-load windows (beam 3, beam-5
+        finals without a prefix) count, as before."""
         return not options.prefix
 
     async def _read_stream(
