@@ -35,7 +35,7 @@ from services.shared.domain import (
     Word,
     WorkClass,
 )
-from services.shared.errors import InvalidInput
+from services.shared.errors import InvalidInput, LimitExceeded
 from stt.client import _TRANSPORT_BROKE
 
 # -- a scripted model: audio value k (k > 0) held for a word's duration is the word "wK" ---------------
@@ -129,6 +129,23 @@ TOTAL = WORDS[-1][1] + 1.0
 
 def text_of(evs: list[Event]) -> list[str]:
     return [w.word.strip() for ev in evs for w in ev.words]
+
+
+def test_a_backlog_past_its_bound_is_refused_and_one_message_past_it_is_invalid():
+    """Audio sent faster than it is transcribed is refused past max_buffer seconds (RESOURCE_EXHAUSTED
+    STREAM_BACKLOG: slower, it would be taken); one message holding more than that can never be
+    taken, however long the client waits: INVALID_ARGUMENT naming audio_content."""
+    s = session(policy=replace(POLICY, max_buffer=5.0))
+    with pytest.raises(InvalidInput) as invalid:
+        s.add_audio(np.zeros(int(5.1 * SAMPLE_RATE), dtype=np.float32))
+    assert invalid.value.reason == "BAD_FIELD_VALUE" and invalid.value.field == "audio_content"
+    assert "smaller messages" in invalid.value.message
+    assert s.received_seconds == 0.0  # nothing of it was taken
+    for _ in range(10):
+        s.add_audio(np.zeros(SAMPLE_RATE // 2, dtype=np.float32))  # 5 s in all: at the bound
+    with pytest.raises(LimitExceeded) as backlog:
+        s.add_audio(np.zeros(SAMPLE_RATE // 10, dtype=np.float32))
+    assert backlog.value.reason == "STREAM_BACKLOG"
 
 
 async def test_unbroken_session_marks_utterances():

@@ -82,7 +82,7 @@ from services.shared.domain import (
     WorkClass,
     last_words,
 )
-from services.shared.errors import LimitExceeded
+from services.shared.errors import InvalidInput, LimitExceeded
 
 log = logging.getLogger("gateway.streaming")
 
@@ -471,7 +471,17 @@ class StreamingSession:
     def add_audio(self, samples: np.ndarray) -> None:
         if samples.size == 0:
             return
-        pending = self.backlog_seconds + samples.shape[0] / SAMPLE_RATE
+        seconds = samples.shape[0] / SAMPLE_RATE
+        if seconds > self.policy.max_buffer:
+            # Never accepted, however long the client waits: not "retry later" but a request to fix.
+            raise InvalidInput(
+                f"one message holds {seconds:.1f}s of audio; a stream takes at most "
+                f"{self.policy.max_buffer:.0f}s ahead of transcription: send the audio in smaller "
+                "messages (e.g. 100 ms each), or send a recording with Recognize or as a job",
+                reason="BAD_FIELD_VALUE",
+                field="audio_content",
+            )
+        pending = self.backlog_seconds + seconds
         if pending > self.policy.max_buffer:
             raise LimitExceeded(
                 f"more than {self.policy.max_buffer:.0f}s of audio is waiting to be transcribed: the "
