@@ -5,9 +5,9 @@ RetryInfo) so the latency of the admitted streams never runs away. No grpc here.
 Live streams move in ticks: every stream's next hypothesis goes into one batched model call per
 transcriber. A stream stays real-time (final words within ~1 s) while a tick lasts at most
 `target_tick` seconds. The cost of a live call is measured, per transcriber, from the live calls
-it served (each response carries its call's live windows and seconds; the gateway does not report
-windows with left context given as a prefix, which no stream has under load and which would
-understate how many streams fit) and fitted as
+it served (each response carries its call's live windows and seconds; the gateway reports only
+windows shaped as under load, greedy and without left context: capacity is what fits in a loaded
+tick, and light-load windows, several times dearer, made the fit swing) and fitted as
 `fixed + per_window * windows` (least squares over its recent calls); a transcriber serves the
 streams that fit in `target_tick`. So the capacity follows the model, the hardware (a GPU replica
 measures cheaper) and the number of replicas. While the recent calls all had the same size, the

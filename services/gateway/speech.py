@@ -696,13 +696,17 @@ class SpeechAPI:
         return result
 
     def _learns_cost(self, options: Any) -> bool:
-        """Whether admission learns the transcriber's cost from this live window: not from windows
-        with left context given as a prefix (hypotheses of a lone stream, utterance-end finals),
-        which no stream has under load and which cost ~40 % (hypotheses) to twice (finals with the
-        full encoder context) as much: with a lone stream's counted, the bench's next level was
-        refused 2 of 4 streams (estimate: 2 fit). The other light-load windows (beam 3, beam-5
-        finals without a prefix) count, as before."""
-        return not options.prefix
+        """Whether admission learns the transcriber's cost from this live window: only from windows
+        as every stream's are under load (greedy hypotheses and finals, the live window's shorter
+        encoder context, no prefix), since capacity is what fits in a tick then. Light-load windows
+        (beam 3, left context, beam-5 finals) cost several times more, and fitted beside the loaded
+        ones they made the estimate swing: with a lone stream's prefixed hypotheses counted, 2
+        streams (the bench's 4-stream level refused 2); with all but those counted, 3 (4 streams had
+        been served with final-word p95 1.5 s). Until loaded windows are measured, a transcriber
+        counts for stream_capacity_initial streams."""
+        s = self.settings
+        greedy = max(s.stream_interim_beam_size, s.stream_loaded_final_beam_size, 1)
+        return options.beam_size <= greedy and not options.prefix and options.dynamic_context
 
     async def _read_stream(
         self,
