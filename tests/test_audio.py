@@ -329,6 +329,25 @@ def test_a_wav_whose_data_starts_past_the_first_64_kib_is_checked_against_its_he
                     check()
 
 
+def test_the_walk_over_a_wav_s_chunks_is_bounded(speech, tmp_path):
+    """A WAV's chunk headers are walked in Python: a hostile file of a million empty chunks (8 bytes
+    each) would cost a loop per chunk, several times per file. Past MAX_WAV_CHUNKS the walk stops
+    (the layout is left to FFmpeg, which still decodes the file whole); up to it, the data chunk is
+    found as before."""
+    from services.gateway import audio as audio_mod
+
+    wav = audio.encode(speech, "wav")
+    at = wav.index(b"data")
+    seconds = speech.shape[0] / 16000
+    for chunks, found in ((audio_mod.MAX_WAV_CHUNKS - 4, True), (200_000, False)):
+        data = wav[:at] + b"JUNK" + bytes(4) + (b"JUNK" + bytes(4)) * (chunks - 1) + wav[at:]
+        assert (audio_mod._wav_layout(data) is not None) == found
+        assert (audio_mod._walk_wav_chunks(io.BytesIO(data), len(data)) is not None) == found
+        path = tmp_path / f"{chunks}.wav"
+        path.write_bytes(data)
+        assert abs(decode(str(path), limits=LIMITS).duration - seconds) < 0.01
+
+
 def _with_data_size(wav: bytes, size: int) -> bytes:
     at = wav.index(b"data") + 4
     return wav[:at] + size.to_bytes(4, "little") + wav[at + 4 :]

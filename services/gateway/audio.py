@@ -579,13 +579,20 @@ def _find_wav_layout(source: bytes | str | BinaryIO, head: bytes, size: int) -> 
         source.seek(pos)
 
 
+# Chunks walked in a WAV's header or after its data: real files have a handful; a hostile one of
+# millions of empty chunks (8 bytes each) would cost a Python loop per chunk, several times a file.
+MAX_WAV_CHUNKS = 1024
+
+
 def _walk_wav_chunks(fh: BinaryIO, size: int) -> _WavLayout | None:
     """_wav_layout over an open file, a chunk header at a time."""
     off, fmt = 12, (0, 0, 0, 0, 0, 0)
-    while off + 8 <= size:
+    for _ in range(MAX_WAV_CHUNKS):
+        if off + 8 > size:
+            return None
         fh.seek(off)
         header = fh.read(8)
-        if len(header) < 8:
+        if len(header) < 8 or not _chunk_id(header):
             return None
         chunk, length = header[:4], int.from_bytes(header[4:8], "little")
         if chunk == b"fmt " and length >= 16:
@@ -646,7 +653,11 @@ def _wav_tail(fh: BinaryIO, wav: _WavLayout, size: int) -> int:
     the next chunk is looked for a byte earlier."""
     off = wav.data_start + wav.data_size + (wav.data_size & 1)
     odd = bool(wav.data_size & 1)
+    walked = 0
     while off + 8 <= size:
+        walked += 1
+        if walked > MAX_WAV_CHUNKS:  # the rest is judged as bytes that are no chunks
+            break
         fh.seek(off)
         chunk = fh.read(8)
         if odd and not _chunk_id(chunk):
@@ -713,7 +724,9 @@ def _wav_layout(head: bytes) -> _WavLayout | None:
     """The chunks of a WAV's first bytes, walked up to `data` (None: no `data` chunk in them). The
     callers check the RIFF/WAVE magic as they need."""
     off, fmt = 12, (0, 0, 0, 0, 0, 0)
-    while off + 8 <= len(head):
+    for _ in range(MAX_WAV_CHUNKS):
+        if off + 8 > len(head) or not _chunk_id(head[off : off + 4]):
+            return None
         chunk, size = head[off : off + 4], int.from_bytes(head[off + 4 : off + 8], "little")
         body = off + 8
         if chunk == b"fmt " and size >= 16:
