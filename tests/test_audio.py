@@ -348,6 +348,40 @@ def test_the_walk_over_a_wav_s_chunks_is_bounded(speech, tmp_path):
         assert abs(decode(str(path), limits=LIMITS).duration - seconds) < 0.01
 
 
+def test_a_wav_streamed_as_linear16_is_heard_as_far_as_its_data_chunk_says(speech):
+    """A WAV streamed as LINEAR16 at its own format: the samples its data chunk states, in pieces
+    of any size; the chunks a file has after its audio (LIST, id3) are not heard (they were, as a
+    click); bytes after a stated size that are no chunk are heard (a writer that stated too little);
+    a pipe's placeholder size takes everything; a header whose chunk swallows the stream (stating
+    gigabytes) is UNDECODABLE_AUDIO at its end, not an empty success."""
+    from services.gateway.audio import Linear16Start
+
+    raw = audio.encode(speech, "raw")
+    wav = audio.encode(speech, "wav")
+    wav = wav[: wav.index(b"data") + 8] + raw  # the data chunk last, whatever the encoder wrote after
+    tail = (
+        b"LIST" + (26).to_bytes(4, "little") + b"INFOISFT" + (14).to_bytes(4, "little") + b"Lavf61.7.100\0\0"
+    )
+
+    def streamed(data: bytes, piece: int) -> bytes:
+        start = Linear16Start(16000, 1, "audio_content", "", "OGG_OPUS")
+        out = b"".join(start.feed(data[i : i + piece]) for i in range(0, len(data), piece))
+        return out + start.finish()
+
+    short = _with_data_size(wav, len(raw) - 3200)  # 0.1 s more than it says, no chunk after it
+    for piece in (3, 1000, 3200, len(wav) + len(tail)):
+        assert streamed(wav + tail, piece) == raw, piece
+        assert streamed(short, piece) == raw, piece
+        assert streamed(_with_data_size(wav, 0x7FFFF000) + tail, piece) == raw + tail, piece
+    at = wav.index(b"data")
+    swallowed = wav[:at] + b"JUNK" + (0xFFFFFFF0).to_bytes(4, "little") + wav[at:]
+    start = Linear16Start(16000, 1, "audio_content", "", "OGG_OPUS")
+    assert start.feed(swallowed) == b""
+    with pytest.raises(InvalidInput) as err:
+        start.finish()
+    assert err.value.reason == "UNDECODABLE_AUDIO" and "never reached a data chunk" in err.value.message
+
+
 def _with_data_size(wav: bytes, size: int) -> bytes:
     at = wav.index(b"data") + 4
     return wav[:at] + size.to_bytes(4, "little") + wav[at + 4 :]

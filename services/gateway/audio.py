@@ -940,12 +940,15 @@ def linear16_span(fh: BinaryIO, size: int, sample_rate: int, channels: int) -> t
 class Linear16Start:
     """The start of a LINEAR16 stream, judged as it arrives. Raw samples pass on. A WAV header
     (RIFF or RF64 WAVE) of 16-bit PCM at the stream's rate and channels is dropped up to its data
-    chunk, however many messages it spans, and what follows is the samples (to the end of the
-    stream: a WAV written live states a placeholder for its size). Another WAV, or a file of another
+    chunk, however many messages it spans, and what follows is the samples: to the end of the
+    stream when its size is a placeholder (a WAV written live), else as many bytes as it states;
+    what comes after them is dropped if it starts as a chunk does (a file's LIST or id3 chunks
+    after its audio, which were heard as a click) and heard if not (a writer that stated a wrong
+    size). Another WAV, or a file of another
     kind, is ENCODING_MISMATCH on its first bytes. `advice`: what to do instead of another file;
     `stream_encodings`: the compressed streaming encodings, for a WAV's message."""
 
-    _SNIFF, _CHUNKS, _SAMPLES = 0, 1, 2
+    _SNIFF, _CHUNKS, _SAMPLES, _DATA, _AFTER, _DROP = 0, 1, 2, 3, 4, 5
 
     def __init__(
         self, sample_rate: int, channels: int, field: str, advice: str, stream_encodings: str
@@ -957,6 +960,7 @@ class Linear16Start:
         self._skip = 0  # bytes of the current chunk still to drop
         self._pad = 0  # 1 after an odd-sized chunk: a pad byte may come
         self._fmt: _WavLayout | None = None
+        self._left = 0  # _DATA: bytes of the data chunk still to come
 
     @property
     def done(self) -> bool:
@@ -967,7 +971,22 @@ class Linear16Start:
         """The samples in `data` (b"" while the header is still being read)."""
         if self._state == self._SAMPLES:
             return data
+        if self._state == self._DROP:
+            return b""
+        if self._state == self._DATA:
+            out, self._left = data[: self._left], self._left - min(len(data), self._left)
+            if self._left:
+                return out
+            self._state = self._AFTER
+            return out + self.feed(data[len(out) :])
         self._buf += data
+        if self._state == self._AFTER:
+            if len(self._buf) < 4:
+                return b""
+            if _chunk_id(bytes(self._buf[:4])):
+                self._state, self._buf = self._DROP, bytearray()
+                return b""
+            return self._samples(0)
         if self._state == self._SNIFF:
             if len(self._buf) < 12:
                 return b""
@@ -993,7 +1012,11 @@ class Linear16Start:
             if ident == b"data":
                 if self._fmt is None:
                     raise self._corrupt("its data chunk before a `fmt ` chunk")
-                return self._samples(8)
+                if size == 0 or size >= STREAMED_DATA_SIZE:
+                    return self._samples(8)
+                rest = bytes(self._buf[8:])
+                self._state, self._left, self._buf = self._DATA, size, bytearray()
+                return self.feed(rest)
             if ident == b"fmt ":
                 if not 16 <= size <= 4096:
                     raise self._corrupt(f"a `fmt ` chunk of {size} bytes")
@@ -1007,9 +1030,12 @@ class Linear16Start:
 
     def finish(self) -> bytes:
         """At the end of the stream: bytes still held that are samples (a stream of fewer than 12
-        bytes); none of a WAV header without data."""
-        if self._state == self._SNIFF:
+        bytes, the last bytes after a data chunk); a WAV header that never reached its data is
+        UNDECODABLE_AUDIO (a chunk stating gigabytes had swallowed the stream)."""
+        if self._state in (self._SNIFF, self._AFTER):
             return self._samples(0)
+        if self._state == self._CHUNKS:
+            raise self._corrupt("its header never reached a data chunk")
         return b""
 
     def _samples(self, skip: int) -> bytes:
