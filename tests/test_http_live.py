@@ -193,6 +193,30 @@ async def test_realtime_ga_protocol_with_server_vad_turns(gateway: Gateway, dela
                 assert e.item_id in stopped, f"text of turn {e.item_id} before its speech stopped"
 
 
+REALTIME = "/v1/realtime?intent=transcription"
+BETA = {"openai-beta": "realtime=v1"}
+
+
+async def _event(ws: Any) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), 30))  # type: ignore[no-any-return]
+
+
+async def test_realtime_append_without_audio_is_an_error(gateway: Gateway):
+    """An append without `audio` is refused as one with audio that is not base64 (it was ignored
+    without a word); the session goes on."""
+    async with connect(ws_url(gateway, REALTIME), additional_headers=BETA) as ws:
+        assert (await _event(ws))["type"] == "transcription_session.created"
+        for i, append in enumerate(({}, {"audio": None}, {"audio": 123}, {"audio": "%%%"})):
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "event_id": f"a{i}", **append}))
+            event = await _event(ws)
+            assert event["type"] == "error", (append, event)
+            assert event["error"]["code"] == "bad_field_value" and event["error"]["param"] == "audio", event
+            assert event["error"]["event_id"] == f"a{i}"
+        # Still open; none of them added audio.
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        assert (await _event(ws))["error"]["code"] == "empty_audio"
+
+
 async def test_native_protocol_with_webm_opus_as_mediarecorder_sends_it(gateway: Gateway):
     data = live_webm(np.concatenate([load_16k(LIBRI), audio.silence(1.0)]))
     finals, interims = [], []

@@ -600,8 +600,14 @@ class RealtimeConnection:
         return feed
 
     async def append(self, audio_b64: Any) -> None:
+        if audio_b64 is None:
+            raise InvalidInput(
+                "input_audio_buffer.append needs audio (base64)", reason="BAD_FIELD_VALUE", field="audio"
+            )
+        if not isinstance(audio_b64, str):
+            raise InvalidInput("audio must be base64", reason="BAD_FIELD_VALUE", field="audio")
         try:
-            data = base64.b64decode(str(audio_b64), validate=True)
+            data = base64.b64decode(audio_b64, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidInput("audio must be base64", reason="BAD_FIELD_VALUE", field="audio") from None
         pcm = self.session.pcm(data)
@@ -707,7 +713,7 @@ async def _realtime_event(conn: RealtimeConnection, raw: str | bytes | None) -> 
                 session=conn.session.describe(),
             )
         elif kind == "input_audio_buffer.append":
-            await conn.append(event.get("audio", ""))
+            await conn.append(event.get("audio"))
         elif kind == "input_audio_buffer.commit":
             if conn.task is None:
                 raise InvalidInput(
