@@ -201,6 +201,24 @@ async def _event(ws: Any) -> dict[str, Any]:
     return json.loads(await asyncio.wait_for(ws.recv(), 30))  # type: ignore[no-any-return]
 
 
+async def _until(ws: Any, kind: str) -> list[dict[str, Any]]:
+    """Events up to and including the first of this type."""
+    events = []
+    async with asyncio.timeout(120):
+        while not events or events[-1]["type"] != kind:
+            events.append(json.loads(await ws.recv()))
+    return events
+
+
+async def _until_closed(ws: Any) -> list[dict[str, Any]]:
+    events = []
+    with contextlib.suppress(ConnectionClosed):
+        async with asyncio.timeout(30):
+            while True:
+                events.append(json.loads(await ws.recv()))
+    return events
+
+
 async def test_realtime_append_without_audio_is_an_error(gateway: Gateway):
     """An append without `audio` is refused as one with audio that is not base64 (it was ignored
     without a word); the session goes on."""
@@ -215,6 +233,53 @@ async def test_realtime_append_without_audio_is_an_error(gateway: Gateway):
         # Still open; none of them added audio.
         await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
         assert (await _event(ws))["error"]["code"] == "empty_audio"
+
+
+async def test_realtime_appends_may_split_samples(gateway: Gateway, libri_24k: bytes):
+    """PCM16 appends of an odd number of bytes are taken (the odd byte goes with the next), as gRPC
+    and /v1/stream take audio messages; only a commit of an odd total is refused (partial_frame,
+    param audio), and the buffer is kept for the missing byte. (Each odd append was refused and
+    its audio dropped: the transcript was empty.)"""
+    async with connect(ws_url(gateway, REALTIME), additional_headers=BETA) as ws:
+        assert (await _event(ws))["type"] == "transcription_session.created"
+        await ws.send(
+            json.dumps({"type": "transcription_session.update", "session": {"turn_detection": None}})
+        )
+        assert (await _event(ws))["type"] == "transcription_session.updated"
+
+        async def append(b64: str) -> None:
+            await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": b64}))
+
+        await _append_all(append, libri_24k, chunk=4801)
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        events = await _until(ws, "conversation.item.input_audio_transcription.completed")
+        assert not [e for e in events if e["type"] == "error"], [e for e in events if e["type"] == "error"]
+        assert wer(LIBRI.text, events[-1]["transcript"]) <= 0.2, events[-1]["transcript"]
+        # A commit of an odd number of bytes: refused, the buffer kept; with the missing byte it goes.
+        await append(base64.b64encode(bytes(4801)).decode())
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit", "event_id": "odd"}))
+        error = (await _event(ws))["error"]
+        assert (error["code"], error["param"], error["event_id"]) == ("partial_frame", "audio", "odd"), error
+        await append(base64.b64encode(bytes(1)).decode())
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        events = await _until(ws, "conversation.item.input_audio_transcription.completed")
+        assert not [e for e in events if e["type"] == "error"], events
+
+
+async def test_native_stream_of_an_odd_total_names_audio_content(gateway: Gateway):
+    """Messages may split 16-bit samples; a stream whose audio ends in half of one is PARTIAL_FRAME
+    naming the request's audio field, audio_content (it named `content`, Recognize's field)."""
+    data = pcm16(load_16k(LIBRI)[:8000], 16000) + b"\x00"
+    async with connect(ws_url(gateway, "/v1/stream")) as ws:
+        await ws.send(json.dumps({"config": {"encoding": "LINEAR16", "sample_rate_hz": 16000}}))
+        for i in range(0, len(data), 3201):
+            await ws.send(data[i : i + 3201])
+        await ws.send(json.dumps({"type": "end"}))
+        messages = await _until_closed(ws)
+        assert ws.close_code == 1008
+    errors = [m["error"] for m in messages if "error" in m]
+    assert len(errors) == 1 and errors[0]["code"] == "partial_frame", messages
+    assert errors[0]["param"] == "audio_content", errors
 
 
 async def test_native_protocol_with_webm_opus_as_mediarecorder_sends_it(gateway: Gateway):

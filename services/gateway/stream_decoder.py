@@ -153,8 +153,17 @@ class PcmStreamDecoder(StreamDecoder):
             for block in self._dec.flush():
                 self.sink(block)
         except ServiceError as exc:
+            if exc.reason == "PARTIAL_FRAME":  # (its message and field are Recognize's content)
+                channels = self._dec.channels
+                exc = InvalidInput(
+                    f"the stream's LINEAR16 audio ends with an incomplete frame ({2 * channels} bytes: a "
+                    f"16-bit sample for each of {channels} channel(s)); messages may split frames, the "
+                    "stream's audio as a whole may not",
+                    reason="PARTIAL_FRAME",
+                    field="audio_content",
+                )
             self._fail(exc)
-            raise
+            raise exc from None
         self._finish_ok()
 
 

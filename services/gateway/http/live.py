@@ -18,6 +18,7 @@ admission, policy and resumption as the gRPC door):
   delta per utterance, fewer word errors), `medium` or unset the server's default.
   `input_audio_buffer.commit` ends the current audio (all of it transcribed and completed); `clear`
   drops it.
+  Appends may split PCM16 samples (the odd byte waits for the next one); a commit must be whole.
 
 Drain (SIGTERM): live sockets go on while the shutdown grace lasts; those still open a little
 before it runs out (the last quarter, at most 5 s) end their audio there, get the final results of
@@ -488,6 +489,9 @@ class RealtimeConnection:
         self.utterance_end_seen = False
         self.completions = 0
         self.billed = 0.0  # stream seconds accounted to completed items (their usage)
+        # An odd byte of PCM16 (half a sample) from the last append: appends may split samples, as
+        # gRPC's audio_content messages may; the buffer must be whole when it is committed.
+        self.carry = b""
 
     # -- server events --------------------------------------------------------------------------------
 
@@ -610,14 +614,23 @@ class RealtimeConnection:
             data = base64.b64decode(audio_b64, validate=True)
         except (binascii.Error, ValueError):
             raise InvalidInput("audio must be base64", reason="BAD_FIELD_VALUE", field="audio") from None
-        pcm = self.session.pcm(data)
-        if len(pcm) % 2:
+        pcm = self.carry + self.session.pcm(data)
+        whole = len(pcm) - len(pcm) % 2
+        pcm, self.carry = pcm[:whole], pcm[whole:]
+        if pcm:
+            feed = self.feed if self.feed is not None and not self.feed.ended else self._start()
+            self.fed_bytes += len(pcm)
+            await feed.put(pcm)
+
+    def check_whole(self) -> None:
+        """The buffer holds whole samples (before a commit)."""
+        if self.carry:
             raise InvalidInput(
-                "PCM16 audio must be a whole number of 16-bit samples", reason="PARTIAL_FRAME", field="audio"
+                "the input audio buffer ends with half a PCM16 sample (its audio is an odd number of "
+                "bytes): append the missing byte before committing, or clear the buffer",
+                reason="PARTIAL_FRAME",
+                field="audio",
             )
-        feed = self.feed if self.feed is not None and not self.feed.ended else self._start()
-        self.fed_bytes += len(pcm)
-        await feed.put(pcm)
 
     async def finish(self) -> None:
         """End the current stream's audio and wait until all of it is transcribed and sent."""
@@ -632,7 +645,7 @@ class RealtimeConnection:
             self.task.cancel()
             with contextlib.suppress(BaseException):
                 await self.task
-        self.feed, self.task, self.item = None, None, None
+        self.feed, self.task, self.item, self.carry = None, None, None, b""
 
 
 async def realtime(ws: WebSocket, ctx: HttpContext) -> None:
@@ -715,10 +728,11 @@ async def _realtime_event(conn: RealtimeConnection, raw: str | bytes | None) -> 
         elif kind == "input_audio_buffer.append":
             await conn.append(event.get("audio"))
         elif kind == "input_audio_buffer.commit":
-            if conn.task is None:
+            if conn.task is None and not conn.carry:
                 raise InvalidInput(
                     "the input audio buffer is empty: nothing to commit", reason="EMPTY_AUDIO", field="audio"
                 )
+            conn.check_whole()
             before = conn.completions
             await conn.finish()
             if conn.completions == before:
