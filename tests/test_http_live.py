@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import av
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -217,6 +218,76 @@ async def _until_closed(ws: Any) -> list[dict[str, Any]]:
             while True:
                 events.append(json.loads(await ws.recv()))
     return events
+
+
+async def test_realtime_session_update_checks_language_and_model(gateway: Gateway):
+    """A language or model the server cannot do is refused when the session is updated, as a bad
+    input_audio_format is: an error event naming the setting where the client put it (an unknown
+    model with HTTP's code), the whole update is not applied and the session goes on. (Both were
+    `updated`; the first append then closed the socket with 1008 naming
+    streaming_config.config.language_code.)"""
+    async with connect(ws_url(gateway, REALTIME), additional_headers=BETA) as ws:
+        assert (await _event(ws))["type"] == "transcription_session.created"
+        good = {"input_audio_transcription": {"model": "whisper-1", "language": "en"}, "turn_detection": None}
+        await ws.send(json.dumps({"type": "transcription_session.update", "session": good}))
+        assert (await _event(ws))["type"] == "transcription_session.updated"
+        path = "session.input_audio_transcription"
+        refused = [
+            ({"input_audio_transcription": {"language": "xx"}}, "unknown_language", f"{path}.language"),
+            # The test model is English-only.
+            ({"input_audio_transcription": {"language": "de"}}, "language_not_supported", f"{path}.language"),
+            # With a valid format change beside it: nothing of the update is applied.
+            (
+                {"input_audio_format": "g711_ulaw", "input_audio_transcription": {"model": "bogus"}},
+                "bad_field_value",
+                f"{path}.model",
+            ),
+        ]
+        for i, (session, code, param) in enumerate(refused):
+            await ws.send(
+                json.dumps({"type": "transcription_session.update", "event_id": f"u{i}", "session": session})
+            )
+            event = await _event(ws)
+            assert event["type"] == "error", event
+            error = event["error"]
+            assert (error["code"], error["param"], error["event_id"]) == (code, param, f"u{i}"), error
+        assert error["type"] == "not_found_error"  # the unknown model: as HTTP's 404
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}") as http:
+            answer = await http.post(
+                "/v1/audio/transcriptions", data={"model": "bogus"}, files={"file": ("a.wav", b"RIFF")}
+            )
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == error["code"]
+        # The session kept its settings, and transcribes with them.
+        await ws.send(json.dumps({"type": "transcription_session.update", "session": {}}))
+        kept = (await _event(ws))["session"]
+        assert kept["input_audio_format"] == "pcm16", kept
+        assert kept["input_audio_transcription"]["language"] == "en", kept
+        assert kept["input_audio_transcription"]["model"] == "whisper-1", kept
+        speech = pcm16(load_16k(LIBRI)[: 16000 * 3], 24000)
+        await ws.send(
+            json.dumps({"type": "input_audio_buffer.append", "audio": base64.b64encode(speech).decode()})
+        )
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        events = await _until(ws, "conversation.item.input_audio_transcription.completed")
+        assert not [e for e in events if e["type"] == "error"], events
+        assert events[-1]["transcript"].strip(), events[-1]
+    # GA sessions name the setting where GA puts it.
+    async with connect(ws_url(gateway, REALTIME)) as ws:
+        assert (await _event(ws))["type"] == "session.created"
+        for transcription, param in (({"language": "xx"}, "language"), ({"model": "bogus"}, "model")):
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {
+                            "type": "transcription",
+                            "audio": {"input": {"transcription": transcription}},
+                        },
+                    }
+                )
+            )
+            error = (await _event(ws))["error"]
+            assert error["param"] == f"session.audio.input.transcription.{param}", error
 
 
 async def test_realtime_append_without_audio_is_an_error(gateway: Gateway):

@@ -168,15 +168,6 @@ def create_app(ctx: HttpContext) -> Any:
 
     # -- OpenAI-compatible -------------------------------------------------------------------------
 
-    def check_model(model: str) -> None:
-        names = ctx.model_names()
-        if model and names and model not in names:
-            raise NotFound(
-                f"The model `{model}` does not exist; this server has {', '.join(names)}",
-                reason="BAD_FIELD_VALUE",
-                field="model",
-            )
-
     def model_card(name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": 0, "owned_by": "stt"}
 
@@ -224,7 +215,7 @@ def create_app(ctx: HttpContext) -> Any:
         ),
         stream: bool = Form(False, description="Server-sent events (json and text formats)"),
     ) -> Response:
-        check_model(model)
+        ctx.check_model(model)
         if stream and response_format not in ("json", "text"):
             raise InvalidInput(
                 f"stream=true works with response_format json or text, not {response_format}",

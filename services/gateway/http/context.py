@@ -10,6 +10,7 @@ from services.gateway.auth import Authenticator
 from services.gateway.config import GatewaySettings
 from services.gateway.jobs import JobsAPI
 from services.gateway.speech import SpeechAPI
+from services.shared.errors import NotFound
 from stt.v1 import speech_pb2
 
 
@@ -33,3 +34,14 @@ class HttpContext:
         caps = self.speech.caps()
         names = [caps.name] if caps and caps.name else []
         return names + [a for a in self.settings.model_aliases() if a not in names]
+
+    def check_model(self, model: str, field: str = "model") -> None:
+        """A model name the client asked for: the loaded model's own or an alias, else NOT_FOUND
+        (404 over HTTP, an error event on a Realtime socket) naming `field`."""
+        names = self.model_names()
+        if model and names and model not in names:
+            raise NotFound(
+                f"The model `{model}` does not exist; this server has {', '.join(names)}",
+                reason="BAD_FIELD_VALUE",
+                field=field,
+            )

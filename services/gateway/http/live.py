@@ -17,7 +17,9 @@ admission, policy and resumption as the gRPC door):
   `minimal`/`low` as soon as it is stable, `high`/`xhigh` when the turn's utterance ends (usually one
   delta per utterance, fewer word errors), `medium` or unset the server's default.
   `input_audio_buffer.commit` ends the current audio (all of it transcribed and completed); `clear`
-  drops it.
+  drops it. A session update is checked whole as it comes (as the stream will check its config);
+  errors name the Realtime fields (`audio`, `session.input_audio_transcription.language`, ...),
+  never the gRPC request's.
   Appends may split PCM16 samples (the odd byte waits for the next one); a commit must be whole.
 
 Drain (SIGTERM): live sockets go on while the shutdown grace lasts; those still open a little
@@ -32,6 +34,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -47,7 +50,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from services.gateway.http.context import HttpContext
 from services.gateway.http.errors import body_of, ws_close_code
 from services.gateway.http.protojson import to_json
-from services.shared.errors import DeadlineExceeded, InvalidInput, ServiceError, Unavailable
+from services.gateway.requests import validate_config
+from services.shared.errors import DeadlineExceeded, InvalidInput, NotFound, ServiceError, Unavailable
 from stt.v1 import common_pb2, speech_pb2
 
 log = logging.getLogger("gateway.http.live")
@@ -376,6 +380,14 @@ class RealtimeSession:
             "client_secret": None,
         }
 
+    def transcription_path(self, name: str = "") -> str:
+        """Where a transcription setting is in this protocol's session (errors' `param`)."""
+        base = "session.audio.input.transcription" if self.ga else "session.input_audio_transcription"
+        return f"{base}.{name}" if name else base
+
+    def format_path(self) -> str:
+        return "session.audio.input.format" if self.ga else "session.input_audio_format"
+
     def update(self, session: dict[str, Any]) -> None:
         if "audio" in session:  # GA layout
             inp = (session.get("audio") or {}).get("input") or {}
@@ -421,7 +433,7 @@ class RealtimeSession:
             return
         if not isinstance(t, dict):
             raise InvalidInput("transcription settings must be an object", reason="BAD_FIELD_VALUE",
-                               field="session.input_audio_transcription")  # fmt: skip
+                               field=self.transcription_path())  # fmt: skip
         self.model = str(t.get("model") or self.model)
         if "language" in t:
             self.language = str(t.get("language") or "")
@@ -432,8 +444,7 @@ class RealtimeSession:
             if delay is not None and (not isinstance(delay, str) or delay not in _DELAY_TIMING):
                 raise InvalidInput(
                     f"delay {delay!r} is not one of {', '.join(_DELAY_TIMING)}", reason="BAD_FIELD_VALUE",
-                    field="session.audio.input.transcription.delay" if self.ga
-                    else "session.input_audio_transcription.delay",
+                    field=self.transcription_path("delay"),
                 )  # fmt: skip
             self.delay = delay
 
@@ -466,6 +477,26 @@ class RealtimeSession:
         return data
 
 
+def realtime_error(exc: ServiceError, session: RealtimeSession) -> ServiceError:
+    """An error of the streaming session (StreamingRecognize's field paths and wording) as the
+    Realtime client knows the fields: `param` is where the setting is in its session, or `audio`."""
+    fmt = session.format_path()
+    return exc.relocated(
+        {
+            "audio_content": "audio",
+            "streaming_config.config.language_code": session.transcription_path("language"),
+            "streaming_config.config.initial_prompt": session.transcription_path("prompt"),
+            "streaming_config.config.encoding": fmt,
+            "streaming_config.config.sample_rate_hz": fmt,
+            "streaming_config.config.audio_channel_count": fmt,
+            "streaming_config.config.": session.transcription_path() + ".",
+            "streaming_config.final_result_timing": session.transcription_path("delay"),
+            "streaming_config.": "session.",
+            "streaming_config": "session",
+        }
+    )
+
+
 @dataclass
 class _Item:
     id: str
@@ -492,6 +523,23 @@ class RealtimeConnection:
         # An odd byte of PCM16 (half a sample) from the last append: appends may split samples, as
         # gRPC's audio_content messages may; the buffer must be whole when it is committed.
         self.carry = b""
+
+    def update(self, doc: dict[str, Any]) -> None:
+        """Apply a session update whole or not at all: every setting is checked here, as the stream
+        would check it, so a bad one is an error event now (the session keeps its settings) rather
+        than a closed socket at the first append."""
+        new = copy.deepcopy(self.session)
+        new.update(doc)
+        if new.model != self.session.model:
+            self.ctx.check_model(new.model, field=new.transcription_path("model"))
+        try:
+            validate_config(
+                new.streaming_config().config, prefix="streaming_config.config.", caps=self.ctx.speech.caps(),
+                streaming=True,
+            )  # fmt: skip
+        except ServiceError as exc:
+            raise realtime_error(exc, new) from None
+        self.session = new
 
     # -- server events --------------------------------------------------------------------------------
 
@@ -592,9 +640,12 @@ class RealtimeConnection:
 
         async def pump() -> None:
             last = 0.0
-            async for resp in self.ctx.speech.stream(feed.requests()):
-                last = resp.total_billed_seconds or last
-                await self.on_response(resp)
+            try:
+                async for resp in self.ctx.speech.stream(feed.requests()):
+                    last = resp.total_billed_seconds or last
+                    await self.on_response(resp)
+            except ServiceError as exc:
+                raise realtime_error(exc, self.session) from None
             if self.item is not None:
                 await self._complete(self.item, self.offset + last)
 
@@ -720,7 +771,7 @@ async def _realtime_event(conn: RealtimeConnection, raw: str | bytes | None) -> 
                     "this server only does transcription sessions (session.type \"transcription\")",
                     reason="BAD_FIELD_VALUE", field="session.type",
                 )  # fmt: skip
-            conn.session.update(session)
+            conn.update(session)
             await conn.emit(
                 "session.updated" if kind == "session.update" else "transcription_session.updated",
                 session=conn.session.describe(),
@@ -744,5 +795,5 @@ async def _realtime_event(conn: RealtimeConnection, raw: str | bytes | None) -> 
             await conn.emit("input_audio_buffer.cleared")
         else:
             raise InvalidInput(f"unsupported event type {kind!r}", reason="BAD_FIELD_VALUE", field="type")
-    except InvalidInput as exc:
+    except (InvalidInput, NotFound) as exc:
         await conn.error(exc, event_id)  # the session goes on, as OpenAI's does
