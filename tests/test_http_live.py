@@ -353,6 +353,40 @@ async def test_native_stream_of_an_odd_total_names_audio_content(gateway: Gatewa
     assert errors[0]["param"] == "audio_content", errors
 
 
+async def test_realtime_session_without_audio_ends_after_the_stream_idle_time(transcriber, jobstore):  # type: ignore[no-untyped-def]
+    """STT_STREAM_IDLE_SECONDS applies to Realtime sessions as to gRPC streams: no audio for that
+    long (other events do not count) and the session gets a stream_idle error worded for the
+    socket, then closes with 1008; also when the audio stops while its stream goes on. (A session
+    that never sent audio stayed open for a minute; one whose audio stopped got the gRPC stream's
+    error: 'half-close it', param audio_content.)"""
+    gw = await create_gateway(
+        gateway_settings(
+            f"127.0.0.1:{transcriber.port}", jobstore_address=f"127.0.0.1:{jobstore.port}",
+            dispatch_concurrency=0, stream_idle_seconds=1.0,
+        ),
+        port=0,
+    )  # fmt: skip
+    try:
+        await wait_serving(gw)
+        silence = base64.b64encode(bytes(4800)).decode()  # 100 ms
+        for audio_first in (False, True):
+            async with connect(ws_url(gw, REALTIME), additional_headers=BETA) as ws:
+                assert (await _event(ws))["type"] == "transcription_session.created"
+                await ws.send(json.dumps({"type": "transcription_session.update", "session": {}}))
+                if audio_first:
+                    await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": silence}))
+                events = await _until_closed(ws)
+                assert ws.close_code == 1008, (audio_first, ws.close_code)
+            assert events[0]["type"] == "transcription_session.updated", events
+            errors = [e["error"] for e in events if e["type"] == "error"]
+            assert len(errors) == 1 and errors[0]["code"] == "stream_idle", (audio_first, events)
+            assert errors[0]["param"] == "audio", errors
+            assert "input_audio_buffer.append" in errors[0]["message"], errors
+            assert "half-close" not in errors[0]["message"], errors
+    finally:
+        await gw.stop(0)
+
+
 async def test_native_protocol_with_webm_opus_as_mediarecorder_sends_it(gateway: Gateway):
     data = live_webm(np.concatenate([load_16k(LIBRI), audio.silence(1.0)]))
     finals, interims = [], []

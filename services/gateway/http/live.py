@@ -21,6 +21,7 @@ admission, policy and resumption as the gRPC door):
   errors name the Realtime fields (`audio`, `session.input_audio_transcription.language`, ...),
   never the gRPC request's.
   Appends may split PCM16 samples (the odd byte waits for the next one); a commit must be whole.
+  No audio for `stream_idle_seconds` (other events do not count) ends the session: STREAM_IDLE.
 
 Drain (SIGTERM): live sockets go on while the shutdown grace lasts; those still open a little
 before it runs out (the last quarter, at most 5 s) end their audio there, get the final results of
@@ -57,7 +58,6 @@ from stt.v1 import common_pb2, speech_pb2
 log = logging.getLogger("gateway.http.live")
 
 CONFIG_TIMEOUT = 10.0  # the native protocol's config message must come within this
-REALTIME_IDLE = 60.0  # a realtime socket with no audio stream and no message for this long is closed
 QUEUE = 32  # audio messages buffered between the socket and the session (then the socket waits)
 AUTH_SUBPROTOCOL = "openai-insecure-api-key."
 
@@ -477,9 +477,20 @@ class RealtimeSession:
         return data
 
 
-def realtime_error(exc: ServiceError, session: RealtimeSession) -> ServiceError:
+def idle_error(idle: float) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"no audio for {idle:g}s: the session is closed (send input_audio_buffer.append events, with "
+        "silence to keep a quiet session open, or close the socket when the audio ends)",
+        reason="STREAM_IDLE",
+        field="audio",
+    )
+
+
+def realtime_error(exc: ServiceError, session: RealtimeSession, idle: float) -> ServiceError:
     """An error of the streaming session (StreamingRecognize's field paths and wording) as the
     Realtime client knows the fields: `param` is where the setting is in its session, or `audio`."""
+    if exc.reason == "STREAM_IDLE" and exc.field == "audio_content":
+        return idle_error(idle)
     fmt = session.format_path()
     return exc.relocated(
         {
@@ -523,6 +534,10 @@ class RealtimeConnection:
         # An odd byte of PCM16 (half a sample) from the last append: appends may split samples, as
         # gRPC's audio_content messages may; the buffer must be whole when it is committed.
         self.carry = b""
+        self.idle = ctx.settings.stream_idle_seconds
+        # Loop time of the client's last audio, or of the end of the server's work on it (a commit
+        # waits for its transcription): the session ends after `idle` seconds more without audio.
+        self.last_audio = asyncio.get_running_loop().time()
 
     def update(self, doc: dict[str, Any]) -> None:
         """Apply a session update whole or not at all: every setting is checked here, as the stream
@@ -538,7 +553,7 @@ class RealtimeConnection:
                 streaming=True,
             )  # fmt: skip
         except ServiceError as exc:
-            raise realtime_error(exc, new) from None
+            raise realtime_error(exc, new, self.idle) from None
         self.session = new
 
     # -- server events --------------------------------------------------------------------------------
@@ -645,7 +660,7 @@ class RealtimeConnection:
                     last = resp.total_billed_seconds or last
                     await self.on_response(resp)
             except ServiceError as exc:
-                raise realtime_error(exc, self.session) from None
+                raise realtime_error(exc, self.session, self.idle) from None
             if self.item is not None:
                 await self._complete(self.item, self.offset + last)
 
@@ -672,6 +687,8 @@ class RealtimeConnection:
             feed = self.feed if self.feed is not None and not self.feed.ended else self._start()
             self.fed_bytes += len(pcm)
             await feed.put(pcm)
+        if data:  # (an empty append is not audio, as an empty audio_content is not on gRPC)
+            self.last_audio = asyncio.get_running_loop().time()
 
     def check_whole(self) -> None:
         """The buffer holds whole samples (before a commit)."""
@@ -729,11 +746,14 @@ async def _realtime_loop(ws: WebSocket, conn: RealtimeConnection, ctx: HttpConte
         while True:
             recv = recv or asyncio.ensure_future(ws.receive())
             waits = [recv, drained] + ([conn.task] if conn.task is not None else [])
-            done = await _race(*waits, timeout=None if conn.task is not None else REALTIME_IDLE)
+            # The stream idle rule (STT_STREAM_IDLE_SECONDS, as on gRPC): no audio for that long, with
+            # or without a stream going, and the session ends. Other events do not count as audio.
+            due = conn.last_audio + conn.idle - asyncio.get_running_loop().time()
+            done = await _race(*waits, timeout=due) if due > 0 else set()
             if not done:
-                raise DeadlineExceeded(
-                    f"no audio for {REALTIME_IDLE:.0f}s; the session is closed", reason="STREAM_IDLE"
-                )
+                # Transcribe what was sent (its results come first), then the error and the close.
+                await conn.finish()
+                raise idle_error(conn.idle)
             if conn.task is not None and conn.task in done:
                 await conn.finish()  # the stream ended on its own (its error, or a limit)
                 continue
@@ -786,6 +806,8 @@ async def _realtime_event(conn: RealtimeConnection, raw: str | bytes | None) -> 
             conn.check_whole()
             before = conn.completions
             await conn.finish()
+            # The server's work on the client's audio is not the client's idleness.
+            conn.last_audio = asyncio.get_running_loop().time()
             if conn.completions == before:
                 # Nothing was left to complete (the buffer since the last turn held no speech): the
                 # commit still gets its item, with an empty transcript, as OpenAI's does.
