@@ -6,6 +6,7 @@ metrics. Handlers below it see `current_caller()` / `current_tenant()` exactly a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -38,6 +39,11 @@ SMALL_BODY = 1024 * 1024  # every other request body
 # A request body from which no bytes arrive for this long is refused (408, STREAM_IDLE) and its
 # connection closed: a stalled upload does not hold the request, nor its spooled part, for longer.
 BODY_IDLE_SECONDS = 30.0
+# Before a body over the limit is answered (413, and the connection closed), what the client is
+# still sending is read and dropped for up to this long and this many bytes: closing a socket with
+# unread bytes resets it, and a client still writing would see the reset instead of the 413.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 16 * 1024 * 1024
 
 
 def is_open(path: str) -> bool:
@@ -147,9 +153,21 @@ class FrontDoor:
         seen = 0
         done = False
 
-        async def refuse(exc: ServiceError) -> Message:
+        async def linger() -> None:
+            dropped = 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LINGER_SECONDS):
+                    while dropped < LINGER_BYTES:
+                        message = await receive()
+                        dropped += len(message.get("body", b""))
+                        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                            return
+
+        async def refuse(exc: ServiceError, *, sending: bool = False) -> Message:
             nonlocal done
             done = True
+            if sending and state["status"] == 0:
+                await linger()
             state["error"] = exc.message
             if state["status"] == 0:  # (an app that answered before reading all of it: too late)
                 state["status"] = status_of(exc)[0]
@@ -179,7 +197,7 @@ class FrontDoor:
                 return message
             seen += len(message.get("body", b""))
             if seen > limit:
-                return await refuse(_too_large(limit))
+                return await refuse(_too_large(limit), sending=message.get("more_body", False))
             done = not message.get("more_body", False)
             return message
 
