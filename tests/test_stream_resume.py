@@ -694,7 +694,7 @@ async def test_a_prefix_keeps_the_newest_final_words_that_fit_its_budget(word: s
     s = StreamingSession(model, DecodeOptions(beam_size=5), policy, vad_model=fake_vad)
     s.add_audio(np.zeros(22 * SAMPLE_RATE, dtype=np.float32))
     s._final_words = [Word(f"{word}{i}", 0.2 * i, 0.2 * i + 0.15, 1.0) for i in range(100)]  # 20 s
-    await s._words(20 * SAMPLE_RATE, 22 * SAMPLE_RATE, 5, context=20.0, full=True)
+    await s._words(20 * SAMPLE_RATE, 22 * SAMPLE_RATE, 5, context=20.0, prefix=True, full=True)
     prefix = seen[0].prefix or ""
     kept = prefix.split()
     assert len(prefix.encode()) <= budget < len(prefix.encode()) + len(f" {word}99".encode()), prefix
