@@ -550,6 +550,15 @@ async def test_a_final_pass_that_stops_in_its_left_context_is_made_again_without
     assert any(17 in got for got in finals), finals
 
 
+def misplacing_prefix(result: WindowResult, prefix: str) -> WindowResult:
+    """`result` as an aligner that puts the prefix words anywhere (here all at the window's first
+    instant) returns it: the words after them keep their times."""
+    said = [Word(f" {w}", 0.0, 0.0, 1.0) for w in prefix.split()]
+    words = [w for seg in result.segments for w in seg.words][len(said) :]
+    seg = Segment(0.0, words[-1].end if words else 0.0, "", [*said, *words])
+    return WindowResult(segments=[seg], language="en")
+
+
 @pytest.mark.parametrize("when", ["agreement", "utterance_end"])
 async def test_a_final_pass_with_a_prefix_goes_on_after_the_final_words_it_hears(when: str):
     """With final_prefix (the gateway's choice for finals at utterance ends), a final pass with
@@ -570,12 +579,7 @@ async def test_a_final_pass_with_a_prefix_goes_on_after_the_final_words_it_hears
             if options.beam_size == 5:  # a final pass (hypotheses are greedy)
                 heard = [w.word.strip() for seg in result.segments for w in seg.words]
                 passes.append(((options.prefix or "").split(), heard, options.dynamic_context))
-            if options.prefix and misplaced:
-                said = [Word(f" {w}", 0.0, 0.0, 1.0) for w in options.prefix.split()]
-                words = [w for seg in result.segments for w in seg.words][len(said) :]
-                seg = Segment(0.0, words[-1].end if words else 0.0, "", [*said, *words])
-                return WindowResult(segments=[seg], language="en")
-            return result
+            return misplacing_prefix(result, options.prefix) if options.prefix and misplaced else result
 
         def with_model(resume: ResumeState | None = None) -> StreamingSession:
             return StreamingSession(
@@ -625,12 +629,7 @@ async def test_a_hypothesis_with_left_context_goes_on_after_the_final_words_it_h
             if options.beam_size == 1:  # a hypothesis (final passes have beam 5)
                 heard = [w.word.strip() for seg in result.segments for w in seg.words]
                 hyps.append(((options.prefix or "").split(), heard, options.dynamic_context, loaded[0]))
-            if options.prefix and misplaced:
-                said = [Word(f" {w}", 0.0, 0.0, 1.0) for w in options.prefix.split()]
-                words = [w for seg in result.segments for w in seg.words][len(said) :]
-                seg = Segment(0.0, words[-1].end if words else 0.0, "", [*said, *words])
-                return WindowResult(segments=[seg], language="en")
-            return result
+            return misplacing_prefix(result, options.prefix) if options.prefix and misplaced else result
 
         def hypothesis() -> tuple[int, float]:
             return 1, 0.0 if loaded[0] else 5.0  # at most policy.hypothesis_context is heard
