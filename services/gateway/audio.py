@@ -1003,11 +1003,11 @@ class Linear16Start:
             if self._skip or len(self._buf) < 8 + self._pad:
                 return b""
             if self._pad:  # the pad byte after an odd-sized chunk (some writers leave it out)
-                if not all(0x20 <= c <= 0x7E for c in self._buf[:4]):
+                if not _chunk_id(bytes(self._buf[:4])):
                     del self._buf[:1]
                 self._pad = 0
             ident, size = bytes(self._buf[:4]), int.from_bytes(self._buf[4:8], "little")
-            if not all(0x20 <= c <= 0x7E for c in ident):
+            if not _chunk_id(ident):
                 raise self._corrupt(f"a chunk id of bytes {ident!r}")
             if ident == b"data":
                 if self._fmt is None:
