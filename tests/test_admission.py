@@ -10,13 +10,15 @@ from services.shared.domain import WindowResult
 from services.shared.errors import QuotaExceeded
 
 
-def _result(replica: str, batch: int, seconds: float) -> WindowResult:
-    return WindowResult([], "en", served_by=replica, batch_size=batch, model_seconds=seconds)
+def _result(replica: str, batch: int, seconds: float, workers: int = 1) -> WindowResult:
+    return WindowResult(
+        [], "en", served_by=replica, batch_size=batch, model_seconds=seconds, model_workers=workers
+    )
 
 
-def _calls(adm: StreamAdmission, replica: str, fixed: float, per_window: float) -> None:
+def _calls(adm: StreamAdmission, replica: str, fixed: float, per_window: float, workers: int = 1) -> None:
     for b in (1, 2, 4, 8, 1, 3, 6, 8, 2, 5):
-        adm.observe(_result(replica, b, fixed + per_window * b))
+        adm.observe(_result(replica, b, fixed + per_window * b, workers))
 
 
 def test_capacity_follows_measured_cost_and_replicas():
@@ -31,6 +33,14 @@ def test_capacity_follows_measured_cost_and_replicas():
     assert adm.capacity() == 8 + 60
     replicas.clear()
     assert adm.capacity() == 0
+
+
+def test_a_transcriber_with_two_workers_serves_two_calls_per_tick():
+    """Live windows are shared out among a transcriber's workers, whose calls run side by side: the
+    streams that fit in one measured call, times the workers."""
+    adm = StreamAdmission(lambda: ["a:1"], target_tick=0.7, initial=4)
+    _calls(adm, "a:1", 0.3, 0.05, workers=2)
+    assert adm.capacity() == 16
 
 
 def test_calls_of_one_size_use_the_amortised_cost():

@@ -135,6 +135,70 @@ async def test_a_caller_that_gives_up_costs_nothing():
     assert seen == [1]
 
 
+async def test_live_windows_are_shared_out_among_idle_workers():
+    """With two workers, a tick of live windows becomes two calls that run side by side (each waits
+    at a barrier for the other: they can only both pass it running at once); batch work is not split
+    (a job's windows fill one call); every result says how many calls the transcriber runs at once."""
+    sizes: list[tuple[WorkClass, int]] = []
+    both = threading.Barrier(2, timeout=10)
+
+    def run(reqs: list[WindowRequest]) -> list[WindowResult | BaseException]:
+        live = reqs[0].options.dynamic_context
+        if live:
+            both.wait()  # BrokenBarrierError (the calls fail) unless the other call runs too
+        sizes.append((WorkClass.LIVE if live else WorkClass.BATCH, len(reqs)))
+        return [WindowResult([], "en") for _ in reqs]
+
+    def req(live: bool) -> WindowRequest:
+        return WindowRequest(np.zeros(1600, dtype=np.float32), DecodeOptions(dynamic_context=live))
+
+    b = Batcher(run, window_ms=0, max_batch=8, max_queue=100, workers=2)
+    ticks = [asyncio.create_task(b.submit(req(True), WorkClass.LIVE)) for _ in range(7)]
+    await until(lambda: b.pending == 7, what="seven live windows to queue")
+    b.start()
+    try:
+        served = await asyncio.gather(*ticks)
+        job = await asyncio.gather(*[b.submit(req(False), WorkClass.BATCH) for _ in range(6)])
+    finally:
+        await b.close()
+    assert sorted(sizes[:2]) == [(WorkClass.LIVE, 3), (WorkClass.LIVE, 4)]
+    assert sizes[2:] == [(WorkClass.BATCH, 6)]
+    assert {r.model_workers for r in served + job} == {2}
+
+
+async def test_beside_a_running_call_a_second_worker_takes_only_live_windows():
+    """A job's call does not hold up a live window (the idle worker serves it at once), but other
+    work waits for the running call: never two calls of job windows at once."""
+    order: list[str] = []
+    gate = threading.Event()
+
+    def run(reqs: list[WindowRequest]) -> list[WindowResult | BaseException]:
+        tag = "live" if reqs[0].options.dynamic_context else f"job{len(order)}"
+        order.append(f"{tag} start")
+        if tag == "job0":
+            gate.wait(10)
+        order.append(f"{tag} end")
+        return [WindowResult([], "en") for _ in reqs]
+
+    def req(live: bool) -> WindowRequest:
+        return WindowRequest(np.zeros(1600, dtype=np.float32), DecodeOptions(dynamic_context=live))
+
+    b = Batcher(run, window_ms=0, max_batch=8, max_queue=100, workers=2)
+    b.start()
+    try:
+        first = asyncio.create_task(b.submit(req(False), WorkClass.BATCH))
+        await until(lambda: b.busy == 1, what="a job window to occupy one worker")
+        second = asyncio.create_task(b.submit(req(False), WorkClass.INTERACTIVE))
+        await until(lambda: b.pending == 1, what="a second window to queue")
+        await b.submit(req(True), WorkClass.LIVE)  # served while the job's call still runs
+        assert not gate.is_set() and b.pending == 1  # the second window still waits
+        gate.set()
+        await asyncio.gather(first, second)
+    finally:
+        await b.close()
+    assert order == ["job0 start", "live start", "live end", "job0 end", "job4 start", "job4 end"]
+
+
 async def test_concurrent_calls_share_model_calls_with_the_same_words(transcriber, long_clip):
     windows = [long_clip.samples[i * 16000 * 6 : (i + 1) * 16000 * 6] for i in range(6)]
 

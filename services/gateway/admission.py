@@ -2,18 +2,20 @@
 serve one more in real time; past that it is refused (RESOURCE_EXHAUSTED, CAPACITY_EXHAUSTED, with
 RetryInfo) so the latency of the admitted streams never runs away. No grpc here.
 
-Live streams move in ticks: every stream's next hypothesis goes into one batched model call per
-transcriber. A stream stays real-time (final words within ~1 s) while a tick lasts at most
-`target_tick` seconds. The cost of a live call is measured, per transcriber, from the live calls
-it served (each response carries its call's live windows and seconds; the gateway reports only
+Live streams move in ticks: every stream's next hypothesis goes into a batched model call of its
+transcriber (one per worker: a tick's live windows are shared out among the idle workers). A
+stream stays real-time (final words within ~1 s) while a tick lasts at most `target_tick` seconds.
+The cost of a live call is measured, per transcriber, from the live calls it served (each response
+carries its call's live windows, seconds and the transcriber's workers; the gateway reports only
 windows shaped as under load, greedy and without left context: capacity is what fits in a loaded
 tick, and light-load windows, several times dearer, made the fit swing) and fitted as
 `fixed + per_window * windows` (least squares over its recent calls); a transcriber serves the
-streams that fit in `target_tick`. So the capacity follows the model, the hardware (a GPU replica
-measures cheaper) and the number of replicas. While the recent calls all had the same size, the
-amortised cost (seconds / windows) stands in for the marginal one (conservative). Until a
-transcriber has been measured it counts for `initial` streams. `fixed`
-(STT_STREAM_CAPACITY) replaces the estimate by a fixed number per transcriber.
+streams that fit in `target_tick`, times its workers (the calls measured ran beside each other).
+So the capacity follows the model, the hardware (a GPU replica measures cheaper) and the number
+of replicas. While the recent calls all had the same size, the amortised cost (seconds / windows)
+stands in for the marginal one (conservative). Until a transcriber has been measured it counts for
+`initial` streams. `fixed` (STT_STREAM_CAPACITY) replaces the estimate by a fixed number per
+transcriber.
 
 The count is this gateway's: several gateways sharing the transcribers each see the whole capacity
 (set `share`, e.g. 1 / the number of gateways, to split it).
@@ -51,8 +53,9 @@ RECENT_CALLS = 128
 class _Cost:
     calls: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=RECENT_CALLS))
     seen: float = field(default_factory=time.monotonic)
+    workers: int = 1  # calls the transcriber runs side by side: each holds its share of the streams
 
-    def streams(self, target: float) -> int:
+    def streams(self, target: float) -> float:
         """Windows one call can hold within `target` seconds, by the fitted cost."""
         n = len(self.calls)
         mb = sum(b for b, _ in self.calls) / n
@@ -60,11 +63,11 @@ class _Cost:
         var = sum((b - mb) ** 2 for b, _ in self.calls)
         amortised = sum(t / b for b, t in self.calls) / n
         if var < 1.0:
-            return math.floor(target / amortised + 1e-6)
+            return target / amortised
         slope = sum((b - mb) * (t - mt) for b, t in self.calls) / var
         slope = max(slope, 0.1 * amortised)  # noise must not make a window look free
         intercept = max(mt - slope * mb, 0.0)
-        return math.floor((target - intercept) / slope + 1e-6)
+        return (target - intercept) / slope
 
 
 class StreamAdmission:
@@ -97,6 +100,7 @@ class StreamAdmission:
         if not cost.calls or cost.calls[-1] != sample:
             cost.calls.append(sample)
         cost.seen = time.monotonic()
+        cost.workers = max(result.model_workers, 1)
 
     def per_transcriber(self, replica: str) -> int:
         if self.fixed > 0:
@@ -104,7 +108,8 @@ class StreamAdmission:
         cost = self._costs.get(replica)
         if cost is None or len(cost.calls) < MIN_CALLS or time.monotonic() - cost.seen > STALE_SECONDS:
             return self.initial
-        return min(max(1, cost.streams(self.target_tick)), MAX_PER_TRANSCRIBER)
+        streams = math.floor(cost.streams(self.target_tick) * cost.workers + 1e-6)
+        return min(max(1, streams), MAX_PER_TRANSCRIBER)
 
     def capacity(self) -> int:
         replicas = self._serving()

@@ -88,6 +88,7 @@ def window_result_to_proto(res: WindowResult, model: str) -> transcriber_pb2.Tra
         model=model,
         batch_size=res.batch_size,
         model_seconds=res.model_seconds,
+        model_workers=res.model_workers,
     )
 
 
@@ -101,4 +102,5 @@ def window_result_from_proto(msg: transcriber_pb2.TranscribeResponse) -> WindowR
         batch_size=msg.batch_size,
         model=msg.model,
         model_seconds=msg.model_seconds,
+        model_workers=max(msg.model_workers, 1),
     )

@@ -118,6 +118,8 @@ class WindowResult:
     model: str = ""
     # Seconds the model call that served this window took (shared by its whole batch).
     model_seconds: float = 0.0
+    # Model calls the replica that served it runs side by side (its workers).
+    model_workers: int = 1
 
 
 def join_texts(texts: Iterable[str | None]) -> str:

@@ -85,6 +85,15 @@ PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"  # noqa: RUF001  (faster-whisper's defaults)
 
 
+def limit_blas_threads(threads: int) -> None:
+    """Caps the BLAS libraries loaded in this process (NumPy's OpenBLAS) at `threads` threads, from
+    now on (threadpoolctl sets it through the library's own API: it works after NumPy's import, when
+    OPENBLAS_NUM_THREADS no longer would)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=threads, user_api="blas")
+
+
 def _never() -> bool:
     return False
 
@@ -136,13 +145,15 @@ class Engine:
         s = self.settings
         path = resolve_model(s.model)
         log.info("loading model %s from %s (%s, %s)", self.model_name, path, s.device, s.compute_type)
+        if s.blas_threads > 0:
+            limit_blas_threads(s.blas_threads)
         self._model = WhisperModel(
             path,
             device=s.device,
             device_index=s.device_index,
             compute_type=s.compute_type,
             cpu_threads=s.threads(),
-            num_workers=s.num_workers,
+            num_workers=s.workers(),
             download_root=s.model_cache_dir,
             local_files_only=s.model_local_only,
         )

@@ -64,7 +64,7 @@ async def create_server(
         window_ms=settings.batching()[1],
         max_batch=settings.batching()[0],
         max_queue=settings.max_queue,
-        workers=settings.num_workers,
+        workers=settings.workers(),
         live_gather_ms=settings.live_gather_ms,
     )
     servicer = TranscriberServicer(engine, batcher)
