@@ -166,6 +166,30 @@ async def test_live_windows_are_shared_out_among_idle_workers():
     assert {r.model_workers for r in served + job} == {2}
 
 
+async def test_on_a_gpu_workers_do_not_share_a_tick_out():
+    """share_live off (a GPU, where one call of many windows costs little more than one): a tick's
+    live windows stay in one call, as many as max_batch."""
+    sizes: list[int] = []
+
+    def run(reqs: list[WindowRequest]) -> list[WindowResult | BaseException]:
+        sizes.append(len(reqs))
+        return [WindowResult([], "en") for _ in reqs]
+
+    b = Batcher(run, window_ms=0, max_batch=8, max_queue=100, workers=2, share_live=False)
+    live = DecodeOptions(dynamic_context=True)
+    ticks = [
+        asyncio.create_task(b.submit(WindowRequest(np.zeros(1600, dtype=np.float32), live), WorkClass.LIVE))
+        for _ in range(7)
+    ]
+    await until(lambda: b.pending == 7, what="seven live windows to queue")
+    b.start()
+    try:
+        await asyncio.gather(*ticks)
+    finally:
+        await b.close()
+    assert sizes == [7]
+
+
 async def test_beside_a_running_call_a_second_worker_takes_only_live_windows():
     """A job's call does not hold up a live window (the idle worker serves it at once), but other
     work waits for the running call: never two calls of job windows at once."""

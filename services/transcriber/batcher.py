@@ -8,10 +8,11 @@ is first in line, the worker gives the rest of its burst `window_ms` to arrive. 
 ticks: every stream whose hypothesis came back from a call sends its next window at once, so after a
 call the worker expects the live windows already waiting plus those of the call just made, and
 gives them up to `live_gather_ms` to arrive: all streams share one call per tick (without this they split into
-cohorts that alternate, each call half full). With several workers (calls side by side), a tick's
-live windows are shared out among the idle workers, and a worker takes live windows while another
-call runs (a stream's hypothesis does not wait behind a job's call); other work runs one call at a
-time, as with one worker (two calls of 30 s windows at once would only raise the memory peak). A
+cohorts that alternate, each call half full). With several workers on a CPU (calls side by side,
+`share_live`), a tick's live windows are shared out among the idle workers, and a worker takes live
+windows while another call runs (a stream's hypothesis does not wait behind a job's call); other
+work runs one call at a time, as with one worker (two calls of 30 s windows at once would only
+raise the memory peak). On a GPU every worker takes any work. A
 caller that goes away before its window is picked costs nothing.
 """
 
@@ -84,12 +85,17 @@ class Batcher:
         max_queue: int,
         workers: int = 1,
         live_gather_ms: float = 40.0,
+        share_live: bool = True,
     ) -> None:
         self._run_batch = run_batch
         self._window = max(window_ms, 0.0) / 1000.0
         self._max_batch = max(1, max_batch)
         self._max_queue = max_queue
         self._live_gather = max(live_gather_ms, 0.0) / 1000.0
+        # Several workers share a tick's live windows out, and beside a running call take only live
+        # windows (a CPU's calls side by side; on a GPU one call of many windows is cheaper, and
+        # workers take any work, as many as max_batch).
+        self._share_live = share_live
         self._expect_live = 0  # live windows expected for the next call (see _gather_live)
         self._heap: list[_Item] = []
         self._seq = itertools.count()
@@ -150,14 +156,14 @@ class Batcher:
         batch: list[_Item] = []
         limit = self._max_batch
         idle = self._workers - self.busy  # this worker included
-        if idle > 1 and self._heap[0].work_class == WorkClass.LIVE:
+        if self._share_live and idle > 1 and self._heap[0].work_class == WorkClass.LIVE:
             # Live windows are shared out among the idle workers: calls side by side finish a tick
             # sooner than one call of all of them (a tiny model's greedy decoding keeps two threads
             # only half busy; on 2 cores, 8 live windows of 2.3 s: one call 0.33-0.54 s, two calls
             # of 4 at once 0.22-0.30 s).
             limit = min(limit, max(1, -(-self._live_waiting() // idle)))
         while self._heap and len(batch) < limit:
-            if self.busy and self._heap[0].work_class != WorkClass.LIVE:
+            if self._share_live and self.busy and self._heap[0].work_class != WorkClass.LIVE:
                 break  # beside another call: live windows only
             item = heapq.heappop(self._heap)
             QUEUE_DEPTH.labels(item.work_class.name).dec()
@@ -242,6 +248,8 @@ class Batcher:
 
     def _ready(self) -> bool:
         """Whether an idle worker has work to take: any, or only live windows while a call runs."""
+        if not self._share_live:
+            return bool(self._heap)
         return bool(self._heap) and (self.busy == 0 or self._live_waiting() > 0)
 
     def _live_waiting(self) -> int:

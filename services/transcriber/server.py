@@ -66,6 +66,7 @@ async def create_server(
         max_queue=settings.max_queue,
         workers=settings.workers(),
         live_gather_ms=settings.live_gather_ms,
+        share_live=not settings.on_gpu(),
     )
     servicer = TranscriberServicer(engine, batcher)
     running = await start_server(
