@@ -166,6 +166,67 @@ async def test_live_windows_are_shared_out_among_idle_workers():
     assert {r.model_workers for r in served + job} == {2}
 
 
+async def test_job_windows_run_beside_a_live_call():
+    """Beside a call of live windows, the idle worker takes other work: streams that keep the model
+    busy (their calls drifting apart, so that no moment has no call running) must not keep a job's
+    windows waiting for good."""
+    gate = threading.Event()
+    order: list[str] = []
+
+    def run(reqs: list[WindowRequest]) -> list[WindowResult | BaseException]:
+        live = reqs[0].options.dynamic_context
+        if live:
+            gate.wait(10)
+        order.append("live" if live else "job")
+        return [WindowResult([], "en") for _ in reqs]
+
+    def req(live: bool) -> WindowRequest:
+        return WindowRequest(np.zeros(1600, dtype=np.float32), DecodeOptions(dynamic_context=live))
+
+    b = Batcher(run, window_ms=0, max_batch=8, max_queue=100, workers=2)
+    b.start()
+    try:
+        stream = asyncio.create_task(b.submit(req(True), WorkClass.LIVE))
+        await until(lambda: b.busy == 1, what="a live call to occupy one worker")
+        await asyncio.wait_for(b.submit(req(False), WorkClass.BATCH), 5)  # while the live call runs
+        assert not stream.done()
+        gate.set()
+        await stream
+    finally:
+        gate.set()
+        await b.close()
+    assert order == ["job", "live"]
+
+
+async def test_a_cancelled_live_window_does_not_split_other_work():
+    """A live window whose caller went away, first in line, is not live work to share out: the
+    interactive windows behind it go in one call."""
+    sizes: list[int] = []
+
+    def run(reqs: list[WindowRequest]) -> list[WindowResult | BaseException]:
+        sizes.append(len(reqs))
+        return [WindowResult([], "en") for _ in reqs]
+
+    b = Batcher(run, window_ms=0, max_batch=8, max_queue=100, workers=2)
+    window = WindowRequest(np.zeros(1600, dtype=np.float32), DecodeOptions(dynamic_context=True))
+    gone = asyncio.create_task(b.submit(window, WorkClass.LIVE))
+    await until(lambda: b.pending == 1, what="the live window to queue")
+    gone.cancel()
+    calls = [
+        asyncio.create_task(
+            b.submit(WindowRequest(np.zeros(1600, dtype=np.float32), DecodeOptions()), WorkClass.INTERACTIVE)
+        )
+        for _ in range(4)
+    ]
+    await until(lambda: b.pending == 5, what="four interactive windows to queue")
+    b.start()
+    try:
+        await asyncio.gather(*calls)
+    finally:
+        await b.close()
+    assert sizes == [4]
+
+
 async def test_on_a_gpu_workers_do_not_share_a_tick_out():
     """share_live off (a GPU, where one call of many windows costs little more than one): a tick's
     live windows stay in one call, as many as max_batch."""

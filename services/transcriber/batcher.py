@@ -11,9 +11,9 @@ gives them up to `live_gather_ms` to arrive: all streams share one call per tick
 cohorts that alternate, each call half full). With several workers on a CPU (calls side by side,
 `share_live`), a tick's live windows are shared out among the idle workers, and a worker takes live
 windows while another call runs (a stream's hypothesis does not wait behind a job's call); other
-work runs one call at a time, as with one worker (two calls of 30 s windows at once would only
-raise the memory peak). On a GPU every worker takes any work. A
-caller that goes away before its window is picked costs nothing.
+work runs in one call at a time (beside live calls too), as with one worker (two calls of 30 s
+windows at once would only raise the memory peak). On a GPU every worker takes any work. A caller
+that goes away before its window is picked costs nothing.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ class Batcher:
         self._taking = asyncio.Lock()
         self._closed = False
         self.busy = 0  # model calls running now
+        self._other_busy = 0  # of them, calls holding windows that are not live
         self.calls = 0  # model calls made
 
     def start(self) -> None:
@@ -156,15 +157,16 @@ class Batcher:
         batch: list[_Item] = []
         limit = self._max_batch
         idle = self._workers - self.busy  # this worker included
-        if self._share_live and idle > 1 and self._heap[0].work_class == WorkClass.LIVE:
+        live = self._live_waiting()  # (a cancelled live window at the head is not live work)
+        if self._share_live and idle > 1 and live:
             # Live windows are shared out among the idle workers: calls side by side finish a tick
             # sooner than one call of all of them (a tiny model's greedy decoding keeps two threads
             # only half busy; on 2 cores, 8 live windows of 2.3 s: one call 0.33-0.54 s, two calls
             # of 4 at once 0.22-0.30 s).
-            limit = min(limit, max(1, -(-self._live_waiting() // idle)))
+            limit = min(limit, -(-live // idle))
         while self._heap and len(batch) < limit:
-            if self._share_live and self.busy and self._heap[0].work_class != WorkClass.LIVE:
-                break  # beside another call: live windows only
+            if self._share_live and self._other_busy and self._heap[0].work_class != WorkClass.LIVE:
+                break  # beside a call of other work: live windows only
             item = heapq.heappop(self._heap)
             QUEUE_DEPTH.labels(item.work_class.name).dec()
             if not item.future.done():
@@ -207,7 +209,9 @@ class Batcher:
                 if not batch:
                     continue
                 self.busy += 1
-            live = sum(1 for i in batch if i.work_class == WorkClass.LIVE)
+                live = sum(1 for i in batch if i.work_class == WorkClass.LIVE)
+                other = live < len(batch)
+                self._other_busy += other
             now = time.perf_counter()
             for item in batch:
                 WAIT_SECONDS.labels(item.work_class.name).observe(now - item.enqueued)
@@ -219,6 +223,7 @@ class Batcher:
                 results = [exc] * len(batch)
             finally:
                 self.busy -= 1
+                self._other_busy -= other
                 self._wakeup.set()  # work that waited for this call (see _ready)
             finished = time.perf_counter()
             elapsed = finished - now
@@ -247,10 +252,12 @@ class Batcher:
                     item.future.set_result(res)
 
     def _ready(self) -> bool:
-        """Whether an idle worker has work to take: any, or only live windows while a call runs."""
+        """Whether an idle worker has work to take: any, or only live windows while a call of other
+        work runs (beside live calls other work may run: with live windows always first in line and
+        calls drifting apart, waiting for no call at all kept a job's windows waiting for good)."""
         if not self._share_live:
             return bool(self._heap)
-        return bool(self._heap) and (self.busy == 0 or self._live_waiting() > 0)
+        return bool(self._heap) and (self._other_busy == 0 or self._live_waiting() > 0)
 
     def _live_waiting(self) -> int:
         return sum(1 for i in self._heap if i.work_class == WorkClass.LIVE and not i.future.done())

@@ -101,10 +101,18 @@ class TranscriberSettings(CommonSettings):
     def workers(self) -> int:
         if self.num_workers > 0:
             return self.num_workers
-        return 1 if self.on_gpu() else min(CPU_WORKERS, os.cpu_count() or 1)
+        return 1 if self.on_gpu() else min(CPU_WORKERS, _cores())
 
     def threads(self) -> int:
-        return self.cpu_threads or (os.cpu_count() or 1)
+        return self.cpu_threads or _cores()
+
+
+def _cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def resolve_model(name: str) -> str:
