@@ -7,8 +7,10 @@ import threading
 
 import grpc
 import numpy as np
+import pytest
 
 from services.shared.domain import DecodeOptions, WindowResult, Word, WorkClass
+from services.shared.errors import Unavailable
 from services.shared.internal.v1 import transcriber_pb2, transcriber_pb2_grpc
 from services.shared.pcm import to_pcm16
 from services.transcriber.batcher import Batcher
@@ -225,6 +227,28 @@ async def test_a_cancelled_live_window_does_not_split_other_work():
     finally:
         await b.close()
     assert sizes == [4]
+
+
+async def test_close_answers_the_windows_of_a_running_call():
+    """Closing the batcher while a model call runs: its callers get UNAVAILABLE (DRAINING) instead of
+    waiting for good, and the event loop is not blocked while the call finishes in its thread."""
+    gate = threading.Event()
+
+    def run(reqs: list[WindowRequest]) -> list[WindowResult | BaseException]:
+        gate.wait(10)
+        return [WindowResult([], "en") for _ in reqs]
+
+    b = Batcher(run, window_ms=0, max_batch=8, max_queue=100, workers=2)
+    b.start()
+    window = WindowRequest(np.zeros(1600, dtype=np.float32), DecodeOptions())
+    running = asyncio.create_task(b.submit(window, WorkClass.INTERACTIVE))
+    await until(lambda: b.busy == 1, what="a call to run")
+    closing = asyncio.create_task(b.close())
+    with pytest.raises(Unavailable) as err:
+        await asyncio.wait_for(running, 5)  # answered while the call still runs (the loop is free)
+    assert err.value.reason == "DRAINING" and not closing.done()
+    gate.set()
+    await asyncio.wait_for(closing, 10)
 
 
 async def test_on_a_gpu_workers_do_not_share_a_tick_out():

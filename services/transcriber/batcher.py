@@ -121,11 +121,13 @@ class Batcher:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        _shutting_down(self._heap)
         for item in self._heap:
-            if not item.future.done():
-                item.future.set_exception(Unavailable("transcriber is shutting down", reason="DRAINING"))
+            QUEUE_DEPTH.labels(item.work_class.name).dec()
         self._heap.clear()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        # The calls still running finish in their threads (CTranslate2 cannot be interrupted); the
+        # event loop goes on meanwhile.
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     @property
     def pending(self) -> int:
@@ -219,6 +221,9 @@ class Batcher:
             self.calls += 1
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, [i.req for i in batch])
+            except asyncio.CancelledError:  # close(): the call's callers are answered, not left waiting
+                _shutting_down(batch)
+                raise
             except Exception as exc:  # the whole call failed
                 results = [exc] * len(batch)
             finally:
@@ -275,6 +280,12 @@ class Batcher:
                 await asyncio.wait_for(self._wakeup.wait(), remaining)
             except TimeoutError:
                 return
+
+
+def _shutting_down(items: list[_Item]) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(Unavailable("transcriber is shutting down", reason="DRAINING"))
 
 
 def _trace(item: _Item) -> None:
