@@ -299,3 +299,43 @@ async def test_a_tone_is_decoded_within_its_length_and_not_again_once_abandoned(
     # Whatever it wrote stays within the cap (about 12 tokens a second plus 24).
     words = [w for s in kept[0].segments for w in s.words]  # type: ignore[union-attr]
     assert len(words) <= 60, words
+
+
+def test_a_second_model_replica_is_loaded_only_for_calls_side_by_side():
+    """With two workers the transcriber holds one model until two calls run at once (a second
+    replica costs memory and, as CTranslate2 replicas taking calls in turn, speed): calls one after
+    another stay on the first; a call that finds it busy loads a second and runs beside it."""
+    import threading
+
+    from services.shared.domain import DecodeOptions
+    from services.transcriber.engine import Engine, WindowRequest
+
+    engine = Engine(transcriber_settings(num_workers=2, warmup=False))
+    engine.load()
+    req = WindowRequest(audio.speak("The weather today is sunny."), DecodeOptions())
+    for _ in range(2):
+        engine.transcribe_batch([req])
+    assert len(engine._replicas) == 1
+
+    first = engine._replicas[0]
+    real_encode = first.encode
+    first_in, second_done = threading.Event(), threading.Event()
+
+    def encode_after_the_second_call(features):  # the first call holds its replica meanwhile
+        first_in.set()
+        assert second_done.wait(60), "the second call did not run beside the first"
+        return real_encode(features)
+
+    first.encode = encode_after_the_second_call
+    texts: list[str] = []
+    try:
+        t = threading.Thread(target=lambda: texts.append(engine.transcribe(req).segments[0].text))
+        t.start()
+        assert first_in.wait(60)
+        texts.append(engine.transcribe(req).segments[0].text)  # on a second replica, loaded now
+        second_done.set()
+        t.join(60)
+    finally:
+        first.encode = real_encode
+    assert len(engine._replicas) == 2 and sorted(engine._free) == [0, 1]
+    assert all("today is sunny" in x.lower() for x in texts), texts

@@ -122,7 +122,16 @@ class Engine:
         self.settings = settings
         self.model_name = model_label(settings.model)
         self.served_by = f"{socket.gethostname()}:{os.getpid()}"
-        self._model: Any = None
+        # One model per call that may run at once (settings.workers()), loaded when first needed: a
+        # second replica costs ~100 MiB of peak memory and, as CTranslate2's inter_threads, ~10 % of
+        # a lone call's speed (calls alternated between replicas); loaded on demand, only calls
+        # side by side (live streams on a CPU, see Batcher) ever bring it.
+        self._replicas: list[Any] = []
+        self._free: list[int] = []  # replicas not in a call (the first is taken first)
+        self._loading = 0
+        self._max_replicas = settings.workers()
+        self._pool = threading.Condition()
+        self._local = threading.local()  # the replica of the call running in this thread
         self._loaded = threading.Event()
         self.load_seconds = 0.0
         self._tokenizers: dict[str | None, Any] = {}
@@ -139,24 +148,13 @@ class Engine:
         return self._loaded.is_set()
 
     def load(self) -> None:
-        from faster_whisper import WhisperModel
-
         start = time.perf_counter()
         s = self.settings
         path = resolve_model(s.model)
         log.info("loading model %s from %s (%s, %s)", self.model_name, path, s.device, s.compute_type)
         if s.blas_threads > 0:
             limit_blas_threads(s.blas_threads)
-        self._model = WhisperModel(
-            path,
-            device=s.device,
-            device_index=s.device_index,
-            compute_type=s.compute_type,
-            cpu_threads=s.threads(),
-            num_workers=s.workers(),
-            download_root=s.model_cache_dir,
-            local_files_only=s.model_local_only,
-        )
+        self._replicas, self._free = [self._new_replica(path)], [0]
         if s.warmup:
             t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
             tone = (0.05 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
@@ -165,6 +163,58 @@ class Engine:
         self.load_seconds = time.perf_counter() - start
         self._loaded.set()
         log.info("model ready in %.2fs", self.load_seconds)
+
+    def _new_replica(self, path: str) -> Any:
+        from faster_whisper import WhisperModel
+
+        s = self.settings
+        return WhisperModel(
+            path,
+            device=s.device,
+            device_index=s.device_index,
+            compute_type=s.compute_type,
+            cpu_threads=s.threads(),
+            num_workers=1,  # calls side by side run on replicas of their own (see _checkout)
+            download_root=s.model_cache_dir,
+            local_files_only=s.model_local_only,
+        )
+
+    @property
+    def _model(self) -> Any:
+        """The model of the call running in this thread (outside a call: the first replica)."""
+        return getattr(self._local, "model", None) or (self._replicas[0] if self._replicas else None)
+
+    def _checkout(self) -> int:
+        """A replica for a call: a free one, else a new one while fewer than workers() exist, else
+        the next one freed."""
+        with self._pool:
+            while not self._free:
+                if len(self._replicas) + self._loading < self._max_replicas:
+                    self._loading += 1
+                    break
+                self._pool.wait()
+            else:
+                index = min(self._free)
+                self._free.remove(index)
+                return index
+        try:
+            replica = self._new_replica(resolve_model(self.settings.model))
+        except Exception:
+            log.exception("could not load another model replica; calls wait for the loaded ones")
+            with self._pool:
+                self._loading -= 1
+                self._max_replicas = len(self._replicas) + self._loading
+            return self._checkout()
+        with self._pool:
+            self._loading -= 1
+            self._replicas.append(replica)
+            log.info("loaded model replica %d for calls side by side", len(self._replicas))
+            return len(self._replicas) - 1
+
+    def _checkin(self, index: int) -> None:
+        with self._pool:
+            self._free.append(index)
+            self._pool.notify()
 
     @property
     def multilingual(self) -> bool:
@@ -215,8 +265,19 @@ class Engine:
         """Several windows; compatible ones share model calls. A failing window fails alone.
         `tails`: how many times audio a window's text skipped (it stopped early or started late) is
         decoded again (see TAIL_MIN_SECONDS)."""
-        if self._model is None:
+        if not self._replicas:
             raise RuntimeError("model not loaded")
+        if getattr(self._local, "model", None) is not None:  # a call's own tail passes
+            return self._transcribe_batch(reqs, tails)
+        index = self._checkout()
+        self._local.model = self._replicas[index]
+        try:
+            return self._transcribe_batch(reqs, tails)
+        finally:
+            self._local.model = None
+            self._checkin(index)
+
+    def _transcribe_batch(self, reqs: list[WindowRequest], tails: int) -> list[WindowResult | BaseException]:
         if sum(r.audio.shape[0] for r in reqs) >= TRIM_BEFORE_SAMPLES:
             memory.trim()  # what earlier work left in malloc's arenas: this call's peak starts lower
         out: list[WindowResult | BaseException | None] = [None] * len(reqs)
