@@ -19,6 +19,22 @@ from tests.support import audio
 from tests.support.waiting import until
 
 
+def _window(live: bool = False) -> WindowRequest:
+    """0.1 s of silence; live: a live window's options (dynamic context)."""
+    return WindowRequest(np.zeros(1600, dtype=np.float32), DecodeOptions(dynamic_context=live))
+
+
+async def _start_when_queued(b: Batcher, tasks: list[asyncio.Task[WindowResult]], queued: int) -> None:
+    """Start the workers once `queued` windows wait (so the first take sees them all), serve the
+    tasks, close."""
+    await until(lambda: b.pending == queued, what=f"{queued} windows to queue")
+    b.start()
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        await b.close()
+
+
 async def test_batcher_groups_calls_and_serves_live_first():
     batches: list[list[float]] = []
     gate = threading.Event()
@@ -151,16 +167,13 @@ async def test_live_windows_are_shared_out_among_idle_workers():
         sizes.append((WorkClass.LIVE if live else WorkClass.BATCH, len(reqs)))
         return [WindowResult([], "en") for _ in reqs]
 
-    def req(live: bool) -> WindowRequest:
-        return WindowRequest(np.zeros(1600, dtype=np.float32), DecodeOptions(dynamic_context=live))
-
     b = Batcher(run, window_ms=0, max_batch=8, max_queue=100, workers=2)
-    ticks = [asyncio.create_task(b.submit(req(True), WorkClass.LIVE)) for _ in range(7)]
+    ticks = [asyncio.create_task(b.submit(_window(True), WorkClass.LIVE)) for _ in range(7)]
     await until(lambda: b.pending == 7, what="seven live windows to queue")
     b.start()
     try:
         served = await asyncio.gather(*ticks)
-        job = await asyncio.gather(*[b.submit(req(False), WorkClass.BATCH) for _ in range(6)])
+        job = await asyncio.gather(*[b.submit(_window(False), WorkClass.BATCH) for _ in range(6)])
     finally:
         await b.close()
     assert sorted(sizes[:2]) == [(WorkClass.LIVE, 3), (WorkClass.LIVE, 4)]
@@ -182,15 +195,12 @@ async def test_job_windows_run_beside_a_live_call():
         order.append("live" if live else "job")
         return [WindowResult([], "en") for _ in reqs]
 
-    def req(live: bool) -> WindowRequest:
-        return WindowRequest(np.zeros(1600, dtype=np.float32), DecodeOptions(dynamic_context=live))
-
     b = Batcher(run, window_ms=0, max_batch=8, max_queue=100, workers=2)
     b.start()
     try:
-        stream = asyncio.create_task(b.submit(req(True), WorkClass.LIVE))
+        stream = asyncio.create_task(b.submit(_window(True), WorkClass.LIVE))
         await until(lambda: b.busy == 1, what="a live call to occupy one worker")
-        await asyncio.wait_for(b.submit(req(False), WorkClass.BATCH), 5)  # while the live call runs
+        await asyncio.wait_for(b.submit(_window(False), WorkClass.BATCH), 5)  # while the live call runs
         assert not stream.done()
         gate.set()
         await stream
@@ -210,22 +220,11 @@ async def test_a_cancelled_live_window_does_not_split_other_work():
         return [WindowResult([], "en") for _ in reqs]
 
     b = Batcher(run, window_ms=0, max_batch=8, max_queue=100, workers=2)
-    window = WindowRequest(np.zeros(1600, dtype=np.float32), DecodeOptions(dynamic_context=True))
-    gone = asyncio.create_task(b.submit(window, WorkClass.LIVE))
+    gone = asyncio.create_task(b.submit(_window(True), WorkClass.LIVE))
     await until(lambda: b.pending == 1, what="the live window to queue")
     gone.cancel()
-    calls = [
-        asyncio.create_task(
-            b.submit(WindowRequest(np.zeros(1600, dtype=np.float32), DecodeOptions()), WorkClass.INTERACTIVE)
-        )
-        for _ in range(4)
-    ]
-    await until(lambda: b.pending == 5, what="four interactive windows to queue")
-    b.start()
-    try:
-        await asyncio.gather(*calls)
-    finally:
-        await b.close()
+    calls = [asyncio.create_task(b.submit(_window(), WorkClass.INTERACTIVE)) for _ in range(4)]
+    await _start_when_queued(b, calls, 5)
     assert sizes == [4]
 
 
@@ -261,17 +260,8 @@ async def test_on_a_gpu_workers_do_not_share_a_tick_out():
         return [WindowResult([], "en") for _ in reqs]
 
     b = Batcher(run, window_ms=0, max_batch=8, max_queue=100, workers=2, share_live=False)
-    live = DecodeOptions(dynamic_context=True)
-    ticks = [
-        asyncio.create_task(b.submit(WindowRequest(np.zeros(1600, dtype=np.float32), live), WorkClass.LIVE))
-        for _ in range(7)
-    ]
-    await until(lambda: b.pending == 7, what="seven live windows to queue")
-    b.start()
-    try:
-        await asyncio.gather(*ticks)
-    finally:
-        await b.close()
+    ticks = [asyncio.create_task(b.submit(_window(True), WorkClass.LIVE)) for _ in range(7)]
+    await _start_when_queued(b, ticks, 7)
     assert sizes == [7]
 
 
@@ -289,17 +279,14 @@ async def test_beside_a_running_call_a_second_worker_takes_only_live_windows():
         order.append(f"{tag} end")
         return [WindowResult([], "en") for _ in reqs]
 
-    def req(live: bool) -> WindowRequest:
-        return WindowRequest(np.zeros(1600, dtype=np.float32), DecodeOptions(dynamic_context=live))
-
     b = Batcher(run, window_ms=0, max_batch=8, max_queue=100, workers=2)
     b.start()
     try:
-        first = asyncio.create_task(b.submit(req(False), WorkClass.BATCH))
+        first = asyncio.create_task(b.submit(_window(False), WorkClass.BATCH))
         await until(lambda: b.busy == 1, what="a job window to occupy one worker")
-        second = asyncio.create_task(b.submit(req(False), WorkClass.INTERACTIVE))
+        second = asyncio.create_task(b.submit(_window(False), WorkClass.INTERACTIVE))
         await until(lambda: b.pending == 1, what="a second window to queue")
-        await b.submit(req(True), WorkClass.LIVE)  # served while the job's call still runs
+        await b.submit(_window(True), WorkClass.LIVE)  # served while the job's call still runs
         assert not gate.is_set() and b.pending == 1  # the second window still waits
         gate.set()
         await asyncio.gather(first, second)
