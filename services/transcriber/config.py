@@ -29,10 +29,11 @@ class TranscriberSettings(CommonSettings):
     compute_type: str = "int8"
     # Threads per model call (CTranslate2 intra_threads); 0 = number of cores.
     cpu_threads: int = 0
-    # Model calls that may run at once (CTranslate2 inter_threads / workers); 0 = by device
-    # (`workers()`): on a CPU of at least 2 cores 2, on a GPU 1. Live streams are shared out among
-    # idle workers: a tiny model's greedy decoding keeps 2 threads only half busy, and two calls side by
-    # side finish a tick of 8 streams sooner than one call of all 8.
+    # Model calls that may run at once, each on a model replica of its own (loaded when a call
+    # first finds the loaded ones busy: see Engine._checkout); 0 = by device (`workers()`): on a CPU
+    # of at least 2 cores 2, on a GPU 1. Live streams are shared out among idle workers: a tiny
+    # model's greedy decoding keeps 2 threads only half busy, and two calls side by side finish a
+    # tick of 8 streams sooner than one call of all 8.
     num_workers: int = 0
     # Threads of NumPy's BLAS (OpenBLAS) in this process; 0 = leave the library's default (one per
     # core). The model's features (log-mel) are a few small matrix products per window; with a thread
