@@ -154,7 +154,11 @@ class Engine:
         log.info("loading model %s from %s (%s, %s)", self.model_name, path, s.device, s.compute_type)
         if s.blas_threads > 0:
             limit_blas_threads(s.blas_threads)
-        self._replicas, self._free = [self._new_replica(path)], [0]
+        # On a GPU every replica at once (the operator asked for calls side by side there, and
+        # loading a large model in the middle of a call would stall it); on a CPU on demand.
+        n = self._max_replicas if s.on_gpu() else 1
+        self._replicas = [self._new_replica(path) for _ in range(n)]
+        self._free = list(range(n))
         if s.warmup:
             t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
             tone = (0.05 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
