@@ -123,9 +123,10 @@ class Engine:
         self.model_name = model_label(settings.model)
         self.served_by = f"{socket.gethostname()}:{os.getpid()}"
         # One model per call that may run at once (settings.workers()), loaded when first needed: a
-        # second replica costs ~100 MiB of peak memory and, as CTranslate2's inter_threads, ~10 % of
-        # a lone call's speed (calls alternated between replicas); loaded on demand, only calls
-        # side by side (live streams on a CPU, see Batcher) ever bring it.
+        # second replica as CTranslate2's inter_threads cost ~100 MiB of peak memory and ~10 % of
+        # batch throughput even with one call at a time; loaded on demand, only calls side by side
+        # (live streams on a CPU, see Batcher) ever bring it.
+        self._path = ""  # the model to load (resolved once, by load())
         self._replicas: list[Any] = []
         self._free: list[int] = []  # replicas not in a call (the first is taken first)
         self._loading = 0
@@ -150,14 +151,14 @@ class Engine:
     def load(self) -> None:
         start = time.perf_counter()
         s = self.settings
-        path = resolve_model(s.model)
+        path = self._path = resolve_model(s.model)
         log.info("loading model %s from %s (%s, %s)", self.model_name, path, s.device, s.compute_type)
         if s.blas_threads > 0:
             limit_blas_threads(s.blas_threads)
         # On a GPU every replica at once (the operator asked for calls side by side there, and
         # loading a large model in the middle of a call would stall it); on a CPU on demand.
         n = self._max_replicas if s.on_gpu() else 1
-        self._replicas = [self._new_replica(path) for _ in range(n)]
+        self._replicas = [self._new_replica() for _ in range(n)]
         self._free = list(range(n))
         if s.warmup:
             t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
@@ -168,12 +169,12 @@ class Engine:
         self._loaded.set()
         log.info("model ready in %.2fs", self.load_seconds)
 
-    def _new_replica(self, path: str) -> Any:
+    def _new_replica(self) -> Any:
         from faster_whisper import WhisperModel
 
         s = self.settings
         return WhisperModel(
-            path,
+            self._path,
             device=s.device,
             device_index=s.device_index,
             compute_type=s.compute_type,
@@ -202,7 +203,7 @@ class Engine:
                 self._free.remove(index)
                 return index
         try:
-            replica = self._new_replica(resolve_model(self.settings.model))
+            replica = self._new_replica()
         except Exception:
             log.exception("could not load another model replica; calls wait for the loaded ones")
             with self._pool:
